@@ -1,0 +1,3 @@
+//! kubectl-hvx.
+#![forbid(unsafe_code)]
+fn main() {}

@@ -1,0 +1,2 @@
+//! End-to-end test support.
+#![forbid(unsafe_code)]

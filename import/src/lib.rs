@@ -1,0 +1,2 @@
+//! OVF, OVA and VMX parsers that turn VMware exports into hvx applications
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! gRPC contract between operator and node agents.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! hvx node agent.
+#![forbid(unsafe_code)]

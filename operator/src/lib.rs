@@ -1,0 +1,2 @@
+//! hvx operator.
+#![forbid(unsafe_code)]

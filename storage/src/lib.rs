@@ -1,0 +1,2 @@
+//! Copy-on-write disk store: safe import of VMware disk formats, overlays, snapshots
+#![forbid(unsafe_code)]

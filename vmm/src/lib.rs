@@ -1,0 +1,2 @@
+//! The HVX VMM profile: VMware-compatible QEMU machines, QMP client, accelerator probe
+#![forbid(unsafe_code)]
