@@ -1,0 +1,148 @@
+//! `VmMigration`: one live migration of one VM.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Moves one running VM to another node without stopping it.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "hvx.dev",
+    version = "v1alpha1",
+    kind = "VmMigration",
+    namespaced,
+    status = "VmMigrationStatus",
+    shortname = "vmmig",
+    category = "hvx",
+    printcolumn = r#"{"name":"App","type":"string","jsonPath":".spec.application"}"#,
+    printcolumn = r#"{"name":"VM","type":"string","jsonPath":".spec.vm"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.sourceNode"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetNode"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Downtime(ms)","type":"integer","jsonPath":".status.downtimeMs"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self == oldSelf", "message": "a VmMigration's spec is immutable; create a new one"}
+]))]
+pub struct VmMigrationSpec {
+    /// The VmApplication.
+    #[schemars(length(min = 1, max = 253))]
+    pub application: String,
+    /// The VM in it.
+    #[schemars(length(min = 1, max = 50))]
+    pub vm: String,
+    /// Target node; omitted, the operator picks a capable node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// Why: `Drain` (created by the operator for an eviction) or `User`.
+    #[serde(default)]
+    pub reason: MigrationReason,
+    /// Longest acceptable pause at switchover, in milliseconds.
+    #[serde(default = "default_downtime")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub max_downtime_ms: u32,
+    /// Allow post-copy when pre-copy cannot converge (guests dirtying memory fast).
+    #[serde(default = "yes")]
+    pub allow_post_copy: bool,
+    /// Bandwidth cap in MiB/s (0: unlimited).
+    #[serde(default)]
+    pub bandwidth_mib_per_second: u32,
+}
+
+fn default_downtime() -> u32 {
+    300
+}
+fn yes() -> bool {
+    true
+}
+
+/// Why a migration was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MigrationReason {
+    /// Requested by a user.
+    #[default]
+    User,
+    /// Created because the source node is being drained.
+    Drain,
+}
+
+/// Migration phases, in order; `Failed` and `Cancelled` can follow any of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MigrationPhase {
+    /// Accepted, waiting for a slot (parallel migration limits).
+    Pending,
+    /// Target pod being scheduled and started.
+    Scheduling,
+    /// Target VMM listening.
+    TargetReady,
+    /// Copying the top disk overlay to the target.
+    MirroringDisks,
+    /// Copying memory while the guest runs.
+    PreCopy,
+    /// Guest running on the target, memory pulled on demand.
+    PostCopy,
+    /// Guest paused, last state moving, network re-pointed.
+    Switchover,
+    /// Running on the target; source cleaned.
+    Completed,
+    /// Rolled back: the VM still runs on the source.
+    Failed,
+    /// Cancelled (uncordon or deletion): the VM still runs on the source.
+    Cancelled,
+}
+
+/// Observed state of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmMigrationStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+    /// Node the VM left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    /// Node the VM goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// When each phase started.
+    #[serde(default)]
+    pub phase_timestamps: Vec<PhaseTimestamp>,
+    /// Guest pause at switchover, measured by the VMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Total duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    /// Memory bytes sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Disk bytes sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Guest dirty rate at the last sample, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate: Option<u64>,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// Ready (completed), Progressing, Degraded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// When a phase started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTimestamp {
+    /// Phase.
+    pub phase: MigrationPhase,
+    /// Start time.
+    pub time: Time,
+}
