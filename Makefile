@@ -22,7 +22,7 @@ build: deps
 
 generate: ## regenerate CRD YAML and gRPC code from their sources
 	cargo run -q -p hvx-api --bin crdgen -- crds
-	cargo run -q -p hvx-proto --bin protogen
+	cargo run -q -p hvx-proto --example protogen
 
 check-generated: ## fails when committed generated files differ from their sources
 	cargo test -q -p hvx-api --test crd_drift

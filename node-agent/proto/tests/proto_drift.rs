@@ -1,0 +1,19 @@
+//! The committed generated code must be what `agent.proto` generates today.
+
+#[test]
+fn committed_grpc_code_matches_the_proto() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    tonic_prost_build::configure()
+        .out_dir(tmp.path())
+        .emit_rerun_if_changed(false)
+        .compile_protos(&[root.join("agent.proto")], &[root.to_path_buf()])
+        .expect("protoc must be installed (hack/install-deps.sh)");
+    let file = "hvx.agent.v1.rs";
+    let want = std::fs::read_to_string(tmp.path().join(file)).expect("generated");
+    let have = std::fs::read_to_string(root.join("src/gen").join(file)).unwrap_or_default();
+    assert!(
+        have == want,
+        "src/gen/{file} is stale: run `make generate` and commit"
+    );
+}
