@@ -17,6 +17,7 @@
 
 pub mod common;
 pub mod disk;
+pub mod launch;
 pub mod migration;
 pub mod network;
 pub mod validate;

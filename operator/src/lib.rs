@@ -1,2 +1,21 @@
-//! hvx operator.
+//! The hvx operator: one controller per hvx.dev kind, each a pipeline of
+//! fetch -> validate (pure) -> build desired objects (pure) -> server-side apply ->
+//! status. Level-triggered: a restart mid-operation recomputes everything from the
+//! cluster's state, and one malformed object only ever fails its own reconcile.
 #![forbid(unsafe_code)]
+
+pub mod build;
+pub mod context;
+pub mod disk;
+pub mod error;
+pub mod network;
+pub mod status;
+pub mod vmapp;
+
+pub use context::{Context, OperatorConfig};
+pub use error::Error;
+
+/// Field manager for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "hvx-operator";
+/// Finalizer guarding node-side cleanup.
+pub const FINALIZER: &str = "hvx.dev/cleanup";

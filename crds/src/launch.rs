@@ -1,0 +1,88 @@
+//! What the operator hands a VM's launcher pod: the VM as declared plus everything the
+//! operator resolved (VNIs, disk UIDs, tap names). The node agent completes it with
+//! node-local paths before the launcher boots the VM.
+
+use crate::vmapp::VirtualMachine;
+use serde::{Deserialize, Serialize};
+
+/// File name of the launch spec inside the launcher's config volume.
+pub const LAUNCH_SPEC_FILE: &str = "launch.json";
+
+/// The launcher's input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LaunchSpec {
+    /// Namespace of the application.
+    pub namespace: String,
+    /// VmApplication name.
+    pub application: String,
+    /// Stable identity of this VM across pods and migrations: `<app uid>/<vm name>`.
+    pub vm_id: String,
+    /// The VM as the user declared it.
+    pub vm: VirtualMachine,
+    /// Disks with their OverlayDisk resolved.
+    pub disks: Vec<LaunchDisk>,
+    /// NICs with their network resolved.
+    pub nics: Vec<LaunchNic>,
+}
+
+/// A disk with its OverlayDisk resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LaunchDisk {
+    /// VM disk name.
+    pub name: String,
+    /// OverlayDisk UID (the agent's key for the base).
+    pub disk_uid: String,
+    /// Content digest of the base, once imported somewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// A NIC with its network resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LaunchNic {
+    /// VM NIC name.
+    pub name: String,
+    /// VirtualNetwork UID.
+    pub network_uid: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// Host tap device the NIC is backed by.
+    pub tap: String,
+}
+
+/// Deterministic host tap name for a VM NIC: `hvt` + 12 hex digits (15 chars, the
+/// kernel's limit). Agent, launcher and operator compute the same name independently.
+pub fn tap_name(vm_id: &str, nic: &str) -> String {
+    format!(
+        "hvt{:012x}",
+        fnv1a(&format!("{vm_id}/{nic}")) & 0xffff_ffff_ffff
+    )
+}
+
+/// FNV-1a, 64 bit: tiny, stable across Rust versions (unlike `DefaultHasher`).
+pub fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_stable_short_and_distinct() {
+        let a = tap_name("uid-1/web", "ethernet0");
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("hvt"));
+        assert_eq!(a, tap_name("uid-1/web", "ethernet0"));
+        assert_ne!(a, tap_name("uid-1/web", "ethernet1"));
+        assert_ne!(a, tap_name("uid-2/web", "ethernet0"));
+        // Pinned: a change would orphan taps of running VMs across an upgrade.
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

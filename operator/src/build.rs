@@ -1,0 +1,311 @@
+//! Pure builders: from a VmApplication (and what it references) to the launcher pods
+//! that should exist. No I/O here, so every rule is unit-tested.
+
+use crate::context::OperatorConfig;
+use hvx_api::launch::{LaunchDisk, LaunchNic, LaunchSpec, tap_name};
+use hvx_api::{Accelerator, VirtualMachine, VmApplication};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// Label carrying the application name on every pod hvx creates.
+pub const LABEL_APP: &str = "hvx.dev/app";
+/// Label carrying the VM name.
+pub const LABEL_VM: &str = "hvx.dev/vm";
+/// Label saying what the pod is.
+pub const LABEL_ROLE: &str = "hvx.dev/role";
+/// Annotation holding the launch spec JSON (read by the launcher through the
+/// downward API, so no ConfigMap has to be kept in sync).
+pub const ANNOTATION_LAUNCH_SPEC: &str = "hvx.dev/launch-spec";
+/// Node label the agent sets once it serves.
+pub const NODE_LABEL_AGENT: &str = "hvx.dev/agent";
+/// Node label with the accelerator the agent's probe found.
+pub const NODE_LABEL_ACCELERATOR: &str = "hvx.dev/accelerator";
+
+/// What a VM's references resolved to.
+#[derive(Clone, Debug, Default)]
+pub struct Resolved {
+    /// OverlayDisk name -> (uid, digest).
+    pub disks: BTreeMap<String, (String, Option<String>)>,
+    /// VirtualNetwork name -> (uid, vni).
+    pub networks: BTreeMap<String, (String, u32)>,
+}
+
+/// Why a VM cannot be built yet (not an error: the status says it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// An OverlayDisk does not exist (or is not Ready yet).
+    Disk(String),
+    /// A VirtualNetwork does not exist or has no VNI yet.
+    Network(String),
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waiting::Disk(d) => write!(f, "waiting for OverlayDisk {d}"),
+            Waiting::Network(n) => write!(f, "waiting for VirtualNetwork {n} to get a VNI"),
+        }
+    }
+}
+
+/// Stable VM identity: `<app uid>/<vm>`.
+pub fn vm_id(app: &VmApplication, vm: &VirtualMachine) -> String {
+    format!(
+        "{}/{}",
+        app.metadata.uid.as_deref().unwrap_or("no-uid"),
+        vm.name
+    )
+}
+
+/// Launcher pod name: `<app>-<vm>`, shortened with a hash when over 63 characters.
+pub fn pod_name(app: &str, vm: &str) -> String {
+    let name = format!("{app}-{vm}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let hash = format!("{:08x}", hvx_api::launch::fnv1a(&name) as u32);
+    format!("{}-{hash}", &name[..54].trim_end_matches('-'))
+}
+
+/// The launch spec for one VM, or what it waits for.
+pub fn launch_spec(
+    app: &VmApplication,
+    vm: &VirtualMachine,
+    resolved: &Resolved,
+) -> Result<LaunchSpec, Waiting> {
+    let id = vm_id(app, vm);
+    let mut disks = Vec::new();
+    for d in &vm.disks {
+        let (uid, digest) = resolved
+            .disks
+            .get(&d.overlay_disk.name)
+            .ok_or_else(|| Waiting::Disk(d.overlay_disk.name.clone()))?;
+        disks.push(LaunchDisk {
+            name: d.name.clone(),
+            disk_uid: uid.clone(),
+            digest: digest.clone(),
+        });
+    }
+    let mut nics = Vec::new();
+    for n in &vm.nics {
+        let (uid, vni) = resolved
+            .networks
+            .get(&n.network.name)
+            .ok_or_else(|| Waiting::Network(n.network.name.clone()))?;
+        nics.push(LaunchNic {
+            name: n.name.clone(),
+            network_uid: uid.clone(),
+            vni: *vni,
+            tap: tap_name(&id, &n.name),
+        });
+    }
+    Ok(LaunchSpec {
+        namespace: app.metadata.namespace.clone().unwrap_or_default(),
+        application: app.metadata.name.clone().unwrap_or_default(),
+        vm_id: id,
+        vm: vm.clone(),
+        disks,
+        nics,
+    })
+}
+
+/// Memory the pod needs beyond guest RAM: QEMU and launcher (~160 MiB), per-vCPU
+/// threads and TCG translation buffers, and page tables (~1/128 of guest RAM).
+pub fn overhead_mib(vm: &VirtualMachine) -> u32 {
+    160 + 16 * vm.cpu.vcpus() + vm.memory_mib.div_ceil(128)
+}
+
+/// The launcher pod for one VM.
+pub fn launcher_pod(
+    app: &VmApplication,
+    spec: &LaunchSpec,
+    config: &OperatorConfig,
+) -> Result<Pod, serde_json::Error> {
+    let vm = &spec.vm;
+    let app_name = spec.application.as_str();
+    let launch_json = serde_json::to_string(spec)?;
+    let memory = format!("{}Mi", vm.memory_mib + overhead_mib(vm));
+    let cpu = format!(
+        "{}m",
+        config
+            .cpu_millis_per_vcpu
+            .saturating_mul(vm.cpu.vcpus())
+            .max(10)
+    );
+
+    let mut node_selector: BTreeMap<String, String> = BTreeMap::new();
+    if config.require_agent_label {
+        node_selector.insert(NODE_LABEL_AGENT.into(), "ready".into());
+    }
+    if vm.accelerator == Accelerator::Kvm {
+        node_selector.insert(NODE_LABEL_ACCELERATOR.into(), "kvm".into());
+    }
+    let placement = vm.placement.clone().unwrap_or_default();
+    node_selector.extend(placement.node_selector.clone().unwrap_or_default());
+
+    let anti: Vec<String> = placement.anti_affinity.clone().unwrap_or_default();
+    let affinity = (!anti.is_empty()).then(|| {
+        json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchExpressions": [
+                {"key": LABEL_APP, "operator": "In", "values": [app_name]},
+                {"key": LABEL_VM, "operator": "In", "values": anti},
+            ]},
+            "topologyKey": "kubernetes.io/hostname",
+        }]}})
+    });
+
+    let owner = json!({
+        "apiVersion": "hvx.dev/v1alpha1",
+        "kind": "VmApplication",
+        "name": app_name,
+        "uid": app.metadata.uid.clone().unwrap_or_default(),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    });
+
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(app_name, &vm.name),
+            "namespace": spec.namespace,
+            "labels": {LABEL_APP: app_name, LABEL_VM: vm.name, LABEL_ROLE: "launcher"},
+            "annotations": {ANNOTATION_LAUNCH_SPEC: launch_json},
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            // The VM's NIC taps live in the node's namespace, on the overlay bridge the
+            // agent programs; QEMU opens them by name.
+            "hostNetwork": true,
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            // The operator decides about restarts (runStrategy), not the kubelet.
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": i64::from(vm.shutdown_grace_seconds) + 30,
+            "nodeSelector": node_selector,
+            "tolerations": placement.tolerations.clone().unwrap_or_default(),
+            "affinity": affinity,
+            "containers": [{
+                "name": "launcher",
+                "image": config.launcher_image,
+                "imagePullPolicy": config.image_pull_policy,
+                "command": ["hvx-launcher", "run"],
+                "env": [
+                    {"name": "HVX_LAUNCH_SPEC", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.annotations['{ANNOTATION_LAUNCH_SPEC}']")}}},
+                    {"name": "HVX_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "HVX_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                ],
+                "resources": {
+                    "requests": {"cpu": cpu, "memory": memory},
+                    "limits": {"memory": memory},
+                },
+                "securityContext": {"privileged": true},
+                "readinessProbe": {
+                    "exec": {"command": ["hvx-launcher", "probe"]},
+                    "periodSeconds": 2,
+                    "failureThreshold": 1,
+                },
+                "volumeMounts": [
+                    {"name": "store", "mountPath": "/var/lib/hvx"},
+                    {"name": "run", "mountPath": "/run/hvx"},
+                ],
+            }],
+            "volumes": [
+                {"name": "store", "hostPath": {"path": "/var/lib/hvx", "type": "DirectoryOrCreate"}},
+                {"name": "run", "hostPath": {"path": "/run/hvx", "type": "DirectoryOrCreate"}},
+            ],
+        }
+    });
+    serde_json::from_value(pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> VmApplication {
+        let mut app: VmApplication = serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+            "metadata": {"name": "shop", "namespace": "prod", "uid": "u-1"},
+            "spec": {"vms": [{
+                "name": "web", "memoryMib": 1024, "cpu": {"sockets": 2, "coresPerSocket": 2},
+                "accelerator": "Kvm",
+                "disks": [{"name": "root", "overlayDisk": {"name": "web-root"}, "controller": "pvscsi", "unit": 0}],
+                "nics": [{"name": "ethernet0", "network": {"name": "net"}, "macAddress": "00:50:56:a1:00:01"}],
+                "placement": {"antiAffinity": ["db"], "nodeSelector": {"zone": "a"}}
+            }]}
+        }))
+        .expect("app");
+        app.metadata.uid = Some("u-1".into());
+        app
+    }
+
+    fn resolved() -> Resolved {
+        let mut r = Resolved::default();
+        r.disks
+            .insert("web-root".into(), ("d-1".into(), Some("sha256:ab".into())));
+        r.networks.insert("net".into(), ("n-1".into(), 4097));
+        r
+    }
+
+    #[test]
+    fn launch_spec_waits_for_missing_references() {
+        let app = app();
+        let vm = &app.spec.vms[0];
+        let mut r = resolved();
+        r.networks.clear();
+        assert_eq!(
+            launch_spec(&app, vm, &r),
+            Err(Waiting::Network("net".into()))
+        );
+        r.disks.clear();
+        assert_eq!(
+            launch_spec(&app, vm, &r),
+            Err(Waiting::Disk("web-root".into()))
+        );
+    }
+
+    #[test]
+    fn launcher_pod_reserves_resources_and_places_the_vm() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("resolved");
+        assert_eq!(spec.vm_id, "u-1/web");
+        assert_eq!(spec.nics[0].vni, 4097);
+        assert_eq!(spec.nics[0].tap, tap_name("u-1/web", "ethernet0"));
+        let cfg = OperatorConfig {
+            cpu_millis_per_vcpu: 250,
+            ..Default::default()
+        };
+        let pod =
+            serde_json::to_value(launcher_pod(&app, &spec, &cfg).expect("pod")).expect("json");
+        assert_eq!(pod["metadata"]["name"], "shop-web");
+        assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["resources"]["requests"]["cpu"], "1000m", "4 vCPUs x 250m");
+        // 1024 guest + 160 + 16*4 + 1024/128
+        assert_eq!(c["resources"]["requests"]["memory"], "1256Mi");
+        assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/accelerator"], "kvm");
+        assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/agent"], "ready");
+        assert_eq!(pod["spec"]["nodeSelector"]["zone"], "a");
+        let expr = &pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            [0]["labelSelector"]["matchExpressions"];
+        assert_eq!(expr[1]["values"], json!(["db"]));
+        let launch: LaunchSpec = serde_json::from_str(
+            pod["metadata"]["annotations"][ANNOTATION_LAUNCH_SPEC]
+                .as_str()
+                .expect("annotation"),
+        )
+        .expect("launch spec round-trips");
+        assert_eq!(launch, spec);
+    }
+
+    #[test]
+    fn long_pod_names_are_shortened_stably() {
+        let long = "a".repeat(60);
+        let n = pod_name(&long, "database");
+        assert!(n.len() <= 63, "{n}");
+        assert_eq!(n, pod_name(&long, "database"));
+        assert_ne!(n, pod_name(&long, "databasf"));
+        assert_eq!(pod_name("shop", "db"), "shop-db");
+    }
+}

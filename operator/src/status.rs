@@ -1,0 +1,249 @@
+//! Pure status derivation: pods and references in, VM and application status out.
+
+use hvx_api::{ApplicationPhase, RunStrategy, VirtualMachine, VmPhase, VmStatus};
+use k8s_openapi::api::core::v1::Pod;
+
+/// What the operator should do about one VM after looking at its pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodAction {
+    /// Nothing: the pod is as it should be.
+    Keep,
+    /// Create the pod (none exists and the VM should run).
+    Create,
+    /// Delete the pod: it ended and the run strategy says restart (a new one follows),
+    /// or the VM should not run.
+    Delete,
+}
+
+/// Phase of a VM from its launcher pod.
+pub fn vm_phase(pod: Option<&Pod>) -> (VmPhase, Option<String>) {
+    let Some(pod) = pod else {
+        return (VmPhase::Pending, None);
+    };
+    if pod.metadata.deletion_timestamp.is_some() {
+        return (VmPhase::Stopping, Some("launcher pod terminating".into()));
+    }
+    let status = pod.status.clone().unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let waiting_reason = status
+        .container_statuses
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|c| {
+            c.state
+                .and_then(|s| s.waiting)
+                .and_then(|w| w.reason.map(|r| (r, w.message)))
+        });
+    match status.phase.as_deref() {
+        Some("Running") if ready => (VmPhase::Running, None),
+        Some("Running") => (VmPhase::Starting, Some("QEMU starting".into())),
+        Some("Succeeded") => (VmPhase::Stopped, Some("guest powered off".into())),
+        Some("Failed") => (
+            VmPhase::Failed,
+            Some(status.message.unwrap_or_else(|| "launcher failed".into())),
+        ),
+        _ if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .is_none() =>
+        {
+            let why = status
+                .conditions
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .and_then(|c| c.message);
+            (VmPhase::Scheduling, why)
+        }
+        _ => match waiting_reason {
+            Some((reason, msg)) if reason != "ContainerCreating" => (
+                VmPhase::Starting,
+                Some(format!("{reason}: {}", msg.unwrap_or_default())),
+            ),
+            _ => (
+                VmPhase::Starting,
+                Some("launcher container starting".into()),
+            ),
+        },
+    }
+}
+
+/// What to do with a VM's pod given its phase and run strategy.
+pub fn pod_action(
+    vm: &VirtualMachine,
+    pod_exists: bool,
+    phase: VmPhase,
+    deps_running: bool,
+) -> PodAction {
+    match (vm.run_strategy, pod_exists, phase) {
+        (RunStrategy::Halted, true, _) => PodAction::Delete,
+        (RunStrategy::Halted, false, _) => PodAction::Keep,
+        (_, false, _) if deps_running => PodAction::Create,
+        (_, false, _) => PodAction::Keep,
+        (RunStrategy::Always, true, VmPhase::Failed | VmPhase::Stopped) => PodAction::Delete,
+        (RunStrategy::RerunOnFailure, true, VmPhase::Failed) => PodAction::Delete,
+        _ => PodAction::Keep,
+    }
+}
+
+/// Summary phase of the application.
+pub fn app_phase(vms: &[VmStatus], valid: bool) -> ApplicationPhase {
+    if !valid || vms.iter().any(|v| v.phase == VmPhase::Failed) {
+        return ApplicationPhase::Failed;
+    }
+    if vms.iter().any(|v| v.phase == VmPhase::Migrating) {
+        return ApplicationPhase::Migrating;
+    }
+    if vms.iter().all(|v| v.phase == VmPhase::Stopped) {
+        return ApplicationPhase::Stopped;
+    }
+    if vms
+        .iter()
+        .all(|v| matches!(v.phase, VmPhase::Running | VmPhase::Stopped))
+    {
+        return ApplicationPhase::Running;
+    }
+    if vms.iter().any(|v| {
+        matches!(
+            v.phase,
+            VmPhase::Starting | VmPhase::Scheduling | VmPhase::Running
+        )
+    }) {
+        return ApplicationPhase::Starting;
+    }
+    ApplicationPhase::Pending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("pod")
+    }
+
+    fn vm(strategy: &str) -> VirtualMachine {
+        serde_json::from_value(json!({"name": "a", "memoryMib": 64, "runStrategy": strategy}))
+            .expect("vm")
+    }
+
+    #[test]
+    fn phases_follow_the_pod() {
+        assert_eq!(vm_phase(None).0, VmPhase::Pending);
+        let unscheduled = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": []}, "status": {"phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "message": "0/3 nodes are available"}]}}),
+        );
+        assert_eq!(
+            vm_phase(Some(&unscheduled)),
+            (VmPhase::Scheduling, Some("0/3 nodes are available".into()))
+        );
+        let running = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        assert_eq!(vm_phase(Some(&running)).0, VmPhase::Running);
+        let pulling = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "launcher", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}}}]}}),
+        );
+        assert_eq!(
+            vm_phase(Some(&pulling)),
+            (
+                VmPhase::Starting,
+                Some("ErrImageNeverPull: image not present".into())
+            )
+        );
+        let failed = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Failed", "message": "qemu exited with signal 9"}}),
+        );
+        assert_eq!(
+            vm_phase(Some(&failed)),
+            (VmPhase::Failed, Some("qemu exited with signal 9".into()))
+        );
+    }
+
+    #[test]
+    fn run_strategies_decide_restarts() {
+        assert_eq!(
+            pod_action(&vm("Always"), false, VmPhase::Pending, true),
+            PodAction::Create
+        );
+        assert_eq!(
+            pod_action(&vm("Always"), false, VmPhase::Pending, false),
+            PodAction::Keep,
+            "deps first"
+        );
+        assert_eq!(
+            pod_action(&vm("Always"), true, VmPhase::Stopped, true),
+            PodAction::Delete
+        );
+        assert_eq!(
+            pod_action(&vm("RerunOnFailure"), true, VmPhase::Stopped, true),
+            PodAction::Keep
+        );
+        assert_eq!(
+            pod_action(&vm("RerunOnFailure"), true, VmPhase::Failed, true),
+            PodAction::Delete
+        );
+        assert_eq!(
+            pod_action(&vm("Manual"), true, VmPhase::Failed, true),
+            PodAction::Keep
+        );
+        assert_eq!(
+            pod_action(&vm("Halted"), true, VmPhase::Running, true),
+            PodAction::Delete
+        );
+        assert_eq!(
+            pod_action(&vm("Halted"), false, VmPhase::Pending, true),
+            PodAction::Keep
+        );
+    }
+
+    #[test]
+    fn application_phase_summarises_vms() {
+        let st = |p| VmStatus {
+            name: "x".into(),
+            phase: p,
+            node: None,
+            pod: None,
+            accelerator: None,
+            interfaces: vec![],
+            migration: None,
+            restarts: 0,
+            pending_change: None,
+            reason: None,
+            last_transition_time: None,
+        };
+        assert_eq!(
+            app_phase(&[st(VmPhase::Running), st(VmPhase::Running)], true),
+            ApplicationPhase::Running
+        );
+        assert_eq!(
+            app_phase(&[st(VmPhase::Running), st(VmPhase::Pending)], true),
+            ApplicationPhase::Starting
+        );
+        assert_eq!(
+            app_phase(&[st(VmPhase::Pending)], true),
+            ApplicationPhase::Pending
+        );
+        assert_eq!(
+            app_phase(&[st(VmPhase::Running)], false),
+            ApplicationPhase::Failed
+        );
+        assert_eq!(
+            app_phase(&[st(VmPhase::Migrating), st(VmPhase::Running)], true),
+            ApplicationPhase::Migrating
+        );
+    }
+}

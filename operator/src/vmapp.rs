@@ -1,0 +1,362 @@
+//! VmApplication controller: fetch -> validate -> resolve references -> build launcher
+//! pods in dependency order -> server-side apply -> status.
+
+use crate::build::{self, LABEL_APP, Resolved};
+use crate::context::Context;
+use crate::error::Error;
+use crate::status::{PodAction, app_phase, pod_action, vm_phase};
+use hvx_api::{
+    OverlayDisk, VirtualNetwork, VmApplication, VmApplicationStatus, VmPhase, VmStatus, condition,
+    new_condition, set_condition,
+};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, Event as Finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Entry point for the controller runtime.
+pub async fn reconcile(app: Arc<VmApplication>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = app.namespace().unwrap_or_default();
+    let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer::finalizer(&api, crate::FINALIZER, app, |event| async {
+        match event {
+            Finalizer::Apply(app) => apply(&app, &ctx).await,
+            Finalizer::Cleanup(app) => cleanup(&app, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+async fn apply(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
+    let ns = app.namespace().unwrap_or_default();
+    let name = app.name_any();
+    let generation = app.meta().generation;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let previous = app.status.clone().unwrap_or_default();
+    let mut status = VmApplicationStatus {
+        conditions: previous.conditions.clone(),
+        ..Default::default()
+    };
+
+    // Validate: problems the schema cannot see stop the application here, visibly.
+    let problems = hvx_api::validate::application(&app.spec);
+    let order = hvx_api::validate::start_order(&app.spec);
+    if !problems.is_empty() || order.is_none() {
+        let message = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        set_condition(
+            &mut status.conditions,
+            new_condition(
+                condition::VALID,
+                false,
+                "Invalid",
+                &message,
+                generation,
+                now.clone(),
+            ),
+        );
+        set_condition(
+            &mut status.conditions,
+            new_condition(
+                condition::READY,
+                false,
+                "Invalid",
+                &message,
+                generation,
+                now,
+            ),
+        );
+        status.phase = Some(hvx_api::ApplicationPhase::Failed);
+        status.vm_count = app.spec.vms.len() as u32;
+        status.observed_generation = generation;
+        if previous.observed_generation != generation {
+            publish(ctx, app, EventType::Warning, "InvalidSpec", &message).await;
+        }
+        write_status(ctx, &ns, &name, &status).await?;
+        return Ok(Action::await_change());
+    }
+    set_condition(
+        &mut status.conditions,
+        new_condition(condition::VALID, true, "Valid", "", generation, now.clone()),
+    );
+
+    let resolved = resolve(ctx, &ns, app).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing: BTreeMap<String, Pod> = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_APP}={name}")))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| Some((p.labels().get(build::LABEL_VM)?.clone(), p)))
+        .collect();
+
+    let mut phases: BTreeMap<String, VmPhase> = BTreeMap::new();
+    for vm_name in order.unwrap_or_default() {
+        let Some(vm) = app.spec.vms.iter().find(|v| v.name == vm_name) else {
+            continue;
+        };
+        let pod = existing.get(&vm.name);
+        let (mut phase, mut reason) = vm_phase(pod);
+        let deps_running = vm
+            .depends_on
+            .iter()
+            .flatten()
+            .all(|d| phases.get(d) == Some(&VmPhase::Running));
+        let prev = previous.vms.iter().find(|v| v.name == vm.name);
+        let mut restarts = prev.map(|v| v.restarts).unwrap_or(0);
+        match pod_action(vm, pod.is_some(), phase, deps_running) {
+            PodAction::Create => match build::launch_spec(app, vm, &resolved) {
+                Ok(spec) => {
+                    let pod = build::launcher_pod(app, &spec, &ctx.config).map_err(|source| {
+                        Error::Serialize {
+                            what: "launcher pod",
+                            source,
+                        }
+                    })?;
+                    let pod_name = pod.name_any();
+                    pods.patch(
+                        &pod_name,
+                        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+                        &Patch::Apply(&pod),
+                    )
+                    .await?;
+                    publish(
+                        ctx,
+                        app,
+                        EventType::Normal,
+                        "VmStarting",
+                        &format!("created launcher pod {pod_name} for VM {}", vm.name),
+                    )
+                    .await;
+                    (phase, reason) = (VmPhase::Scheduling, Some("launcher pod created".into()));
+                }
+                Err(waiting) => (phase, reason) = (VmPhase::Pending, Some(waiting.to_string())),
+            },
+            PodAction::Delete => {
+                if let Some(p) = pod {
+                    delete_pod(&pods, &p.name_any()).await?;
+                    if phase == VmPhase::Failed {
+                        restarts += 1;
+                        publish(
+                            ctx,
+                            app,
+                            EventType::Warning,
+                            "VmRestarting",
+                            &format!(
+                                "VM {} failed ({}); restarting",
+                                vm.name,
+                                reason.clone().unwrap_or_default()
+                            ),
+                        )
+                        .await;
+                    }
+                }
+            }
+            PodAction::Keep
+                if pod.is_none()
+                    && !deps_running
+                    && vm.run_strategy != hvx_api::RunStrategy::Halted =>
+            {
+                let waiting: Vec<&str> =
+                    vm.depends_on.iter().flatten().map(String::as_str).collect();
+                reason = Some(format!("waiting for {} to be running", waiting.join(", ")));
+            }
+            PodAction::Keep if pod.is_none() => {
+                (phase, reason) = (VmPhase::Stopped, Some("runStrategy Halted".into()))
+            }
+            PodAction::Keep => {}
+        }
+        phases.insert(vm.name.clone(), phase);
+        let changed = prev.is_none_or(|p| p.phase != phase);
+        status.vms.push(VmStatus {
+            name: vm.name.clone(),
+            phase,
+            node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
+            pod: pod.map(|p| p.name_any()),
+            accelerator: prev.and_then(|p| p.accelerator.clone()),
+            interfaces: prev.map(|p| p.interfaces.clone()).unwrap_or_default(),
+            migration: prev.and_then(|p| p.migration.clone()),
+            restarts,
+            pending_change: None,
+            reason,
+            last_transition_time: if changed {
+                Some(now.clone())
+            } else {
+                prev.and_then(|p| p.last_transition_time.clone())
+            },
+        });
+    }
+
+    // Pods of VMs removed from the spec.
+    for (vm, pod) in &existing {
+        if !app.spec.vms.iter().any(|v| &v.name == vm) {
+            delete_pod(&pods, &pod.name_any()).await?;
+        }
+    }
+
+    // Keep the spec's order in status, as users wrote it.
+    status
+        .vms
+        .sort_by_key(|s| app.spec.vms.iter().position(|v| v.name == s.name));
+    status.vm_count = app.spec.vms.len() as u32;
+    status.running_count = status
+        .vms
+        .iter()
+        .filter(|v| v.phase == VmPhase::Running)
+        .count() as u32;
+    let phase = app_phase(&status.vms, true);
+    status.phase = Some(phase);
+    let all_running = phase == hvx_api::ApplicationPhase::Running;
+    let waiting: Vec<String> = status
+        .vms
+        .iter()
+        .filter(|v| v.phase != VmPhase::Running)
+        .map(|v| {
+            format!(
+                "{}: {:?} ({})",
+                v.name,
+                v.phase,
+                v.reason.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            condition::READY,
+            all_running,
+            if all_running {
+                "AllVmsRunning"
+            } else {
+                "VmsNotRunning"
+            },
+            waiting.join("; "),
+            generation,
+            now,
+        ),
+    );
+    status.observed_generation = generation;
+    write_status(ctx, &ns, &name, &status).await?;
+    Ok(if all_running {
+        Action::requeue(Duration::from_secs(60))
+    } else {
+        Action::requeue(Duration::from_secs(5))
+    })
+}
+
+/// Finds the OverlayDisks and VirtualNetworks the application references.
+async fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Result<Resolved, Error> {
+    let disks: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), ns);
+    let nets: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), ns);
+    let mut resolved = Resolved::default();
+    for vm in &app.spec.vms {
+        for d in &vm.disks {
+            let n = &d.overlay_disk.name;
+            if resolved.disks.contains_key(n) {
+                continue;
+            }
+            if let Some(disk) = disks.get_opt(n).await? {
+                let digest = disk.status.as_ref().and_then(|s| s.digest.clone());
+                resolved
+                    .disks
+                    .insert(n.clone(), (disk.uid().unwrap_or_default(), digest));
+            }
+        }
+        for nic in &vm.nics {
+            let n = &nic.network.name;
+            if resolved.networks.contains_key(n) {
+                continue;
+            }
+            if let Some(net) = nets.get_opt(n).await?
+                && let Some(vni) = net.status.as_ref().and_then(|s| s.vni)
+            {
+                resolved
+                    .networks
+                    .insert(n.clone(), (net.uid().unwrap_or_default(), vni));
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// Deletes every launcher pod of the application; the finalizer stays until they are
+/// gone, so QEMU has shut down and released its disks before the object disappears.
+async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
+    let ns = app.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_APP}={}", app.name_any())))
+        .await?;
+    if list.items.is_empty() {
+        publish(
+            ctx,
+            app,
+            EventType::Normal,
+            "Deleted",
+            "all VMs stopped and removed",
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    for pod in &list.items {
+        delete_pod(&pods, &pod.name_any()).await?;
+    }
+    // Returning an error keeps the finalizer; the retry comes with backoff.
+    Err(Error::Build {
+        object: app.name_any(),
+        reason: format!(
+            "waiting for {} launcher pod(s) to terminate",
+            list.items.len()
+        ),
+    })
+}
+
+async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
+    match pods.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_status(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    status: &VmApplicationStatus,
+) -> Result<(), Error> {
+    let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), ns);
+    let patch =
+        json!({"apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication", "status": status});
+    api.patch_status(
+        name,
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, app: &VmApplication, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder().publish(&event, &app.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing event");
+    }
+}
