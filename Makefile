@@ -47,7 +47,7 @@ test-integration: deps guest-image ## privileged: real QEMU (TCG), netns, qcow2 
 	cargo test --workspace --exclude hvx-e2e -- --ignored --test-threads=1
 
 test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harness
-	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster --test crds -- --test-threads=1
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster --test crds --test operator -- --test-threads=1
 
 e2e: cluster-up images ## end to end on the local cluster (any kubeconfig works)
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test e2e -- --test-threads=1

@@ -9,6 +9,7 @@ pub mod context;
 pub mod disk;
 pub mod error;
 pub mod network;
+pub mod run;
 pub mod status;
 pub mod vmapp;
 

@@ -1,0 +1,65 @@
+//! Runs every controller until shutdown.
+
+use crate::context::{Context, OperatorConfig};
+use crate::error::Error;
+use futures::StreamExt;
+use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(kind = err.kind(), error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
+    match r {
+        Ok(obj) => tracing::debug!(?obj, "reconciled"),
+        Err(e) => tracing::debug!(error = %e, "reconcile error"),
+    }
+}
+
+/// Runs the VmApplication, VirtualNetwork and OverlayDisk controllers until a
+/// shutdown signal (or until the returned future is dropped).
+pub async fn run(client: Client, config: OperatorConfig, instance: Option<String>) {
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config,
+        reporter: Reporter {
+            controller: "hvx-operator".into(),
+            instance,
+        },
+    });
+    tracing::info!(config = ?ctx.config, "controllers starting");
+    let apps = Controller::new(
+        Api::<VmApplication>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels("hvx.dev/role=launcher"),
+    )
+    .shutdown_on_signal()
+    .run(crate::vmapp::reconcile, error_policy, ctx.clone())
+    .for_each(|r| async move { log_result(r) });
+    let nets = Controller::new(
+        Api::<VirtualNetwork>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(crate::network::reconcile, error_policy, ctx.clone())
+    .for_each(|r| async move { log_result(r) });
+    let disks = Controller::new(
+        Api::<OverlayDisk>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(crate::disk::reconcile, error_policy, ctx.clone())
+    .for_each(|r| async move { log_result(r) });
+    futures::join!(apps, nets, disks);
+}
