@@ -21,7 +21,7 @@ build: deps
 	cargo build --workspace --all-targets
 
 generate: ## regenerate CRD YAML and gRPC code from their sources
-	cargo run -q -p hvx-api --bin crdgen -- crds
+	cargo run -q -p hvx-api --bin crdgen -- crds charts/hvx/files/crds
 	cargo run -q -p hvx-proto --example protogen
 
 check-generated: ## fails when committed generated files differ from their sources

@@ -11,6 +11,7 @@ pub mod error;
 pub mod network;
 pub mod run;
 pub mod status;
+pub mod uninstall;
 pub mod vmapp;
 
 pub use context::{Context, OperatorConfig};

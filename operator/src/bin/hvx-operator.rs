@@ -11,6 +11,8 @@ use kube::Client;
     about = "hvx operator: runs VMware applications on Kubernetes"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Launcher image for VM pods.
     #[arg(long, env = "HVX_LAUNCHER_IMAGE", default_value = "hvx/launcher:dev")]
     launcher_image: String,
@@ -25,6 +27,18 @@ struct Args {
     require_agent_label: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run the controllers (the default).
+    Run,
+    /// Delete every hvx object and wait for the finalizers (Helm pre-delete hook).
+    Uninstall {
+        /// Give up after this long.
+        #[arg(long, default_value_t = 540)]
+        timeout_seconds: u64,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -37,6 +51,21 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    if let Some(Command::Uninstall { timeout_seconds }) = args.command {
+        let left = hvx_operator::uninstall::uninstall(
+            client,
+            std::time::Duration::from_secs(timeout_seconds),
+        )
+        .await
+        .context("deleting hvx objects")?;
+        anyhow::ensure!(
+            left.is_empty(),
+            "still present after {timeout_seconds}s: {}",
+            left.join(", ")
+        );
+        tracing::info!("every hvx object deleted");
+        return Ok(());
+    }
     let config = OperatorConfig {
         launcher_image: args.launcher_image,
         image_pull_policy: args.image_pull_policy,

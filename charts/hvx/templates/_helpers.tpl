@@ -1,0 +1,12 @@
+{{- define "hvx.image" -}}
+{{- $root := index . 0 -}}{{- $name := index . 1 -}}
+{{- with $root.Values.images -}}{{- if .registry -}}{{ .registry }}/{{- end -}}{{ $name }}:{{ .tag }}{{- end -}}
+{{- end -}}
+
+{{- define "hvx.labels" -}}
+app.kubernetes.io/name: hvx
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}

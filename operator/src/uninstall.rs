@@ -1,0 +1,76 @@
+//! `hvx-operator uninstall`: the Helm pre-delete hook. Deletes every hvx object in every
+//! namespace while the operator is still running, so the usual finalizers stop VMs
+//! and clean nodes, then waits until they are gone.
+
+use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication, VmMigration};
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::time::Duration;
+
+/// Deletes all hvx objects, applications first (their VMs hold disks and ports), and
+/// waits up to `timeout` for them to disappear. Returns the objects still present.
+pub async fn uninstall(client: Client, timeout: Duration) -> Result<Vec<String>, kube::Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    delete_all::<VmMigration>(&client).await?;
+    delete_all::<VmApplication>(&client).await?;
+    wait_gone::<VmApplication>(&client, deadline).await?;
+    delete_all::<OverlayDisk>(&client).await?;
+    delete_all::<VirtualNetwork>(&client).await?;
+    let mut left = Vec::new();
+    left.extend(wait_gone::<VmMigration>(&client, deadline).await?);
+    left.extend(wait_gone::<VmApplication>(&client, deadline).await?);
+    left.extend(wait_gone::<OverlayDisk>(&client, deadline).await?);
+    left.extend(wait_gone::<VirtualNetwork>(&client, deadline).await?);
+    Ok(left)
+}
+
+async fn delete_all<K>(client: &Client) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let all: Api<K> = Api::all(client.clone());
+    for obj in all.list(&ListParams::default()).await?.items {
+        let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+        match api.delete(&obj.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn wait_gone<K>(
+    client: &Client,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<String>, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let all: Api<K> = Api::all(client.clone());
+    loop {
+        let left: Vec<String> = all
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}/{}",
+                    K::kind(&()),
+                    o.namespace().unwrap_or_default(),
+                    o.name_any()
+                )
+            })
+            .collect();
+        if left.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(left);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
