@@ -8,6 +8,7 @@ pub mod build;
 pub mod context;
 pub mod disk;
 pub mod error;
+pub mod leader;
 pub mod network;
 pub mod run;
 pub mod status;

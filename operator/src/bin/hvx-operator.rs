@@ -72,7 +72,18 @@ async fn main() -> anyhow::Result<()> {
         cpu_millis_per_vcpu: args.cpu_millis_per_vcpu,
         require_agent_label: args.require_agent_label,
     };
-    hvx_operator::run::run(client, config, std::env::var("POD_NAME").ok()).await;
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| "hvx-operator-local".into());
+    let election = hvx_operator::leader::Election {
+        namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "hvx-system".into()),
+        name: "hvx-operator".into(),
+        identity: identity.clone(),
+        duration: std::time::Duration::from_secs(15),
+    };
+    let lost = hvx_operator::leader::lead(client.clone(), election).await;
+    tokio::select! {
+        () = hvx_operator::run::run(client, config, Some(identity)) => {}
+        () = lost => anyhow::bail!("lost leadership; exiting so a fresh replica takes over"),
+    }
     tracing::info!("hvx operator stopped");
     Ok(())
 }

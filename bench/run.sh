@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make bench`: runs every benchmark under bench/*/{run,bench}.sh and writes one table.
+# Each benchmark prints lines `BENCH {json}` with fields group, metric, unit, value,
+# baseline, baseline_value, ratio and optionally anchor (a published figure). This
+# script collects them into _out/bench/results.{json,md} and, with --update-readme,
+# replaces the table in README.md between the bench markers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=_out/bench
+mkdir -p "$OUT"
+: >"$OUT/lines.jsonl"
+failed=()
+for script in bench/*/run.sh bench/*/bench.sh; do
+  [ -f "$script" ] || continue
+  name=$(basename "$(dirname "$script")")
+  echo "bench: $name" >&2
+  start=$(date +%s)
+  if bash "$script" >"$OUT/$name.log" 2>"$OUT/$name.err"; then
+    grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' >>"$OUT/lines.jsonl" || true
+  else
+    failed+=("$name")
+    echo "bench: $name failed; see $OUT/$name.err" >&2
+    grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' >>"$OUT/lines.jsonl" || true
+  fi
+  echo "bench: $name took $(( $(date +%s) - start ))s" >&2
+done
+machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")"
+when=$(date -u +%Y-%m-%dT%H:%MZ)
+jq -s --arg machine "$machine" --arg date "$when" '{date: $date, machine: $machine, results: .}' \
+  "$OUT/lines.jsonl" >"$OUT/results.json"
+{
+  echo "Run $when on $machine."
+  echo
+  echo "| group | metric | hvx | baseline | baseline value | ratio | published anchor |"
+  echo "|---|---|---|---|---|---|---|"
+  jq -r '.results[] | "| \(.group) | \(.metric) | \(.value) \(.unit) | \(.baseline // "-") | \(if .baseline_value == null then "-" else "\(.baseline_value) \(.unit)" end) | \(if .ratio == null then "-" else (.ratio * 100 | round / 100 | tostring) end) | \(.anchor // "-") |"' "$OUT/results.json"
+} >"$OUT/results.md"
+cat "$OUT/results.md"
+if [ "${1:-}" = "--update-readme" ]; then
+  awk -v table="$OUT/results.md" '
+    /<!-- bench:start -->/ { print; while ((getline line < table) > 0) print line; skip=1; next }
+    /<!-- bench:end -->/ { skip=0 }
+    !skip { print }' README.md >"$OUT/README.new" && mv "$OUT/README.new" README.md
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "bench: failed: ${failed[*]}" >&2
+  exit 1
+fi
