@@ -29,7 +29,13 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OverlayDiskSpec {
     /// Where the image comes from. Immutable: a new image is a new OverlayDisk.
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "source is immutable"}]))]
+    // Both rules sit here: a field-level `extend` replaces the type's own
+    // `x-kubernetes-validations`, it does not merge with them.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "source is immutable"},
+        {"rule": "[has(self.http), has(self.pvc), has(self.upload), has(self.ova), has(self.clone), has(self.blank)].filter(x, x).size() == 1",
+         "message": "exactly one of http, pvc, upload, ova, clone, blank must be set"}
+    ]))]
     pub source: DiskSource,
     /// Image format; `Auto` detects it from the content (never from the file name).
     #[serde(default)]
@@ -52,10 +58,6 @@ pub struct OverlayDiskSpec {
 /// Exactly one source.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "[has(self.http), has(self.pvc), has(self.upload), has(self.ova), has(self.clone), has(self.blank)].filter(x, x).size() == 1",
-     "message": "exactly one of http, pvc, upload, ova, clone, blank must be set"}
-]))]
 pub struct DiskSource {
     /// Download over HTTP(S), resumed after interruptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -36,8 +36,8 @@ pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.vms.all(v, !has(v.dependsOn) || v.dependsOn.all(d, d != v.name && self.vms.exists(w, w.name == d)))",
-     "message": "dependsOn must name other VMs of this application"}
+    {"rule": "self.vms.all(v, !has(v.dependsOn) || !(v.name in v.dependsOn))",
+     "message": "a VM cannot depend on itself (dependsOn naming unknown VMs and cycles are reported by the operator)"}
 ]))]
 pub struct VmApplicationSpec {
     /// The application's VMs. Names are unique (list keyed by name).
@@ -190,6 +190,7 @@ pub enum Firmware {
 pub struct SmbiosIdentity {
     /// `uuid.bios` of the source VM. Immutable: guests bind licences and machine IDs to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 36))]
     #[schemars(regex(
         pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
     ))]

@@ -91,7 +91,7 @@ fn generated_schema_carries_the_cel_rules_and_list_keys() {
         "macAddress is immutable",
         "each disk needs its own controller/bus/unit address",
         "PCI slots must be unique across NICs and controllers",
-        "dependsOn must name other VMs of this application",
+        "a VM cannot depend on itself",
     ] {
         assert!(yaml.contains(needle), "missing {needle:?}");
     }
