@@ -23,8 +23,8 @@ PKGS=(
   iproute2 bridge-utils nftables iptables dnsmasq-base iperf3 iputils-ping socat tcpdump
   etcd-server containerd runc containernetworking-plugins conntrack ebtables ethtool
   buildah debootstrap fuse-overlayfs
-  busybox-static extlinux syslinux-common mtools dosfstools e2fsprogs cpio zstd xz-utils
-  ovmf openssl util-linux kmod file
+  busybox-static extlinux syslinux syslinux-common mtools dosfstools e2fsprogs cpio zstd xz-utils
+  ovmf openssl util-linux kmod file fio procps python3
 )
 # Packages taken from bookworm-backports (QEMU 10 has the newest VMware device models
 # and migration fixes; the 6.12 cloud kernel is the guest kernel the tests boot).

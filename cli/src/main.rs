@@ -1,3 +1,258 @@
-//! kubectl-hvx.
+//! kubectl-hvx: `kubectl hvx import|console|migrate|snapshot`.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use hvx_import::LoadOptions;
+use kubectl_hvx::manifests::{self, DiskSourceMode, MapOptions};
+use kubectl_hvx::upload::{self, HttpEndpoint, Progress, Tuning};
+use kubectl_hvx::{cluster, console, objects, plan, render};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-hvx",
+    version,
+    about = "Run VMware applications on Kubernetes with hvx"
+)]
+struct Cli {
+    /// Namespace (default: the kubeconfig's; omitted from printed manifests).
+    #[arg(short = 'n', long, global = true)]
+    namespace: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Turn an OVA, OVF or VMX into VmApplication, VirtualNetwork and OverlayDisk manifests.
+    Import(ImportArgs),
+    /// Attach to a VM's serial console (Ctrl-] detaches).
+    Console {
+        /// VM name.
+        vm: String,
+        /// Application, when several have a VM of that name.
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// Live-migrate a VM to another node.
+    Migrate {
+        /// VM name.
+        vm: String,
+        /// Application (found from the VM name when omitted).
+        #[arg(long)]
+        app: Option<String>,
+        /// Target node (default: the operator picks).
+        #[arg(long = "to")]
+        target_node: Option<String>,
+        /// Longest acceptable pause at switchover.
+        #[arg(long, default_value_t = 300)]
+        max_downtime_ms: u32,
+        /// Print the VmMigration instead of creating it (needs --app).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Request a snapshot of every disk of an application.
+    Snapshot {
+        /// VmApplication name.
+        app: String,
+        /// Snapshot name (default: snap-<date>-<time>).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// The export: file.ova, file.ovf (disks beside it) or file.vmx (disks beside it).
+    file: PathBuf,
+    /// Write one YAML file per object into this directory instead of stdout.
+    #[arg(short = 'o', long = "output-dir")]
+    output_dir: Option<PathBuf>,
+    /// Application name (default: from the export).
+    #[arg(long)]
+    name: Option<String>,
+    /// Subnet of a VMware network, as NETWORK=CIDR (repeatable).
+    #[arg(long = "subnet", value_name = "NETWORK=CIDR")]
+    subnets: Vec<String>,
+    /// The export is served at this URL: disks are fetched by the cluster from there
+    /// (the OVA itself, or the directory holding the OVF/VMX disks).
+    #[arg(long, conflicts_with = "upload")]
+    source_url: Option<String>,
+    /// Create the objects in the cluster and upload the disks into them.
+    #[arg(long)]
+    upload: bool,
+    /// Upload endpoint base URL.
+    #[arg(long, env = "HVX_UPLOAD_URL")]
+    upload_url: Option<String>,
+    /// Bearer token for the upload endpoint.
+    #[arg(long, env = "HVX_UPLOAD_TOKEN", hide_env_values = true)]
+    upload_token: Option<String>,
+    /// Print the plan (objects, sizes, warnings) and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Skip the OVA manifest (.mf) checksum verification.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Import(args) => import(args, cli.namespace).await,
+        Command::Console { vm, app } => {
+            let client = cluster::client().await?;
+            let ns = cli
+                .namespace
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            Ok(console::attach(&client, &ns, &vm, app.as_deref()).await?)
+        }
+        Command::Migrate {
+            vm,
+            app,
+            target_node,
+            max_downtime_ms,
+            print,
+        } => {
+            if print {
+                let Some(app) = app else {
+                    bail!("--print needs --app (finding the application needs the cluster)");
+                };
+                let m = objects::migration(&app, &vm, target_node, max_downtime_ms, cli.namespace);
+                print!("---\n{}", serde_yaml::to_string(&m)?);
+                return Ok(());
+            }
+            let client = cluster::client().await?;
+            let ns = cli
+                .namespace
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let app = match app {
+                Some(a) => a,
+                None => cluster::application_of(&client, &ns, &vm).await?,
+            };
+            let m = objects::migration(&app, &vm, target_node, max_downtime_ms, Some(ns.clone()));
+            let name = cluster::create_migration(&client, &ns, &m).await?;
+            println!(
+                "vmmigration.hvx.dev/{name} created (watch: kubectl get vmmig -n {ns} {name} -w)"
+            );
+            Ok(())
+        }
+        Command::Snapshot { app, name } => {
+            let name = name.unwrap_or_else(|| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                objects::default_snapshot_name(now)
+            });
+            let client = cluster::client().await?;
+            let ns = cli
+                .namespace
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let changed = cluster::snapshot_app(&client, &ns, &app, &name).await?;
+            println!(
+                "snapshot {name} requested on {} disk(s) of {app}: {}",
+                changed.len(),
+                changed.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
+fn parse_subnets(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    raw.iter()
+        .map(|s| {
+            let (net, cidr) = s
+                .rsplit_once('=')
+                .with_context(|| format!("--subnet {s:?}: expected NETWORK=CIDR"))?;
+            Ok((net.to_owned(), cidr.to_owned()))
+        })
+        .collect()
+}
+
+async fn import(args: ImportArgs, namespace: Option<String>) -> anyhow::Result<()> {
+    if args.upload && !args.dry_run && args.upload_url.is_none() {
+        bail!("--upload needs the upload endpoint: pass --upload-url or set HVX_UPLOAD_URL");
+    }
+    let loaded = hvx_import::load(
+        &args.file,
+        LoadOptions {
+            verify_manifest: !args.no_verify,
+        },
+    )
+    .with_context(|| format!("cannot import {}", args.file.display()))?;
+    let options = MapOptions {
+        namespace: namespace.clone(),
+        name: args.name.clone(),
+        disk_source: match &args.source_url {
+            Some(url) => DiskSourceMode::Url(url.clone()),
+            None => DiskSourceMode::Upload,
+        },
+        subnets: parse_subnets(&args.subnets)?,
+    };
+    let m = manifests::build(&loaded, &options)?;
+    if args.dry_run {
+        print!("{}", plan::render(&loaded, &m, args.upload));
+        return Ok(());
+    }
+    for w in &m.warnings {
+        eprintln!("warning: {w}");
+    }
+    let docs = render::documents(&m)?;
+    match &args.output_dir {
+        Some(dir) => {
+            for path in render::write_dir(&docs, dir)? {
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        None if !args.upload => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(render::stream(&docs).as_bytes())?;
+        }
+        None => {}
+    }
+    if let (true, Some(url)) = (args.upload, &args.upload_url) {
+        let client = cluster::client().await?;
+        let ns = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+        cluster::apply_all(&client, &ns, &m).await?;
+        let endpoint = HttpEndpoint::new(url, &ns, args.upload_token.clone())?;
+        for (disk, file) in &m.disk_files {
+            let Some(location) = loaded.disks.get(file) else {
+                bail!("disk file {file} vanished");
+            };
+            upload::upload(
+                &endpoint,
+                disk,
+                location,
+                Tuning::default(),
+                &mut Progress::default(),
+            )
+            .await?;
+        }
+        eprintln!(
+            "imported {} into namespace {ns}",
+            m.app.metadata.name.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

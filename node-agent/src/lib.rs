@@ -1,2 +1,3 @@
 //! hvx node agent.
 #![forbid(unsafe_code)]
+pub mod launcher;

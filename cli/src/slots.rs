@@ -1,0 +1,111 @@
+//! PCI slots: VMware numbers its slots 16-31 on bus 0 and 32+ behind its bridges
+//! (`ens160`, `ens192`); QEMU's bus 0 only has 1-31. Devices keep their relative
+//! order (what guests without predictable names enumerate by) from slot 0x10 on.
+
+use hvx_import::ImportedVm;
+
+/// First QEMU slot given to imported devices; below it sit the chipset and the VMM's
+/// own devices.
+pub const FIRST_SLOT: u8 = 0x10;
+/// Last usable slot on bus 0.
+pub const LAST_SLOT: u8 = 31;
+
+/// QEMU slots for a VM's controllers and NICs, index-aligned with `vm.controllers`
+/// and `vm.nics`; `None` where VMware gave no slot or none is left.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slots {
+    /// Per controller.
+    pub controllers: Vec<Option<u8>>,
+    /// Per NIC.
+    pub nics: Vec<Option<u8>>,
+}
+
+/// Assigns slots in VMware slot order; warns where a NIC's guest-visible slot number
+/// (and so its predictable interface name) changes.
+pub fn assign_pci_slots(vm: &ImportedVm, name: &str, warnings: &mut Vec<String>) -> Slots {
+    // (vmware slot, is_nic, index)
+    let mut devices: Vec<(u32, bool, usize)> = Vec::new();
+    for (i, c) in vm.controllers.iter().enumerate() {
+        if let Some(s) = c.pci_slot_number {
+            devices.push((s, false, i));
+        }
+    }
+    for (i, n) in vm.nics.iter().enumerate() {
+        if let Some(s) = n.pci_slot_number {
+            devices.push((s, true, i));
+        }
+    }
+    devices.sort_unstable();
+    let mut slots = Slots {
+        controllers: vec![None; vm.controllers.len()],
+        nics: vec![None; vm.nics.len()],
+    };
+    let mut next = FIRST_SLOT;
+    for (vmware, is_nic, i) in devices {
+        let slot = (next <= LAST_SLOT).then_some(next);
+        next = next.saturating_add(1);
+        if is_nic {
+            slots.nics[i] = slot;
+            let nic = &vm.nics[i].name;
+            match slot {
+                Some(s) if u32::from(s) != vmware => warnings.push(format!(
+                    "{name}: {nic} was in VMware PCI slot {vmware} (Linux name ens{vmware}); it is in slot {s} here (ens{s}): configuration keyed on the MAC is unaffected"
+                )),
+                None => warnings.push(format!(
+                    "{name}: {nic}: no PCI slot left on bus 0; the VMM places it"
+                )),
+                _ => {}
+            }
+        } else {
+            slots.controllers[i] = slot;
+        }
+    }
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvx_import::{ControllerKind, ImportedController, ImportedNic};
+
+    #[test]
+    fn relative_order_is_kept_and_renames_are_reported() {
+        let vm = ImportedVm {
+            controllers: vec![
+                ImportedController {
+                    kind: ControllerKind::Pvscsi,
+                    bus: 0,
+                    pci_slot_number: Some(160),
+                },
+                ImportedController {
+                    kind: ControllerKind::Ide,
+                    bus: 0,
+                    pci_slot_number: None,
+                },
+            ],
+            nics: vec![
+                ImportedNic {
+                    name: "ethernet0".into(),
+                    pci_slot_number: Some(192),
+                    ..ImportedNic::default()
+                },
+                ImportedNic {
+                    name: "ethernet1".into(),
+                    pci_slot_number: Some(32),
+                    ..ImportedNic::default()
+                },
+                ImportedNic {
+                    name: "ethernet2".into(),
+                    ..ImportedNic::default()
+                },
+            ],
+            ..ImportedVm::default()
+        };
+        let mut warnings = Vec::new();
+        let slots = assign_pci_slots(&vm, "vm", &mut warnings);
+        assert_eq!(slots.nics, [Some(18), Some(16), None]);
+        assert_eq!(slots.controllers, [Some(17), None]);
+        assert_eq!(warnings.len(), 2);
+        assert!(warnings[0].contains("ethernet1 was in VMware PCI slot 32"));
+    }
+}

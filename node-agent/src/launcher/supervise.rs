@@ -1,0 +1,172 @@
+//! Supervision: choose the accelerator, start QEMU, follow the restart policy, turn
+//! SIGTERM into an ACPI shutdown with a grace period, and record status for the pod.
+
+use super::LauncherError;
+use super::map::{DiskResolver, vm_spec_from_launch};
+use hvx_api::launch::LaunchSpec;
+use hvx_vmm::accel::{AcceleratorReport, ProbeOptions, check_accelerator, probe_accelerator};
+use hvx_vmm::spec::AcceleratorChoice;
+use hvx_vmm::vm::{ExitKind, StartOptions, Vm, should_restart};
+use hvx_vmm::{Accel, VmSpec};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Parses launcher input: an hvx-vmm `VmSpec`, or the operator's `LaunchSpec` (mapped,
+/// with disks resolved by `resolver`, sockets under `run_dir`).
+pub fn parse_spec(
+    text: &str,
+    run_dir: &Path,
+    resolver: &dyn DiskResolver,
+) -> Result<VmSpec, LauncherError> {
+    let vm_err = match VmSpec::from_json(text) {
+        Ok(spec) => return Ok(spec),
+        Err(e) => e.to_string(),
+    };
+    match serde_json::from_str::<LaunchSpec>(text) {
+        Ok(ls) => vm_spec_from_launch(&ls, run_dir, resolver),
+        Err(e) => Err(LauncherError::ParseSpec {
+            vm: vm_err,
+            launch: e.to_string(),
+        }),
+    }
+}
+
+/// What the launcher reports in `<run_dir>/status.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LauncherStatus {
+    /// Starting | Running | Restarting | Stopped | Failed.
+    pub phase: &'static str,
+    /// Accelerator and why.
+    pub accel: Option<AcceleratorReport>,
+    /// QEMU restarts so far.
+    pub restarts: u32,
+    /// Why QEMU last exited.
+    pub last_exit: Option<String>,
+    /// QEMU's pid while running.
+    pub qemu_pid: Option<u32>,
+}
+
+/// The status file of a run dir.
+pub fn status_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("status.json")
+}
+
+fn write_status(run_dir: &Path, s: &LauncherStatus) -> Result<(), LauncherError> {
+    let path = status_path(run_dir);
+    let tmp = run_dir.join(".status.json.tmp");
+    let text = serde_json::to_string_pretty(s).unwrap_or_default();
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| LauncherError::Status { path, source })
+}
+
+/// The accelerator for this VM: forced by the spec, or probed.
+pub async fn choose_accel(
+    spec: &VmSpec,
+    probe: &ProbeOptions,
+) -> Result<AcceleratorReport, LauncherError> {
+    Ok(match spec.accelerator {
+        AcceleratorChoice::Auto => probe_accelerator(probe).await,
+        AcceleratorChoice::Tcg => AcceleratorReport {
+            accel: Accel::Tcg,
+            reason: "tcg: forced by the VM spec".into(),
+            cpu_model: Accel::Tcg.cpu_model().into(),
+        },
+        AcceleratorChoice::Kvm => {
+            check_accelerator(probe, Accel::Kvm).await?;
+            AcceleratorReport {
+                accel: Accel::Kvm,
+                reason: "kvm: forced by the VM spec, probe booted".into(),
+                cpu_model: Accel::Kvm.cpu_model().into(),
+            }
+        }
+    })
+}
+
+/// Runs the VM until it stops for good; returns why it last exited. `stop` resolves
+/// when the pod is asked to terminate.
+pub async fn run(
+    spec: &VmSpec,
+    start: &StartOptions,
+    probe: &ProbeOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ExitKind, LauncherError> {
+    hvx_vmm::validate(spec)?;
+    std::fs::create_dir_all(&spec.run_dir).map_err(|source| LauncherError::Status {
+        path: spec.run_dir.clone(),
+        source,
+    })?;
+    let report = choose_accel(spec, probe).await?;
+    tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator chosen");
+    let mut status = LauncherStatus {
+        phase: "Starting",
+        accel: Some(report.clone()),
+        restarts: 0,
+        last_exit: None,
+        qemu_pid: None,
+    };
+    write_status(&spec.run_dir, &status)?;
+    tokio::pin!(stop);
+    loop {
+        let mut vm = match Vm::start(spec, report.accel, start).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                status.phase = "Failed";
+                status.last_exit = Some(e.to_string());
+                write_status(&spec.run_dir, &status)?;
+                return Err(e.into());
+            }
+        };
+        status.phase = "Running";
+        status.qemu_pid = vm.pid();
+        write_status(&spec.run_dir, &status)?;
+        enum Next {
+            Exited(ExitKind),
+            Stop,
+        }
+        let next = tokio::select! {
+            exit = vm.wait_exit() => Next::Exited(exit),
+            () = &mut stop => Next::Stop,
+        };
+        match next {
+            Next::Stop => {
+                let grace = Duration::from_secs(u64::from(spec.shutdown_timeout_s));
+                let outcome = vm.shutdown(grace).await;
+                tracing::info!(?outcome, "VM stopped on request");
+                vm.stop_and_cleanup().await?;
+                status.phase = "Stopped";
+                status.qemu_pid = None;
+                status.last_exit = Some(ExitKind::HostRequested.to_string());
+                write_status(&spec.run_dir, &status)?;
+                return Ok(ExitKind::HostRequested);
+            }
+            Next::Exited(exit) => {
+                tracing::warn!(%exit, "QEMU exited");
+                drop(vm);
+                status.last_exit = Some(exit.to_string());
+                status.qemu_pid = None;
+                if should_restart(&spec.restart_policy, &exit, status.restarts) {
+                    status.restarts += 1;
+                    status.phase = "Restarting";
+                    write_status(&spec.run_dir, &status)?;
+                    continue;
+                }
+                status.phase = if matches!(exit, ExitKind::Crashed { .. }) {
+                    "Failed"
+                } else {
+                    "Stopped"
+                };
+                write_status(&spec.run_dir, &status)?;
+                return Ok(exit);
+            }
+        }
+    }
+}
+
+/// Readiness: exit 0 iff QEMU answers `running` on the probe QMP socket.
+pub async fn probe_running(run_dir: &Path, timeout: Duration) -> Result<bool, LauncherError> {
+    let paths = hvx_vmm::RunPaths::new(run_dir);
+    let qmp = hvx_vmm::qmp::QmpClient::connect(&paths.qmp_probe, timeout).await?;
+    Ok(qmp.run_state().await? == "running")
+}

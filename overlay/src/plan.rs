@@ -1,0 +1,358 @@
+//! Pure planning: [`NetworkSpec`] in, the complete desired kernel state of one node
+//! out. No I/O here, so every decision is unit-tested.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use crate::addr::{Ipv4Net, Mac};
+use crate::dnsmasq::{self, DnsmasqConfig};
+use crate::error::Result;
+use crate::names;
+use crate::nft;
+use crate::spec::{Location, NetworkSpec};
+
+/// Frame size guests assume (VMware vSwitch default).
+pub const GUEST_MTU: u32 = 1500;
+/// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// How the 50 bytes of VXLAN overhead are absorbed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtuMode {
+    /// Underlay carries >= 1550: guests keep 1500 untouched.
+    Transparent,
+    /// Underlay is smaller: the overlay MTU shrinks, DHCP option 26 tells guests, and
+    /// TCP SYNs get their MSS clamped for guests that ignore option 26.
+    Reduced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MtuPlan {
+    pub mode: MtuMode,
+    /// MTU of the bridge, the VXLAN device and every attached port.
+    pub link_mtu: u32,
+    /// MSS written into TCP SYNs crossing the switch (Reduced mode only).
+    pub mss_clamp: Option<u32>,
+}
+
+/// Picks the MTU strategy from the underlay MTU.
+pub fn plan_mtu(underlay_mtu: u32) -> MtuPlan {
+    if underlay_mtu >= GUEST_MTU + VXLAN_OVERHEAD {
+        MtuPlan {
+            mode: MtuMode::Transparent,
+            link_mtu: GUEST_MTU,
+            mss_clamp: None,
+        }
+    } else {
+        let link_mtu = underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+        MtuPlan {
+            mode: MtuMode::Reduced,
+            link_mtu,
+            mss_clamp: Some(link_mtu.saturating_sub(40)),
+        }
+    }
+}
+
+/// A unicast or flood entry of the VXLAN device's own FDB (`bridge fdb ... self`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VxlanFdb {
+    pub mac: Mac,
+    pub dst: Ipv4Addr,
+}
+
+/// A static entry of the bridge FDB (`bridge fdb ... master static`): which bridge
+/// port a MAC lives behind. Static entries make known unicast never flood.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BridgeFdb {
+    pub mac: Mac,
+    pub port: String,
+}
+
+/// Everything one node must have for one network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPlan {
+    pub name: String,
+    pub vni: u32,
+    pub bridge: String,
+    pub vxlan: String,
+    pub gateway_mac: Mac,
+    pub local_vtep: Ipv4Addr,
+    pub mtu: MtuPlan,
+    /// Gateway addresses on the bridge (`gw/prefix`).
+    pub addresses: BTreeSet<Ipv4Net>,
+    /// Local VM ports to enslave to the bridge.
+    pub ports: BTreeSet<String>,
+    pub vxlan_fdb: BTreeSet<VxlanFdb>,
+    pub bridge_fdb: BTreeSet<BridgeFdb>,
+    /// Static ARP entries on the gateway: with one gateway MAC on every node an ARP
+    /// reply would reach the wrong node, so the control plane supplies them.
+    pub neighbours: BTreeSet<(Ipv4Addr, Mac)>,
+    /// nftables script replacing this network's tables atomically.
+    pub nft_script: String,
+    /// Hash of the script, stored as the table comment to detect drift cheaply.
+    pub nft_hash: String,
+    /// Whether an `ip` table (router/NAT) is part of the script.
+    pub has_rt_table: bool,
+    /// Router, NAT or published ports need IPv4 forwarding on the node.
+    pub needs_forwarding: bool,
+    /// DHCP/DNS server, when the network has subnets.
+    pub dnsmasq: Option<DnsmasqConfig>,
+    pub state_dir: PathBuf,
+}
+
+/// Builds the plan. `state_root` is where per-network files (dnsmasq) live.
+pub fn build_plan(spec: &NetworkSpec, state_root: &Path) -> Result<NetworkPlan> {
+    spec.validate()?;
+    let vni = spec.vni;
+    let bridge = names::bridge(vni);
+    let vxlan = names::vxlan(vni);
+    let mtu = plan_mtu(spec.underlay_mtu);
+
+    let addresses = spec
+        .subnets
+        .iter()
+        .map(|s| Ipv4Net {
+            addr: s.gateway,
+            prefix: s.cidr.prefix,
+        })
+        .collect();
+
+    let mut ports = BTreeSet::new();
+    let mut vxlan_fdb: BTreeSet<VxlanFdb> = spec
+        .remote_vteps
+        .iter()
+        .map(|&dst| VxlanFdb {
+            mac: Mac::ZERO,
+            dst,
+        })
+        .collect();
+    let mut bridge_fdb = BTreeSet::new();
+    let mut neighbours = BTreeSet::new();
+    for m in &spec.members {
+        match &m.location {
+            Location::Local { port } => {
+                ports.insert(port.clone());
+                bridge_fdb.insert(BridgeFdb {
+                    mac: m.mac,
+                    port: port.clone(),
+                });
+            }
+            Location::Remote { vtep } => {
+                vxlan_fdb.insert(VxlanFdb {
+                    mac: m.mac,
+                    dst: *vtep,
+                });
+                bridge_fdb.insert(BridgeFdb {
+                    mac: m.mac,
+                    port: vxlan.clone(),
+                });
+            }
+        }
+        if let Some(ip) = m.ip {
+            neighbours.insert((ip, m.mac));
+        }
+    }
+
+    let rendered = nft::render(spec, &ports, &mtu);
+    let state_dir = state_root.join(vni.to_string());
+    let dnsmasq = if spec.subnets.is_empty() {
+        None
+    } else {
+        Some(dnsmasq::render(spec, &bridge, &mtu, &state_dir))
+    };
+    let needs_forwarding = spec.egress_nat
+        || !spec.routed_peers.is_empty()
+        || !spec.exposed.is_empty()
+        || spec.subnets.len() > 1;
+
+    Ok(NetworkPlan {
+        name: spec.name.clone(),
+        vni,
+        bridge,
+        vxlan,
+        gateway_mac: names::gateway_mac(vni),
+        local_vtep: spec.local_vtep,
+        mtu,
+        addresses,
+        ports,
+        vxlan_fdb,
+        bridge_fdb,
+        neighbours,
+        nft_hash: rendered.hash,
+        nft_script: rendered.script,
+        has_rt_table: rendered.has_rt_table,
+        needs_forwarding,
+        dnsmasq,
+        state_dir,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::spec::*;
+
+    pub(crate) fn sample() -> NetworkSpec {
+        NetworkSpec {
+            name: "app".into(),
+            vni: 4242,
+            local_vtep: "192.168.77.1".parse().unwrap(),
+            underlay_mtu: 1600,
+            remote_vteps: vec![
+                "192.168.77.2".parse().unwrap(),
+                "192.168.77.3".parse().unwrap(),
+            ],
+            subnets: vec![SubnetSpec {
+                cidr: "10.50.0.0/24".parse().unwrap(),
+                gateway: "10.50.0.1".parse().unwrap(),
+                dhcp: Some(DhcpRange {
+                    start: "10.50.0.100".parse().unwrap(),
+                    end: "10.50.0.150".parse().unwrap(),
+                    lease_secs: 3600,
+                }),
+                reservations: vec![],
+            }],
+            members: vec![
+                Member {
+                    vm: "web".into(),
+                    mac: "00:50:56:00:00:01".parse().unwrap(),
+                    ip: Some("10.50.0.11".parse().unwrap()),
+                    location: Location::Local {
+                        port: "hvp1".into(),
+                    },
+                },
+                Member {
+                    vm: "db".into(),
+                    mac: "00:50:56:00:00:02".parse().unwrap(),
+                    ip: Some("10.50.0.12".parse().unwrap()),
+                    location: Location::Remote {
+                        vtep: "192.168.77.2".parse().unwrap(),
+                    },
+                },
+            ],
+            dns: DnsSpec {
+                domain: Some("app.internal".into()),
+                records: vec![DnsRecord {
+                    name: "api".into(),
+                    ip: "10.50.0.11".parse().unwrap(),
+                }],
+                upstream: vec![],
+            },
+            firewall: FirewallSpec::default(),
+            egress_nat: false,
+            routed_peers: vec![],
+            exposed: vec![],
+        }
+    }
+
+    #[test]
+    fn mtu_strategy_follows_the_underlay() {
+        assert_eq!(plan_mtu(1550).mode, MtuMode::Transparent);
+        assert_eq!(plan_mtu(9000).link_mtu, 1500);
+        let small = plan_mtu(1500);
+        assert_eq!(
+            (small.mode, small.link_mtu, small.mss_clamp),
+            (MtuMode::Reduced, 1450, Some(1410))
+        );
+    }
+
+    #[test]
+    fn head_end_replication_and_static_fdb() {
+        let p = build_plan(&sample(), Path::new("/run/hvx")).unwrap();
+        assert_eq!(p.bridge, "hvb4242");
+        let zero: Vec<_> = p.vxlan_fdb.iter().filter(|e| e.mac == Mac::ZERO).collect();
+        assert_eq!(zero.len(), 2, "one flood entry per remote VTEP");
+        assert!(p.vxlan_fdb.contains(&VxlanFdb {
+            mac: "00:50:56:00:00:02".parse().unwrap(),
+            dst: "192.168.77.2".parse().unwrap()
+        }));
+        assert!(p.bridge_fdb.contains(&BridgeFdb {
+            mac: "00:50:56:00:00:01".parse().unwrap(),
+            port: "hvp1".into()
+        }));
+        assert!(p.bridge_fdb.contains(&BridgeFdb {
+            mac: "00:50:56:00:00:02".parse().unwrap(),
+            port: "hvv4242".into()
+        }));
+        assert_eq!(p.neighbours.len(), 2);
+        assert_eq!(
+            p.addresses.iter().next().unwrap().to_string(),
+            "10.50.0.1/24"
+        );
+        assert!(!p.needs_forwarding);
+        assert_eq!(p.state_dir, Path::new("/run/hvx/4242"));
+    }
+
+    #[test]
+    fn a_mac_move_changes_only_that_mac() {
+        let before = build_plan(&sample(), Path::new("/x")).unwrap();
+        let mut moved = sample();
+        moved.members[1].location = Location::Remote {
+            vtep: "192.168.77.3".parse().unwrap(),
+        };
+        let after = build_plan(&moved, Path::new("/x")).unwrap();
+        let diff: Vec<_> = after
+            .vxlan_fdb
+            .symmetric_difference(&before.vxlan_fdb)
+            .collect();
+        assert_eq!(diff.len(), 2, "one entry replaced: {diff:?}");
+        assert_eq!(after.bridge_fdb, before.bridge_fdb);
+        assert_eq!(after.nft_hash, before.nft_hash);
+    }
+
+    #[test]
+    fn bad_specs_are_rejected_with_reasons() {
+        type Case = (fn(&mut NetworkSpec), &'static str);
+        let cases: Vec<Case> = vec![
+            (|s| s.vni = 0, "VNI"),
+            (|s| s.vni = 1 << 24, "VNI"),
+            (|s| s.remote_vteps.push(s.local_vtep), "also listed"),
+            (
+                |s| s.subnets[0].gateway = "10.9.9.1".parse().unwrap(),
+                "outside subnet",
+            ),
+            (|s| s.members[1].mac = s.members[0].mac, "two members"),
+            (
+                |s| {
+                    s.members[0].location = Location::Local {
+                        port: "hvb12".into(),
+                    }
+                },
+                "collides",
+            ),
+            (
+                |s| {
+                    s.members[0].location = Location::Local {
+                        port: "a-very-long-port-name".into(),
+                    }
+                },
+                "1..=15",
+            ),
+            (|s| s.members[0].vm = "bad name".into(), "VM name"),
+            (
+                |s| s.members[0].ip = Some("10.60.0.1".parse().unwrap()),
+                "no subnet",
+            ),
+            (
+                |s| {
+                    s.members[1].location = Location::Remote {
+                        vtep: "1.1.1.1".parse().unwrap(),
+                    }
+                },
+                "not in remote_vteps",
+            ),
+            (|s| s.underlay_mtu = 100, "MTU"),
+            (
+                |s| s.members[0].mac = "01:00:5e:00:00:01".parse().unwrap(),
+                "non-unicast",
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut s = sample();
+            mutate(&mut s);
+            let err = build_plan(&s, Path::new("/x")).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+}

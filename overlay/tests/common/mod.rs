@@ -1,0 +1,207 @@
+//! Shared pieces of the privileged overlay tests: the network spec each node gets,
+//! and frame capture in "VM" namespaces.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+
+use hvx_overlay::lab::Lab;
+use hvx_overlay::*;
+
+pub const VNI: u32 = 100;
+
+/// Root is the one need these tests cannot do without; say so instead of failing.
+pub fn root_or_skip(test: &str) -> bool {
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let root = String::from_utf8_lossy(&uid).trim() == "0";
+    if !root {
+        eprintln!("SKIP {test}: needs root (network namespaces, bridges, VXLAN)");
+    }
+    root
+}
+
+/// What the control plane knows about the network, independent of the node.
+#[derive(Clone, Debug)]
+pub struct Net {
+    pub vni: u32,
+    pub ips: BTreeMap<String, Ipv4Addr>,
+    pub subnet: SubnetSpec,
+    pub dns: DnsSpec,
+    pub firewall: FirewallSpec,
+    /// Lab VMs on this network; None = all of them.
+    pub only: Option<Vec<String>>,
+    pub egress_nat: bool,
+    pub routed_peers: Vec<RoutedPeer>,
+    pub exposed: Vec<ExposedPort>,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        Net {
+            vni: VNI,
+            ips: BTreeMap::new(),
+            subnet: SubnetSpec {
+                cidr: "10.77.0.0/24".parse().unwrap(),
+                gateway: "10.77.0.1".parse().unwrap(),
+                dhcp: None,
+                reservations: vec![],
+            },
+            dns: DnsSpec {
+                domain: Some("app.internal".into()),
+                records: vec![],
+                upstream: vec![],
+            },
+            firewall: FirewallSpec::default(),
+            only: None,
+            egress_nat: false,
+            routed_peers: vec![],
+            exposed: vec![],
+        }
+    }
+
+    /// The spec node `node` of the lab receives.
+    pub fn spec_for(&self, lab: &Lab, node: usize) -> NetworkSpec {
+        let members = lab
+            .vms
+            .iter()
+            .filter(|vm| self.only.as_ref().is_none_or(|o| o.contains(&vm.name)))
+            .map(|vm| Member {
+                vm: vm.name.clone(),
+                mac: vm.mac,
+                ip: self.ips.get(&vm.name).copied(),
+                location: if vm.node == node {
+                    Location::Local {
+                        port: vm.port.clone(),
+                    }
+                } else {
+                    Location::Remote {
+                        vtep: lab.nodes[vm.node].vtep,
+                    }
+                },
+            })
+            .collect();
+        NetworkSpec {
+            name: format!("net{}", self.vni),
+            vni: self.vni,
+            local_vtep: lab.nodes[node].vtep,
+            underlay_mtu: lab.underlay_mtu,
+            remote_vteps: lab
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != node)
+                .map(|(_, n)| n.vtep)
+                .collect(),
+            subnets: vec![self.subnet.clone()],
+            members,
+            dns: self.dns.clone(),
+            firewall: self.firewall.clone(),
+            egress_nat: self.egress_nat,
+            routed_peers: self.routed_peers.clone(),
+            exposed: self.exposed.clone(),
+        }
+    }
+
+    /// Applies on every node; returns each node's report.
+    pub fn apply_all(&self, lab: &Lab) -> Vec<ApplyReport> {
+        (0..lab.nodes.len())
+            .map(|i| {
+                let spec = self.spec_for(lab, i);
+                lab.nodes[i]
+                    .switch
+                    .apply(&spec)
+                    .unwrap_or_else(|e| panic!("apply on node {i}: {e}"))
+            })
+            .collect()
+    }
+}
+
+pub fn mac(s: &str) -> Mac {
+    s.parse().unwrap()
+}
+
+pub fn l2frame() -> String {
+    format!("{}/tests/l2frame.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Gives VM `name` a static address (what a guest with a fixed IP does).
+pub fn set_ip(lab: &Lab, name: &str, ip: Ipv4Addr) {
+    let ns = lab.vm(name).ns.clone();
+    lab.exec(
+        &ns,
+        &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+    )
+    .unwrap();
+}
+
+/// Listens on `eth0` of each VM in `listeners` for frames carrying `marker` while
+/// `send` runs; returns the frames each VM saw.
+pub fn capture(
+    lab: &Lab,
+    listeners: &[&str],
+    marker: &str,
+    send: impl FnOnce(),
+) -> BTreeMap<String, Vec<String>> {
+    let script = l2frame();
+    let mut children = Vec::new();
+    for name in listeners {
+        let ns = lab.vm(name).ns.clone();
+        let mut child = lab
+            .spawn(&ns, &["python3", &script, "recv", "eth0", marker, "2"])
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert_eq!(first.trim(), "ready", "receiver in {name} did not start");
+        children.push((name.to_string(), child, out));
+    }
+    send();
+    let mut seen = BTreeMap::new();
+    for (name, mut child, out) in children {
+        let lines: Vec<String> = out
+            .lines()
+            .map_while(|l| l.ok())
+            .filter(|l| l.starts_with("got"))
+            .collect();
+        child.wait().unwrap();
+        seen.insert(name, lines);
+    }
+    seen
+}
+
+pub fn send_frame(
+    lab: &Lab,
+    from: &str,
+    dst: &str,
+    ethertype: &str,
+    marker: &str,
+    vlan: Option<u16>,
+) {
+    let ns = lab.vm(from).ns.clone();
+    let script = l2frame();
+    let vlan_s = vlan.map(|v| v.to_string());
+    let mut argv = vec![
+        "python3",
+        script.as_str(),
+        "send",
+        "eth0",
+        dst,
+        ethertype,
+        marker,
+    ];
+    if let Some(v) = &vlan_s {
+        argv.push(v);
+    }
+    lab.exec(&ns, &argv).unwrap();
+}
+
+pub fn ping(lab: &Lab, from: &str, ip: Ipv4Addr) -> bool {
+    let ns = lab.vm(from).ns.clone();
+    lab.exec(&ns, &["ping", "-c", "1", "-W", "2", &ip.to_string()])
+        .is_ok()
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Raw Ethernet frames for the overlay tests (no scapy: plain AF_PACKET).
+
+send IFACE DST_MAC ETHERTYPE MARKER [VLAN_ID]   one frame, payload = MARKER
+recv IFACE MARKER SECONDS                       prints one line per frame carrying
+                                                MARKER: "got dst=.. type=.. vlan=.."
+tap TAP SRC_MAC DST_MAC MARKER_OUT MARKER_IN SECONDS
+                                                be the guest behind an existing tap:
+                                                write one frame when a line arrives on
+                                                stdin, print frames carrying MARKER_IN
+Received VLAN tags are reported whether they stay in the data or arrive in the
+kernel's PACKET_AUXDATA (rx VLAN offload)."""
+import socket, struct, sys, time
+
+ETH_P_ALL = 0x0003
+SOL_PACKET, PACKET_AUXDATA = 263, 8
+TP_STATUS_VLAN_VALID = 1 << 4
+
+
+def mac_bytes(s):
+    return bytes(int(x, 16) for x in s.split(":"))
+
+
+def send(iface, dst, ethertype, marker, vlan=None):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    src = s.getsockname()[4][:6]
+    hdr = mac_bytes(dst) + src
+    if vlan is not None:
+        hdr += struct.pack("!HH", 0x8100, int(vlan))
+    frame = hdr + struct.pack("!H", int(ethertype, 16)) + marker.encode()
+    frame += b"\0" * max(0, 60 - len(frame))
+    s.send(frame)
+
+
+def recv(iface, marker, seconds):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+    s.bind((iface, 0))
+    print("ready", flush=True)
+    deadline = time.time() + float(seconds)
+    m = marker.encode()
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            return
+        s.settimeout(left)
+        try:
+            data, anc, _flags, addr = s.recvmsg(65535, socket.CMSG_SPACE(20))
+        except socket.timeout:
+            return
+        if addr[2] == socket.PACKET_OUTGOING or m not in data:
+            continue
+        vlan = None
+        etype = struct.unpack("!H", data[12:14])[0]
+        if etype == 0x8100:
+            vlan = struct.unpack("!H", data[14:16])[0] & 0xFFF
+            etype = struct.unpack("!H", data[16:18])[0]
+        for level, typ, cdata in anc:
+            if level == SOL_PACKET and typ == PACKET_AUXDATA and len(cdata) >= 20:
+                status, _l, _s, _mac, _net, tci, _tpid = struct.unpack("IIIHHHH", cdata[:20])
+                if status & TP_STATUS_VLAN_VALID:
+                    vlan = tci & 0xFFF
+        dst = ":".join("%02x" % b for b in data[:6])
+        print("got dst=%s type=%04x vlan=%s" % (dst, etype, vlan), flush=True)
+
+
+def tap(name, src, dst, marker_out, marker_in, seconds):
+    import fcntl, os, select
+    TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454CA, 0x0002, 0x1000
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    frame = mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", 0x88B5) + marker_out.encode()
+    os.write(fd, frame + b"\0" * max(0, 60 - len(frame)))
+    deadline = time.time() + float(seconds)
+    m = marker_in.encode()
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            return
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            return
+        data = os.read(fd, 65535)
+        if m in data:
+            print("got dst=%s" % ":".join("%02x" % b for b in data[:6]), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "send":
+        send(*sys.argv[2:])
+    elif sys.argv[1] == "tap":
+        tap(*sys.argv[2:])
+    else:
+        recv(*sys.argv[2:])

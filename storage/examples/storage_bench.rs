@@ -1,0 +1,167 @@
+//! Storage figures measured through hvx-storage itself (run by bench/storage/run.sh):
+//! import throughput vs plain `qemu-img convert`, snapshot time of 1 GiB and 16 GiB disks.
+use std::path::Path;
+use std::time::Instant;
+
+use hvx_storage::{DiskStore, ImportSource, StoreConfig};
+
+fn bench_line(metric: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64) {
+    let ratio = if baseline_value == 0.0 {
+        0.0
+    } else {
+        value / baseline_value
+    };
+    println!(
+        "BENCH {{\"group\":\"disk\",\"metric\":\"{metric}\",\"unit\":\"{unit}\",\"value\":{value:.3},\"baseline\":\"{baseline}\",\"baseline_value\":{baseline_value:.3},\"ratio\":{ratio:.3}}}"
+    );
+}
+
+fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(program).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let work = std::env::args()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("storage-bench")
+        .tempdir_in(&work)?;
+    let store = DiskStore::open(StoreConfig::new(dir.path().join("store")))?;
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src)?;
+
+    // Import: a 1 GiB streamOptimized VMDK holding 256 MiB of incompressible data.
+    let raw = dir.path().join("data.raw");
+    sh("qemu-img", &["create", "-q", "-f", "raw", p(&raw), "1G"])?;
+    sh(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "head -c 268435456 /dev/urandom | dd of={} conv=notrunc status=none",
+                p(&raw)
+            ),
+        ],
+    )?;
+    let vmdk = src.join("disk.vmdk");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            p(&raw),
+            p(&vmdk),
+        ],
+    )?;
+    std::fs::remove_file(&raw)?;
+    let src_bytes = std::fs::metadata(&vmdk)?.len() as f64 / (1 << 20) as f64;
+    let t = Instant::now();
+    let plain = dir.path().join("plain.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "vmdk",
+            "-O",
+            "qcow2",
+            p(&vmdk),
+            p(&plain),
+        ],
+    )?;
+    let plain_s = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&plain)?;
+    let t = Instant::now();
+    let base = store
+        .import(
+            &ImportSource::Local {
+                dir: src.clone(),
+                entry: "disk.vmdk".into(),
+            },
+            None,
+            None,
+        )
+        .await?;
+    let store_s = t.elapsed().as_secs_f64();
+    bench_line(
+        "import_stream_vmdk_throughput",
+        "MiB/s",
+        src_bytes / store_s,
+        "qemu-img convert",
+        src_bytes / plain_s,
+    );
+
+    // Snapshot time (offline: new qcow2 layer + metadata), 1 GiB and 16 GiB disks.
+    let mut times = Vec::new();
+    for (name, size) in [("d1g", 1u64 << 30), ("d16g", 16 << 30)] {
+        store
+            .create_disk("bench", name, &base.digest, Some(size))
+            .await?;
+        let runs = 5;
+        let t = Instant::now();
+        for i in 0..runs {
+            store
+                .snapshot_offline("bench", name, &format!("s{i}"))
+                .await?;
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0 / f64::from(runs));
+    }
+    bench_line(
+        "snapshot_time_1GiB",
+        "ms",
+        times[0],
+        "plain qemu-img create overlay",
+        qemu_img_create_ms(dir.path(), &base.path, "1G")?,
+    );
+    bench_line(
+        "snapshot_time_16GiB",
+        "ms",
+        times[1],
+        "snapshot of a 1 GiB disk",
+        times[0],
+    );
+    Ok(())
+}
+
+fn qemu_img_create_ms(dir: &Path, base: &Path, size: &str) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for i in 0..5 {
+        let out = dir.join(format!("plain{i}.qcow2"));
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                p(base),
+                "-F",
+                "qcow2",
+                p(&out),
+                size,
+            ],
+        )?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0 / 5.0)
+}

@@ -1,0 +1,353 @@
+//! Import sources: a local path (PVC mount), an upload stream, an HTTP(S) URL (resumable
+//! download) and an OVA member. Each copies its bytes into a private staging directory
+//! of the store while hashing them; validation then runs on the staged copy, so the
+//! files qemu-img reads are exactly the ones that were checked.
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::error::{Result, StorageError, io_err};
+use crate::format;
+use crate::names::hex;
+use crate::store::{DiskStore, ImportPhase, ProgressFn, Staged, blocking};
+use crate::tar;
+
+const CHUNK: usize = 1 << 20;
+
+/// Where an OverlayDisk's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportSource {
+    /// `dir/entry` on a mounted volume; VMDK extents named by a descriptor are taken
+    /// from the same directory.
+    Local { dir: PathBuf, entry: String },
+    /// An HTTP(S) URL; `entry` names the staged file (for format messages);
+    /// `ca_pem` adds trusted CA certificates (PEM) to the public roots, for servers
+    /// with a private CA.
+    Http {
+        url: String,
+        entry: String,
+        ca_pem: Option<Vec<u8>>,
+    },
+    /// A member of an OVA (tar), read by name without extracting other members.
+    OvaMember { ova: PathBuf, member: String },
+}
+
+/// Writes `data` at the current position, seeking over all-zero chunks so raw images
+/// stay sparse in staging.
+fn write_sparse(f: &mut std::fs::File, data: &[u8], path: &Path) -> Result<()> {
+    if data.iter().all(|&b| b == 0) {
+        f.seek(SeekFrom::Current(data.len() as i64))
+            .map_err(io_err(path))?;
+        Ok(())
+    } else {
+        f.write_all(data).map_err(io_err(path))
+    }
+}
+
+/// Sets the final length (a trailing zero hole is not written by `write_sparse`).
+fn finish_file(f: &std::fs::File, len: u64, path: &Path) -> Result<()> {
+    f.set_len(len).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn create_new(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// Opens a file refusing symlinks at the last component (O_NOFOLLOW) and anything that
+/// is not a regular file.
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| StorageError::Refused {
+            path: path.to_path_buf(),
+            reason: format!("cannot open as a regular file: {source}"),
+        })?;
+    let meta = f.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(StorageError::Refused {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    Ok(f)
+}
+
+/// Copies `src` (read from its current position, `len` bytes) into a new file `dst`,
+/// returning its sha256.
+fn copy_hashing(
+    src: &mut dyn Read,
+    len: u64,
+    dst: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<String> {
+    let mut out = create_new(dst)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let want = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+        src.read_exact(&mut buf[..want])
+            .map_err(|source| StorageError::Io {
+                path: dst.to_path_buf(),
+                source,
+            })?;
+        hasher.update(&buf[..want]);
+        write_sparse(&mut out, &buf[..want], dst)?;
+        done += want as u64;
+        progress(done);
+    }
+    finish_file(&out, len, dst)?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// The digest of a multi-file image: sha256 over "name sha256\n" lines in file order.
+fn combined_digest(parts: &[(String, String)]) -> String {
+    if let [(_, only)] = parts {
+        return only.clone();
+    }
+    let mut h = Sha256::new();
+    for (name, digest) in parts {
+        h.update(format!("{name} {digest}\n"));
+    }
+    hex(&h.finalize())
+}
+
+impl DiskStore {
+    /// Stages, validates and converts `source` into a base image.
+    pub async fn import(
+        &self,
+        source: &ImportSource,
+        expected_sha256: Option<&str>,
+        progress: Option<ProgressFn>,
+    ) -> Result<crate::store::BaseImage> {
+        let staged = match source {
+            ImportSource::Local { dir, entry } => {
+                self.stage_local(dir, entry, progress.clone()).await?
+            }
+            ImportSource::Http { url, entry, ca_pem } => {
+                self.stage_http(url, entry, ca_pem.as_deref(), progress.clone())
+                    .await?
+            }
+            ImportSource::OvaMember { ova, member } => {
+                self.stage_ova_member(ova, member, progress.clone()).await?
+            }
+        };
+        self.import_staged(staged, expected_sha256, progress).await
+    }
+
+    /// Stages `dir/entry` and, for a VMDK descriptor, its extents.
+    pub async fn stage_local(
+        &self,
+        dir: &Path,
+        entry: &str,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        let staging = self.new_staging_dir(entry)?;
+        let (dir, entry_s, limits) = (dir.to_path_buf(), entry.to_string(), *self.limits());
+        let staging_c = staging.clone();
+        let result = blocking(move || {
+            // Validating the source tells which files belong to the image (and refuses
+            // hostile references before anything is copied).
+            let info = format::inspect(&dir, &entry_s, &limits)?;
+            let mut total = 0u64;
+            for f in &info.files {
+                total += std::fs::symlink_metadata(f).map_err(io_err(f))?.len();
+            }
+            let mut parts = Vec::new();
+            let mut done_before = 0u64;
+            for f in &info.files {
+                let name = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mut src = open_regular(f)?;
+                let len = src.metadata().map_err(io_err(f))?.len();
+                let digest = copy_hashing(&mut src, len, &staging_c.join(&name), &mut |d| {
+                    if let Some(p) = &progress {
+                        p(ImportPhase::Fetching, done_before + d, total);
+                    }
+                })?;
+                done_before += len;
+                parts.push((name, digest));
+            }
+            Ok((combined_digest(&parts), total))
+        })
+        .await;
+        staged_or_cleanup(staging, entry, result)
+    }
+
+    /// Stages an upload stream as the single file `entry`.
+    pub async fn stage_upload<R: AsyncRead + Unpin>(
+        &self,
+        mut reader: R,
+        entry: &str,
+        total: Option<u64>,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        let staging = self.new_staging_dir(entry)?;
+        let path = staging.join(entry);
+        let limit = self.limits().max_virtual_size.saturating_add(1 << 30);
+        let result = async {
+            let mut out = create_new(&path)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; CHUNK];
+            let mut done = 0u64;
+            loop {
+                let n = reader.read(&mut buf).await.map_err(io_err(&path))?;
+                if n == 0 {
+                    break;
+                }
+                done += n as u64;
+                if done > limit {
+                    return Err(StorageError::TooLarge {
+                        path: path.clone(),
+                        what: "upload",
+                        value: done,
+                        limit,
+                    });
+                }
+                hasher.update(&buf[..n]);
+                write_sparse(&mut out, &buf[..n], &path)?;
+                if let Some(p) = &progress {
+                    p(ImportPhase::Fetching, done, total.unwrap_or(done));
+                }
+            }
+            if let Some(expected) = total
+                && expected != done
+            {
+                return Err(StorageError::Truncated {
+                    path: path.clone(),
+                    format: "upload",
+                    what: format!("received {done} of {expected} bytes"),
+                });
+            }
+            finish_file(&out, done, &path)?;
+            Ok((hex(&hasher.finalize()), done))
+        }
+        .await;
+        staged_or_cleanup(staging, entry, result)
+    }
+
+    /// Downloads `url` (resuming a partial download with a Range request) and stages it.
+    pub async fn stage_http(
+        &self,
+        url: &str,
+        entry: &str,
+        ca_pem: Option<&[u8]>,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        let downloads = self.root().join("downloads");
+        std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+        let part = downloads.join(format!("{}.part", hex(&Sha256::digest(url.as_bytes()))));
+        let limit = self.limits().max_virtual_size.saturating_add(1 << 30);
+        crate::http::download_resumable(url, &part, limit, 5, ca_pem, progress.as_ref()).await?;
+        let staging = self.new_staging_dir(entry)?;
+        let staged_file = staging.join(entry);
+        let part_c = part.clone();
+        let result = blocking(move || {
+            // Hash after the download completes: a resumed download's hash covers both runs.
+            let mut f = open_regular(&part_c)?;
+            let len = f.metadata().map_err(io_err(&part_c))?.len();
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = f.read(&mut buf).map_err(io_err(&part_c))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            std::fs::rename(&part_c, &staged_file).map_err(io_err(&staged_file))?;
+            Ok((hex(&h.finalize()), len))
+        })
+        .await;
+        staged_or_cleanup(staging, entry, result)
+    }
+
+    /// Stages one member of an OVA (and the extents a VMDK descriptor member names).
+    pub async fn stage_ova_member(
+        &self,
+        ova: &Path,
+        member: &str,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        let staging = self.new_staging_dir(member)?;
+        let (ova, member_s, limits) = (ova.to_path_buf(), member.to_string(), *self.limits());
+        let staging_c = staging.clone();
+        let result = blocking(move || {
+            let mut file = open_regular(&ova)?;
+            let index = tar::index(&mut file, &ova)?;
+            let find = |name: &str| {
+                index
+                    .iter()
+                    .find(|m| m.name == name)
+                    .cloned()
+                    .ok_or_else(|| StorageError::Ova {
+                        path: ova.clone(),
+                        reason: format!("no regular file member {name:?}"),
+                    })
+            };
+            let entry = find(&member_s)?;
+            let mut wanted = vec![entry.clone()];
+            if entry.size <= limits.max_descriptor_bytes {
+                file.seek(SeekFrom::Start(entry.offset))
+                    .map_err(io_err(&ova))?;
+                let mut head = vec![0u8; usize::try_from(entry.size).unwrap_or(0)];
+                file.read_exact(&mut head).map_err(io_err(&ova))?;
+                if crate::format::vmdk::looks_like_descriptor(&head) {
+                    let desc = crate::format::vmdk::parse_descriptor(
+                        &String::from_utf8_lossy(&head),
+                        Path::new(&member_s),
+                    )?;
+                    for ext in desc.extents.iter().filter_map(|e| e.file.as_deref()) {
+                        format::check_plain_name(ext)?;
+                        if !wanted.iter().any(|m| m.name == ext) {
+                            wanted.push(find(ext)?);
+                        }
+                    }
+                }
+            }
+            let total: u64 = wanted.iter().map(|m| m.size).sum();
+            let mut parts = Vec::new();
+            let mut done_before = 0u64;
+            for m in &wanted {
+                file.seek(SeekFrom::Start(m.offset)).map_err(io_err(&ova))?;
+                let digest = copy_hashing(&mut file, m.size, &staging_c.join(&m.name), &mut |d| {
+                    if let Some(p) = &progress {
+                        p(ImportPhase::Fetching, done_before + d, total);
+                    }
+                })?;
+                done_before += m.size;
+                parts.push((m.name.clone(), digest));
+            }
+            Ok((combined_digest(&parts), total))
+        })
+        .await;
+        staged_or_cleanup(staging, member, result)
+    }
+}
+
+fn staged_or_cleanup(dir: PathBuf, entry: &str, result: Result<(String, u64)>) -> Result<Staged> {
+    match result {
+        Ok((digest, bytes)) => Ok(Staged {
+            dir,
+            entry: entry.to_string(),
+            digest,
+            bytes,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
