@@ -12,7 +12,7 @@ export KUBECONFIG_HVX := $(CURDIR)/$(OUT)/kubeconfig
 
 .PHONY: deps build generate check-generated fmt lint test test-unit test-integration \
         test-cluster e2e e2e-kind bench images chart-lint cluster-up cluster-down demo \
-        guest-image deny clean
+        guest-image deny clean cluster-down-check fuzz
 
 deps: ## system packages (apt, bookworm + backports)
 	hack/install-deps.sh
@@ -33,9 +33,10 @@ fmt:
 
 lint: deps
 	cargo fmt --all -- --check
+	cd fuzz && cargo fmt -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: lint test-unit test-integration test-cluster e2e ## every tier, as CI runs it
+test: lint check-generated test-unit test-integration test-cluster chart-lint e2e cluster-down-check ## every tier, as CI runs it
 
 test-unit: deps
 	cargo test --workspace --exclude hvx-e2e
@@ -44,13 +45,17 @@ guest-image: deps ## the small BIOS-bootable guest the privileged tests and demo
 	hack/build-guest.sh
 
 test-integration: deps guest-image ## privileged: real QEMU (TCG), netns, qcow2 chains
-	cargo test --workspace --exclude hvx-e2e -- --ignored --test-threads=1
+	env -u KUBECONFIG cargo test --workspace --exclude hvx-e2e --exclude kubectl-hvx -- --ignored --test-threads=1
 
 test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harness
-	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster --test crds --test operator -- --test-threads=1
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test crds --test operator -- --test-threads=1
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p kubectl-hvx --test cluster -- --ignored --test-threads=1
 
-e2e: cluster-up images ## end to end on the local cluster (any kubeconfig works)
-	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test e2e -- --test-threads=1
+e2e: cluster-up ## end to end on real kubelets: pods on every node, cross-node traffic, drain
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster -- --test-threads=1
+
+cluster-down-check: ## tears the cluster down and checks nothing is left (process, netns, mount)
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster -- --ignored cluster_down_leaves_nothing
 
 e2e-kind: ## for users with Docker: kind cluster, images loaded, e2e run against it
 	e2e/kind/e2e-kind.sh
@@ -75,6 +80,9 @@ demo: cluster-up images
 
 deny:
 	cargo deny check
+
+fuzz: ## OVF/VMX/manifest parsers (nightly + cargo-fuzz)
+	cd fuzz && for t in ovf vmx manifest; do cargo +nightly fuzz run $$t -- -max_total_time=60; done
 
 clean: cluster-down
 	rm -rf target $(OUT)
