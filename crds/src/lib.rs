@@ -20,6 +20,7 @@ pub mod disk;
 pub mod launch;
 pub mod migration;
 pub mod network;
+pub mod node;
 pub mod validate;
 pub mod vmapp;
 
