@@ -23,6 +23,7 @@ fn start_operator(client: &kube::Client) -> tokio::task::JoinHandle<()> {
         // Nodes here have no agent yet: launcher pods must stay unschedulable, which
         // is what lets this test observe dependency ordering deterministically.
         require_agent_label: true,
+        agents: Default::default(),
     };
     tokio::spawn(hvx_operator::run::run(
         client.clone(),

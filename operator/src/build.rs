@@ -117,10 +117,14 @@ pub fn overhead_mib(vm: &VirtualMachine) -> u32 {
 }
 
 /// The launcher pod for one VM.
+/// `home` is the node holding the VM's disk overlays from an earlier run: the pod
+/// must go back there (until a migration moves the disks), or the VM would boot from
+/// a fresh overlay and lose what it wrote.
 pub fn launcher_pod(
     app: &VmApplication,
     spec: &LaunchSpec,
     config: &OperatorConfig,
+    home: Option<&str>,
 ) -> Result<Pod, serde_json::Error> {
     let vm = &spec.vm;
     let app_name = spec.application.as_str();
@@ -145,15 +149,30 @@ pub fn launcher_pod(
     node_selector.extend(placement.node_selector.clone().unwrap_or_default());
 
     let anti: Vec<String> = placement.anti_affinity.clone().unwrap_or_default();
-    let affinity = (!anti.is_empty()).then(|| {
-        json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
-            "labelSelector": {"matchExpressions": [
-                {"key": LABEL_APP, "operator": "In", "values": [app_name]},
-                {"key": LABEL_VM, "operator": "In", "values": anti},
-            ]},
-            "topologyKey": "kubernetes.io/hostname",
-        }]}})
-    });
+    let mut affinity = serde_json::Map::new();
+    if !anti.is_empty() {
+        affinity.insert(
+            "podAntiAffinity".into(),
+            json!({"requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": {"matchExpressions": [
+                    {"key": LABEL_APP, "operator": "In", "values": [app_name]},
+                    {"key": LABEL_VM, "operator": "In", "values": anti},
+                ]},
+                "topologyKey": "kubernetes.io/hostname",
+            }]}),
+        );
+    }
+    if let Some(node) = home {
+        affinity.insert(
+            "nodeAffinity".into(),
+            json!({"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [node]},
+                ]}],
+            }}),
+        );
+    }
+    let affinity = (!affinity.is_empty()).then_some(affinity);
 
     let owner = json!({
         "apiVersion": "hvx.dev/v1alpha1",
@@ -276,8 +295,17 @@ mod tests {
             cpu_millis_per_vcpu: 250,
             ..Default::default()
         };
-        let pod =
-            serde_json::to_value(launcher_pod(&app, &spec, &cfg).expect("pod")).expect("json");
+        let pod = serde_json::to_value(launcher_pod(&app, &spec, &cfg, None).expect("pod"))
+            .expect("json");
+        assert!(pod["spec"]["affinity"]["nodeAffinity"].is_null());
+        let back = serde_json::to_value(launcher_pod(&app, &spec, &cfg, Some("n2")).expect("pod"))
+            .expect("json");
+        assert_eq!(
+            back["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"][0]["matchFields"][0]["values"],
+            json!(["n2"]),
+            "a restarted VM goes back to the node holding its overlays"
+        );
         assert_eq!(pod["metadata"]["name"], "shop-web");
         assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
         let c = &pod["spec"]["containers"][0];

@@ -1,7 +1,10 @@
 //! Shared state of the controllers.
 
+use crate::agents::{AgentPool, AgentSettings};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// Settings from flags and the Helm chart.
 #[derive(Clone, Debug)]
@@ -15,6 +18,8 @@ pub struct OperatorConfig {
     pub cpu_millis_per_vcpu: u32,
     /// Node label selecting nodes whose agent is ready.
     pub require_agent_label: bool,
+    /// How node agents are reached.
+    pub agents: AgentSettings,
 }
 
 impl Default for OperatorConfig {
@@ -24,12 +29,12 @@ impl Default for OperatorConfig {
             image_pull_policy: "IfNotPresent".into(),
             cpu_millis_per_vcpu: 1000,
             require_agent_label: true,
+            agents: AgentSettings::default(),
         }
     }
 }
 
 /// What every reconcile gets.
-#[derive(Clone)]
 pub struct Context {
     /// API client.
     pub client: Client,
@@ -37,6 +42,34 @@ pub struct Context {
     pub config: OperatorConfig,
     /// Event recorder identity.
     pub reporter: Reporter,
+    /// Node agent clients.
+    pub agents: AgentPool,
+    /// Disk imports this operator follows, by (node, OverlayDisk uid).
+    pub imports: Mutex<HashMap<(String, String), ImportState>>,
+    /// Guest addresses the agents' DHCP servers handed out, by MAC.
+    pub leases: Mutex<HashMap<String, String>>,
+}
+
+/// A disk import on one node, as this operator last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImportState {
+    /// The PrepareDisk stream is open; last progress text.
+    Running(String),
+    /// The base is on the node.
+    Ready {
+        /// "sha256:<hex>" of the base.
+        digest: String,
+        /// Guest-visible size.
+        virtual_bytes: u64,
+    },
+    /// It failed; retried after a while (the agent validates before any tool runs,
+    /// so a hostile image fails the same way every time, cheaply).
+    Failed {
+        /// Why.
+        message: String,
+        /// When.
+        at: std::time::Instant,
+    },
 }
 
 impl std::fmt::Debug for Context {
@@ -48,6 +81,18 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// Shared state for a controller run.
+    pub fn new(client: Client, config: OperatorConfig, reporter: Reporter) -> Self {
+        Self {
+            agents: AgentPool::new(config.agents.clone()),
+            client,
+            config,
+            reporter,
+            imports: Mutex::default(),
+            leases: Mutex::default(),
+        }
+    }
+
     /// A recorder for events about objects.
     pub fn recorder(&self) -> Recorder {
         Recorder::new(self.client.clone(), self.reporter.clone())

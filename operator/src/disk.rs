@@ -4,10 +4,12 @@
 
 use crate::context::Context;
 use crate::error::Error;
+use crate::hostprep;
 use hvx_api::{DiskPhase, OverlayDisk, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
@@ -32,35 +34,71 @@ pub fn initial_phase(disk: &OverlayDisk) -> (DiskPhase, &'static str) {
 pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = disk.namespace().unwrap_or_default();
     let api: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut status = disk.status.clone().unwrap_or_default();
+    finalizer::finalizer(&api, crate::FINALIZER, disk, |event| async {
+        match event {
+            Finalizer::Apply(disk) => apply(&disk, &api).await,
+            Finalizer::Cleanup(disk) => {
+                // Bases shared with other disks (same content) stay: the agent only
+                // removes a base nothing references any more.
+                hostprep::release_disk_everywhere(&ctx, &disk.uid().unwrap_or_default()).await?;
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// Sets the initial phase and the conditions. A merge patch of only these fields:
+/// phase, progress, digest and nodes are written by the import followers
+/// (`hostprep`) while a node imports, and must not be overwritten with a stale copy.
+async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Error> {
+    let status = disk.status.clone().unwrap_or_default();
     let generation = disk.meta().generation;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    if status.phase.is_none() || status.phase == Some(DiskPhase::Pending) {
-        let (phase, message) = initial_phase(&disk);
-        status.phase = Some(phase);
-        set_condition(
-            &mut status.conditions,
-            new_condition(
-                condition::READY,
-                false,
-                &format!("{phase:?}"),
-                message,
-                generation,
-                now.clone(),
-            ),
-        );
-    }
+    let mut conditions = status.conditions.clone();
+    let mut patch = serde_json::Map::new();
+    let phase = match status.phase {
+        None => {
+            let (phase, message) = initial_phase(disk);
+            patch.insert("phase".into(), json!(phase));
+            patch.insert("progress".into(), json!(message));
+            phase
+        }
+        Some(p) => p,
+    };
+    let ready = phase == DiskPhase::Ready;
     set_condition(
-        &mut status.conditions,
+        &mut conditions,
+        new_condition(
+            condition::READY,
+            ready,
+            &format!("{phase:?}"),
+            status.progress.as_deref().unwrap_or(initial_phase(disk).1),
+            generation,
+            now.clone(),
+        ),
+    );
+    set_condition(
+        &mut conditions,
         new_condition(condition::VALID, true, "Valid", "", generation, now),
     );
-    status.observed_generation = generation;
-    let patch = json!({"apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk", "status": status});
-    api.patch_status(
-        &disk.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    if conditions != status.conditions
+        || status.observed_generation != generation
+        || !patch.is_empty()
+    {
+        patch.insert("conditions".into(), json!(conditions));
+        patch.insert("observedGeneration".into(), json!(generation));
+        api.patch_status(
+            &disk.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": patch })),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(if ready {
+        300
+    } else {
+        10
+    })))
 }

@@ -29,6 +29,14 @@ pub enum Error {
         /// The cause.
         source: serde_json::Error,
     },
+    /// A node agent refused or failed a call (after retries for transient codes).
+    #[error("node agent on {node}: {message}")]
+    Agent {
+        /// The node.
+        node: String,
+        /// Call, gRPC code and the agent's message.
+        message: String,
+    },
     /// No free VXLAN network identifier is left.
     #[error("no free VNI in {min}..={max}")]
     VniExhausted {
@@ -48,6 +56,7 @@ impl Error {
             Error::Build { .. } => "build",
             Error::Serialize { .. } => "serialize",
             Error::VniExhausted { .. } => "vni_exhausted",
+            Error::Agent { .. } => "agent",
         }
     }
 }

@@ -4,10 +4,13 @@
 //! cluster's state, and one malformed object only ever fails its own reconcile.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod build;
 pub mod context;
 pub mod disk;
 pub mod error;
+pub mod hostplan;
+pub mod hostprep;
 pub mod leader;
 pub mod network;
 pub mod run;

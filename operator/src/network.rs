@@ -1,13 +1,16 @@
 //! VirtualNetwork controller: validates the network, allocates its VNI (stable for the
-//! object's life, unique in the cluster) and reports status. Nodes are programmed when
-//! VMs attach (the agent's EnsureNetwork), not here.
+//! object's life, unique in the cluster), makes every node hosting one of its VMs
+//! carry it (the agents' EnsureNetwork; spec changes reach the nodes here) and reports
+//! per-node status. The finalizer removes it from every node on deletion.
 
 use crate::context::Context;
 use crate::error::Error;
-use hvx_api::{VirtualNetwork, condition, new_condition, set_condition};
+use crate::{hostplan, hostprep};
+use hvx_api::{NetworkNodeStatus, VirtualNetwork, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -81,11 +84,30 @@ pub fn validate(net: &VirtualNetwork) -> Vec<String> {
 pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = net.namespace().unwrap_or_default();
     let api: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer::finalizer(&api, crate::FINALIZER, net, |event| async {
+        match event {
+            Finalizer::Apply(net) => apply(&net, &ctx).await,
+            Finalizer::Cleanup(net) => {
+                if let Some(vni) = net.status.as_ref().and_then(|s| s.vni) {
+                    hostprep::delete_network_everywhere(&ctx, &net.uid().unwrap_or_default(), vni)
+                        .await?;
+                }
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+async fn apply(net: &VirtualNetwork, ctx: &Context) -> Result<Action, Error> {
+    let ns = net.namespace().unwrap_or_default();
+    let api: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = net.meta().generation;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut status = net.status.clone().unwrap_or_default();
 
-    let problems = validate(&net);
+    let problems = validate(net);
     let valid = problems.is_empty();
     set_condition(
         &mut status.conditions,
@@ -99,7 +121,7 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
         ),
     );
 
-    if status.vni.is_none() || duplicate_vni(&ctx, &net).await? {
+    if status.vni.is_none() || duplicate_vni(ctx, net).await? {
         let _guard = ctx_vni_lock().lock().await;
         let all: Api<VirtualNetwork> = Api::all(ctx.client.clone());
         let used: BTreeSet<u32> = all
@@ -131,6 +153,34 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
             now,
         ),
     );
+    // Program the nodes (a VNI change or a spec change reaches them here; VM
+    // placements reach them from the VmApplication controller).
+    let mut requeue = Duration::from_secs(60);
+    if valid && status.vni.is_some() {
+        let mut with_vni = net.clone();
+        with_vni.status = Some(status.clone());
+        let pods = hostprep::launcher_pods(ctx, &ns).await?;
+        let nics = hostplan::placed_nics(&pods);
+        let cluster = hostprep::cluster(ctx).await?;
+        match hostprep::sync_network(ctx, &with_vni, &nics, &cluster).await {
+            Ok(sync) => {
+                status.port_count = sync.ports.values().map(|p| p.len() as u32).sum();
+                status.nodes = sync
+                    .ports
+                    .into_iter()
+                    .map(|(node, ports)| NetworkNodeStatus {
+                        vtep: sync.vteps.get(&node).cloned(),
+                        node,
+                        ports,
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                tracing::warn!(network = %net.name_any(), error = %e, "programming nodes");
+                requeue = Duration::from_secs(10);
+            }
+        }
+    }
     status.observed_generation = generation;
     let patch =
         json!({"apiVersion": "hvx.dev/v1alpha1", "kind": "VirtualNetwork", "status": status});
@@ -140,7 +190,7 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
         &Patch::Apply(&patch),
     )
     .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(requeue))
 }
 
 /// Whether another network already holds this network's VNI and was created first.

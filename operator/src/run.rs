@@ -27,14 +27,14 @@ fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
 /// Runs the VmApplication, VirtualNetwork and OverlayDisk controllers until a
 /// shutdown signal (or until the returned future is dropped).
 pub async fn run(client: Client, config: OperatorConfig, instance: Option<String>) {
-    let ctx = Arc::new(Context {
-        client: client.clone(),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
         config,
-        reporter: Reporter {
+        Reporter {
             controller: "hvx-operator".into(),
             instance,
         },
-    });
+    ));
     tracing::info!(config = ?ctx.config, "controllers starting");
     let apps = Controller::new(
         Api::<VmApplication>::all(client.clone()),

@@ -4,10 +4,12 @@
 use crate::build::{self, LABEL_APP, Resolved};
 use crate::context::Context;
 use crate::error::Error;
+use crate::hostplan;
+use crate::hostprep::{self, DisksState};
 use crate::status::{PodAction, app_phase, pod_action, vm_phase};
 use hvx_api::{
-    OverlayDisk, VirtualNetwork, VmApplication, VmApplicationStatus, VmPhase, VmStatus, condition,
-    new_condition, set_condition,
+    InterfaceStatus, OverlayDisk, VirtualNetwork, VmApplication, VmApplicationStatus, VmPhase,
+    VmStatus, condition, new_condition, set_condition,
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -17,7 +19,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +37,7 @@ pub async fn reconcile(app: Arc<VmApplication>, ctx: Arc<Context>) -> Result<Act
     .map_err(Error::from)
 }
 
-async fn apply(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
+async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error> {
     let ns = app.namespace().unwrap_or_default();
     let name = app.name_any();
     let generation = app.meta().generation;
@@ -101,6 +103,21 @@ async fn apply(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
         .filter_map(|p| Some((p.labels().get(build::LABEL_VM)?.clone(), p)))
         .collect();
 
+    let cluster = hostprep::cluster(ctx).await?;
+    // Networks first: a VM's taps must be on the switch before it boots, and every
+    // other node must learn where its MACs are.
+    let net_names: BTreeSet<String> = app
+        .spec
+        .vms
+        .iter()
+        .flat_map(|v| v.nics.iter().map(|n| n.network.name.clone()))
+        .collect();
+    let network_problem =
+        match hostprep::sync_networks(ctx, &ns, net_names.iter().cloned(), &cluster).await {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+
     let mut phases: BTreeMap<String, VmPhase> = BTreeMap::new();
     for vm_name in order.unwrap_or_default() {
         let Some(vm) = app.spec.vms.iter().find(|v| v.name == vm_name) else {
@@ -115,15 +132,33 @@ async fn apply(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
             .all(|d| phases.get(d) == Some(&VmPhase::Running));
         let prev = previous.vms.iter().find(|v| v.name == vm.name);
         let mut restarts = prev.map(|v| v.restarts).unwrap_or(0);
+        // The node that holds the VM's disk overlays: a restarted VM comes back there.
+        let home = pod
+            .and_then(|p| p.spec.as_ref()?.node_name.clone())
+            .or_else(|| prev.and_then(|p| p.node.clone()));
+        if phase == VmPhase::Starting
+            && let Some(pod) = pod
+            && let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
+            && let Some(ls) = hostplan::pod_launch_spec(pod)
+        {
+            match hostprep::ensure_vm_disks(ctx, &cluster, &node, &ls).await {
+                Ok(DisksState::Ready) => {
+                    if let Some(problem) = &network_problem {
+                        reason = Some(format!("network: {problem}"));
+                    }
+                }
+                Ok(DisksState::Waiting(why)) => reason = Some(why),
+                Err(e) => reason = Some(e.to_string()),
+            }
+        }
         match pod_action(vm, pod.is_some(), phase, deps_running) {
             PodAction::Create => match build::launch_spec(app, vm, &resolved) {
                 Ok(spec) => {
-                    let pod = build::launcher_pod(app, &spec, &ctx.config).map_err(|source| {
-                        Error::Serialize {
+                    let pod = build::launcher_pod(app, &spec, &ctx.config, home.as_deref())
+                        .map_err(|source| Error::Serialize {
                             what: "launcher pod",
                             source,
-                        }
-                    })?;
+                        })?;
                     let pod_name = pod.name_any();
                     pods.patch(
                         &pod_name,
@@ -179,13 +214,27 @@ async fn apply(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
         }
         phases.insert(vm.name.clone(), phase);
         let changed = prev.is_none_or(|p| p.phase != phase);
+        let interfaces = {
+            let leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
+            vm.nics
+                .iter()
+                .map(|n| InterfaceStatus {
+                    name: n.name.clone(),
+                    mac_address: n.mac_address.to_ascii_lowercase(),
+                    ip_address: leases
+                        .get(&n.mac_address.to_ascii_lowercase())
+                        .cloned()
+                        .or_else(|| n.ip_address.clone()),
+                })
+                .collect()
+        };
         status.vms.push(VmStatus {
             name: vm.name.clone(),
             phase,
-            node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
+            node: home,
             pod: pod.map(|p| p.name_any()),
             accelerator: prev.and_then(|p| p.accelerator.clone()),
-            interfaces: prev.map(|p| p.interfaces.clone()).unwrap_or_default(),
+            interfaces,
             migration: prev.and_then(|p| p.migration.clone()),
             restarts,
             pending_change: None,
@@ -248,7 +297,11 @@ async fn apply(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
     );
     status.observed_generation = generation;
     write_status(ctx, &ns, &name, &status).await?;
-    Ok(if all_running {
+    let addresses_known = status
+        .vms
+        .iter()
+        .all(|v| v.interfaces.iter().all(|i| i.ip_address.is_some()));
+    Ok(if all_running && addresses_known {
         Action::requeue(Duration::from_secs(60))
     } else {
         Action::requeue(Duration::from_secs(5))
@@ -299,6 +352,20 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
         .list(&ListParams::default().labels(&format!("{LABEL_APP}={}", app.name_any())))
         .await?;
     if list.items.is_empty() {
+        // QEMU is gone everywhere: remove the overlays and take the VMs' ports off
+        // the networks (nodes left without a VM of a network drop it).
+        for vm in &app.spec.vms {
+            let disks: Vec<String> = vm.disks.iter().map(|d| d.name.clone()).collect();
+            hostprep::delete_vm_overlays(ctx, &build::vm_id(app, vm), &disks).await?;
+        }
+        let cluster = hostprep::cluster(ctx).await?;
+        let nets: BTreeSet<String> = app
+            .spec
+            .vms
+            .iter()
+            .flat_map(|v| v.nics.iter().map(|n| n.network.name.clone()))
+            .collect();
+        hostprep::sync_networks(ctx, &ns, nets, &cluster).await?;
         publish(
             ctx,
             app,

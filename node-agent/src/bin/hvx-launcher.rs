@@ -1,7 +1,7 @@
 //! hvx-launcher: runs one VM (the container of a VM's pod).
 //!
 //! ```text
-//! hvx-launcher run [--spec FILE] [--run-dir DIR]   # VmSpec or LaunchSpec (else $HVX_LAUNCH_SPEC)
+//! hvx-launcher run [--spec FILE]                   # VmSpec or LaunchSpec (else $HVX_LAUNCH_SPEC)
 //! hvx-launcher probe [--run-dir DIR]               # readiness: exit 0 iff QEMU is running
 //! hvx-launcher console [--run-dir DIR]             # interactive serial console
 //! hvx-launcher accel                               # accelerator probe report (JSON)
@@ -10,11 +10,16 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use hvx_node_agent::launcher::map::DirResolver;
-use hvx_node_agent::launcher::supervise::{choose_accel, parse_spec, probe_running, run};
+use hvx_api::launch::LaunchSpec;
+use hvx_api::node::NodePaths;
+use hvx_node_agent::launcher::host::wait_ready;
+use hvx_node_agent::launcher::map::{DirResolver, StoreResolver, vm_spec_from_launch};
+use hvx_node_agent::launcher::supervise::{
+    choose_accel, parse_spec, probe_running, run, write_waiting,
+};
 use hvx_vmm::accel::ProbeOptions;
 use hvx_vmm::vm::{ExitKind, StartOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -29,19 +34,36 @@ enum Cmd {
     /// Run and supervise the VM until it stops.
     Run(SpecArgs),
     /// Exit 0 iff QEMU reports `running` (the pod's readiness probe).
-    Probe {
-        #[arg(long, env = "HVX_RUN_DIR", default_value = "/run/hvx")]
-        run_dir: PathBuf,
-    },
+    Probe(RunDirArgs),
     /// Attach stdin/stdout to the guest's serial console.
-    Console {
-        #[arg(long, env = "HVX_RUN_DIR", default_value = "/run/hvx")]
-        run_dir: PathBuf,
-    },
+    Console(RunDirArgs),
     /// Probe the accelerator and print the report as JSON.
     Accel,
     /// Print the QEMU command line the spec gives.
     Argv(SpecArgs),
+}
+
+/// Where the node keeps hvx state; a LaunchSpec's run dir and disks are found below.
+#[derive(clap::Args, Debug, Clone)]
+struct NodeArgs {
+    /// Node this pod runs on (the downward API sets it in launcher pods).
+    #[arg(long, env = "HVX_NODE_NAME")]
+    node_name: Option<String>,
+    /// Persistent hvx root as mounted in the pod.
+    #[arg(long, env = "HVX_STORE_ROOT", default_value = hvx_api::node::DEFAULT_STORE_ROOT)]
+    store_root: PathBuf,
+    /// Runtime hvx root as mounted in the pod.
+    #[arg(long, env = "HVX_RUN_ROOT", default_value = hvx_api::node::DEFAULT_RUN_ROOT)]
+    run_root: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunDirArgs {
+    /// The VM's run dir; default: derived from $HVX_LAUNCH_SPEC, else /run/hvx.
+    #[arg(long, env = "HVX_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,16 +71,15 @@ struct SpecArgs {
     /// VmSpec or LaunchSpec JSON file; default: $HVX_LAUNCH_SPEC (JSON text or a path).
     #[arg(long)]
     spec: Option<PathBuf>,
-    /// Run dir for a LaunchSpec (a VmSpec names its own).
-    #[arg(long, env = "HVX_RUN_DIR", default_value = "/run/hvx")]
-    run_dir: PathBuf,
-    /// Node disk store as mounted in the pod (LaunchSpec disk resolution).
-    #[arg(long, env = "HVX_DISK_DIR", default_value = "/var/lib/hvx/disks")]
-    disk_dir: PathBuf,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Longest wait for the node agent to prepare overlays and taps (LaunchSpec).
+    #[arg(long, env = "HVX_NODE_WAIT_SECONDS", default_value_t = 3600)]
+    node_wait_seconds: u64,
 }
 
-fn load_spec(a: &SpecArgs) -> anyhow::Result<hvx_vmm::VmSpec> {
-    let text = match (&a.spec, std::env::var("HVX_LAUNCH_SPEC")) {
+fn spec_text(spec: Option<&PathBuf>) -> anyhow::Result<String> {
+    Ok(match (spec, std::env::var("HVX_LAUNCH_SPEC")) {
         (Some(p), _) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
@@ -66,11 +87,70 @@ fn load_spec(a: &SpecArgs) -> anyhow::Result<hvx_vmm::VmSpec> {
         (None, Ok(p)) => std::fs::read_to_string(&p)
             .with_context(|| format!("reading HVX_LAUNCH_SPEC file {p}"))?,
         (None, Err(_)) => bail!("no spec: pass --spec FILE or set HVX_LAUNCH_SPEC"),
+    })
+}
+
+/// A LaunchSpec (from the operator) with its node paths, if the text is one.
+fn as_launch(text: &str, node: &NodeArgs) -> anyhow::Result<Option<(LaunchSpec, NodePaths)>> {
+    if hvx_vmm::VmSpec::from_json(text).is_ok() {
+        return Ok(None);
+    }
+    let Ok(ls) = serde_json::from_str::<LaunchSpec>(text) else {
+        return Ok(None);
     };
-    let resolver = DirResolver {
-        dir: a.disk_dir.clone(),
+    let Some(node_name) = node.node_name.as_deref().filter(|n| !n.is_empty()) else {
+        bail!("a LaunchSpec needs the node name: set HVX_NODE_NAME or --node-name");
     };
-    Ok(parse_spec(&text, &a.run_dir, &resolver)?)
+    let paths = NodePaths::new(&node.store_root, &node.run_root, node_name);
+    Ok(Some((ls, paths)))
+}
+
+fn run_dir_of(a: &RunDirArgs) -> PathBuf {
+    if let Some(d) = &a.run_dir {
+        return d.clone();
+    }
+    match spec_text(None).ok().map(|t| as_launch(&t, &a.node)) {
+        Some(Ok(Some((ls, paths)))) => paths.vm_run_dir(&ls.vm_id),
+        _ => PathBuf::from(hvx_api::node::DEFAULT_RUN_ROOT),
+    }
+}
+
+/// The VmSpec to run. For a LaunchSpec this first waits for the node agent.
+async fn load_spec(a: &SpecArgs, wait: bool) -> anyhow::Result<hvx_vmm::VmSpec> {
+    let text = spec_text(a.spec.as_ref())?;
+    let Some((ls, paths)) = as_launch(&text, &a.node)? else {
+        // A VmSpec names its own run dir and disk paths.
+        let unused = DirResolver {
+            dir: PathBuf::from("/nonexistent"),
+        };
+        return Ok(parse_spec(&text, Path::new("/nonexistent"), &unused)?);
+    };
+    let run_dir = paths.vm_run_dir(&ls.vm_id);
+    let store = StoreResolver {
+        store_root: paths.disk_store(),
+        vm_id: ls.vm_id.clone(),
+    };
+    if wait {
+        let started = std::time::Instant::now();
+        wait_ready(
+            &ls,
+            &store,
+            Path::new("/sys/class/net"),
+            Duration::from_secs(a.node_wait_seconds),
+            |missing| {
+                tracing::info!(waiting_for = ?missing, "waiting for the node agent");
+                if let Err(e) = write_waiting(&run_dir, missing) {
+                    tracing::warn!("{e}");
+                }
+            },
+        )
+        .await?;
+        tracing::info!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            "node prepared: overlays and taps in place"
+        );
+    }
+    Ok(vm_spec_from_launch(&ls, &run_dir, &store)?)
 }
 
 async fn terminate() {
@@ -100,7 +180,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => {
-            let spec = load_spec(&a)?;
+            let spec = load_spec(&a, true).await?;
+            let from_operator = as_launch(&spec_text(a.spec.as_ref())?, &a.node)?.is_some();
             let exit = run(
                 &spec,
                 &StartOptions::default(),
@@ -109,12 +190,20 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             eprintln!("hvx-launcher: {exit}");
+            // The pod is going away for good (deleted, drained): its run dir on the
+            // node goes with it. After a crash it stays, for the logs.
+            if from_operator
+                && matches!(exit, ExitKind::HostRequested)
+                && let Err(e) = std::fs::remove_dir_all(&spec.run_dir)
+            {
+                eprintln!("hvx-launcher: removing {}: {e}", spec.run_dir.display());
+            }
             match exit {
                 ExitKind::Crashed { .. } => std::process::exit(1),
                 ExitKind::GuestPoweroff | ExitKind::HostRequested => Ok(()),
             }
         }
-        Cmd::Probe { run_dir } => match probe_running(&run_dir, Duration::from_secs(3)).await {
+        Cmd::Probe(a) => match probe_running(&run_dir_of(&a), Duration::from_secs(3)).await {
             Ok(true) => Ok(()),
             Ok(false) => {
                 eprintln!("hvx-launcher: VM is not running");
@@ -125,7 +214,8 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         },
-        Cmd::Console { run_dir } => {
+        Cmd::Console(a) => {
+            let run_dir = run_dir_of(&a);
             let con =
                 hvx_vmm::console::SerialConsole::connect(&hvx_vmm::RunPaths::new(&run_dir).serial)
                     .await?;
@@ -146,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Argv(a) => {
-            let spec = load_spec(&a)?;
+            let spec = load_spec(&a, false).await?;
             hvx_vmm::validate(&spec)?;
             let argv = hvx_vmm::build_argv(
                 &spec,

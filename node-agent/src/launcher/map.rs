@@ -40,6 +40,55 @@ impl DiskResolver for DirResolver {
     }
 }
 
+/// Resolution through the node's disk store: the overlay the agent created for this
+/// VM disk (`hvx_api::node::vm_overlay_ref`), read from its `disk.json` without opening
+/// the store (opening clears the agent's import staging).
+#[derive(Clone, Debug)]
+pub struct StoreResolver {
+    /// Root of the node's disk store (`NodePaths::disk_store`).
+    pub store_root: PathBuf,
+    /// The VM identity (`LaunchSpec::vm_id`).
+    pub vm_id: String,
+}
+
+impl StoreResolver {
+    /// `disk.json` of a VM disk's overlay: the agent writes it last, by rename.
+    pub fn meta_path(&self, disk: &str) -> PathBuf {
+        let (ns, name) = hvx_api::node::vm_overlay_ref(&self.vm_id, disk);
+        self.store_root
+            .join("disks")
+            .join(ns)
+            .join(name)
+            .join("disk.json")
+    }
+}
+
+impl DiskResolver for StoreResolver {
+    fn resolve(&self, _disk_uid: &str, name: &str) -> Result<(PathBuf, DiskFormat), LauncherError> {
+        let path = self.meta_path(name);
+        let text = std::fs::read(&path).map_err(|e| {
+            LauncherError::Map(format!(
+                "disk {name}: overlay not prepared by the node agent ({}: {e})",
+                path.display()
+            ))
+        })?;
+        let meta: hvx_storage::chain::DiskMeta = serde_json::from_slice(&text)
+            .map_err(|e| LauncherError::Map(format!("disk {name}: {}: {e}", path.display())))?;
+        if meta.active.is_empty() || meta.active.contains('/') || meta.active.contains("..") {
+            return Err(LauncherError::Map(format!(
+                "disk {name}: bad active layer {:?} in {}",
+                meta.active,
+                path.display()
+            )));
+        }
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        Ok((
+            dir.join(format!("{}.qcow2", meta.active)),
+            DiskFormat::Qcow2,
+        ))
+    }
+}
+
 /// The `LaunchSpec` -> `VmSpec` mapping; `run_dir` is the pod's run volume.
 pub fn vm_spec_from_launch(
     ls: &LaunchSpec,

@@ -2,6 +2,7 @@
 //! read the spec (VmSpec JSON from tests or the operator's `LaunchSpec`), map and
 //! resolve it, pick the accelerator, run and supervise QEMU.
 
+pub mod host;
 pub mod map;
 pub mod supervise;
 

@@ -35,7 +35,7 @@ pub fn parse_spec(
 /// What the launcher reports in `<run_dir>/status.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct LauncherStatus {
-    /// Starting | Running | Restarting | Stopped | Failed.
+    /// WaitingForNode | Starting | Running | Restarting | Stopped | Failed.
     pub phase: &'static str,
     /// Accelerator and why.
     pub accel: Option<AcceleratorReport>,
@@ -45,6 +45,28 @@ pub struct LauncherStatus {
     pub last_exit: Option<String>,
     /// QEMU's pid while running.
     pub qemu_pid: Option<u32>,
+    /// What the node still lacks before the VM can boot (phase WaitingForNode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+}
+
+/// Records that the VM waits for the node agent (overlays, taps).
+pub fn write_waiting(run_dir: &Path, missing: &[String]) -> Result<(), LauncherError> {
+    std::fs::create_dir_all(run_dir).map_err(|source| LauncherError::Status {
+        path: run_dir.to_path_buf(),
+        source,
+    })?;
+    write_status(
+        run_dir,
+        &LauncherStatus {
+            phase: "WaitingForNode",
+            accel: None,
+            restarts: 0,
+            last_exit: None,
+            qemu_pid: None,
+            waiting_for: missing.to_vec(),
+        },
+    )
 }
 
 /// The status file of a run dir.
@@ -105,6 +127,7 @@ pub async fn run(
         restarts: 0,
         last_exit: None,
         qemu_pid: None,
+        waiting_for: Vec::new(),
     };
     write_status(&spec.run_dir, &status)?;
     tokio::pin!(stop);

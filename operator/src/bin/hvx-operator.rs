@@ -25,6 +25,13 @@ struct Args {
     /// Schedule VMs only on nodes labelled `hvx.dev/agent=ready`.
     #[arg(long, env = "HVX_REQUIRE_AGENT_LABEL", default_value_t = true, action = clap::ArgAction::Set)]
     require_agent_label: bool,
+    /// Node agents' gRPC port (they listen on the host network).
+    #[arg(long, env = "HVX_AGENT_PORT", default_value_t = hvx_api::node::AGENT_PORT)]
+    agent_port: u16,
+    /// Directory with ca.crt, tls.crt and tls.key: the client certificate for mutual
+    /// TLS with the agents. Without it, agents are called in plaintext (development).
+    #[arg(long, env = "HVX_AGENT_TLS_DIR")]
+    agent_tls_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -71,7 +78,15 @@ async fn main() -> anyhow::Result<()> {
         image_pull_policy: args.image_pull_policy,
         cpu_millis_per_vcpu: args.cpu_millis_per_vcpu,
         require_agent_label: args.require_agent_label,
+        agents: hvx_operator::agents::AgentSettings {
+            port: args.agent_port,
+            tls_dir: args.agent_tls_dir,
+            ..Default::default()
+        },
     };
+    if config.agents.tls_dir.is_none() {
+        tracing::warn!("--agent-tls-dir not set: node agents are called without TLS");
+    }
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| "hvx-operator-local".into());
     let election = hvx_operator::leader::Election {
         namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "hvx-system".into()),

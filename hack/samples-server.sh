@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Serves the sample VMware guest disk inside the local cluster, where examples/ point:
+# http://hvx-samples.hvx-samples.svc:8080/sample-guest-stream.vmdk (a streamOptimized
+# VMDK, as vSphere exports it). A busybox httpd pod reads it from the host's guest
+# cache (hostPath): this is for the local cluster, whose nodes share this host.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source e2e/harness/versions.env
+BIN="${HVX_CACHE:-/var/cache/hvx}/k8s/${K8S_VERSION}/bin"
+KUBECTL="${BIN}/kubectl"
+export KUBECONFIG="${KUBECONFIG:-$PWD/_out/kubeconfig}"
+GUEST="$(hack/build-guest.sh | tail -1)"
+[[ -f "${GUEST}/disk-stream.vmdk" ]] || { echo "samples: no guest disk in ${GUEST}" >&2; exit 1; }
+IMAGE="${HVX_TEST_IMAGE:-localhost/hvx-e2e-busybox:1}"
+"$KUBECTL" create namespace hvx-samples --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+"$KUBECTL" apply --server-side --field-manager=hvx-samples -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: hvx-samples
+  namespace: hvx-samples
+  labels: {app.kubernetes.io/name: hvx-samples}
+spec:
+  containers:
+    - name: httpd
+      image: ${IMAGE}
+      imagePullPolicy: Never
+      command: ["httpd", "-f", "-p", "8080", "-h", "/samples"]
+      ports: [{containerPort: 8080}]
+      readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
+      volumeMounts:
+        - {name: disk, mountPath: /samples/sample-guest-stream.vmdk, readOnly: true}
+  volumes:
+    - name: disk
+      hostPath: {path: ${GUEST}/disk-stream.vmdk, type: File}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: hvx-samples
+  namespace: hvx-samples
+spec:
+  selector: {app.kubernetes.io/name: hvx-samples}
+  ports: [{port: 8080, targetPort: 8080}]
+YAML
+"$KUBECTL" -n hvx-samples wait --for=condition=Ready pod/hvx-samples --timeout=120s >/dev/null
+echo "samples: http://hvx-samples.hvx-samples.svc:8080/sample-guest-stream.vmdk ($(stat -c %s "${GUEST}/disk-stream.vmdk") bytes)"

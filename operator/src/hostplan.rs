@@ -1,0 +1,461 @@
+//! Pure planning of what each node agent is told: where every VM NIC is (from the
+//! launcher pods), the complete per-node state of a VirtualNetwork (EnsureNetwork is
+//! declarative: anything left out is removed), and the import request of an
+//! OverlayDisk. No I/O here.
+
+use crate::build::ANNOTATION_LAUNCH_SPEC;
+use hvx_api::launch::LaunchSpec;
+use hvx_api::{Endpoints, FirewallAction, OverlayDisk, VirtualNetwork};
+use hvx_proto::v1 as pb;
+use k8s_openapi::api::core::v1::Pod;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// One VM NIC placed on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacedNic {
+    /// Application name.
+    pub app: String,
+    /// VM name.
+    pub vm: String,
+    /// NIC name.
+    pub nic: String,
+    /// MAC address (lowercase).
+    pub mac: String,
+    /// Host tap.
+    pub tap: String,
+    /// Static address without prefix, if declared.
+    pub ip: Option<String>,
+    /// Node the VM runs on.
+    pub node: String,
+    /// VirtualNetwork UID.
+    pub network_uid: String,
+}
+
+/// The launch spec a launcher pod carries, if it has a readable one.
+pub fn pod_launch_spec(pod: &Pod) -> Option<LaunchSpec> {
+    let text = pod
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_LAUNCH_SPEC)?;
+    serde_json::from_str(text).ok()
+}
+
+/// Whether a pod's VM may hold host resources (bound, not finished). A terminating
+/// pod still does: QEMU may be shutting down and still own its taps and overlays.
+pub fn pod_is_live(pod: &Pod) -> bool {
+    let bound = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .is_some();
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    bound && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// Every NIC of the live launcher pods, with the node it is on.
+pub fn placed_nics(pods: &[Pod]) -> Vec<PlacedNic> {
+    let mut out = Vec::new();
+    for pod in pods.iter().filter(|p| pod_is_live(p)) {
+        let Some(ls) = pod_launch_spec(pod) else {
+            continue;
+        };
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        for n in &ls.nics {
+            let Some(declared) = ls.vm.nics.iter().find(|d| d.name == n.name) else {
+                continue;
+            };
+            out.push(PlacedNic {
+                app: ls.application.clone(),
+                vm: ls.vm.name.clone(),
+                nic: n.name.clone(),
+                mac: declared.mac_address.to_ascii_lowercase(),
+                tap: n.tap.clone(),
+                ip: declared
+                    .ip_address
+                    .as_deref()
+                    .map(|a| a.split('/').next().unwrap_or(a).to_string()),
+                node: node.clone(),
+                network_uid: n.network_uid.clone(),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.node, &a.mac).cmp(&(&b.node, &b.mac)));
+    out
+}
+
+fn parse_cidr(cidr: &str) -> Option<(u32, u8)> {
+    let (ip, len) = cidr.split_once('/')?;
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some((u32::from(ip) & mask, len))
+}
+
+/// The slice `index` of `count` of a dynamic range. Each node's dnsmasq has its own
+/// lease database, so nodes must never hand out the same address; slices are
+/// contiguous, disjoint and cover the range. `None` if the range is too small.
+pub fn split_range(
+    start: Ipv4Addr,
+    end: Ipv4Addr,
+    index: usize,
+    count: usize,
+) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let (s, e) = (u64::from(u32::from(start)), u64::from(u32::from(end)));
+    if e < s || count == 0 || index >= count {
+        return None;
+    }
+    let size = e - s + 1;
+    let (count, index) = (count as u64, index as u64);
+    if size < count {
+        return None;
+    }
+    let lo = s + size * index / count;
+    let hi = s + size * (index + 1) / count - 1;
+    Some((
+        Ipv4Addr::from(u32::try_from(lo).ok()?),
+        Ipv4Addr::from(u32::try_from(hi).ok()?),
+    ))
+}
+
+/// Everything about the cluster the network request needs.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    /// Node name -> VTEP (InternalIP) of every node whose agent is ready.
+    pub node_ips: BTreeMap<String, String>,
+}
+
+impl Cluster {
+    /// Position of `node` among the agent nodes (stable while the set is): its DHCP slice.
+    pub fn slot(&self, node: &str) -> (usize, usize) {
+        let index = self.node_ips.keys().position(|n| n == node).unwrap_or(0);
+        (index, self.node_ips.len().max(1))
+    }
+}
+
+/// The complete EnsureNetwork request for `node`. `nics` are the NICs of every VM in
+/// the network's namespace (others are filtered out here).
+pub fn network_request(
+    net: &VirtualNetwork,
+    vni: u32,
+    node: &str,
+    nics: &[PlacedNic],
+    cluster: &Cluster,
+) -> pb::EnsureNetworkRequest {
+    let uid = net.metadata.uid.clone().unwrap_or_default();
+    let mine: Vec<&PlacedNic> = nics.iter().filter(|n| n.network_uid == uid).collect();
+    let (slot, slots) = cluster.slot(node);
+    let mut reservations = Vec::new();
+    let subnets = net
+        .spec
+        .subnets
+        .iter()
+        .filter_map(|s| {
+            let (base, len) = parse_cidr(&s.cidr)?;
+            let host = |i: u32| Ipv4Addr::from(base.wrapping_add(i)).to_string();
+            let last = if len >= 31 {
+                0
+            } else {
+                (1u32 << (32 - len)) - 2
+            };
+            let gateway = s.gateway.clone().unwrap_or_else(|| host(1));
+            let dhcp = s.dhcp.as_ref().filter(|d| d.enabled);
+            let (mut start, mut end) = (String::new(), String::new());
+            if let Some(d) = dhcp {
+                for r in d.reservations.iter().flatten() {
+                    reservations.push(pb::DhcpReservation {
+                        mac: r.mac_address.to_ascii_lowercase(),
+                        ip: r.ip_address.clone(),
+                        hostname: r.hostname.clone().unwrap_or_default(),
+                    });
+                }
+                let from: Option<Ipv4Addr> = d
+                    .range_start
+                    .as_deref()
+                    .map_or_else(|| host(10.min(last)).parse().ok(), |a| a.parse().ok());
+                let to: Option<Ipv4Addr> = d
+                    .range_end
+                    .as_deref()
+                    .map_or_else(|| host(last).parse().ok(), |a| a.parse().ok());
+                if let (Some(from), Some(to)) = (from, to)
+                    && let Some((a, b)) = split_range(from, to, slot, slots)
+                {
+                    (start, end) = (a.to_string(), b.to_string());
+                }
+            }
+            Some(pb::Subnet {
+                cidr: s.cidr.clone(),
+                gateway,
+                dhcp: dhcp.is_some(),
+                range_start: start,
+                range_end: end,
+                lease_seconds: dhcp.map_or(0, |d| d.lease_seconds),
+            })
+        })
+        .collect();
+    // VMs with a declared address get a reservation too, unless the user made one.
+    for n in &mine {
+        if let Some(ip) = &n.ip
+            && !reservations.iter().any(|r| r.mac == n.mac)
+        {
+            reservations.push(pb::DhcpReservation {
+                mac: n.mac.clone(),
+                ip: ip.clone(),
+                hostname: n.vm.clone(),
+            });
+        }
+    }
+    let hosting: BTreeSet<&str> = mine.iter().map(|n| n.node.as_str()).collect();
+    let remote_vteps = hosting
+        .iter()
+        .filter(|n| **n != node)
+        .filter_map(|n| cluster.node_ips.get(*n).cloned())
+        .collect();
+    let remote_macs = mine
+        .iter()
+        .filter(|n| n.node != node)
+        .filter_map(|n| {
+            Some(pb::RemoteMac {
+                mac: n.mac.clone(),
+                vtep_ip: cluster.node_ips.get(&n.node)?.clone(),
+            })
+        })
+        .collect();
+    let local_ports = mine
+        .iter()
+        .filter(|n| n.node == node)
+        .map(|n| pb::LocalPort {
+            vm: n.vm.clone(),
+            nic: n.nic.clone(),
+            mac: n.mac.clone(),
+            tap: n.tap.clone(),
+            ip: n.ip.clone().unwrap_or_default(),
+        })
+        .collect();
+    let macs_of = |e: &Option<Endpoints>| -> Vec<String> {
+        let vms: Vec<&String> = e.iter().flat_map(|e| e.vms.iter().flatten()).collect();
+        mine.iter()
+            .filter(|n| {
+                vms.iter()
+                    .any(|v| **v == n.vm || **v == format!("{}/{}", n.app, n.vm))
+            })
+            .map(|n| n.mac.clone())
+            .collect()
+    };
+    let cidrs_of = |e: &Option<Endpoints>| -> Vec<String> {
+        e.iter().filter_map(|e| e.cidr.clone()).collect()
+    };
+    let firewall = net.spec.firewall.clone().unwrap_or_default();
+    let firewall_rules = firewall
+        .rules
+        .iter()
+        .map(|r| pb::FirewallRule {
+            name: r.name.clone(),
+            allow: r.action == FirewallAction::Allow,
+            from_macs: macs_of(&r.from),
+            from_cidrs: cidrs_of(&r.from),
+            to_macs: macs_of(&r.to),
+            to_cidrs: cidrs_of(&r.to),
+            protocol: format!("{:?}", r.protocol).to_ascii_lowercase(),
+            ports: r.ports.iter().flatten().map(|p| u32::from(*p)).collect(),
+        })
+        .collect();
+    let dns = net.spec.dns.clone().unwrap_or_default();
+    pb::EnsureNetworkRequest {
+        network_uid: uid,
+        namespace: net.metadata.namespace.clone().unwrap_or_default(),
+        name: net.metadata.name.clone().unwrap_or_default(),
+        vni,
+        mtu: net.spec.mtu.map_or(0, u32::from),
+        subnets,
+        reservations,
+        dns_domain: dns.domain.unwrap_or_default(),
+        dns_records: dns
+            .records
+            .iter()
+            .flatten()
+            .map(|r| pb::DnsRecord {
+                name: r.name.clone(),
+                r#type: format!("{:?}", r.type_).to_ascii_uppercase(),
+                value: r.value.clone(),
+            })
+            .collect(),
+        dns_upstreams: dns.upstreams.unwrap_or_default(),
+        firewall_default_allow: firewall.default_action == FirewallAction::Allow,
+        firewall_rules,
+        egress_nat: net.spec.external.as_ref().is_some_and(|e| e.egress_nat),
+        remote_vteps,
+        remote_macs,
+        local_ports,
+    }
+}
+
+/// Bytes of a binary or plain Kubernetes quantity (`10Gi`, `512Mi`, `1048576`).
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let (num, mult) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+    ]
+    .iter()
+    .find_map(|(sfx, m)| q.strip_suffix(sfx).map(|n| (n, *m)))
+    .unwrap_or((q, 1));
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The agent's import request for an OverlayDisk, or why it cannot be made.
+pub fn prepare_disk_request(disk: &OverlayDisk) -> Result<pb::PrepareDiskRequest, String> {
+    use pb::disk_source::Kind;
+    let src = &disk.spec.source;
+    let kind = if let Some(h) = &src.http {
+        Kind::HttpUrl(h.url.clone())
+    } else if let Some(p) = &src.pvc {
+        Kind::Pvc(pb::PvcPath {
+            mount: p.claim_name.clone(),
+            path: p.path.clone(),
+        })
+    } else if src.upload.is_some() {
+        Kind::UploadToken(disk.metadata.uid.clone().unwrap_or_default())
+    } else if let Some(o) = &src.ova {
+        Kind::Ova(pb::OvaMember {
+            url: o.url.clone().unwrap_or_default(),
+            member: o.member.clone(),
+        })
+    } else if let Some(c) = &src.clone {
+        Kind::CloneOf(c.overlay_disk.clone())
+    } else if src.blank.is_some() {
+        Kind::BlankBytes(
+            disk.spec
+                .capacity
+                .as_ref()
+                .and_then(|q| quantity_bytes(&q.0))
+                .unwrap_or(0),
+        )
+    } else {
+        return Err("the OverlayDisk has no source".into());
+    };
+    Ok(pb::PrepareDiskRequest {
+        disk_uid: disk.metadata.uid.clone().unwrap_or_default(),
+        namespace: disk.metadata.namespace.clone().unwrap_or_default(),
+        name: disk.metadata.name.clone().unwrap_or_default(),
+        source: Some(pb::DiskSource { kind: Some(kind) }),
+        format: format!("{:?}", disk.spec.format).to_ascii_lowercase(),
+        expected_checksum: disk.spec.checksum.clone().unwrap_or_default(),
+        max_virtual_bytes: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn net() -> VirtualNetwork {
+        serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "VirtualNetwork",
+            "metadata": {"name": "app-net", "namespace": "ns", "uid": "net-1"},
+            "spec": {
+                "subnets": [{"name": "main", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1",
+                    "dhcp": {"rangeStart": "10.77.0.100", "rangeEnd": "10.77.0.199",
+                        "reservations": [{"macAddress": "00:50:56:A1:00:02", "ipAddress": "10.77.0.20"}]}}],
+                "firewall": {"defaultAction": "Allow", "rules": [{"name": "r", "action": "Deny",
+                    "to": {"vms": ["db"]}, "protocol": "TCP", "ports": [5432]}]}
+            }
+        }))
+        .expect("network fixture")
+    }
+
+    fn nic(vm: &str, mac: &str, node: &str) -> PlacedNic {
+        PlacedNic {
+            app: "shop".into(),
+            vm: vm.into(),
+            nic: "ethernet0".into(),
+            mac: mac.into(),
+            tap: format!("hvt-{vm}"),
+            ip: None,
+            node: node.into(),
+            network_uid: "net-1".into(),
+        }
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            node_ips: [
+                ("n1", "172.31.250.11"),
+                ("n2", "172.31.250.12"),
+                ("n3", "172.31.250.13"),
+            ]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn ranges_split_disjoint_and_complete() {
+        let s: Ipv4Addr = "10.0.0.100".parse().expect("ip");
+        let e: Ipv4Addr = "10.0.0.199".parse().expect("ip");
+        let parts: Vec<_> = (0..3)
+            .map(|i| split_range(s, e, i, 3).expect("slice"))
+            .collect();
+        assert_eq!(parts[0].0, s);
+        assert_eq!(parts[2].1, e);
+        for w in parts.windows(2) {
+            assert_eq!(u32::from(w[0].1) + 1, u32::from(w[1].0), "{parts:?}");
+        }
+        assert_eq!(
+            split_range(s, s, 0, 2),
+            None,
+            "one address cannot serve two nodes"
+        );
+        assert_eq!(split_range(e, s, 0, 1), None);
+    }
+
+    #[test]
+    fn request_has_local_ports_remote_macs_and_this_nodes_slice() {
+        let nics = vec![
+            nic("db", "00:50:56:a1:00:02", "n1"),
+            nic("web", "00:50:56:a1:00:01", "n2"),
+            PlacedNic {
+                network_uid: "other".into(),
+                ..nic("x", "00:50:56:ff:00:01", "n3")
+            },
+        ];
+        let r = network_request(&net(), 4097, "n1", &nics, &cluster());
+        assert_eq!(r.vni, 4097);
+        assert_eq!(r.local_ports.len(), 1);
+        assert_eq!(r.local_ports[0].tap, "hvt-db");
+        assert_eq!(
+            r.remote_macs,
+            vec![pb::RemoteMac {
+                mac: "00:50:56:a1:00:01".into(),
+                vtep_ip: "172.31.250.12".into()
+            }]
+        );
+        assert_eq!(
+            r.remote_vteps,
+            vec!["172.31.250.12".to_string()],
+            "n3 hosts another network only"
+        );
+        assert_eq!(r.subnets[0].range_start, "10.77.0.100");
+        assert_eq!(r.subnets[0].range_end, "10.77.0.132");
+        let r2 = network_request(&net(), 4097, "n2", &nics, &cluster());
+        assert_eq!(r2.subnets[0].range_start, "10.77.0.133");
+        assert_eq!(
+            r.reservations[0].mac, "00:50:56:a1:00:02",
+            "MACs are lowercased"
+        );
+        assert_eq!(
+            r.firewall_rules[0].to_macs,
+            vec!["00:50:56:a1:00:02".to_string()]
+        );
+        assert!(!r.firewall_rules[0].allow);
+        assert_eq!(r.firewall_rules[0].protocol, "tcp");
+        assert!(r.firewall_default_allow);
+    }
+}

@@ -1,0 +1,424 @@
+//! The node side of running a VM, driven through the node agents: import its disks on
+//! the node its pod was bound to (following the agent's progress stream into the
+//! OverlayDisk status), create its overlays, and keep every node's copy of each
+//! VirtualNetwork complete (local taps, remote MACs, VTEPs, DHCP slice). Cleanup
+//! mirrors it. Every call is idempotent, so a restarted operator just does it again.
+
+use crate::agents::{self, AgentClient};
+use crate::context::{Context, ImportState};
+use crate::error::Error;
+use crate::hostplan::{self, Cluster, PlacedNic};
+use hvx_api::launch::LaunchSpec;
+use hvx_api::{OverlayDisk, VirtualNetwork};
+use hvx_proto::v1 as pb;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Failed imports are retried after this long.
+const IMPORT_RETRY: Duration = Duration::from_secs(30);
+
+/// Whether a VM's disks are ready on its node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DisksState {
+    /// Every overlay exists.
+    Ready,
+    /// Not yet: what is happening.
+    Waiting(String),
+}
+
+fn client_for(ctx: &Context, cluster: &Cluster, node: &str) -> Result<AgentClient, Error> {
+    let ip = cluster.node_ips.get(node).ok_or_else(|| Error::Agent {
+        node: node.to_string(),
+        message: "no ready agent on this node (label hvx.dev/agent=ready missing)".into(),
+    })?;
+    ctx.agents.client(node, ip)
+}
+
+/// The agent nodes of the cluster now.
+pub async fn cluster(ctx: &Context) -> Result<Cluster, Error> {
+    Ok(Cluster {
+        node_ips: agents::agent_nodes(&ctx.client).await?,
+    })
+}
+
+/// Imports (in the background) and overlays the disks of one VM on `node`.
+pub async fn ensure_vm_disks(
+    ctx: &Arc<Context>,
+    cluster: &Cluster,
+    node: &str,
+    ls: &LaunchSpec,
+) -> Result<DisksState, Error> {
+    let disks: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), &ls.namespace);
+    let mut waiting = Vec::new();
+    for vd in &ls.vm.disks {
+        let Some(obj) = disks.get_opt(&vd.overlay_disk.name).await? else {
+            waiting.push(format!(
+                "OverlayDisk {} does not exist",
+                vd.overlay_disk.name
+            ));
+            continue;
+        };
+        let uid = obj.uid().unwrap_or_default();
+        let key = (node.to_string(), uid.clone());
+        let state = ctx
+            .imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        match state {
+            Some(ImportState::Ready {
+                digest,
+                virtual_bytes,
+            }) => {
+                let client = client_for(ctx, cluster, node)?;
+                let req = pb::EnsureOverlayRequest {
+                    vm_uid: ls.vm_id.clone(),
+                    disk_name: vd.name.clone(),
+                    base_digest: digest,
+                    virtual_bytes,
+                };
+                agents::call(node, "EnsureOverlay", ctx.agents.timeout(), || {
+                    let (mut c, r) = (client.clone(), req.clone());
+                    async move { c.ensure_overlay(r).await }
+                })
+                .await?;
+            }
+            Some(ImportState::Running(progress)) => waiting.push(format!(
+                "importing {} on {node}: {progress}",
+                vd.overlay_disk.name
+            )),
+            Some(ImportState::Failed { message, at }) if at.elapsed() < IMPORT_RETRY => {
+                waiting.push(format!(
+                    "import of {} on {node} failed: {message}",
+                    vd.overlay_disk.name
+                ));
+            }
+            _ => {
+                let req = hostplan::prepare_disk_request(&obj).map_err(|reason| Error::Build {
+                    object: obj.name_any(),
+                    reason,
+                })?;
+                let client = client_for(ctx, cluster, node)?;
+                ctx.imports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), ImportState::Running("starting".into()));
+                tokio::spawn(follow_import(ctx.clone(), client, key, obj, req));
+                waiting.push(format!("importing {} on {node}", vd.overlay_disk.name));
+            }
+        }
+    }
+    Ok(if waiting.is_empty() {
+        DisksState::Ready
+    } else {
+        DisksState::Waiting(waiting.join("; "))
+    })
+}
+
+fn phase_name(p: i32) -> &'static str {
+    use pb::disk_progress::Phase;
+    match Phase::try_from(p).unwrap_or(Phase::Unspecified) {
+        Phase::Downloading => "downloading",
+        Phase::Validating => "validating",
+        Phase::Converting => "converting",
+        Phase::Ready => "ready",
+        Phase::Failed => "failed",
+        Phase::WaitingForUpload => "waiting for upload",
+        Phase::Unspecified => "starting",
+    }
+}
+
+fn progress_text(p: &pb::DiskProgress) -> String {
+    let mib = |b: u64| b / (1 << 20);
+    if let Some(pct) = p.bytes_done.saturating_mul(100).checked_div(p.bytes_total) {
+        format!(
+            "{} {pct}% ({}/{} MiB)",
+            phase_name(p.phase),
+            mib(p.bytes_done),
+            mib(p.bytes_total)
+        )
+    } else {
+        format!("{} ({} MiB)", phase_name(p.phase), mib(p.bytes_done))
+    }
+}
+
+/// Follows one PrepareDisk stream to its end, mirroring it into the OverlayDisk.
+async fn follow_import(
+    ctx: Arc<Context>,
+    mut client: AgentClient,
+    key: (String, String),
+    disk: OverlayDisk,
+    req: pb::PrepareDiskRequest,
+) {
+    use pb::disk_progress::Phase;
+    let node = key.0.clone();
+    let api: Api<OverlayDisk> =
+        Api::namespaced(ctx.client.clone(), &disk.namespace().unwrap_or_default());
+    let name = disk.name_any();
+    let set = |s: ImportState| {
+        ctx.imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), s);
+    };
+    let started = Instant::now();
+    let outcome: Result<pb::DiskProgress, String> = async {
+        let mut stream = client
+            .prepare_disk(req.clone())
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let mut last_patch = Instant::now() - Duration::from_secs(10);
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        {
+            match Phase::try_from(msg.phase).unwrap_or(Phase::Unspecified) {
+                Phase::Ready => return Ok(msg),
+                Phase::Failed => return Err(msg.message),
+                _ => {}
+            }
+            let text = progress_text(&msg);
+            set(ImportState::Running(text.clone()));
+            if last_patch.elapsed() >= Duration::from_secs(2) {
+                last_patch = Instant::now();
+                let phase = if msg.phase == Phase::WaitingForUpload as i32 {
+                    "WaitingForUpload"
+                } else {
+                    "Importing"
+                };
+                patch_disk(
+                    &api,
+                    &name,
+                    json!({
+                        "phase": phase, "progress": format!("{node}: {text}"),
+                        "bytesDone": msg.bytes_done, "bytesTotal": msg.bytes_total,
+                    }),
+                )
+                .await;
+            }
+        }
+        Err("the agent ended the import stream without a result".into())
+    }
+    .await;
+    match outcome {
+        Ok(done) => {
+            tracing::info!(disk = %name, %node, digest = %done.digest, secs = started.elapsed().as_secs(), "disk imported");
+            set(ImportState::Ready {
+                digest: done.digest.clone(),
+                virtual_bytes: done.virtual_bytes,
+            });
+            let mut nodes = api
+                .get_opt(&name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.status)
+                .map(|s| s.nodes)
+                .unwrap_or_default();
+            if !nodes.contains(&node) {
+                nodes.push(node.clone());
+                nodes.sort();
+            }
+            patch_disk(&api, &name, json!({
+                "phase": "Ready",
+                "progress": format!("imported on {node} in {}s", started.elapsed().as_secs()),
+                "bytesDone": done.bytes_total.max(done.bytes_done), "bytesTotal": done.bytes_total,
+                "format": done.detected_format, "digest": done.digest,
+                "virtualSize": done.virtual_bytes.to_string(), "actualSize": done.actual_bytes.to_string(),
+                "nodes": nodes,
+            }))
+            .await;
+        }
+        Err(message) => {
+            tracing::warn!(disk = %name, %node, %message, "disk import failed");
+            set(ImportState::Failed {
+                message: message.clone(),
+                at: Instant::now(),
+            });
+            patch_disk(
+                &api,
+                &name,
+                json!({"phase": "Failed", "progress": format!("{node}: {message}")}),
+            )
+            .await;
+        }
+    }
+}
+
+async fn patch_disk(api: &Api<OverlayDisk>, name: &str, status: serde_json::Value) {
+    let patch = json!({ "status": status });
+    if let Err(e) = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(disk = name, error = %e, "updating OverlayDisk status");
+    }
+}
+
+/// Live launcher pods of a namespace.
+pub async fn launcher_pods(ctx: &Context, ns: &str) -> Result<Vec<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(pods
+        .list(&ListParams::default().labels(&format!("{}=launcher", crate::build::LABEL_ROLE)))
+        .await?
+        .items)
+}
+
+/// What one sync of a network found, per node.
+#[derive(Clone, Debug, Default)]
+pub struct NetworkSync {
+    /// Node -> tap names attached there.
+    pub ports: BTreeMap<String, Vec<String>>,
+    /// Node -> VTEP.
+    pub vteps: BTreeMap<String, String>,
+}
+
+/// Makes every agent node's copy of `net` complete: nodes hosting its VMs get the
+/// full state (EnsureNetwork), the others lose it (DeleteNetwork). Leases the nodes
+/// report are recorded for VM status. Tries every node; returns the first error.
+pub async fn sync_network(
+    ctx: &Context,
+    net: &VirtualNetwork,
+    nics: &[PlacedNic],
+    cluster: &Cluster,
+) -> Result<NetworkSync, Error> {
+    let Some(vni) = net.status.as_ref().and_then(|s| s.vni) else {
+        return Ok(NetworkSync::default());
+    };
+    let uid = net.uid().unwrap_or_default();
+    let mut out = NetworkSync::default();
+    let mut first_err = None;
+    for (node, ip) in &cluster.node_ips {
+        let hosts = nics.iter().any(|n| n.network_uid == uid && &n.node == node);
+        let client = match ctx.agents.client(node, ip) {
+            Ok(c) => c,
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
+        let result = if hosts {
+            let req = hostplan::network_request(net, vni, node, nics, cluster);
+            let taps: Vec<String> = req.local_ports.iter().map(|p| p.tap.clone()).collect();
+            agents::call(node, "EnsureNetwork", ctx.agents.timeout(), || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.ensure_network(r).await }
+            })
+            .await
+            .map(|state| {
+                let mut leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
+                for l in state.leases {
+                    leases.insert(l.mac.to_ascii_lowercase(), l.ip);
+                }
+                out.ports.insert(node.clone(), taps);
+                out.vteps.insert(node.clone(), ip.clone());
+            })
+        } else {
+            let req = pb::DeleteNetworkRequest {
+                network_uid: uid.clone(),
+                vni,
+                force: false,
+            };
+            agents::call(node, "DeleteNetwork", ctx.agents.timeout(), || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.delete_network(r).await }
+            })
+            .await
+            .map(|_| ())
+        };
+        if let Err(e) = result {
+            tracing::warn!(network = %net.name_any(), %node, error = %e, "network sync");
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// Syncs the named networks of a namespace (the ones an application uses).
+pub async fn sync_networks(
+    ctx: &Context,
+    ns: &str,
+    names: impl IntoIterator<Item = String>,
+    cluster: &Cluster,
+) -> Result<(), Error> {
+    let nets: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), ns);
+    let pods = launcher_pods(ctx, ns).await?;
+    let nics = hostplan::placed_nics(&pods);
+    let mut first_err = None;
+    for name in names {
+        if let Some(net) = nets.get_opt(&name).await?
+            && let Err(e) = sync_network(ctx, &net, &nics, cluster).await
+        {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Removes a network from every agent node (VirtualNetwork deleted).
+pub async fn delete_network_everywhere(ctx: &Context, uid: &str, vni: u32) -> Result<(), Error> {
+    for (node, ip) in &cluster(ctx).await?.node_ips {
+        let client = ctx.agents.client(node, ip)?;
+        let req = pb::DeleteNetworkRequest {
+            network_uid: uid.to_string(),
+            vni,
+            force: true,
+        };
+        agents::call(node, "DeleteNetwork", ctx.agents.timeout(), || {
+            let (mut c, r) = (client.clone(), req.clone());
+            async move { c.delete_network(r).await }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Deletes a VM's overlays on every agent node (its pods are gone).
+pub async fn delete_vm_overlays(ctx: &Context, vm_id: &str, disks: &[String]) -> Result<(), Error> {
+    for (node, ip) in &cluster(ctx).await?.node_ips {
+        let client = ctx.agents.client(node, ip)?;
+        for d in disks {
+            let req = pb::DeleteOverlayRequest {
+                vm_uid: vm_id.to_string(),
+                disk_name: d.clone(),
+            };
+            agents::call(node, "DeleteOverlay", ctx.agents.timeout(), || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.delete_overlay(r).await }
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Releases an OverlayDisk's base on every agent node (OverlayDisk deleted).
+pub async fn release_disk_everywhere(ctx: &Context, uid: &str) -> Result<(), Error> {
+    for (node, ip) in &cluster(ctx).await?.node_ips {
+        let client = ctx.agents.client(node, ip)?;
+        let req = pb::ReleaseDiskRequest {
+            disk_uid: uid.to_string(),
+        };
+        agents::call(node, "ReleaseDisk", ctx.agents.timeout(), || {
+            let (mut c, r) = (client.clone(), req.clone());
+            async move { c.release_disk(r).await }
+        })
+        .await?;
+        ctx.imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(node.clone(), uid.to_string()));
+    }
+    Ok(())
+}
