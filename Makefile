@@ -51,8 +51,12 @@ test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harnes
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test crds --test operator -- --test-threads=1
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p kubectl-hvx --test cluster -- --ignored --test-threads=1
 
-e2e: cluster-up ## end to end on real kubelets: pods on every node, cross-node traffic, drain
+e2e: cluster-up images ## end to end on real kubelets: helm install, the two-VM example on the overlay, helm uninstall
+	KUBECONFIG=$(KUBECONFIG_HVX) hack/helm-install.sh
+	KUBECONFIG=$(KUBECONFIG_HVX) hack/samples-server.sh
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test vms -- --test-threads=1 --nocapture
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster -- --test-threads=1
+	KUBECONFIG=$(KUBECONFIG_HVX) hack/helm-uninstall.sh
 
 cluster-down-check: ## tears the cluster down and checks nothing is left (process, netns, mount)
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster -- --ignored cluster_down_leaves_nothing
@@ -76,7 +80,7 @@ bench: deps guest-image
 	bench/run.sh
 
 demo: cluster-up images
-	hack/demo.sh
+	KUBECONFIG=$(KUBECONFIG_HVX) hack/demo.sh
 
 deny:
 	cargo deny check
