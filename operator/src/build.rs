@@ -110,10 +110,12 @@ pub fn launch_spec(
     })
 }
 
-/// Memory the pod needs beyond guest RAM: QEMU and launcher (~160 MiB), per-vCPU
-/// threads and TCG translation buffers, and page tables (~1/128 of guest RAM).
+/// Memory the pod needs beyond guest RAM: QEMU and launcher (~160 MiB), the TCG
+/// translation cache (64 MiB, `hvx_vmm::argv::TCG_TB_MIB`; counted always because the
+/// accelerator is probed on the node), per-vCPU threads, and page tables (~1/128 of
+/// guest RAM).
 pub fn overhead_mib(vm: &VirtualMachine) -> u32 {
-    160 + 16 * vm.cpu.vcpus() + vm.memory_mib.div_ceil(128)
+    160 + 64 + 16 * vm.cpu.vcpus() + vm.memory_mib.div_ceil(128)
 }
 
 /// The launcher pod for one VM.
@@ -310,8 +312,8 @@ mod tests {
         assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
         let c = &pod["spec"]["containers"][0];
         assert_eq!(c["resources"]["requests"]["cpu"], "1000m", "4 vCPUs x 250m");
-        // 1024 guest + 160 + 16*4 + 1024/128
-        assert_eq!(c["resources"]["requests"]["memory"], "1256Mi");
+        // 1024 guest + 160 + 64 + 16*4 + 1024/128
+        assert_eq!(c["resources"]["requests"]["memory"], "1320Mi");
         assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/accelerator"], "kvm");
         assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/agent"], "ready");
         assert_eq!(pod["spec"]["nodeSelector"]["zone"], "a");

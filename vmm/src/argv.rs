@@ -15,6 +15,9 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// The accelerator a VM actually runs with (after probing / forcing).
+
+/// TCG translation cache size in MiB (`-accel tcg,tb-size=`).
+pub const TCG_TB_MIB: u32 = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -185,7 +188,10 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
     let vmport = if spec.vmport { "on" } else { "off" };
     let accel_opt = match accel {
         Accel::Kvm => "kvm".to_string(),
-        Accel::Tcg => "tcg,thread=multi".to_string(),
+        // The translation cache defaults to 1 GiB: far beyond what a VM pod's memory
+        // limit leaves for it. 64 MiB holds a typical guest's hot code (the operator
+        // counts it in the pod's memory overhead).
+        Accel::Tcg => format!("tcg,thread=multi,tb-size={TCG_TB_MIB}"),
     };
     let c = spec.cpu;
     push(&[

@@ -49,7 +49,7 @@ fn golden_command_line() {
         "-machine",
         "pc,vmport=on",
         "-accel",
-        "tcg,thread=multi",
+        "tcg,thread=multi,tb-size=64",
         "-cpu",
         "qemu64",
         "-smp",
