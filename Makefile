@@ -76,7 +76,7 @@ images: deps
 chart-lint:
 	charts/lint.sh
 
-bench: deps guest-image
+bench: deps guest-image cluster-up
 	bench/run.sh
 
 demo: cluster-up images

@@ -1,0 +1,198 @@
+//! Operator at scale: memory and reconcile latency with N (default 1000)
+//! VmApplications, against the cluster `$KUBECONFIG` names (CRDs installed here).
+//!
+//! The operator binary runs as a child process (so its RSS is its own) with plaintext
+//! agents and no agent nodes; the applications use `runStrategy: Halted`, so each
+//! reconcile is the full pipeline (fetch, validate, resolve, status write) without
+//! creating pods. Latency = create call returned -> status.observedGeneration seen by
+//! a watch. Baselines measured in the same run: the operator's RSS with no objects,
+//! and the API server's own create latency for the same objects.
+//!
+//! `cargo run -p hvx-e2e --example operator_bench -- [N]`; prints `BENCH {json}` lines.
+
+use futures::{StreamExt, TryStreamExt};
+use hvx_api::VmApplication;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const NS: &str = "hvx-bench-operator";
+
+fn rss_kib(child: &Child) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn bench_line(metric: &str, unit: &str, value: f64, baseline: &str, base: f64) {
+    let ratio = if base > 0.0 { value / base } else { 0.0 };
+    println!(
+        "BENCH {}",
+        json!({"group": "operator", "metric": metric, "unit": unit,
+               "value": (value * 1000.0).round() / 1000.0, "baseline": baseline,
+               "baseline_value": (base * 1000.0).round() / 1000.0,
+               "ratio": (ratio * 100.0).round() / 100.0})
+    );
+}
+
+fn app(i: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+        "metadata": {"name": format!("app-{i:04}")},
+        "spec": {"vms": [{
+            "name": "vm", "cpu": {"sockets": 1, "coresPerSocket": 1}, "memoryMib": 256,
+            "runStrategy": "Halted",
+            "disks": [{"name": "root", "overlayDisk": {"name": "root"}, "controller": "pvscsi", "unit": 0}],
+            "nics": [{"name": "ethernet0", "network": {"name": "net"},
+                      "macAddress": format!("00:50:56:{:02x}:{:02x}:01", i / 256, i % 256)}]
+        }]}
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let client = kube::Client::try_default().await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    for (_, crd) in hvx_api::all_crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &PatchParams::apply("hvx-bench").force(), &Patch::Apply(&crd))
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = nss.delete(NS, &DeleteParams::default()).await;
+    for _ in 0..240 {
+        if nss.get_opt(NS).await?.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": NS}}))?,
+    )
+    .await?;
+
+    let bin = std::env::var("HVX_OPERATOR_BIN").unwrap_or_else(|_| {
+        let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        format!("{dir}/debug/hvx-operator")
+    });
+    let mut op = Command::new(&bin)
+        .env("POD_NAMESPACE", NS)
+        .env("RUST_LOG", "warn")
+        .args(["--cpu-millis-per-vcpu", "10"])
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting {bin}: {e} (cargo build -p hvx-operator)"))?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let idle_kib = rss_kib(&op) as f64;
+
+    // Watch for observedGeneration before creating anything.
+    let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let watch = tokio::spawn({
+        let apps = apps.clone();
+        async move {
+            let mut s = watcher(apps, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Ok(Some(a)) = s.try_next().await {
+                if a.status.as_ref().and_then(|s| s.observed_generation).is_some() {
+                    let _ = tx.send((a.metadata.name.unwrap_or_default(), Instant::now()));
+                }
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let mut created: HashMap<String, Instant> = HashMap::new();
+    let mut create_ms = Vec::new();
+    let objs: Vec<VmApplication> = (0..n)
+        .map(|i| serde_json::from_value(app(i)))
+        .collect::<Result<_, _>>()?;
+    let results: Vec<_> = futures::stream::iter(objs)
+        .map(|o| {
+            let apps = apps.clone();
+            async move {
+                let t = Instant::now();
+                let r = apps.create(&PostParams::default(), &o).await;
+                (o.metadata.name.unwrap_or_default(), t, Instant::now(), r)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for (name, t0, t1, r) in results {
+        r?;
+        create_ms.push((t1 - t0).as_secs_f64() * 1000.0);
+        created.insert(name, t1);
+    }
+    let mut latency_ms = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n && Instant::now() < deadline {
+        if let Ok(Some((name, at))) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
+            && seen.insert(name.clone())
+            && let Some(c) = created.get(&name)
+        {
+            latency_ms.push(at.saturating_duration_since(*c).as_secs_f64() * 1000.0);
+        }
+    }
+    let all_done = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let loaded_kib = rss_kib(&op) as f64;
+    watch.abort();
+    let _ = op.kill();
+    let _ = op.wait();
+    let _ = nss.delete(NS, &DeleteParams::default()).await;
+    anyhow::ensure!(
+        seen.len() == n,
+        "only {} of {n} applications were reconciled within 600 s",
+        seen.len()
+    );
+    latency_ms.sort_by(f64::total_cmp);
+    create_ms.sort_by(f64::total_cmp);
+    eprintln!("{n} applications reconciled in {all_done:.1}s");
+    bench_line(
+        &format!("operator RSS with {n} VmApplications"),
+        "MiB",
+        loaded_kib / 1024.0,
+        "operator RSS, no objects",
+        idle_kib / 1024.0,
+    );
+    bench_line(
+        &format!("reconcile latency p50 ({n} created at once)"),
+        "ms",
+        pct(&latency_ms, 0.5),
+        "API server create latency p50",
+        pct(&create_ms, 0.5),
+    );
+    bench_line(
+        &format!("reconcile latency p95 ({n} created at once)"),
+        "ms",
+        pct(&latency_ms, 0.95),
+        "API server create latency p95",
+        pct(&create_ms, 0.95),
+    );
+    Ok(())
+}
