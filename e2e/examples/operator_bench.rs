@@ -76,8 +76,12 @@ async fn main() -> anyhow::Result<()> {
         Api::all(client.clone());
     for (_, crd) in hvx_api::all_crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(&name, &PatchParams::apply("hvx-bench").force(), &Patch::Apply(&crd))
-            .await?;
+        crds.patch(
+            &name,
+            &PatchParams::apply("hvx-bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
@@ -117,7 +121,11 @@ async fn main() -> anyhow::Result<()> {
                 .applied_objects()
                 .boxed();
             while let Ok(Some(a)) = s.try_next().await {
-                if a.status.as_ref().and_then(|s| s.observed_generation).is_some() {
+                if a.status
+                    .as_ref()
+                    .and_then(|s| s.observed_generation)
+                    .is_some()
+                {
                     let _ = tx.send((a.metadata.name.unwrap_or_default(), Instant::now()));
                 }
             }

@@ -163,6 +163,20 @@ async fn guest_run(run_dir: &Path, cmd: &str, timeout: Duration) -> (bool, Strin
     (false, format!("{out}\n(no result within {timeout:?})"))
 }
 
+/// web fetches db's page (its hostname) over the overlay.
+async fn assert_web_reaches_db(web_dir: &Path, when: &str) {
+    let (ok, out) = guest_run(
+        web_dir,
+        "wget -q -O - http://10.77.0.20/",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        ok && out.contains("\ndb"),
+        "web -> db over HTTP {when}:\n{out}"
+    );
+}
+
 fn netns_exec(node: &str, argv: &[&str]) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", node])
@@ -269,16 +283,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     let db_dir = vm_run_dir(&db.1, &app_uid, "db");
     // Across nodes, over the overlay: web -> db by HTTP (db's httpd answers its
     // hostname) and db -> web by ping.
-    let (ok, out) = guest_run(
-        &web_dir,
-        "wget -q -O - http://10.77.0.20/",
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(
-        ok && out.contains("\ndb"),
-        "web -> db over HTTP failed:\n{out}"
-    );
+    assert_web_reaches_db(&web_dir, "failed").await;
     let (ok, out) = guest_run(
         &db_dir,
         &format!("ping -c 3 -W 3 {}", web.2),
@@ -347,16 +352,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
         },
     )
     .await;
-    let (ok, out) = guest_run(
-        &web_dir,
-        "wget -q -O - http://10.77.0.20/",
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(
-        ok && out.contains("\ndb"),
-        "web -> db after the agent restart:\n{out}"
-    );
+    assert_web_reaches_db(&web_dir, "after the agent restart").await;
     assert_eq!(
         guest_boot_id(&web_dir).as_deref(),
         Some(boot_before.as_str()),

@@ -106,12 +106,7 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
     let cluster = hostprep::cluster(ctx).await?;
     // Networks first: a VM's taps must be on the switch before it boots, and every
     // other node must learn where its MACs are.
-    let net_names: BTreeSet<String> = app
-        .spec
-        .vms
-        .iter()
-        .flat_map(|v| v.nics.iter().map(|n| n.network.name.clone()))
-        .collect();
+    let net_names = network_names(app);
     let network_problem =
         match hostprep::sync_networks(ctx, &ns, net_names.iter().cloned(), &cluster).await {
             Ok(()) => None,
@@ -359,12 +354,7 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
             hostprep::delete_vm_overlays(ctx, &build::vm_id(app, vm), &disks).await?;
         }
         let cluster = hostprep::cluster(ctx).await?;
-        let nets: BTreeSet<String> = app
-            .spec
-            .vms
-            .iter()
-            .flat_map(|v| v.nics.iter().map(|n| n.network.name.clone()))
-            .collect();
+        let nets = network_names(app);
         hostprep::sync_networks(ctx, &ns, nets, &cluster).await?;
         publish(
             ctx,
@@ -387,6 +377,15 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
             list.items.len()
         ),
     })
+}
+
+/// The VirtualNetworks the application's NICs use.
+fn network_names(app: &VmApplication) -> BTreeSet<String> {
+    app.spec
+        .vms
+        .iter()
+        .flat_map(|v| v.nics.iter().map(|n| n.network.name.clone()))
+        .collect()
 }
 
 async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {

@@ -14,10 +14,10 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// OVMF variable store template, copied per VM.
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
-/// The accelerator a VM actually runs with (after probing / forcing).
-
 /// TCG translation cache size in MiB (`-accel tcg,tb-size=`).
 pub const TCG_TB_MIB: u32 = 64;
+
+/// The accelerator a VM actually runs with (after probing / forcing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {

@@ -65,17 +65,7 @@ mod tests {
     use super::*;
 
     fn launch() -> LaunchSpec {
-        serde_json::from_value(serde_json::json!({
-            "namespace": "default", "application": "shop", "vmId": "uid-1/web",
-            "vm": {
-                "name": "web", "cpu": {"sockets": 1, "coresPerSocket": 1}, "memoryMib": 256,
-                "disks": [{"name": "boot", "overlayDisk": {"name": "web-boot"}, "controller": "pvscsi", "unit": 0}],
-                "nics": [{"name": "eth0", "network": {"name": "lan"}, "macAddress": "00:50:56:01:02:03"}]
-            },
-            "disks": [{"name": "boot", "diskUid": "d-uid"}],
-            "nics": [{"name": "eth0", "networkUid": "n-uid", "vni": 7, "tap": "hvt0123456789ab"}]
-        }))
-        .expect("fixture")
+        super::super::map::fixture()
     }
 
     #[tokio::test]

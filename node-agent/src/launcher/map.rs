@@ -206,12 +206,10 @@ pub fn vm_spec_from_launch(
     })
 }
 
+/// A LaunchSpec fixture shared by the launcher's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn launch() -> LaunchSpec {
-        serde_json::from_value(serde_json::json!({
+pub(crate) fn fixture() -> LaunchSpec {
+    serde_json::from_value(serde_json::json!({
             "namespace": "default", "application": "shop", "vmId": "uid-1/web",
             "vm": {
                 "name": "web", "cpu": {"sockets": 1, "coresPerSocket": 2}, "memoryMib": 512,
@@ -223,6 +221,14 @@ mod tests {
             "nics": [{"name": "eth0", "networkUid": "n-uid", "vni": 7, "tap": "hvt0123456789ab"}]
         }))
         .expect("launch spec fixture parses")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch() -> LaunchSpec {
+        fixture()
     }
 
     #[test]
