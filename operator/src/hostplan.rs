@@ -221,6 +221,8 @@ pub fn network_request(
             Some(pb::RemoteMac {
                 mac: n.mac.clone(),
                 vtep_ip: cluster.node_ips.get(&n.node)?.clone(),
+                vm: n.vm.clone(),
+                ip: n.ip.clone().unwrap_or_default(),
             })
         })
         .collect();
@@ -434,7 +436,9 @@ mod tests {
             r.remote_macs,
             vec![pb::RemoteMac {
                 mac: "00:50:56:a1:00:01".into(),
-                vtep_ip: "172.31.250.12".into()
+                vtep_ip: "172.31.250.12".into(),
+                vm: "web".into(),
+                ip: String::new(),
             }]
         );
         assert_eq!(

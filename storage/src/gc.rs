@@ -136,6 +136,31 @@ impl DiskStore {
         Ok(report)
     }
 
+    /// Removes one base (and its lock file) unless a disk still uses it or an import
+    /// of it is converting. `Ok(false)`: kept. Already gone: `Ok(true)`.
+    pub fn remove_base_if_unused(&self, digest: &str) -> Result<bool> {
+        let digest = crate::names::check_sha256(digest)?;
+        if self.referenced_bases()?.contains(&digest) {
+            return Ok(false);
+        }
+        let Some(_lock) = self.try_lock_digest(&digest)? else {
+            return Ok(false);
+        };
+        let path = self.base_path(&digest);
+        let lock = self
+            .root()
+            .join("locks")
+            .join(format!("sha256-{digest}.lock"));
+        for p in [path.with_extension("json"), path, lock] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+        }
+        Ok(true)
+    }
+
     fn try_lock_digest(&self, digest: &str) -> Result<Option<std::fs::File>> {
         let path = self
             .root()

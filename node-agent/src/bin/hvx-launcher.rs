@@ -15,7 +15,7 @@ use hvx_api::node::NodePaths;
 use hvx_node_agent::launcher::host::wait_ready;
 use hvx_node_agent::launcher::map::{DirResolver, StoreResolver, vm_spec_from_launch};
 use hvx_node_agent::launcher::supervise::{
-    choose_accel, parse_spec, probe_running, run, write_waiting,
+    choose_accel, parse_spec, probe_running, run, write_identity, write_waiting,
 };
 use hvx_vmm::accel::ProbeOptions;
 use hvx_vmm::vm::{ExitKind, StartOptions};
@@ -126,6 +126,9 @@ async fn load_spec(a: &SpecArgs, wait: bool) -> anyhow::Result<hvx_vmm::VmSpec> 
         return Ok(parse_spec(&text, Path::new("/nonexistent"), &unused)?);
     };
     let run_dir = paths.vm_run_dir(&ls.vm_id);
+    if wait {
+        write_identity(&run_dir, &ls)?;
+    }
     let store = StoreResolver {
         store_root: paths.disk_store(),
         vm_id: ls.vm_id.clone(),

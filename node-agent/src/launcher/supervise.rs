@@ -50,6 +50,64 @@ pub struct LauncherStatus {
     pub waiting_for: Vec<String>,
 }
 
+/// Who the VM in a run dir is (`vm.json`, written once by the launcher of an
+/// operator-made pod): the node agent finds VMs, their NICs and taps through it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmIdentity {
+    /// `<app uid>/<vm>`.
+    pub vm_id: String,
+    /// VM name.
+    pub name: String,
+    /// NICs.
+    pub nics: Vec<IdentityNic>,
+}
+
+/// One NIC of a [`VmIdentity`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityNic {
+    /// NIC name.
+    pub name: String,
+    /// MAC, lowercase.
+    pub mac: String,
+    /// Host tap.
+    pub tap: String,
+}
+
+/// The identity file of a run dir.
+pub fn identity_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("vm.json")
+}
+
+/// Writes `vm.json` (temp file + rename).
+pub fn write_identity(run_dir: &Path, ls: &LaunchSpec) -> Result<(), LauncherError> {
+    let id = VmIdentity {
+        vm_id: ls.vm_id.clone(),
+        name: ls.vm.name.clone(),
+        nics: ls
+            .nics
+            .iter()
+            .filter_map(|n| {
+                let d = ls.vm.nics.iter().find(|d| d.name == n.name)?;
+                Some(IdentityNic {
+                    name: n.name.clone(),
+                    mac: d.mac_address.to_ascii_lowercase(),
+                    tap: n.tap.clone(),
+                })
+            })
+            .collect(),
+    };
+    let err = |source| LauncherError::Status {
+        path: identity_path(run_dir),
+        source,
+    };
+    std::fs::create_dir_all(run_dir).map_err(err)?;
+    let tmp = run_dir.join(".vm.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&id).unwrap_or_default()).map_err(err)?;
+    std::fs::rename(&tmp, identity_path(run_dir)).map_err(err)
+}
+
 /// Records that the VM waits for the node agent (overlays, taps).
 pub fn write_waiting(run_dir: &Path, missing: &[String]) -> Result<(), LauncherError> {
     std::fs::create_dir_all(run_dir).map_err(|source| LauncherError::Status {

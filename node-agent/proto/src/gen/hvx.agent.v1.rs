@@ -291,6 +291,12 @@ pub struct RemoteMac {
     pub mac: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub vtep_ip: ::prost::alloc::string::String,
+    /// VM name (DNS on every node answers for VMs on every node) and its address when
+    /// known (reserved or static): optional, not used by UpdateFdb.
+    #[prost(string, tag = "3")]
+    pub vm: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub ip: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,388 @@
+//! Pure translations between the wire contract and the domain crates: an
+//! EnsureNetworkRequest becomes the overlay switch's `NetworkSpec`, a `DiskSource`
+//! becomes a store `ImportSource`, dnsmasq's lease file becomes `Lease`s.
+
+use super::error::AgentError;
+use hvx_overlay::{
+    Action, DhcpRange, DnsRecord, DnsSpec, FirewallRule, FirewallSpec, Ipv4Net, Location, Mac,
+    Member, NetworkSpec, Peers, Protocol, Reservation, SubnetSpec,
+};
+use hvx_proto::v1 as pb;
+use hvx_storage::ImportSource;
+use std::net::Ipv4Addr;
+
+fn invalid(what: &str, value: &str) -> AgentError {
+    AgentError::Invalid(format!("{what}: {value:?} is not valid"))
+}
+
+fn ip(what: &str, s: &str) -> Result<Ipv4Addr, AgentError> {
+    s.parse().map_err(|_| invalid(what, s))
+}
+
+fn opt_ip(what: &str, s: &str) -> Result<Option<Ipv4Addr>, AgentError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        // A NIC address may come with its prefix ("10.1.0.5/24").
+        ip(what, s.split('/').next().unwrap_or(s)).map(Some)
+    }
+}
+
+fn mac(s: &str) -> Result<Mac, AgentError> {
+    s.parse().map_err(|_| invalid("MAC", s))
+}
+
+fn protocol(s: &str) -> Result<Protocol, AgentError> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "" | "any" => Protocol::Any,
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "icmp" => Protocol::Icmp,
+        other => return Err(invalid("firewall protocol", other)),
+    })
+}
+
+fn peers(macs: &[String], cidrs: &[String]) -> Result<Peers, AgentError> {
+    if !macs.is_empty() {
+        Ok(Peers::Macs(
+            macs.iter().map(|m| mac(m)).collect::<Result<_, _>>()?,
+        ))
+    } else if !cidrs.is_empty() {
+        Ok(Peers::Cidrs(
+            cidrs
+                .iter()
+                .map(|c| c.parse::<Ipv4Net>().map_err(|_| invalid("CIDR", c)))
+                .collect::<Result<_, _>>()?,
+        ))
+    } else {
+        Ok(Peers::Any)
+    }
+}
+
+/// The overlay switch's view of one network on this node.
+pub fn network_spec(
+    req: &pb::EnsureNetworkRequest,
+    local_vtep: Ipv4Addr,
+    underlay_mtu: u32,
+) -> Result<NetworkSpec, AgentError> {
+    let subnets = req
+        .subnets
+        .iter()
+        .map(|s| {
+            let cidr: Ipv4Net = s
+                .cidr
+                .parse()
+                .map_err(|_| invalid("subnet CIDR", &s.cidr))?;
+            let dhcp = if s.dhcp && !s.range_start.is_empty() && !s.range_end.is_empty() {
+                Some(DhcpRange {
+                    start: ip("DHCP range start", &s.range_start)?,
+                    end: ip("DHCP range end", &s.range_end)?,
+                    lease_secs: if s.lease_seconds == 0 {
+                        3600
+                    } else {
+                        s.lease_seconds
+                    },
+                })
+            } else {
+                None
+            };
+            let reservations = req
+                .reservations
+                .iter()
+                .map(|r| {
+                    Ok(Reservation {
+                        mac: mac(&r.mac)?,
+                        ip: ip("reserved address", &r.ip)?,
+                        hostname: (!r.hostname.is_empty()).then(|| r.hostname.clone()),
+                    })
+                })
+                .collect::<Result<Vec<_>, AgentError>>()?
+                .into_iter()
+                .filter(|r| cidr.contains(r.ip))
+                .collect();
+            Ok(SubnetSpec {
+                cidr,
+                gateway: ip("gateway", &s.gateway)?,
+                dhcp,
+                reservations,
+            })
+        })
+        .collect::<Result<Vec<_>, AgentError>>()?;
+    let mut members = Vec::new();
+    for p in &req.local_ports {
+        members.push(Member {
+            vm: p.vm.clone(),
+            mac: mac(&p.mac)?,
+            ip: opt_ip("port address", &p.ip)?,
+            location: Location::Local {
+                port: p.tap.clone(),
+            },
+        });
+    }
+    for r in &req.remote_macs {
+        let m = mac(&r.mac)?;
+        members.push(Member {
+            vm: if r.vm.is_empty() {
+                format!("vm-{}", r.mac.replace(':', ""))
+            } else {
+                r.vm.clone()
+            },
+            mac: m,
+            ip: opt_ip("remote VM address", &r.ip)?,
+            location: Location::Remote {
+                vtep: ip("remote VTEP", &r.vtep_ip)?,
+            },
+        });
+    }
+    let records = req
+        .dns_records
+        .iter()
+        .filter(|r| r.r#type.eq_ignore_ascii_case("A"))
+        .map(|r| {
+            Ok(DnsRecord {
+                name: r.name.clone(),
+                ip: ip("DNS A record", &r.value)?,
+            })
+        })
+        .collect::<Result<Vec<_>, AgentError>>()?;
+    let rules = req
+        .firewall_rules
+        .iter()
+        .map(|r| {
+            Ok(FirewallRule {
+                from: peers(&r.from_macs, &r.from_cidrs)?,
+                to: peers(&r.to_macs, &r.to_cidrs)?,
+                protocol: protocol(&r.protocol)?,
+                ports: r
+                    .ports
+                    .iter()
+                    .map(|p| u16::try_from(*p).map_err(|_| invalid("port", &p.to_string())))
+                    .collect::<Result<_, _>>()?,
+                action: if r.allow { Action::Allow } else { Action::Deny },
+            })
+        })
+        .collect::<Result<Vec<_>, AgentError>>()?;
+    let spec = NetworkSpec {
+        name: req.name.clone(),
+        vni: req.vni,
+        local_vtep,
+        underlay_mtu,
+        remote_vteps: req
+            .remote_vteps
+            .iter()
+            .map(|v| ip("remote VTEP", v))
+            .collect::<Result<_, _>>()?,
+        subnets,
+        members,
+        dns: DnsSpec {
+            domain: (!req.dns_domain.is_empty()).then(|| req.dns_domain.clone()),
+            records,
+            upstream: req
+                .dns_upstreams
+                .iter()
+                .map(|u| ip("DNS upstream", u))
+                .collect::<Result<_, _>>()?,
+        },
+        firewall: FirewallSpec {
+            default_action: if req.firewall_default_allow {
+                Action::Allow
+            } else {
+                Action::Deny
+            },
+            rules,
+        },
+        egress_nat: req.egress_nat,
+        routed_peers: Vec::new(),
+        exposed: Vec::new(),
+    };
+    spec.validate().map_err(AgentError::from)?;
+    Ok(spec)
+}
+
+/// A store import source, or why this agent cannot import from it.
+pub fn import_source(src: &pb::DiskSource) -> Result<ImportSource, AgentError> {
+    use pb::disk_source::Kind;
+    match &src.kind {
+        Some(Kind::HttpUrl(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid("disk URL (http or https)", url));
+            }
+            // The staged file's name only labels messages; keep it tame.
+            let last = url
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default();
+            let entry: String = last
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                .take(100)
+                .collect();
+            let entry = if entry.is_empty() || entry.starts_with('.') {
+                "disk".to_string()
+            } else {
+                entry
+            };
+            Ok(ImportSource::Http {
+                url: url.clone(),
+                entry,
+                ca_pem: None,
+            })
+        }
+        Some(Kind::Pvc(_)) => Err(AgentError::Precondition(
+            "PVC disk sources are not supported by this agent yet: use an http source or --upload"
+                .into(),
+        )),
+        Some(Kind::Ova(o)) => Err(AgentError::Precondition(format!(
+            "OVA member {} must be imported with `kubectl hvx import --upload` (the agent reads http sources)",
+            o.member
+        ))),
+        Some(Kind::CloneOf(d)) => Err(AgentError::Precondition(format!(
+            "cloning OverlayDisk {d} is not supported by this agent yet"
+        ))),
+        Some(Kind::BlankBytes(_)) => Err(AgentError::Precondition(
+            "blank disks are not supported by this agent yet".into(),
+        )),
+        Some(Kind::UploadToken(_)) => Err(AgentError::Precondition(
+            "waiting for the upload to complete".into(),
+        )),
+        None => Err(AgentError::Invalid("the disk has no source".into())),
+    }
+}
+
+/// dnsmasq's lease file: `<expiry> <mac> <ip> <hostname|*> <client-id|*>` per line.
+pub fn parse_leases(text: &str) -> Vec<pb::Lease> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let expires: i64 = f.next()?.parse().ok()?;
+            let mac = f.next()?.to_ascii_lowercase();
+            let ip = f.next()?.parse::<Ipv4Addr>().ok()?.to_string();
+            let host = f.next().filter(|h| *h != "*").unwrap_or_default();
+            Some(pb::Lease {
+                mac,
+                ip,
+                hostname: host.to_string(),
+                expires_unix: expires,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> pb::EnsureNetworkRequest {
+        pb::EnsureNetworkRequest {
+            network_uid: "n-1".into(),
+            namespace: "ns".into(),
+            name: "app-net".into(),
+            vni: 4097,
+            subnets: vec![pb::Subnet {
+                cidr: "10.77.0.0/24".into(),
+                gateway: "10.77.0.1".into(),
+                dhcp: true,
+                range_start: "10.77.0.100".into(),
+                range_end: "10.77.0.132".into(),
+                lease_seconds: 0,
+            }],
+            reservations: vec![pb::DhcpReservation {
+                mac: "00:50:56:a1:00:02".into(),
+                ip: "10.77.0.20".into(),
+                hostname: "db".into(),
+            }],
+            firewall_default_allow: true,
+            firewall_rules: vec![pb::FirewallRule {
+                name: "r".into(),
+                allow: false,
+                to_macs: vec!["00:50:56:a1:00:02".into()],
+                from_cidrs: vec!["10.77.0.128/25".into()],
+                protocol: "tcp".into(),
+                ports: vec![5432],
+                ..Default::default()
+            }],
+            remote_vteps: vec!["172.31.250.12".into()],
+            remote_macs: vec![pb::RemoteMac {
+                mac: "00:50:56:a1:00:01".into(),
+                vtep_ip: "172.31.250.12".into(),
+                vm: "web".into(),
+                ip: String::new(),
+            }],
+            local_ports: vec![pb::LocalPort {
+                vm: "db".into(),
+                nic: "ethernet0".into(),
+                mac: "00:50:56:a1:00:02".into(),
+                tap: "hvt0123456789ab".into(),
+                ip: String::new(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn network_request_becomes_a_switch_spec() {
+        let spec = network_spec(&req(), "172.31.250.11".parse().expect("ip"), 1500).expect("valid");
+        assert_eq!(spec.vni, 4097);
+        assert_eq!(spec.members.len(), 2);
+        assert_eq!(
+            spec.members[0].location,
+            Location::Local {
+                port: "hvt0123456789ab".into()
+            }
+        );
+        assert_eq!(spec.members[1].vm, "web");
+        let dhcp = spec.subnets[0].dhcp.as_ref().expect("dhcp");
+        assert_eq!(dhcp.lease_secs, 3600, "0 means the default lease");
+        assert_eq!(spec.subnets[0].reservations.len(), 1);
+        assert!(matches!(spec.firewall.rules[0].to, Peers::Macs(ref m) if m.len() == 1));
+        assert!(matches!(spec.firewall.rules[0].from, Peers::Cidrs(_)));
+        assert_eq!(spec.firewall.rules[0].action, Action::Deny);
+    }
+
+    #[test]
+    fn bad_values_are_invalid_argument() {
+        let mut r = req();
+        r.local_ports[0].mac = "not-a-mac".into();
+        let e = network_spec(&r, "172.31.250.11".parse().expect("ip"), 1500).expect_err("bad");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let mut r = req();
+        r.firewall_rules[0].ports = vec![70000];
+        assert!(network_spec(&r, "172.31.250.11".parse().expect("ip"), 1500).is_err());
+    }
+
+    #[test]
+    fn sources_map_or_say_why_not() {
+        use pb::disk_source::Kind;
+        let src = |k| pb::DiskSource { kind: Some(k) };
+        match import_source(&src(Kind::HttpUrl(
+            "http://h:8080/a/sample-guest-stream.vmdk?x=1".into(),
+        )))
+        .expect("http")
+        {
+            ImportSource::Http { entry, .. } => assert_eq!(entry, "sample-guest-stream.vmdk"),
+            other => panic!("{other:?}"),
+        }
+        match import_source(&src(Kind::HttpUrl("http://h/../..".into()))).expect("http") {
+            ImportSource::Http { entry, .. } => assert_eq!(entry, "disk", "no dot names"),
+            other => panic!("{other:?}"),
+        }
+        let e = import_source(&src(Kind::HttpUrl("file:///etc/shadow".into()))).expect_err("no");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = import_source(&src(Kind::BlankBytes(1))).expect_err("unsupported");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn leases_parse_and_skip_garbage() {
+        let l = parse_leases(
+            "1700000000 00:50:56:A1:00:01 10.77.0.101 web 01:00:50:56:a1:00:01\ngarbage\n1700000001 00:50:56:a1:00:02 10.77.0.20 * *\n",
+        );
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].mac, "00:50:56:a1:00:01");
+        assert_eq!(l[0].hostname, "web");
+        assert_eq!(l[1].hostname, "");
+    }
+}

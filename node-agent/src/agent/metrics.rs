@@ -1,0 +1,130 @@
+//! Prometheus text on `/metrics` and liveness on `/healthz`, over a deliberately tiny
+//! HTTP/1.1 server: two fixed GET paths do not justify a web framework.
+
+use super::{Agent, vms};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// One per-VM metric: name, Prometheus type, value.
+type Series = (&'static str, &'static str, fn(&hvx_proto::v1::VmMetrics) -> f64);
+
+/// The metrics text now.
+pub async fn render(agent: &Agent) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE hvx_agent_up gauge\nhvx_agent_up 1");
+    let _ = writeln!(out, "# TYPE hvx_agent_rpc_total counter");
+    let counts = agent
+        .rpc_counts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort();
+    for ((method, code), n) in counts {
+        let _ = writeln!(
+            out,
+            "hvx_agent_rpc_total{{method=\"{}\",code=\"{}\"}} {n}",
+            esc(&method),
+            esc(&code)
+        );
+    }
+    if let Ok(space) = agent.store.space().await {
+        let _ = writeln!(
+            out,
+            "# TYPE hvx_store_used_bytes gauge\nhvx_store_used_bytes {}",
+            space.bases_bytes + space.disks_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE hvx_store_free_bytes gauge\nhvx_store_free_bytes {}",
+            space.filesystem_available
+        );
+    }
+    let found = vms::list(agent);
+    let mut rows: Vec<(String, hvx_proto::v1::VmMetrics)> = Vec::new();
+    for vm in &found {
+        if let Ok(m) = vms::metrics(agent, &vm.id.vm_id).await {
+            rows.push((vm.id.vm_id.clone(), m));
+        }
+    }
+    let series: [Series; 11] = [
+        ("hvx_vm_cpu_seconds_total", "counter", |m| {
+            m.cpu_time_ns as f64 / 1e9
+        }),
+        ("hvx_vm_memory_rss_bytes", "gauge", |m| {
+            m.memory_rss_bytes as f64
+        }),
+        ("hvx_vm_disk_read_ops_total", "counter", |m| {
+            m.disk_read_ops as f64
+        }),
+        ("hvx_vm_disk_write_ops_total", "counter", |m| {
+            m.disk_write_ops as f64
+        }),
+        ("hvx_vm_disk_read_bytes_total", "counter", |m| {
+            m.disk_read_bytes as f64
+        }),
+        ("hvx_vm_disk_write_bytes_total", "counter", |m| {
+            m.disk_write_bytes as f64
+        }),
+        ("hvx_vm_net_rx_packets_total", "counter", |m| {
+            m.net_rx_packets as f64
+        }),
+        ("hvx_vm_net_tx_packets_total", "counter", |m| {
+            m.net_tx_packets as f64
+        }),
+        ("hvx_vm_net_rx_bytes_total", "counter", |m| {
+            m.net_rx_bytes as f64
+        }),
+        ("hvx_vm_net_tx_bytes_total", "counter", |m| {
+            m.net_tx_bytes as f64
+        }),
+        ("hvx_vm_up", "gauge", |_| 1.0),
+    ];
+    for (name, kind, f) in series {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (vm, m) in &rows {
+            let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", esc(vm), f(m));
+        }
+    }
+    out
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", render(&agent).await),
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

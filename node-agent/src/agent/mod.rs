@@ -1,0 +1,155 @@
+//! The node agent (`hvx-node-agent`): serves the operator's gRPC contract
+//! (`node-agent/proto/agent.proto`) on one node, over the disk store
+//! (`hvx-storage`), the overlay switch (`hvx-overlay`) and the VMs' run dirs (written
+//! by their launchers).
+//!
+//! State is on disk, keyed by Kubernetes UIDs, so a restarted agent finds it again:
+//! the last EnsureNetwork of each network (`agent/networks/<vni>.pb`, re-applied at
+//! start, so a rebooted node carries its networks before the operator calls) and the
+//! digest each OverlayDisk was imported as (`agent/disks/<uid>.json`). VMs run in
+//! their own launcher pods and never depend on the agent process being up.
+
+pub mod convert;
+pub mod disks;
+pub mod error;
+pub mod label;
+pub mod metrics;
+pub mod network;
+pub mod server;
+pub mod taps;
+pub mod vms;
+
+use error::AgentError;
+use hvx_api::node::NodePaths;
+use hvx_overlay::{Host, Switch};
+use hvx_proto::v1 as pb;
+use hvx_storage::{DiskStore, StoreConfig};
+use hvx_vmm::AcceleratorReport;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Settings from the command line.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// This node's address: VTEP and where the operator dials.
+    pub node_ip: Ipv4Addr,
+    /// Persistent root (`/var/lib/hvx`).
+    pub store_root: PathBuf,
+    /// Runtime root (`/run/hvx`).
+    pub run_root: PathBuf,
+    /// MTU of the underlay between nodes.
+    pub underlay_mtu: u32,
+}
+
+/// Shared state of the agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Settings.
+    pub config: AgentConfig,
+    /// Node directories.
+    pub paths: NodePaths,
+    /// The disk store.
+    pub store: Arc<DiskStore>,
+    /// The overlay switch.
+    pub switch: Switch,
+    /// The accelerator probe's answer, once it finished.
+    pub accel: Mutex<Option<AcceleratorReport>>,
+    /// Imports in progress, by OverlayDisk UID: their latest progress.
+    pub imports: Mutex<HashMap<String, watch::Receiver<pb::DiskProgress>>>,
+    /// One lock per object (`net/<vni>`, `overlay/<vm>/<disk>`): calls on the same
+    /// object serialise instead of racing.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// RPC counters by (method, code) for /metrics.
+    pub rpc_counts: Mutex<HashMap<(String, String), u64>>,
+}
+
+impl Agent {
+    /// Opens the store and the switch for this node.
+    pub fn open(config: AgentConfig) -> Result<Self, AgentError> {
+        let paths = NodePaths::new(&config.store_root, &config.run_root, &config.node_name);
+        for dir in [
+            paths.agent_state().join("networks"),
+            paths.agent_state().join("disks"),
+            paths.vms_dir(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        }
+        let store = DiskStore::open(StoreConfig::new(paths.disk_store()))?;
+        let switch = Switch::new(Host::new(paths.overlay_state()));
+        Ok(Self {
+            config,
+            paths,
+            store: Arc::new(store),
+            switch,
+            accel: Mutex::default(),
+            imports: Mutex::default(),
+            locks: Mutex::default(),
+            rpc_counts: Mutex::default(),
+        })
+    }
+
+    /// The lock of one object.
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    /// Counts one finished call for /metrics.
+    pub fn count(&self, method: &str, code: tonic::Code) {
+        *self
+            .rpc_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((method.to_string(), format!("{code:?}")))
+            .or_default() += 1;
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same dir, fsync, rename).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(AgentError::io(format!("writing {}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(AgentError::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(AgentError::io(format!("renaming to {}", path.display())))
+}
+
+/// Removes a file; already gone is fine.
+pub fn remove_file(path: &std::path::Path) -> Result<(), AgentError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::Io {
+            what: format!("removing {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Runs blocking host work (the overlay switch runs `ip`, `bridge`, `nft`) off the
+/// async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Io {
+            what: "background task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}

@@ -1,0 +1,275 @@
+//! The `NodeAgent` gRPC service: thin adapters from the contract to the modules
+//! above, each call counted for /metrics.
+
+use super::error::AgentError;
+use super::{Agent, disks, network, vms};
+use futures::Stream;
+use hvx_proto::v1 as pb;
+use hvx_proto::v1::node_agent_server::NodeAgent;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    /// Shared state.
+    pub agent: Arc<Agent>,
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl AgentService {
+    fn done<T>(&self, method: &str, r: Result<T, AgentError>) -> Result<Response<T>, Status> {
+        match r {
+            Ok(v) => {
+                self.agent.count(method, tonic::Code::Ok);
+                Ok(Response::new(v))
+            }
+            Err(e) => {
+                self.agent.count(method, e.code());
+                tracing::warn!(method, error = %e, "call failed");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn unimplemented_migration() -> AgentError {
+    AgentError::Unimplemented("live migration is not implemented by this agent yet".into())
+}
+
+#[tonic::async_trait]
+impl NodeAgent for AgentService {
+    async fn get_capabilities(
+        &self,
+        _: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::NodeCapabilities>, Status> {
+        let a = &self.agent;
+        let accel = a.accel.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let qemu_version = tokio::process::Command::new(hvx_vmm::argv::QEMU_BINARY)
+            .arg("--version")
+            .output()
+            .await
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_default();
+        let space = a.store.space().await.unwrap_or_default();
+        let caps = pb::NodeCapabilities {
+            node_name: a.config.node_name.clone(),
+            accelerator: accel
+                .as_ref()
+                .map_or("probing".into(), |r| r.accel.as_str().to_string()),
+            accelerator_reason: accel.as_ref().map(|r| r.reason.clone()).unwrap_or_default(),
+            cpu_model: accel
+                .as_ref()
+                .map(|r| r.cpu_model.clone())
+                .unwrap_or_default(),
+            qemu_version,
+            vtep_ip: a.config.node_ip.to_string(),
+            disk_store_free_bytes: space.filesystem_available,
+            disk_store_used_bytes: space.bases_bytes + space.disks_bytes,
+            running_vms: vms::list(a)
+                .iter()
+                .filter(|v| vms::live_qemu(&v.run_dir).is_some())
+                .count() as u32,
+            nic_models: ["vmxnet3", "e1000", "e1000e", "virtio"]
+                .map(String::from)
+                .to_vec(),
+            disk_controllers: ["pvscsi", "lsilogic", "lsisas", "sata", "ide"]
+                .map(String::from)
+                .to_vec(),
+            base_digests: a
+                .store
+                .bases()
+                .map(|b| {
+                    b.into_iter()
+                        .map(|b| format!("sha256:{}", b.digest))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        self.done("GetCapabilities", Ok(caps))
+    }
+
+    type PrepareDiskStream = Stream_<pb::DiskProgress>;
+
+    async fn prepare_disk(
+        &self,
+        req: Request<pb::PrepareDiskRequest>,
+    ) -> Result<Response<Self::PrepareDiskStream>, Status> {
+        let mut rx = match disks::prepare(&self.agent, req.into_inner()) {
+            Ok(rx) => rx,
+            Err(e) => return self.done("PrepareDisk", Err(e)),
+        };
+        self.agent.count("PrepareDisk", tonic::Code::Ok);
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let msg = rx.borrow_and_update().clone();
+                let last = disks::is_final(&msg);
+                if tx.send(Ok(msg)).await.is_err() || last {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    // The import task ended; its last message was already sent
+                    // unless it ended between our borrow and here.
+                    let msg = rx.borrow().clone();
+                    if disks::is_final(&msg) {
+                        let _ = tx.send(Ok(msg)).await;
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn ensure_overlay(
+        &self,
+        req: Request<pb::EnsureOverlayRequest>,
+    ) -> Result<Response<pb::OverlayInfo>, Status> {
+        let r = disks::ensure_overlay(&self.agent, &req.into_inner()).await;
+        self.done("EnsureOverlay", r)
+    }
+
+    async fn delete_overlay(
+        &self,
+        req: Request<pb::DeleteOverlayRequest>,
+    ) -> Result<Response<pb::DeleteOverlayResponse>, Status> {
+        let r = disks::delete_overlay(&self.agent, &req.into_inner())
+            .await
+            .map(|()| pb::DeleteOverlayResponse {});
+        self.done("DeleteOverlay", r)
+    }
+
+    async fn release_disk(
+        &self,
+        req: Request<pb::ReleaseDiskRequest>,
+    ) -> Result<Response<pb::ReleaseDiskResponse>, Status> {
+        let r = disks::release(&self.agent, &req.into_inner().disk_uid)
+            .await
+            .map(|base_removed| pb::ReleaseDiskResponse { base_removed });
+        self.done("ReleaseDisk", r)
+    }
+
+    async fn ensure_network(
+        &self,
+        req: Request<pb::EnsureNetworkRequest>,
+    ) -> Result<Response<pb::NetworkState>, Status> {
+        let r = network::ensure(&self.agent, req.into_inner()).await;
+        self.done("EnsureNetwork", r)
+    }
+
+    async fn delete_network(
+        &self,
+        req: Request<pb::DeleteNetworkRequest>,
+    ) -> Result<Response<pb::DeleteNetworkResponse>, Status> {
+        let req = req.into_inner();
+        let r = network::delete(&self.agent, req.vni, req.force)
+            .await
+            .map(|()| pb::DeleteNetworkResponse {});
+        self.done("DeleteNetwork", r)
+    }
+
+    async fn update_fdb(
+        &self,
+        req: Request<pb::UpdateFdbRequest>,
+    ) -> Result<Response<pb::UpdateFdbResponse>, Status> {
+        let r = network::update_fdb(&self.agent, &req.into_inner())
+            .await
+            .map(|entries_changed| pb::UpdateFdbResponse { entries_changed });
+        self.done("UpdateFdb", r)
+    }
+
+    async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
+        let r = vms::get(&self.agent, &req.into_inner().vm_uid);
+        match r {
+            Err(AgentError::Precondition(m)) => {
+                self.agent.count("GetVm", tonic::Code::NotFound);
+                Err(Status::not_found(m))
+            }
+            other => self.done("GetVm", other),
+        }
+    }
+
+    async fn power_action(
+        &self,
+        req: Request<pb::PowerActionRequest>,
+    ) -> Result<Response<pb::VmState>, Status> {
+        let r = vms::power(&self.agent, &req.into_inner()).await;
+        self.done("PowerAction", r)
+    }
+
+    type WatchVmsStream = Stream_<pb::VmState>;
+
+    async fn watch_vms(
+        &self,
+        _: Request<pb::WatchVmsRequest>,
+    ) -> Result<Response<Self::WatchVmsStream>, Status> {
+        self.agent.count("WatchVms", tonic::Code::Ok);
+        let agent = self.agent.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last: std::collections::HashMap<String, pb::VmState> = Default::default();
+            loop {
+                for vm in vms::list(&agent) {
+                    let s = vms::state(&agent, &vm);
+                    if last.get(&s.vm_uid) != Some(&s) {
+                        last.insert(s.vm_uid.clone(), s.clone());
+                        if tx.send(Ok(s)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_vm_metrics(
+        &self,
+        req: Request<pb::VmRef>,
+    ) -> Result<Response<pb::VmMetrics>, Status> {
+        let r = vms::metrics(&self.agent, &req.into_inner().vm_uid).await;
+        self.done("GetVmMetrics", r)
+    }
+
+    async fn prepare_migration_target(
+        &self,
+        _: Request<pb::PrepareMigrationTargetRequest>,
+    ) -> Result<Response<pb::MigrationEndpoint>, Status> {
+        self.done("PrepareMigrationTarget", Err(unimplemented_migration()))
+    }
+
+    type StartMigrationStream = Stream_<pb::MigrationProgress>;
+
+    async fn start_migration(
+        &self,
+        _: Request<pb::StartMigrationRequest>,
+    ) -> Result<Response<Self::StartMigrationStream>, Status> {
+        self.done("StartMigration", Err(unimplemented_migration()))
+    }
+
+    async fn cancel_migration(
+        &self,
+        _: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
+        // Nothing can be migrating: cancelling is trivially done.
+        self.done("CancelMigration", Ok(pb::CancelMigrationResponse {}))
+    }
+}
+
+/// A stream fed by a task through a bounded channel (the task stops when the
+/// client goes away: its sends fail).
+fn async_stream<T, F, Fut>(body: F) -> Stream_<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

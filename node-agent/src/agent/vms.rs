@@ -1,0 +1,258 @@
+//! The VMs on this node, as their launchers left them in their run dirs
+//! (`vm.json`: identity and NICs; `status.json`: phase, QEMU pid, restarts), with
+//! addresses from the networks' DHCP leases, power actions over QMP, and accounting
+//! from /proc, QMP block stats and tap counters.
+
+use super::error::AgentError;
+use super::{Agent, network};
+use crate::launcher::supervise::{VmIdentity, identity_path, status_path};
+use hvx_proto::v1 as pb;
+use pb::vm_state::Phase;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What the agent reads of a launcher's `status.json`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ReadStatus {
+    /// Launcher phase.
+    #[serde(default)]
+    pub phase: String,
+    /// Accelerator report.
+    #[serde(default)]
+    pub accel: Option<serde_json::Value>,
+    /// Restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why QEMU last exited.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    /// QEMU pid while running.
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
+}
+
+/// One VM found on the node.
+#[derive(Clone, Debug)]
+pub struct FoundVm {
+    /// Its run dir.
+    pub run_dir: PathBuf,
+    /// Identity.
+    pub id: VmIdentity,
+    /// Launcher status.
+    pub status: ReadStatus,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+/// The QEMU pid of a run dir if that process is alive and is QEMU.
+pub fn live_qemu(run_dir: &Path) -> Option<u32> {
+    let st: ReadStatus = read_json(&status_path(run_dir))?;
+    let pid = st.qemu_pid?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmd)
+        .contains("qemu-system")
+        .then_some(pid)
+}
+
+/// Every VM with a run dir here.
+pub fn list(agent: &Agent) -> Vec<FoundVm> {
+    let Ok(dir) = std::fs::read_dir(agent.paths.vms_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<FoundVm> = dir
+        .flatten()
+        .filter_map(|e| {
+            let run_dir = e.path();
+            let id: VmIdentity = read_json(&identity_path(&run_dir))?;
+            let status = read_json(&status_path(&run_dir)).unwrap_or_default();
+            Some(FoundVm {
+                run_dir,
+                id,
+                status,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.vm_id.cmp(&b.id.vm_id));
+    out
+}
+
+fn find(agent: &Agent, vm_uid: &str) -> Result<FoundVm, AgentError> {
+    let run_dir = agent.paths.vm_run_dir(vm_uid);
+    let id: VmIdentity = read_json(&identity_path(&run_dir))
+        .ok_or_else(|| AgentError::Precondition(format!("no VM {vm_uid} on this node")))?;
+    let status = read_json(&status_path(&run_dir)).unwrap_or_default();
+    Ok(FoundVm {
+        run_dir,
+        id,
+        status,
+    })
+}
+
+/// The contract's view of a found VM.
+pub fn state(agent: &Agent, vm: &FoundVm) -> pb::VmState {
+    let alive = live_qemu(&vm.run_dir).is_some();
+    let phase = match (vm.status.phase.as_str(), alive) {
+        ("Running", true) => Phase::Running,
+        ("Running", false) => Phase::Crashed,
+        ("WaitingForNode" | "Starting" | "Restarting", _) => Phase::Starting,
+        ("Stopped", _) => Phase::Stopped,
+        ("Failed", _) => Phase::Crashed,
+        _ => Phase::Unspecified,
+    };
+    let macs: Vec<&str> = vm.id.nics.iter().map(|n| n.mac.as_str()).collect();
+    let addresses = network::persisted(agent)
+        .iter()
+        .flat_map(|n| network::leases(agent, n.vni))
+        .filter(|l| macs.contains(&l.mac.as_str()))
+        .collect();
+    pb::VmState {
+        vm_uid: vm.id.vm_id.clone(),
+        name: vm.id.name.clone(),
+        phase: phase as i32,
+        accelerator: vm
+            .status
+            .accel
+            .as_ref()
+            .and_then(|a| a.get("accel")?.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        reason: vm.status.last_exit.clone().unwrap_or_default(),
+        restarts: vm.status.restarts,
+        addresses,
+        started_unix: 0,
+    }
+}
+
+/// GetVm.
+pub fn get(agent: &Agent, vm_uid: &str) -> Result<pb::VmState, AgentError> {
+    find(agent, vm_uid).map(|vm| state(agent, &vm))
+}
+
+async fn qmp(run_dir: &Path) -> Result<hvx_vmm::qmp::QmpClient, AgentError> {
+    let paths = hvx_vmm::RunPaths::new(run_dir);
+    Ok(hvx_vmm::qmp::QmpClient::connect(&paths.qmp_probe, Duration::from_secs(3)).await?)
+}
+
+/// PowerAction, through the VM's second QMP socket (the launcher keeps the first).
+pub async fn power(agent: &Agent, req: &pb::PowerActionRequest) -> Result<pb::VmState, AgentError> {
+    use pb::power_action_request::Action;
+    let vm_uid = req
+        .vm
+        .as_ref()
+        .map(|v| v.vm_uid.clone())
+        .unwrap_or_default();
+    let vm = find(agent, &vm_uid)?;
+    if live_qemu(&vm.run_dir).is_none() {
+        return Err(AgentError::Precondition(format!(
+            "VM {vm_uid} is not running here"
+        )));
+    }
+    let q = qmp(&vm.run_dir).await?;
+    match Action::try_from(req.action).unwrap_or(Action::Unspecified) {
+        Action::Shutdown => {
+            q.execute("system_powerdown", None).await?;
+        }
+        Action::PowerOff => {
+            q.execute("quit", None).await?;
+        }
+        Action::Reset => {
+            q.execute("system_reset", None).await?;
+        }
+        Action::Pause => {
+            q.execute("stop", None).await?;
+        }
+        Action::Resume => {
+            q.execute("cont", None).await?;
+        }
+        Action::Suspend => {
+            return Err(AgentError::Unimplemented(
+                "suspend to disk is not supported by this agent yet".into(),
+            ));
+        }
+        Action::Unspecified => return Err(AgentError::Invalid("no power action given".into())),
+    }
+    Ok(state(agent, &find(agent, &vm_uid)?))
+}
+
+fn sys_counter(tap: &str, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{name}"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// (cpu time ns, RSS bytes) of a process.
+pub fn proc_usage(pid: u32) -> (u64, u64) {
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the `(comm)`, which may hold spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = f.get(11)?.parse().ok()?;
+            let stime: u64 = f.get(12)?.parse().ok()?;
+            // USER_HZ is 100 on every Linux ABI hvx runs on.
+            Some((utime + stime) * 10_000_000)
+        })
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0)
+        * 1024;
+    (cpu, rss)
+}
+
+/// GetVmMetrics.
+pub async fn metrics(agent: &Agent, vm_uid: &str) -> Result<pb::VmMetrics, AgentError> {
+    let vm = find(agent, vm_uid)?;
+    let mut m = pb::VmMetrics {
+        vm_uid: vm.id.vm_id.clone(),
+        ..Default::default()
+    };
+    if let Some(pid) = live_qemu(&vm.run_dir) {
+        (m.cpu_time_ns, m.memory_rss_bytes) = proc_usage(pid);
+        if let Ok(q) = qmp(&vm.run_dir).await
+            && let Ok(stats) = q.execute("query-blockstats", None).await
+        {
+            for dev in stats.as_array().into_iter().flatten() {
+                let s = &dev["stats"];
+                let n = |k: &str| s[k].as_u64().unwrap_or(0);
+                m.disk_read_ops += n("rd_operations");
+                m.disk_write_ops += n("wr_operations");
+                m.disk_read_bytes += n("rd_bytes");
+                m.disk_write_bytes += n("wr_bytes");
+            }
+        }
+    }
+    for nic in &vm.id.nics {
+        // The tap's transmit is the guest's receive.
+        m.net_rx_packets += sys_counter(&nic.tap, "tx_packets");
+        m.net_tx_packets += sys_counter(&nic.tap, "rx_packets");
+        m.net_rx_bytes += sys_counter(&nic.tap, "tx_bytes");
+        m.net_tx_bytes += sys_counter(&nic.tap, "rx_bytes");
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_usage_of_this_process() {
+        let (cpu, rss) = proc_usage(std::process::id());
+        assert!(rss > 0, "RSS read");
+        let _ = cpu;
+        assert_eq!(proc_usage(u32::MAX), (0, 0), "no such process");
+    }
+}

@@ -1,0 +1,151 @@
+//! hvx-node-agent: the per-node agent (DaemonSet). Serves the operator's gRPC contract
+//! over mutual TLS, re-applies this node's networks at start, probes the accelerator
+//! and labels the node when ready. See `hvx_node_agent::agent`.
+
+use anyhow::Context;
+use clap::Parser;
+use hvx_node_agent::agent::{Agent, AgentConfig, label, metrics, network, server::AgentService};
+use hvx_proto::v1::node_agent_server::NodeAgentServer;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hvx-node-agent",
+    version,
+    about = "hvx node agent: disks, overlay network and VMs of one node"
+)]
+struct Cli {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's address: the VXLAN tunnel endpoint and where the operator dials.
+    #[arg(long, env = "NODE_IP")]
+    node_ip: Ipv4Addr,
+    /// gRPC listen address.
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    listen: SocketAddr,
+    /// Metrics and health listen address.
+    #[arg(long, default_value = "0.0.0.0:9444")]
+    metrics_listen: SocketAddr,
+    /// Persistent root (disk store, agent state).
+    #[arg(long, default_value = hvx_api::node::DEFAULT_STORE_ROOT)]
+    store_root: PathBuf,
+    /// Runtime root (VM run dirs, overlay state).
+    #[arg(long, default_value = hvx_api::node::DEFAULT_RUN_ROOT)]
+    run_root: PathBuf,
+    /// Directory with ca.crt, tls.crt, tls.key: serve mutual TLS (clients need a
+    /// certificate signed by ca.crt). Without it the agent serves plaintext.
+    #[arg(long, env = "HVX_AGENT_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// MTU of the underlay between nodes (default: the MTU of the interface that
+    /// holds --node-ip).
+    #[arg(long)]
+    underlay_mtu: Option<u32>,
+    /// Label this node `hvx.dev/agent=ready` (needs API access).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    label_node: bool,
+}
+
+/// MTU of the interface holding `ip` (`ip -o -4 addr`), else 1500.
+fn interface_mtu(ip: Ipv4Addr) -> u32 {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let needle = format!("inet {ip}/");
+    out.lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|dev| std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu")).ok())
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    if let (Ok(mut t), Ok(mut i)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        tokio::select! {
+            _ = t.recv() => {}
+            _ = i.recv() => {}
+        }
+    } else {
+        std::future::pending::<()>().await;
+    }
+    tracing::info!("shutting down (VMs keep running)");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,h2=warn,tower=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = AgentConfig {
+        underlay_mtu: cli
+            .underlay_mtu
+            .unwrap_or_else(|| interface_mtu(cli.node_ip)),
+        node_name: cli.node_name.clone(),
+        node_ip: cli.node_ip,
+        store_root: cli.store_root.clone(),
+        run_root: cli.run_root.clone(),
+    };
+    tracing::info!(?config, "starting");
+    let agent = Arc::new(Agent::open(config).context("opening the node's disk store and switch")?);
+
+    match network::restore(&agent).await {
+        Ok(n) => tracing::info!(networks = n, "persisted networks re-applied"),
+        Err(e) => tracing::warn!(error = %e, "re-applying persisted networks"),
+    }
+
+    // Accelerator probe (a probe guest boots), then the node label.
+    {
+        let agent = agent.clone();
+        let (node, label_node) = (cli.node_name.clone(), cli.label_node);
+        tokio::spawn(async move {
+            let report = hvx_vmm::probe_accelerator(&hvx_vmm::accel::ProbeOptions::default()).await;
+            tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator probed");
+            let accel = report.accel.as_str().to_string();
+            *agent.accel.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+            if label_node {
+                label::label_node(&node, &accel).await;
+            }
+        });
+    }
+
+    let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", cli.metrics_listen))?;
+    tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
+
+    let mut server = Server::builder();
+    if let Some(dir) = &cli.tls_dir {
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?))
+            .client_ca_root(Certificate::from_pem(read("ca.crt")?));
+        server = server.tls_config(tls).context("TLS configuration")?;
+        tracing::info!(dir = %dir.display(), "serving mutual TLS");
+    } else {
+        tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
+    }
+    tracing::info!(listen = %cli.listen, "serving");
+    server
+        .add_service(NodeAgentServer::new(AgentService { agent }))
+        .serve_with_shutdown(cli.listen, shutdown_signal())
+        .await
+        .context("gRPC server")?;
+    Ok(())
+}
