@@ -88,7 +88,7 @@ build_one() {
   else
     local old_id
     old_id="$(buildah images --quiet --no-trunc "${image}" 2>/dev/null || true)"
-    buildah build --quiet --isolation chroot --network host --pull=never \
+    buildah build --quiet --layers --isolation chroot --network host --pull=never \
       --ignorefile "${REPO_DIR}/images/Dockerfile.${component}.dockerignore" \
       -f "${REPO_DIR}/images/Dockerfile.${component}" -t "${image}" "${REPO_DIR}" >/dev/null
     # The previous build of this tag would linger as a dangling image.

@@ -23,7 +23,28 @@ pub async fn uninstall(client: Client, timeout: Duration) -> Result<Vec<String>,
     left.extend(wait_gone::<VmApplication>(&client, deadline).await?);
     left.extend(wait_gone::<OverlayDisk>(&client, deadline).await?);
     left.extend(wait_gone::<VirtualNetwork>(&client, deadline).await?);
+    if left.is_empty() {
+        unlabel_nodes(&client).await?;
+    }
     Ok(left)
+}
+
+/// Removes the labels the agents put on nodes (`hvx.dev/agent`, `hvx.dev/accelerator`).
+pub async fn unlabel_nodes(client: &Client) -> Result<usize, kube::Error> {
+    use crate::build::{NODE_LABEL_ACCELERATOR, NODE_LABEL_AGENT};
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let patch = serde_json::json!({"metadata": {"labels": {NODE_LABEL_AGENT: null, NODE_LABEL_ACCELERATOR: null}}});
+    let mut n = 0;
+    for node in nodes.list(&ListParams::default()).await?.items {
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        if labels.contains_key(NODE_LABEL_AGENT) || labels.contains_key(NODE_LABEL_ACCELERATOR) {
+            nodes
+                .patch(&node.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 async fn delete_all<K>(client: &Client) -> Result<(), kube::Error>

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs (or upgrades) hvx with Helm into the cluster $KUBECONFIG names, with the
+# images `make images` built and loaded into the local cluster's nodes, and values
+# fit for a TCG test cluster (vCPUs overcommitted, images never pulled).
+# Waits until the operator runs and every node's agent is ready (node labelled).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source e2e/harness/versions.env
+BIN="${HVX_CACHE:-/var/cache/hvx}/k8s/${K8S_VERSION}/bin"
+HELM="${BIN}/helm"; KUBECTL="${BIN}/kubectl"
+export KUBECONFIG="${KUBECONFIG:-$PWD/_out/kubeconfig}"
+NS="${HVX_NAMESPACE:-hvx-system}"
+TAG="${HVX_IMAGE_TAG:-dev}"
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+log "helm upgrade --install hvx charts/hvx -n ${NS}"
+"$HELM" upgrade --install hvx charts/hvx -n "${NS}" --create-namespace \
+  --set images.registry=localhost --set images.tag="${TAG}" --set images.pullPolicy=Never \
+  --set images.operator=hvx-operator --set images.agent=hvx-agent --set images.launcher=hvx-launcher \
+  --set operator.cpuMillisPerVcpu=10 --set operator.logLevel=info \
+  --wait --timeout 5m "$@"
+# Pods of an upgrade with the same tag keep the old image: restart them.
+"$KUBECTL" -n "${NS}" rollout restart deployment/hvx-operator daemonset/hvx-agent >/dev/null
+"$KUBECTL" -n "${NS}" rollout status deployment/hvx-operator --timeout=180s
+"$KUBECTL" -n "${NS}" rollout status daemonset/hvx-agent --timeout=300s
+nodes=$("$KUBECTL" get nodes --no-headers | wc -l)
+deadline=$(( $(date +%s) + 300 ))
+until [ "$("$KUBECTL" get nodes -l hvx.dev/agent=ready --no-headers 2>/dev/null | wc -l)" -eq "$nodes" ]; do
+  if (( $(date +%s) > deadline )); then
+    log "agents did not label every node within 300 s:"; "$KUBECTL" get nodes -L hvx.dev/agent,hvx.dev/accelerator
+    "$KUBECTL" -n "${NS}" logs daemonset/hvx-agent --tail=30 || true
+    exit 1
+  fi
+  sleep 2
+done
+"$KUBECTL" get nodes -L hvx.dev/agent,hvx.dev/accelerator
+"$KUBECTL" -n "${NS}" get pods -o wide
+log "hvx installed"
