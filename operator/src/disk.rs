@@ -5,9 +5,9 @@
 use crate::context::Context;
 use crate::error::Error;
 use crate::hostprep;
-use hvx_api::{DiskPhase, OverlayDisk, condition, new_condition, set_condition};
+use hvx_api::{DiskPhase, OverlayDisk, VmApplication, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
@@ -30,6 +30,15 @@ pub fn initial_phase(disk: &OverlayDisk) -> (DiskPhase, &'static str) {
     }
 }
 
+/// Whether an application (deleting or not: its VMs may still run) has a VM disk on
+/// this OverlayDisk.
+pub fn uses_disk(app: &VmApplication, disk: &str) -> bool {
+    app.spec
+        .vms
+        .iter()
+        .any(|vm| vm.disks.iter().any(|d| d.overlay_disk.name == disk))
+}
+
 /// Reconciles one OverlayDisk.
 pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = disk.namespace().unwrap_or_default();
@@ -38,6 +47,26 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
         match event {
             Finalizer::Apply(disk) => apply(&disk, &api).await,
             Finalizer::Cleanup(disk) => {
+                // A disk a VM still uses stays until that VM is gone (deleting a
+                // whole manifest deletes disks and applications at once).
+                let apps: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
+                let users: Vec<String> = apps
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .filter(|a| uses_disk(a, &disk.name_any()))
+                    .map(|a| a.name_any())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(Error::Build {
+                        object: disk.name_any(),
+                        reason: format!(
+                            "in use by VmApplication {}; deleting after it",
+                            users.join(", ")
+                        ),
+                    });
+                }
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.
                 hostprep::release_disk_everywhere(&ctx, &disk.uid().unwrap_or_default()).await?;

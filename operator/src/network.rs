@@ -6,7 +6,9 @@
 use crate::context::Context;
 use crate::error::Error;
 use crate::{hostplan, hostprep};
-use hvx_api::{NetworkNodeStatus, VirtualNetwork, condition, new_condition, set_condition};
+use hvx_api::{
+    NetworkNodeStatus, VirtualNetwork, VmApplication, condition, new_condition, set_condition,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -88,6 +90,30 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
         match event {
             Finalizer::Apply(net) => apply(&net, &ctx).await,
             Finalizer::Cleanup(net) => {
+                // VMs still attached keep the network until they are gone.
+                let apps: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
+                let users: Vec<String> = apps
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .filter(|a| {
+                        a.spec
+                            .vms
+                            .iter()
+                            .any(|vm| vm.nics.iter().any(|n| n.network.name == net.name_any()))
+                    })
+                    .map(|a| a.name_any())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(Error::Build {
+                        object: net.name_any(),
+                        reason: format!(
+                            "in use by VmApplication {}; deleting after it",
+                            users.join(", ")
+                        ),
+                    });
+                }
                 if let Some(vni) = net.status.as_ref().and_then(|s| s.vni) {
                     hostprep::delete_network_everywhere(&ctx, &net.uid().unwrap_or_default(), vni)
                         .await?;

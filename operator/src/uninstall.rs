@@ -39,7 +39,11 @@ pub async fn unlabel_nodes(client: &Client) -> Result<usize, kube::Error> {
         let labels = node.metadata.labels.clone().unwrap_or_default();
         if labels.contains_key(NODE_LABEL_AGENT) || labels.contains_key(NODE_LABEL_ACCELERATOR) {
             nodes
-                .patch(&node.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                .patch(
+                    &node.name_any(),
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
                 .await?;
             n += 1;
         }

@@ -271,6 +271,37 @@ pub async fn release(agent: &Agent, uid: &str) -> Result<bool, AgentError> {
     Ok(agent.store.remove_base_if_unused(&rec.digest)?)
 }
 
+/// Removes bases no overlay uses and no OverlayDisk record names, older than
+/// `grace` (a safety net behind ReleaseDisk: a base released while a VM still
+/// used it goes once that VM's overlay is deleted).
+pub async fn gc_orphans(agent: &Agent, grace: Duration) -> Result<Vec<String>, AgentError> {
+    let dir = agent.paths.agent_state().join("disks");
+    let recorded: std::collections::BTreeSet<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|t| serde_json::from_slice::<DiskRecord>(&t).ok())
+                .map(|r| r.digest)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut removed = Vec::new();
+    for base in agent.store.bases()? {
+        let old = std::fs::metadata(&base.path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= grace);
+        if old
+            && !recorded.contains(&base.digest)
+            && agent.store.remove_base_if_unused(&base.digest)?
+        {
+            removed.push(base.digest);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,11 @@ fn esc(s: &str) -> String {
 }
 
 /// One per-VM metric: name, Prometheus type, value.
-type Series = (&'static str, &'static str, fn(&hvx_proto::v1::VmMetrics) -> f64);
+type Series = (
+    &'static str,
+    &'static str,
+    fn(&hvx_proto::v1::VmMetrics) -> f64,
+);
 
 /// The metrics text now.
 pub async fn render(agent: &Agent) -> String {

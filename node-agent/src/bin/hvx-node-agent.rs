@@ -123,6 +123,29 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
+    // Orphaned bases (released while still in use) go once unused for 10 minutes.
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(300));
+            loop {
+                tick.tick().await;
+                match hvx_node_agent::agent::disks::gc_orphans(
+                    &agent,
+                    std::time::Duration::from_secs(600),
+                )
+                .await
+                {
+                    Ok(r) if !r.is_empty() => {
+                        tracing::info!(removed = ?r, "orphaned bases removed")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "base garbage collection"),
+                }
+            }
+        });
+    }
+
     let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_listen)
         .await
         .with_context(|| format!("binding {}", cli.metrics_listen))?;

@@ -1,0 +1,544 @@
+//! Privileged: the real `hvx-node-agent` in its own network namespace (a test node
+//! with a veth to this host), driven over gRPC the way the operator drives it:
+//! import the VMware test guest's streamOptimized VMDK from an HTTP server, create a
+//! VM overlay, put a network with a VM port on the node, survive a restart (the
+//! persisted network comes back), clean everything up; and mutual TLS refuses a
+//! client without a certificate.
+//!
+//! `cargo test -p hvx-node-agent --test agent -- --ignored --test-threads=1` as root.
+
+use hvx_proto::v1 as pb;
+use hvx_proto::v1::node_agent_client::NodeAgentClient;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_hvx-node-agent");
+const HOST_IP: &str = "10.250.77.254";
+const NODE_IP: &str = "10.250.77.1";
+const VNI: u32 = 7077;
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn guest_dir() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-guest.sh");
+    let out = Command::new(&script)
+        .output()
+        .expect("run hack/build-guest.sh");
+    assert!(out.status.success(), "build-guest failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("guest dir")
+            .trim(),
+    )
+}
+
+/// A node: netns + veth, removed (with whatever runs in it) on drop.
+struct TestNode {
+    netns: String,
+    host_veth: String,
+    root: tempfile::TempDir,
+    agent: Option<Child>,
+}
+
+impl TestNode {
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let netns = format!("hvxat{id}");
+        let host_veth = format!("hvxath{id}");
+        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        sh(&["ip", "netns", "add", &netns]);
+        sh(&[
+            "ip", "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            &host_veth,
+        ]);
+        sh(&["ip", "link", "set", &host_veth, "up"]);
+        for cmd in [
+            vec!["ip", "addr", "add", "10.250.77.1/24", "dev", "eth0"],
+            vec!["ip", "link", "set", "eth0", "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut a = vec!["ip", "netns", "exec", netns.as_str()];
+            a.extend(cmd);
+            sh(&a);
+        }
+        Self {
+            netns,
+            host_veth,
+            root: tempfile::tempdir().expect("tempdir"),
+            agent: None,
+        }
+    }
+
+    fn start_agent(&mut self, port: u16, tls_dir: Option<&Path>) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, AGENT])
+            .args(["--node-name", "test-node", "--node-ip", NODE_IP])
+            .arg(format!("--listen={NODE_IP}:{port}"))
+            .arg(format!("--metrics-listen={NODE_IP}:{}", port + 1))
+            .arg(format!(
+                "--store-root={}",
+                self.root.path().join("lib").display()
+            ))
+            .arg(format!(
+                "--run-root={}",
+                self.root.path().join("run").display()
+            ))
+            .args(["--label-node", "false"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(d) = tls_dir {
+            cmd.arg(format!("--tls-dir={}", d.display()));
+        }
+        self.agent = Some(cmd.spawn().expect("start agent"));
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn links(&self) -> String {
+        sh(&["ip", "-n", &self.netns, "-o", "link", "show"])
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.stop_agent();
+        // dnsmasq of the test network runs in the netns: end it before the netns.
+        let _ = Command::new("pkill")
+            .args(["-f", &self.root.path().display().to_string()])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .status();
+    }
+}
+
+/// Serves one file over HTTP/1.0 on the host side of the veth.
+fn serve_file(path: PathBuf) -> u16 {
+    let listener = TcpListener::bind(format!("{HOST_IP}:0")).expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = std::fs::read(&path).expect("read disk");
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    port
+}
+
+fn free_port() -> u16 {
+    // Ports are per netns; any high port free on the host is very likely free there.
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+async fn connect(
+    port: u16,
+    tls: Option<ClientTlsConfig>,
+) -> Result<NodeAgentClient<Channel>, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{NODE_IP}:{port}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(t) = tls {
+        ep = ep.tls_config(t).map_err(|e| e.to_string())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ep.connect().await {
+            Ok(ch) => return Ok(NodeAgentClient::new(ch)),
+            Err(e) if Instant::now() > deadline => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn is_root() -> bool {
+    sh(&["id", "-u"]).trim() == "0"
+}
+
+#[tokio::test]
+#[ignore = "privileged: netns, QEMU, qemu-img, dnsmasq (root)"]
+async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
+    assert!(is_root(), "run as root");
+    let guest = guest_dir();
+    let http = serve_file(guest.join("disk-stream.vmdk"));
+    let mut node = TestNode::new();
+    let port = free_port();
+    node.start_agent(port, None);
+    let mut c = connect(port, None).await.expect("agent serves");
+
+    // Import: progress, then READY with a digest; a second call answers READY at once.
+    let req = pb::PrepareDiskRequest {
+        disk_uid: "0b1c2d3e-0000-4000-8000-000000000001".into(),
+        namespace: "ns".into(),
+        name: "web-root".into(),
+        source: Some(pb::DiskSource {
+            kind: Some(pb::disk_source::Kind::HttpUrl(format!(
+                "http://{HOST_IP}:{http}/sample-guest-stream.vmdk"
+            ))),
+        }),
+        format: "vmdk".into(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut stream = c
+        .prepare_disk(req.clone())
+        .await
+        .expect("prepare")
+        .into_inner();
+    let mut msgs = Vec::new();
+    while let Some(m) = stream.message().await.expect("progress") {
+        msgs.push(m);
+    }
+    let last = msgs.last().expect("messages").clone();
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Ready as i32,
+        "import ended with {last:?}"
+    );
+    assert!(
+        last.digest.starts_with("sha256:") && last.digest.len() == 71,
+        "{last:?}"
+    );
+    assert!(last.virtual_bytes >= 128 << 20, "{last:?}");
+    eprintln!(
+        "imported in {:?} ({} progress messages)",
+        started.elapsed(),
+        msgs.len()
+    );
+    let again: Vec<_> = {
+        let mut s = c
+            .prepare_disk(req.clone())
+            .await
+            .expect("prepare")
+            .into_inner();
+        let mut v = Vec::new();
+        while let Some(m) = s.message().await.expect("progress") {
+            v.push(m);
+        }
+        v
+    };
+    assert_eq!(again.len(), 1, "an imported disk answers READY at once");
+    assert_eq!(again[0].digest, last.digest);
+
+    // Overlay: created once, found the second time.
+    let ov = pb::EnsureOverlayRequest {
+        vm_uid: "app-uid/web".into(),
+        disk_name: "root".into(),
+        base_digest: last.digest.clone(),
+        virtual_bytes: last.virtual_bytes,
+    };
+    let a = c
+        .ensure_overlay(ov.clone())
+        .await
+        .expect("overlay")
+        .into_inner();
+    let b = c
+        .ensure_overlay(ov.clone())
+        .await
+        .expect("overlay again")
+        .into_inner();
+    assert_eq!(a.path, b.path);
+    assert!(Path::new(&a.path).is_file(), "{}", a.path);
+    let missing = c
+        .ensure_overlay(pb::EnsureOverlayRequest {
+            base_digest: format!("sha256:{}", "0".repeat(64)),
+            disk_name: "other".into(),
+            ..ov.clone()
+        })
+        .await
+        .expect_err("no such base");
+    assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
+
+    // Network with one VM port: bridge, tap enslaved to it, dnsmasq.
+    let tap = hvx_api::launch::tap_name("app-uid/web", "ethernet0");
+    let net = pb::EnsureNetworkRequest {
+        network_uid: "net-uid".into(),
+        namespace: "ns".into(),
+        name: "app-net".into(),
+        vni: VNI,
+        subnets: vec![pb::Subnet {
+            cidr: "10.77.0.0/24".into(),
+            gateway: "10.77.0.1".into(),
+            dhcp: true,
+            range_start: "10.77.0.100".into(),
+            range_end: "10.77.0.150".into(),
+            lease_seconds: 600,
+        }],
+        firewall_default_allow: true,
+        remote_vteps: vec!["10.250.77.2".into()],
+        local_ports: vec![pb::LocalPort {
+            vm: "web".into(),
+            nic: "ethernet0".into(),
+            mac: "00:50:56:a1:00:01".into(),
+            tap: tap.clone(),
+            ip: String::new(),
+        }],
+        ..Default::default()
+    };
+    let state = c
+        .ensure_network(net.clone())
+        .await
+        .expect("network")
+        .into_inner();
+    assert_eq!(state.bridge, format!("hvb{VNI}"));
+    let master = sh(&["ip", "-n", &node.netns, "-o", "link", "show", &tap]);
+    assert!(master.contains(&format!("master hvb{VNI}")), "{master}");
+    c.ensure_network(net.clone()).await.expect("idempotent");
+    let caps = c
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .expect("caps")
+        .into_inner();
+    assert_eq!(caps.vtep_ip, NODE_IP);
+    assert_eq!(caps.base_digests, vec![last.digest.clone()]);
+
+    // Restart: the bridge deleted behind the agent's back comes back from its state.
+    node.stop_agent();
+    sh(&["ip", "-n", &node.netns, "link", "del", &format!("hvb{VNI}")]);
+    node.start_agent(port, None);
+    let mut c = connect(port, None).await.expect("agent serves again");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.links().contains(&format!("hvb{VNI}")) {
+        assert!(
+            Instant::now() < deadline,
+            "network not restored:\n{}",
+            node.links()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let master = sh(&["ip", "-n", &node.netns, "-o", "link", "show", &tap]);
+    assert!(
+        master.contains(&format!("master hvb{VNI}")),
+        "tap re-attached: {master}"
+    );
+
+    // Cleanup: overlay, network (bridge, VXLAN and tap go), base.
+    c.delete_overlay(pb::DeleteOverlayRequest {
+        vm_uid: "app-uid/web".into(),
+        disk_name: "root".into(),
+    })
+    .await
+    .expect("delete overlay");
+    assert!(!Path::new(&a.path).exists());
+    c.delete_network(pb::DeleteNetworkRequest {
+        network_uid: "net-uid".into(),
+        vni: VNI,
+        force: false,
+    })
+    .await
+    .expect("delete network");
+    let links = node.links();
+    for gone in [format!("hvb{VNI}"), format!("hvv{VNI}"), tap.clone()] {
+        assert!(!links.contains(&gone), "{gone} left:\n{links}");
+    }
+    let released = c
+        .release_disk(pb::ReleaseDiskRequest {
+            disk_uid: req.disk_uid.clone(),
+        })
+        .await
+        .expect("release")
+        .into_inner();
+    assert!(released.base_removed);
+    let files: Vec<_> = walk(node.root.path())
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains("/overlay/"))
+        .collect();
+    assert!(files.is_empty(), "files left: {files:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CA, agent server cert (SAN hvx-agent) and operator client cert, as the chart makes.
+fn make_certs(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hvx-ca",
+        ],
+    );
+    for (name, cn, ext) in [
+        (
+            "server",
+            "hvx-agent",
+            "subjectAltName=DNS:hvx-agent\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "hvx-operator", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.crt"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+    let tls = dir.join("agent");
+    std::fs::create_dir_all(&tls).expect("mkdir");
+    std::fs::copy(dir.join("ca.crt"), tls.join("ca.crt")).expect("copy");
+    std::fs::copy(dir.join("server.crt"), tls.join("tls.crt")).expect("copy");
+    std::fs::copy(dir.join("server.key"), tls.join("tls.key")).expect("copy");
+}
+
+#[tokio::test]
+#[ignore = "privileged: netns (root)"]
+async fn agent_requires_a_client_certificate_signed_by_its_ca() {
+    assert!(is_root(), "run as root");
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certs(certs.path());
+    let mut node = TestNode::new();
+    let port = free_port();
+    node.start_agent(port, Some(&certs.path().join("agent")));
+    let read = |f: &str| std::fs::read(certs.path().join(f)).expect("read cert");
+    let ca = Certificate::from_pem(read("ca.crt"));
+
+    let with_cert = ClientTlsConfig::new()
+        .domain_name("hvx-agent")
+        .ca_certificate(ca.clone())
+        .identity(Identity::from_pem(read("client.crt"), read("client.key")));
+    let mut ok = connect(port, Some(with_cert))
+        .await
+        .expect("mutual TLS connects");
+    let caps = ok
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .expect("served over mutual TLS")
+        .into_inner();
+    assert_eq!(caps.node_name, "test-node");
+
+    let without = ClientTlsConfig::new()
+        .domain_name("hvx-agent")
+        .ca_certificate(ca);
+    let refused = match connect(port, Some(without)).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    drop(node);
+}
