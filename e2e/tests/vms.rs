@@ -128,6 +128,9 @@ fn vm_run_dir(node: &str, app_uid: &str, vm: &str) -> PathBuf {
 }
 
 /// Runs `cmd` in the guest's root shell on its serial console; true iff it exited 0.
+/// Busybox's line editor asks the terminal for the cursor position (`ESC[6n`) at each
+/// prompt and would eat typed input as the answer, so we answer like a terminal and
+/// type only after the prompt.
 async fn guest_run(run_dir: &Path, cmd: &str, timeout: Duration) -> (bool, String) {
     let sock = run_dir.join("serial.sock");
     let mut stream = match UnixStream::connect(&sock).await {
@@ -135,29 +138,45 @@ async fn guest_run(run_dir: &Path, cmd: &str, timeout: Duration) -> (bool, Strin
         Err(e) => return (false, format!("connecting {}: {e}", sock.display())),
     };
     let marker = format!("E2E{}", std::process::id());
-    let line = format!("\n{cmd}; echo {marker}-$?-END\n");
-    if let Err(e) = stream.write_all(line.as_bytes()).await {
+    let mut out = String::new();
+    let mut answered = 0;
+    let mut typed = false;
+    if let Err(e) = stream.write_all(b"\n").await {
         return (false, format!("writing to the console: {e}"));
     }
-    let mut out = String::new();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 4096];
     while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
             Ok(Err(e)) => return (false, format!("{out}\nreading the console: {e}")),
             Err(_) => {}
         }
+        let queries = out.matches("\x1b[6n").count();
+        while answered < queries {
+            let _ = stream.write_all(b"\x1b[24;1R").await;
+            answered += 1;
+        }
+        if !typed && out.contains("hvx# ") {
+            // Let the prompt's cursor query be answered first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let line = format!("{cmd}; echo {marker}-$?-END\n");
+            if let Err(e) = stream.write_all(line.as_bytes()).await {
+                return (false, format!("writing to the console: {e}"));
+            }
+            typed = true;
+        }
         if out.contains(&format!("{marker}-0-END")) {
             return (true, out);
         }
-        if let Some(i) = out.find(&format!("{marker}-")) {
-            // The echo of the typed line shows `-$?-`: only a digit is an exit code.
-            let rest = &out[i + marker.len() + 1..];
-            if rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains("-END") {
-                return (false, out);
-            }
+        // The echo of the typed line shows `-$?-`: only a digit is an exit code.
+        let failed = out.match_indices(&format!("{marker}-")).any(|(i, m)| {
+            let rest = &out[i + m.len()..];
+            rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains("-END")
+        });
+        if failed {
+            return (false, out);
         }
     }
     (false, format!("{out}\n(no result within {timeout:?})"))

@@ -46,8 +46,9 @@ pub struct Context {
     pub agents: AgentPool,
     /// Disk imports this operator follows, by (node, OverlayDisk uid).
     pub imports: Mutex<HashMap<(String, String), ImportState>>,
-    /// Guest addresses the agents' DHCP servers handed out, by MAC.
-    pub leases: Mutex<HashMap<String, String>>,
+    /// Guest addresses the agents' DHCP servers handed out: (network uid, node,
+    /// MAC) -> IP, replaced per network and node at every sync.
+    pub leases: Mutex<HashMap<(String, String, String), String>>,
 }
 
 /// A disk import on one node, as this operator last saw it.

@@ -315,8 +315,9 @@ pub async fn sync_network(
             .await
             .map(|state| {
                 let mut leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
+                leases.retain(|(net, n, _), _| !(net == &uid && n == node));
                 for l in state.leases {
-                    leases.insert(l.mac.to_ascii_lowercase(), l.ip);
+                    leases.insert((uid.clone(), node.clone(), l.mac.to_ascii_lowercase()), l.ip);
                 }
                 out.ports.insert(node.clone(), taps);
                 out.vteps.insert(node.clone(), ip.clone());

@@ -209,17 +209,26 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         }
         phases.insert(vm.name.clone(), phase);
         let changed = prev.is_none_or(|p| p.phase != phase);
+        let running_on = pod.and_then(|p| p.spec.as_ref()?.node_name.clone());
         let interfaces = {
             let leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
             vm.nics
                 .iter()
-                .map(|n| InterfaceStatus {
-                    name: n.name.clone(),
-                    mac_address: n.mac_address.to_ascii_lowercase(),
-                    ip_address: leases
-                        .get(&n.mac_address.to_ascii_lowercase())
-                        .cloned()
-                        .or_else(|| n.ip_address.clone()),
+                .map(|n| {
+                    let mac = n.mac_address.to_ascii_lowercase();
+                    let leased = running_on.as_ref().and_then(|node| {
+                        let (uid, _) = resolved.networks.get(&n.network.name)?;
+                        leases.get(&(uid.clone(), node.clone(), mac.clone())).cloned()
+                    });
+                    InterfaceStatus {
+                        name: n.name.clone(),
+                        mac_address: mac,
+                        ip_address: leased.or_else(|| {
+                            n.ip_address
+                                .as_deref()
+                                .map(|a| a.split('/').next().unwrap_or(a).to_string())
+                        }),
+                    }
                 })
                 .collect()
         };

@@ -147,13 +147,13 @@ pub fn vm_spec_from_launch(
             static_ips.push_str(&format!("ip.eth{i}={ip}\n"));
         }
     }
+    // The VM's name for hvx guest tooling (a VMware guest keeps its own hostname on
+    // its disk and never reads this), plus static addresses.
     let mut fw_cfg = BTreeMap::new();
-    if !static_ips.is_empty() {
-        fw_cfg.insert(
-            "opt/hvx/config".to_string(),
-            format!("hostname={}\n{static_ips}", vm.name),
-        );
-    }
+    fw_cfg.insert(
+        "opt/hvx/config".to_string(),
+        format!("hostname={}\n{static_ips}", vm.name),
+    );
     let devices = vm.devices.clone().unwrap_or_default();
     let identity = vm.identity.clone().unwrap_or_default();
     Ok(VmSpec {
