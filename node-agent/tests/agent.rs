@@ -62,7 +62,7 @@ impl TestNode {
         let id = std::process::id() % 100_000;
         let netns = format!("hvxat{id}");
         let host_veth = format!("hvxath{id}");
-        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &netns]).stderr(Stdio::null()).status();
         sh(&["ip", "netns", "add", &netns]);
         sh(&[
             "ip", "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns",
@@ -215,8 +215,8 @@ fn is_root() -> bool {
 async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     assert!(is_root(), "run as root");
     let guest = guest_dir();
-    let http = serve_file(guest.join("disk-stream.vmdk"));
     let mut node = TestNode::new();
+    let http = serve_file(guest.join("disk-stream.vmdk"));
     let port = free_port();
     node.start_agent(port, None);
     let mut c = connect(port, None).await.expect("agent serves");
@@ -254,7 +254,7 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
         last.digest.starts_with("sha256:") && last.digest.len() == 71,
         "{last:?}"
     );
-    assert!(last.virtual_bytes >= 128 << 20, "{last:?}");
+    assert!(last.virtual_bytes >= 100 << 20, "{last:?}");
     eprintln!(
         "imported in {:?} ({} progress messages)",
         started.elapsed(),
