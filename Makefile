@@ -56,6 +56,7 @@ e2e: cluster-up images ## end to end on real kubelets: helm install, the two-VM 
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/samples-server.sh
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test vms -- --test-threads=1 --nocapture
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test cluster -- --test-threads=1
+	KUBECONFIG=$(KUBECONFIG_HVX) hack/run-sample.sh hvx-e2e-uninstall
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/helm-uninstall.sh
 
 cluster-down-check: ## tears the cluster down and checks nothing is left (process, netns, mount)

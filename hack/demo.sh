@@ -21,26 +21,8 @@ hack/helm-install.sh
 say "serving the sample VMware guest disk (streamOptimized VMDK)"
 hack/samples-server.sh
 
-say "applying examples/two-vm-app.yaml in namespace ${NS}"
-"$KUBECTL" create namespace "${NS}" --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
-"$KUBECTL" -n "${NS}" apply --server-side --field-manager=hvx-demo -f examples/two-vm-app.yaml
-
-say "waiting for both VMs (disk import on the nodes, then boot under TCG: a few minutes)"
-deadline=$(( $(date +%s) + 900 ))
-last=""
-while :; do
-  line=$("$KUBECTL" -n "${NS}" get vmapp shop -o jsonpath='{.status.phase}{" "}{range .status.vms[*]}{.name}={.phase}@{.node}/{.interfaces[0].ipAddress} {end}' 2>/dev/null || true)
-  [[ "$line" != "$last" ]] && { echo "  $line"; last="$line"; }
-  if [[ "$line" == Running* ]] && ! grep -q '/ \|/$' <<<"$line"; then break; fi
-  if (( $(date +%s) > deadline )); then
-    echo "not running after 15 minutes; state:" >&2
-    "$KUBECTL" -n "${NS}" get vmapp,odisk,vnet,pods -o wide >&2
-    "$KUBECTL" -n "${NS}" describe vmapp shop >&2 || true
-    exit 1
-  fi
-  sleep 3
-done
-"$KUBECTL" -n "${NS}" get vmapp,odisk,vnet,pods -o wide
+say "applying examples/two-vm-app.yaml in namespace ${NS}; waiting for both VMs (disk import, then boot under TCG)"
+hack/run-sample.sh "${NS}"
 
 say "what next"
 cat <<TXT
