@@ -77,7 +77,7 @@ images: deps
 chart-lint:
 	charts/lint.sh
 
-bench: deps guest-image cluster-up
+bench: deps guest-image cluster-up images
 	bench/run.sh
 
 demo: cluster-up images

@@ -62,7 +62,10 @@ impl TestNode {
         let id = std::process::id() % 100_000;
         let netns = format!("hvxat{id}");
         let host_veth = format!("hvxath{id}");
-        let _ = Command::new("ip").args(["netns", "del", &netns]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns])
+            .stderr(Stdio::null())
+            .status();
         sh(&["ip", "netns", "add", &netns]);
         sh(&[
             "ip", "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns",

@@ -317,7 +317,10 @@ pub async fn sync_network(
                 let mut leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
                 leases.retain(|(net, n, _), _| !(net == &uid && n == node));
                 for l in state.leases {
-                    leases.insert((uid.clone(), node.clone(), l.mac.to_ascii_lowercase()), l.ip);
+                    leases.insert(
+                        (uid.clone(), node.clone(), l.mac.to_ascii_lowercase()),
+                        l.ip,
+                    );
                 }
                 out.ports.insert(node.clone(), taps);
                 out.vteps.insert(node.clone(), ip.clone());

@@ -7,6 +7,7 @@ use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use std::sync::Arc;
@@ -22,6 +23,20 @@ fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
         Ok(obj) => tracing::debug!(?obj, "reconciled"),
         Err(e) => tracing::debug!(error = %e, "reconcile error"),
     }
+}
+
+/// The VirtualNetworks a launcher pod's VM is attached to.
+fn networks_of_pod(pod: Pod) -> Vec<ObjectRef<VirtualNetwork>> {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    crate::hostplan::pod_launch_spec(&pod)
+        .map(|ls| {
+            ls.vm
+                .nics
+                .iter()
+                .map(|n| ObjectRef::new(&n.network.name).within(&ns))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Runs the VmApplication, VirtualNetwork and OverlayDisk controllers until a
@@ -50,6 +65,12 @@ pub async fn run(client: Client, config: OperatorConfig, instance: Option<String
     let nets = Controller::new(
         Api::<VirtualNetwork>::all(client.clone()),
         watcher::Config::default(),
+    )
+    // A VM pod bound, started or gone changes its networks' per-node state.
+    .watches(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels("hvx.dev/role=launcher"),
+        networks_of_pod,
     )
     .shutdown_on_signal()
     .run(crate::network::reconcile, error_policy, ctx.clone())

@@ -218,7 +218,9 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                     let mac = n.mac_address.to_ascii_lowercase();
                     let leased = running_on.as_ref().and_then(|node| {
                         let (uid, _) = resolved.networks.get(&n.network.name)?;
-                        leases.get(&(uid.clone(), node.clone(), mac.clone())).cloned()
+                        leases
+                            .get(&(uid.clone(), node.clone(), mac.clone()))
+                            .cloned()
                     });
                     InterfaceStatus {
                         name: n.name.clone(),
