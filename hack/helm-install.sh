@@ -13,6 +13,15 @@ NS="${HVX_NAMESPACE:-hvx-system}"
 TAG="${HVX_IMAGE_TAG:-dev}"
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
+# CRDs applied before hvx was installed by Helm (kubectl apply -f crds/, tests) are
+# adopted into the release rather than deleted: deleting a CRD deletes its objects.
+for crd in $("$KUBECTL" get crd -o name | grep '\.hvx\.dev$' || true); do
+  if [ -z "$("$KUBECTL" get "$crd" -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}')" ]; then
+    log "adopting ${crd} into the Helm release"
+    "$KUBECTL" label --overwrite "$crd" app.kubernetes.io/managed-by=Helm >/dev/null
+    "$KUBECTL" annotate --overwrite "$crd" meta.helm.sh/release-name=hvx "meta.helm.sh/release-namespace=${NS}" >/dev/null
+  fi
+done
 log "helm upgrade --install hvx charts/hvx -n ${NS}"
 "$HELM" upgrade --install hvx charts/hvx -n "${NS}" --create-namespace \
   --set images.registry=localhost --set images.tag="${TAG}" --set images.pullPolicy=Never \

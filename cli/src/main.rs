@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hvx_import::LoadOptions;
 use kubectl_hvx::manifests::{self, DiskSourceMode, MapOptions};
-use kubectl_hvx::upload::{self, HttpEndpoint, Progress, Tuning};
+use kubectl_hvx::upload::{self, HttpEndpoint, Progress, ProxyEndpoint, Tuning};
 use kubectl_hvx::{cluster, console, objects, plan, render};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -88,6 +88,10 @@ struct ImportArgs {
     /// Upload endpoint base URL.
     #[arg(long, env = "HVX_UPLOAD_URL")]
     upload_url: Option<String>,
+    /// Namespace hvx is installed in (its upload Service is reached through the API
+    /// server when --upload-url is not given).
+    #[arg(long, env = "HVX_NAMESPACE", default_value = "hvx-system")]
+    hvx_namespace: String,
     /// Bearer token for the upload endpoint.
     #[arg(long, env = "HVX_UPLOAD_TOKEN", hide_env_values = true)]
     upload_token: Option<String>,
@@ -191,9 +195,6 @@ fn parse_subnets(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 async fn import(args: ImportArgs, namespace: Option<String>) -> anyhow::Result<()> {
-    if args.upload && !args.dry_run && args.upload_url.is_none() {
-        bail!("--upload needs the upload endpoint: pass --upload-url or set HVX_UPLOAD_URL");
-    }
     let loaded = hvx_import::load(
         &args.file,
         LoadOptions {
@@ -231,23 +232,28 @@ async fn import(args: ImportArgs, namespace: Option<String>) -> anyhow::Result<(
         }
         None => {}
     }
-    if let (true, Some(url)) = (args.upload, &args.upload_url) {
+    if args.upload {
         let client = cluster::client().await?;
         let ns = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
         cluster::apply_all(&client, &ns, &m).await?;
-        let endpoint = HttpEndpoint::new(url, &ns, args.upload_token.clone())?;
+        let direct = match &args.upload_url {
+            Some(url) => Some(HttpEndpoint::new(url, &ns, args.upload_token.clone())?),
+            None => None,
+        };
+        let proxy = ProxyEndpoint::new(client.clone(), &args.hvx_namespace, 8081, &ns);
         for (disk, file) in &m.disk_files {
             let Some(location) = loaded.disks.get(file) else {
                 bail!("disk file {file} vanished");
             };
-            upload::upload(
-                &endpoint,
-                disk,
-                location,
-                Tuning::default(),
-                &mut Progress::default(),
-            )
-            .await?;
+            let mut progress = Progress::default();
+            match &direct {
+                Some(ep) => {
+                    upload::upload(ep, disk, location, Tuning::default(), &mut progress).await?
+                }
+                None => {
+                    upload::upload(&proxy, disk, location, Tuning::default(), &mut progress).await?
+                }
+            };
         }
         eprintln!(
             "imported {} into namespace {ns}",

@@ -119,6 +119,97 @@ impl UploadEndpoint for HttpEndpoint {
     }
 }
 
+/// The hvx upload Service reached through the API server's service proxy with the
+/// kubeconfig's credentials (the default: no URL, no extra token, RBAC decides).
+#[derive(Clone)]
+pub struct ProxyEndpoint {
+    client: kube::Client,
+    /// `/api/v1/namespaces/<hvx ns>/services/http:hvx-upload:<port>/proxy/v1alpha1`.
+    base: String,
+    namespace: String,
+}
+
+impl std::fmt::Debug for ProxyEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyEndpoint")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyEndpoint {
+    /// The endpoint of the hvx installation in `hvx_namespace`, for disks of `namespace`.
+    pub fn new(client: kube::Client, hvx_namespace: &str, port: u16, namespace: &str) -> Self {
+        Self {
+            client,
+            base: format!(
+                "/api/v1/namespaces/{hvx_namespace}/services/http:hvx-upload:{port}/proxy/v1alpha1"
+            ),
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    fn path(&self, disk: &str) -> String {
+        format!(
+            "{}/namespaces/{}/overlaydisks/{disk}/upload",
+            self.base, self.namespace
+        )
+    }
+
+    async fn send(
+        &self,
+        disk: &str,
+        req: http::Request<Vec<u8>>,
+    ) -> Result<(u16, Option<u64>, String)> {
+        let resp = self
+            .client
+            .send(req.map(kube::client::Body::from))
+            .await
+            .map_err(|e| failed(disk, e.to_string()))?;
+        let code = resp.status().as_u16();
+        let offset = resp
+            .headers()
+            .get("upload-offset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        Ok((code, offset, body))
+    }
+}
+
+impl UploadEndpoint for ProxyEndpoint {
+    async fn offset(&self, disk: &str) -> Result<u64> {
+        let req = http::Request::head(self.path(disk))
+            .body(Vec::new())
+            .map_err(|e| failed(disk, e.to_string()))?;
+        match self.send(disk, req).await? {
+            (404, _, body) if body.contains("does not") => Err(failed(disk, body)),
+            (404, _, _) => Ok(0),
+            (200..=299, Some(o), _) => Ok(o),
+            (200..=299, None, _) => Err(failed(disk, "server sent no Upload-Offset")),
+            (code, _, body) => Err(failed(disk, format!("HEAD answered {code}: {body}"))),
+        }
+    }
+
+    async fn put(&self, disk: &str, start: u64, total: u64, chunk: Vec<u8>) -> Result<u64> {
+        let len = chunk.len() as u64;
+        let end = start + len.saturating_sub(1);
+        let req = http::Request::put(self.path(disk))
+            .header("Content-Range", format!("bytes {start}-{end}/{total}"))
+            .header("Content-Type", "application/octet-stream")
+            .body(chunk)
+            .map_err(|e| failed(disk, e.to_string()))?;
+        match self.send(disk, req).await? {
+            (200..=299, o, _) => Ok(o.unwrap_or(start + len)),
+            (409 | 416, _, _) => Err(failed(disk, "server holds a different offset")),
+            (code, _, body) => Err(failed(disk, format!("PUT answered {code}: {body}"))),
+        }
+    }
+}
+
 /// Transfer tuning.
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {

@@ -20,6 +20,8 @@ pub struct OperatorConfig {
     pub require_agent_label: bool,
     /// How node agents are reached.
     pub agents: AgentSettings,
+    /// The disk upload endpoint this process serves, if enabled.
+    pub upload: Option<crate::upload::UploadSettings>,
 }
 
 impl Default for OperatorConfig {
@@ -30,6 +32,7 @@ impl Default for OperatorConfig {
             cpu_millis_per_vcpu: 1000,
             require_agent_label: true,
             agents: AgentSettings::default(),
+            upload: None,
         }
     }
 }

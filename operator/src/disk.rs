@@ -70,6 +70,9 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.
                 hostprep::release_disk_everywhere(&ctx, &disk.uid().unwrap_or_default()).await?;
+                if let Some(up) = &ctx.config.upload {
+                    crate::upload::forget(up, &disk.uid().unwrap_or_default());
+                }
                 Ok(Action::await_change())
             }
         }

@@ -100,10 +100,38 @@ pub async fn ensure_vm_disks(
                 ));
             }
             _ => {
-                let req = hostplan::prepare_disk_request(&obj).map_err(|reason| Error::Build {
-                    object: obj.name_any(),
-                    reason,
-                })?;
+                let mut req =
+                    hostplan::prepare_disk_request(&obj).map_err(|reason| Error::Build {
+                        object: obj.name_any(),
+                        reason,
+                    })?;
+                if obj.spec.source.upload.is_some() {
+                    // Uploaded bytes are served by this process; until they are all
+                    // here there is nothing to import.
+                    match &ctx.config.upload {
+                        Some(up) if crate::upload::complete(up, &uid) => {
+                            req.source = Some(pb::DiskSource {
+                                kind: Some(pb::disk_source::Kind::HttpUrl(
+                                    crate::upload::fetch_url(up, &uid),
+                                )),
+                            });
+                        }
+                        Some(_) => {
+                            waiting.push(format!(
+                                "waiting for `kubectl hvx import --upload` of {}",
+                                vd.overlay_disk.name
+                            ));
+                            continue;
+                        }
+                        None => {
+                            waiting.push(format!(
+                                "{} takes uploads but this operator has no upload endpoint (--upload-dir)",
+                                vd.overlay_disk.name
+                            ));
+                            continue;
+                        }
+                    }
+                }
                 let client = client_for(ctx, cluster, node)?;
                 ctx.imports
                     .lock()

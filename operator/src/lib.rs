@@ -16,6 +16,7 @@ pub mod network;
 pub mod run;
 pub mod status;
 pub mod uninstall;
+pub mod upload;
 pub mod vmapp;
 
 pub use context::{Context, OperatorConfig};

@@ -32,6 +32,25 @@ struct Args {
     /// TLS with the agents. Without it, agents are called in plaintext (development).
     #[arg(long, env = "HVX_AGENT_TLS_DIR")]
     agent_tls_dir: Option<std::path::PathBuf>,
+    /// Directory for disk uploads (`kubectl hvx import --upload`); unset disables them.
+    #[arg(long, env = "HVX_UPLOAD_DIR")]
+    upload_dir: Option<std::path::PathBuf>,
+    /// Upload endpoint listen address (the `hvx-upload` Service targets it).
+    #[arg(long, env = "HVX_UPLOAD_LISTEN", default_value = "0.0.0.0:8081")]
+    upload_listen: std::net::SocketAddr,
+    /// URL agents fetch completed uploads from (the Service, in-cluster).
+    #[arg(
+        long,
+        env = "HVX_UPLOAD_INTERNAL_URL",
+        default_value = "http://hvx-upload.hvx-system.svc:8081"
+    )]
+    upload_internal_url: String,
+    /// Largest disk accepted by upload, bytes.
+    #[arg(long, env = "HVX_UPLOAD_MAX_BYTES", default_value_t = 2 << 40)]
+    upload_max_bytes: u64,
+    /// File holding a bearer token uploads must present (besides API server RBAC).
+    #[arg(long, env = "HVX_UPLOAD_TOKEN_FILE")]
+    upload_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -73,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("every hvx object deleted");
         return Ok(());
     }
-    let config = OperatorConfig {
+    let mut config = OperatorConfig {
         launcher_image: args.launcher_image,
         image_pull_policy: args.image_pull_policy,
         cpu_millis_per_vcpu: args.cpu_millis_per_vcpu,
@@ -83,7 +102,39 @@ async fn main() -> anyhow::Result<()> {
             tls_dir: args.agent_tls_dir,
             ..Default::default()
         },
+        upload: None,
     };
+    if let Some(dir) = &args.upload_dir {
+        let token = match &args.upload_token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let settings = hvx_operator::upload::UploadSettings {
+            dir: dir.clone(),
+            internal_url: args.upload_internal_url.clone(),
+            max_bytes: args.upload_max_bytes,
+            token,
+        };
+        let server = hvx_operator::upload::Server::new(
+            settings.clone(),
+            hvx_operator::upload::KubeDisks(client.clone()),
+        )?;
+        let listener = tokio::net::TcpListener::bind(args.upload_listen)
+            .await
+            .with_context(|| format!("binding the upload endpoint {}", args.upload_listen))?;
+        tracing::info!(listen = %args.upload_listen, dir = %dir.display(), "serving disk uploads");
+        // Serves on every replica, leader or not: it is a data path.
+        tokio::spawn(hvx_operator::upload::serve(
+            listener,
+            std::sync::Arc::new(server),
+        ));
+        config.upload = Some(settings);
+    }
     if config.agents.tls_dir.is_none() {
         tracing::warn!("--agent-tls-dir not set: node agents are called without TLS");
     }
