@@ -14,25 +14,31 @@ GUEST="$(hack/build-guest.sh | tail -1)"
 IMAGE="${HVX_TEST_IMAGE:-localhost/hvx-e2e-busybox:1}"
 "$KUBECTL" create namespace hvx-samples --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 "$KUBECTL" apply --server-side --field-manager=hvx-samples -f - >/dev/null <<YAML
-apiVersion: v1
-kind: Pod
+apiVersion: apps/v1
+kind: Deployment
 metadata:
   name: hvx-samples
   namespace: hvx-samples
-  labels: {app.kubernetes.io/name: hvx-samples}
 spec:
-  containers:
-    - name: httpd
-      image: ${IMAGE}
-      imagePullPolicy: Never
-      command: ["httpd", "-f", "-p", "8080", "-h", "/samples"]
-      ports: [{containerPort: 8080}]
-      readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
-      volumeMounts:
-        - {name: disk, mountPath: /samples/sample-guest-stream.vmdk, readOnly: true}
-  volumes:
-    - name: disk
-      hostPath: {path: ${GUEST}/disk-stream.vmdk, type: File}
+  replicas: 1
+  selector:
+    matchLabels: {app.kubernetes.io/name: hvx-samples}
+  template:
+    metadata:
+      labels: {app.kubernetes.io/name: hvx-samples}
+    spec:
+      containers:
+        - name: httpd
+          image: ${IMAGE}
+          imagePullPolicy: Never
+          command: ["httpd", "-f", "-p", "8080", "-h", "/samples"]
+          ports: [{containerPort: 8080}]
+          readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
+          volumeMounts:
+            - {name: disk, mountPath: /samples/sample-guest-stream.vmdk, readOnly: true}
+      volumes:
+        - name: disk
+          hostPath: {path: ${GUEST}/disk-stream.vmdk, type: File}
 ---
 apiVersion: v1
 kind: Service
@@ -43,5 +49,7 @@ spec:
   selector: {app.kubernetes.io/name: hvx-samples}
   ports: [{port: 8080, targetPort: 8080}]
 YAML
-"$KUBECTL" -n hvx-samples wait --for=condition=Ready pod/hvx-samples --timeout=120s >/dev/null
+# A Deployment: drains in the e2e move it instead of deleting it.
+"$KUBECTL" -n hvx-samples delete pod hvx-samples --ignore-not-found >/dev/null
+"$KUBECTL" -n hvx-samples rollout status deployment/hvx-samples --timeout=120s >/dev/null
 echo "samples: http://hvx-samples.hvx-samples.svc:8080/sample-guest-stream.vmdk ($(stat -c %s "${GUEST}/disk-stream.vmdk") bytes)"
