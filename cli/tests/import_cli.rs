@@ -369,13 +369,22 @@ fn bad_inputs_fail_cleanly() {
 }
 
 #[test]
-fn upload_needs_an_endpoint() {
+fn upload_without_a_cluster_fails_cleanly() {
+    // Without --upload-url the disks go through the API server: no kubeconfig, a
+    // clear error and exit 1, before anything is created.
     let dir = tempfile::tempdir().expect("tempdir");
     let (ova, _) = single_vm_ova(dir.path(), None);
-    assert_fails(
-        &["import", ova.to_str().expect("utf8"), "--upload"],
-        "--upload needs the upload endpoint",
-    );
+    let out = Command::new(BIN)
+        .args(["import", ova.to_str().expect("utf8"), "--upload"])
+        .env_remove("HVX_UPLOAD_URL")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
+        .env("HOME", dir.path())
+        .output()
+        .expect("run kubectl-hvx");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("kubeconfig"), "{stderr}");
 }
 
 #[test]
