@@ -8,11 +8,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Follows the serial log file and waits for lines.
+///
+/// Lines read from the file but not yet examined by a `wait_for` stay queued, so
+/// several protocol lines arriving in one read can be awaited one after another.
 #[derive(Debug)]
 pub struct SerialLog {
     path: PathBuf,
     offset: u64,
     partial: String,
+    pending: std::collections::VecDeque<String>,
 }
 
 impl SerialLog {
@@ -22,6 +26,7 @@ impl SerialLog {
             path: path.to_path_buf(),
             offset: 0,
             partial: String::new(),
+            pending: std::collections::VecDeque::new(),
         }
     }
 
@@ -32,13 +37,20 @@ impl SerialLog {
             path: path.to_path_buf(),
             offset,
             partial: String::new(),
+            pending: std::collections::VecDeque::new(),
         }
     }
 
-    /// Complete lines appended since the last call.
+    /// Complete lines appended since the last call (including lines still queued).
     pub fn read_new_lines(&mut self) -> Vec<String> {
+        self.fill();
+        self.pending.drain(..).collect()
+    }
+
+    /// Moves complete lines appended to the file into the queue.
+    fn fill(&mut self) {
         let Ok(bytes) = std::fs::read(&self.path) else {
-            return Vec::new();
+            return;
         };
         let len = bytes.len() as u64;
         if len < self.offset {
@@ -51,23 +63,30 @@ impl SerialLog {
         self.partial
             .push_str(&String::from_utf8_lossy(&bytes[start..]));
         self.offset = len;
-        let mut lines = Vec::new();
         while let Some(i) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=i).collect();
-            lines.push(line.trim_end_matches(['\r', '\n']).to_string());
+            self.pending
+                .push_back(line.trim_end_matches(['\r', '\n']).to_string());
         }
-        lines
+    }
+
+    /// Pops queued lines up to and including the first one matching `pred`; lines
+    /// after it stay queued for the next wait.
+    fn take_until(&mut self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        self.fill();
+        while let Some(l) = self.pending.pop_front() {
+            if pred(&l) {
+                return Some(l);
+            }
+        }
+        None
     }
 
     /// Waits for a line containing `needle`; returns that line.
     pub async fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self
-                .read_new_lines()
-                .into_iter()
-                .find(|l| l.contains(needle))
-            {
+            if let Some(l) = self.take_until(|l| l.contains(needle)) {
                 return Ok(l);
             }
             if Instant::now() >= deadline {
@@ -84,11 +103,7 @@ impl SerialLog {
     pub async fn first_line(&mut self, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self
-                .read_new_lines()
-                .into_iter()
-                .find(|l| !l.trim().is_empty())
-            {
+            if let Some(l) = self.take_until(|l| !l.trim().is_empty()) {
                 return Ok(l);
             }
             if Instant::now() >= deadline {
@@ -193,5 +208,32 @@ impl SerialConsole {
     /// The raw stream, for bridging to a terminal.
     pub fn into_stream(self) -> UnixStream {
         self.stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_read_together_are_awaited_one_after_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("serial.log");
+        std::fs::write(&path, "boot\nHVX-GUEST disk a\nHVX-GUEST nic b\npart").expect("write log");
+        let mut log = SerialLog::new(&path);
+        let t = Duration::from_millis(300);
+        assert_eq!(
+            log.wait_for("disk", t).await.expect("line"),
+            "HVX-GUEST disk a"
+        );
+        assert_eq!(
+            log.wait_for("nic", t).await.expect("line"),
+            "HVX-GUEST nic b"
+        );
+        // The unterminated line is not a line until its newline arrives.
+        assert!(log.wait_for("part", t).await.is_err());
+        std::fs::write(&path, "boot\nHVX-GUEST disk a\nHVX-GUEST nic b\npartial\n")
+            .expect("append log");
+        assert_eq!(log.wait_for("part", t).await.expect("line"), "partial");
     }
 }
