@@ -8,6 +8,7 @@ pub mod accel;
 pub mod argv;
 pub mod console;
 mod error;
+pub mod migration;
 pub mod qmp;
 pub mod spec;
 pub mod validate;

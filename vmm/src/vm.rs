@@ -22,6 +22,9 @@ pub struct StartOptions {
     pub qemu: String,
     /// Resume from a file written by `Vm::suspend`.
     pub resume_from: Option<PathBuf>,
+    /// Start as a live-migration target: `-incoming defer -S`, nothing loaded; the
+    /// caller drives `migration::listen_incoming` / `finish_incoming`.
+    pub incoming: bool,
     /// Bound on QEMU start-up until QMP answers.
     pub start_timeout: Duration,
     /// Bound on each QMP command.
@@ -33,6 +36,7 @@ impl Default for StartOptions {
         Self {
             qemu: QEMU_BINARY.to_string(),
             resume_from: None,
+            incoming: false,
             start_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(30),
         }
@@ -139,8 +143,12 @@ impl Vm {
             });
         }
         let mut argv = build_argv(spec, accel, &paths);
-        if opts.resume_from.is_some() {
+        if opts.resume_from.is_some() || opts.incoming {
             argv.extend(["-incoming".to_string(), "defer".to_string()]);
+        }
+        if opts.incoming {
+            // Paused after the final state arrives: the disks are switched over first.
+            argv.push("-S".to_string());
         }
         tracing::info!(vm = %spec.name, accel = accel.as_str(), "starting QEMU: {} {}", opts.qemu, argv.join(" "));
         let mut child = Command::new(&opts.qemu)
@@ -223,6 +231,11 @@ impl Vm {
     /// The accelerator in use.
     pub fn accel(&self) -> Accel {
         self.accel
+    }
+
+    /// The last lines QEMU wrote on stderr (for error reports).
+    pub fn stderr_tail(&self) -> String {
+        tail_text(&self.stderr_tail)
     }
 
     /// QEMU's pid (None once reaped).

@@ -1,0 +1,523 @@
+//! Live migration between two QEMUs without shared storage, over TLS.
+//!
+//! The flow is libvirt's, which is the one QEMU's block layer is built for:
+//! 1. target: QEMU started with `-incoming defer -S`; a TLS-PSK credential; an NBD
+//!    server exporting each disk's (empty) top overlay, writable; `migrate-incoming`.
+//! 2. source: `blockdev-mirror sync=top` of each disk's top overlay into the target's
+//!    NBD export (the bases are identical on both nodes: same content digest), and
+//!    wait until every mirror is in sync (`ready`);
+//! 3. source: `migrate` with `pause-before-switchover`: memory is pre-copied while the
+//!    guest runs; when QEMU stops the vCPUs for the last pass it waits in
+//!    `pre-switchover`, we complete the mirrors (`block-job-cancel` of a ready mirror
+//!    finishes it with the target consistent) and let QEMU send the final state;
+//! 4. target: when its migration completes, stop the NBD server and `cont`.
+//!
+//! Any failure before the final state leaves the source VM running (`migrate_cancel`,
+//! mirrors dropped, `cont` if it was paused). Why TLS-PSK and not X.509: the key is
+//! made per migration by the operator and handed to both agents over their mTLS
+//! channel, so no certificate has to reach the launcher pods and a key is useless
+//! after its migration.
+
+use crate::error::io_err;
+use crate::qmp::QmpClient;
+use crate::{Result, VmmError};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The QOM id of the TLS credential object on both sides.
+pub const TLS_CREDS_ID: &str = "hvx-mig-tls";
+/// The PSK identity both sides use.
+pub const PSK_USERNAME: &str = "hvx-migration";
+
+/// Where the target listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetEndpoint {
+    /// Address the source connects to (the target node's IP; launchers use the host
+    /// network).
+    pub host: String,
+    /// Memory stream port.
+    pub migration_port: u16,
+    /// NBD port for the disk mirrors.
+    pub nbd_port: u16,
+}
+
+/// Tuning of one migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Longest acceptable pause at switchover (QEMU `downtime-limit`).
+    pub max_downtime_ms: u32,
+    /// Bandwidth cap in MiB/s; 0 is unlimited.
+    pub bandwidth_mib_per_second: u32,
+    /// Throttle vCPUs when pre-copy does not converge.
+    pub auto_converge: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_downtime_ms: 300,
+            bandwidth_mib_per_second: 0,
+            auto_converge: true,
+        }
+    }
+}
+
+/// What a source has done so far; sent to the progress callback.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// `mirroring`, `precopy`, `switchover`.
+    pub stage: &'static str,
+    /// Disk bytes copied / to copy (all mirrors).
+    pub disk_done: u64,
+    /// Disk bytes total.
+    pub disk_total: u64,
+    /// Memory bytes sent so far.
+    pub ram_transferred: u64,
+    /// Memory bytes still to send.
+    pub ram_remaining: u64,
+    /// Pre-copy passes.
+    pub iterations: u64,
+}
+
+/// The outcome on the source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Whole migration, mirrors included.
+    pub total_ms: u64,
+    /// Guest pause on the source as QEMU measured it (vCPU stop to final state sent).
+    pub downtime_ms: u64,
+    /// Memory bytes sent.
+    pub ram_bytes: u64,
+    /// Disk bytes mirrored.
+    pub disk_bytes: u64,
+}
+
+/// Writes the PSK file QEMU's `tls-creds-psk` reads (`<dir>/keys.psk`, mode 0600).
+pub fn write_psk(dir: &Path, key: &[u8]) -> Result<PathBuf> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if key.len() < 16 {
+        return Err(VmmError::Migration {
+            op: "tls",
+            reason: format!("PSK of {} bytes is too short (16 at least)", key.len()),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(io_err("creating TLS dir", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("restricting TLS dir", dir))?;
+    let file = dir.join("keys.psk");
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&file)
+        .map_err(io_err("writing PSK", &file))?;
+    std::io::Write::write_all(&mut f, format!("{PSK_USERNAME}:{hex}\n").as_bytes())
+        .map_err(io_err("writing PSK", &file))?;
+    Ok(file)
+}
+
+async fn add_tls(qmp: &QmpClient, dir: &Path, endpoint: &str) -> Result<()> {
+    // Idempotent: a retried call finds the object already there.
+    let _ = qmp
+        .execute("object-del", Some(json!({"id": TLS_CREDS_ID})))
+        .await;
+    let mut args = json!({"qom-type": "tls-creds-psk", "id": TLS_CREDS_ID,
+                          "dir": dir, "endpoint": endpoint});
+    if endpoint == "client" {
+        // The server looks the identity up in its keys.psk.
+        args["username"] = json!(PSK_USERNAME);
+    }
+    qmp.execute("object-add", Some(args)).await.map(drop)
+}
+
+fn mirror_job(disk: &str) -> String {
+    format!("mig-{disk}")
+}
+
+fn disk_node(disk: &str) -> String {
+    format!("disk-{disk}")
+}
+
+async fn set_capabilities(qmp: &QmpClient, source: bool, tuning: &Tuning) -> Result<()> {
+    let mut caps = vec![json!({"capability": "events", "state": true})];
+    if source {
+        caps.push(json!({"capability": "pause-before-switchover", "state": true}));
+        caps.push(json!({"capability": "auto-converge", "state": tuning.auto_converge}));
+    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": caps})),
+    )
+    .await
+    .map(drop)
+}
+
+/// Target, step 1: TLS credential, writable NBD exports of `disks` (their top
+/// overlays), and the incoming memory listener. QEMU must run with
+/// `-incoming defer -S`.
+pub async fn listen_incoming(
+    qmp: &QmpClient,
+    endpoint: &TargetEndpoint,
+    disks: &[String],
+    tls_dir: Option<&Path>,
+) -> Result<()> {
+    let tls = tls_dir.is_some();
+    if let Some(dir) = tls_dir {
+        add_tls(qmp, dir, "server").await?;
+    }
+    set_capabilities(qmp, false, &Tuning::default()).await?;
+    if tls {
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": TLS_CREDS_ID})),
+        )
+        .await?;
+    }
+    if !disks.is_empty() {
+        // nbd-server-start takes the legacy (nested `data`) socket address.
+        let mut args = json!({"addr": {"type": "inet", "data": {"host": endpoint.host,
+                                       "port": endpoint.nbd_port.to_string()}}});
+        if tls {
+            args["tls-creds"] = json!(TLS_CREDS_ID);
+        }
+        qmp.execute("nbd-server-start", Some(args)).await?;
+        for d in disks {
+            // Exporting activates the (not yet migrated) overlay so it takes the
+            // mirror's writes: this is QEMU's non-shared-storage migration path.
+            qmp.execute(
+                "block-export-add",
+                Some(
+                    json!({"type": "nbd", "id": mirror_job(d), "node-name": disk_node(d),
+                            "name": disk_node(d), "writable": true}),
+                ),
+            )
+            .await?;
+        }
+    }
+    let uri = format!("tcp:{}:{}", endpoint.host, endpoint.migration_port);
+    qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
+        .await
+        .map(drop)
+}
+
+/// Target, step 4: waits for the incoming migration to complete, stops the NBD server
+/// and resumes the guest. Returns the time from completion to running, in ms.
+pub async fn finish_incoming(qmp: &QmpClient, timeout: Duration) -> Result<u64> {
+    let deadline = Deadline::after(timeout);
+    loop {
+        let v = qmp.execute("query-migrate", None).await?;
+        match status_of(&v) {
+            "completed" => break,
+            "failed" | "cancelled" => return Err(failed("incoming migration", &v)),
+            _ => {}
+        }
+        if qmp.run_state().await? == "paused" {
+            // -S: paused after the final state arrived (some QEMUs report no status).
+            break;
+        }
+        deadline.check("the incoming migration")?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = Instant::now();
+    let _ = qmp.execute("nbd-server-stop", None).await;
+    qmp.execute("cont", None).await?;
+    Ok(u64::try_from(done.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Source: mirrors `disks` to the target, pre-copies memory, switches over. On error
+/// the VM keeps running here.
+pub async fn migrate_to(
+    qmp: &QmpClient,
+    endpoint: &TargetEndpoint,
+    disks: &[String],
+    tls_dir: Option<&Path>,
+    tuning: &Tuning,
+    timeout: Duration,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Report> {
+    let started = Instant::now();
+    let deadline = Deadline::after(timeout);
+    let result = async {
+        if let Some(dir) = tls_dir {
+            add_tls(qmp, dir, "client").await?;
+        }
+        let disk_bytes =
+            mirror_disks(qmp, endpoint, disks, tls_dir.is_some(), deadline, progress).await?;
+        set_capabilities(qmp, true, tuning).await?;
+        let mut params = json!({
+            "downtime-limit": tuning.max_downtime_ms,
+            "max-bandwidth": u64::from(tuning.bandwidth_mib_per_second) << 20,
+        });
+        if tuning.bandwidth_mib_per_second == 0 {
+            // QEMU's default cap is 128 MiB/s; "unlimited" is a large number.
+            params["max-bandwidth"] = json!(u64::MAX >> 2);
+        }
+        if tls_dir.is_some() {
+            params["tls-creds"] = json!(TLS_CREDS_ID);
+        }
+        qmp.execute("migrate-set-parameters", Some(params)).await?;
+        let uri = format!("tcp:{}:{}", endpoint.host, endpoint.migration_port);
+        qmp.execute("migrate", Some(json!({"uri": uri}))).await?;
+        let mut report = precopy_and_switch(qmp, disks, deadline, progress).await?;
+        report.disk_bytes = disk_bytes;
+        Ok(report)
+    }
+    .await;
+    match result {
+        Ok(mut report) => {
+            report.total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            drop_mirror_nodes(qmp, disks).await;
+            Ok(report)
+        }
+        Err(e) => {
+            rollback(qmp, disks).await;
+            Err(e)
+        }
+    }
+}
+
+async fn mirror_disks(
+    qmp: &QmpClient,
+    endpoint: &TargetEndpoint,
+    disks: &[String],
+    tls: bool,
+    deadline: Deadline,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<u64> {
+    for d in disks {
+        let mut server = json!({"driver": "nbd", "node-name": mirror_job(d),
+            "server": {"type": "inet", "host": endpoint.host, "port": endpoint.nbd_port.to_string()},
+            "export": disk_node(d)});
+        if tls {
+            server["tls-creds"] = json!(TLS_CREDS_ID);
+        }
+        qmp.execute("blockdev-add", Some(server)).await?;
+        // write-blocking: once in sync, guest writes complete only when the target has
+        // them too, so the mirrors cannot fall behind a busy guest.
+        qmp.execute(
+            "blockdev-mirror",
+            Some(json!({"job-id": mirror_job(d), "device": disk_node(d),
+                        "target": mirror_job(d), "sync": "top",
+                        "copy-mode": "write-blocking", "auto-dismiss": false})),
+        )
+        .await?;
+    }
+    loop {
+        let jobs = mirror_jobs(qmp, disks).await?;
+        if let Some(err) = jobs.iter().find_map(|j| j.error.clone()) {
+            return Err(VmmError::Migration {
+                op: "disk mirror",
+                reason: err,
+            });
+        }
+        let (done, total) = jobs
+            .iter()
+            .fold((0, 0), |(d, t), j| (d + j.offset, t + j.len));
+        progress(&Progress {
+            stage: "mirroring",
+            disk_done: done,
+            disk_total: total,
+            ..Progress::default()
+        });
+        if jobs.len() == disks.len() && jobs.iter().all(|j| j.ready) {
+            return Ok(total);
+        }
+        deadline.check("the disk mirrors to be in sync")?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Debug)]
+struct MirrorJob {
+    id: String,
+    ready: bool,
+    offset: u64,
+    len: u64,
+    status: String,
+    error: Option<String>,
+}
+
+async fn mirror_jobs(qmp: &QmpClient, disks: &[String]) -> Result<Vec<MirrorJob>> {
+    let ours: Vec<String> = disks.iter().map(|d| mirror_job(d)).collect();
+    let v = qmp.execute("query-block-jobs", None).await?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| {
+            let id = j.get("device")?.as_str()?.to_string();
+            ours.contains(&id).then(|| MirrorJob {
+                ready: j.get("ready").and_then(Value::as_bool).unwrap_or(false),
+                offset: j.get("offset").and_then(Value::as_u64).unwrap_or(0),
+                len: j.get("len").and_then(Value::as_u64).unwrap_or(0),
+                status: j
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                error: j.get("error").and_then(Value::as_str).map(str::to_string),
+                id,
+            })
+        })
+        .collect())
+}
+
+async fn precopy_and_switch(
+    qmp: &QmpClient,
+    disks: &[String],
+    deadline: Deadline,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Report> {
+    let mut switched = false;
+    loop {
+        let v = qmp.execute("query-migrate", None).await?;
+        let ram = v.get("ram");
+        let num = |k: &str| {
+            ram.and_then(|r| r.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        let status = status_of(&v);
+        progress(&Progress {
+            stage: if switched || status == "pre-switchover" {
+                "switchover"
+            } else {
+                "precopy"
+            },
+            ram_transferred: num("transferred"),
+            ram_remaining: num("remaining"),
+            iterations: num("dirty-sync-count"),
+            ..Progress::default()
+        });
+        match status {
+            "completed" => {
+                return Ok(Report {
+                    downtime_ms: v.get("downtime").and_then(Value::as_u64).unwrap_or(0),
+                    ram_bytes: num("transferred"),
+                    ..Report::default()
+                });
+            }
+            "failed" | "cancelled" => return Err(failed("migration", &v)),
+            "pre-switchover" if !switched => {
+                // vCPUs are stopped: finish the mirrors, then let QEMU send the rest.
+                complete_mirrors(qmp, disks, deadline).await?;
+                qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                    .await?;
+                switched = true;
+            }
+            _ => {}
+        }
+        deadline.check("the migration to complete")?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn complete_mirrors(qmp: &QmpClient, disks: &[String], deadline: Deadline) -> Result<()> {
+    for d in disks {
+        // Cancelling a ready mirror completes it: the target holds every write.
+        qmp.execute("block-job-cancel", Some(json!({"device": mirror_job(d)})))
+            .await?;
+    }
+    loop {
+        let jobs = mirror_jobs(qmp, disks).await?;
+        if let Some(j) = jobs.iter().find(|j| j.error.is_some()) {
+            return Err(VmmError::Migration {
+                op: "disk mirror",
+                reason: format!("{}: {}", j.id, j.error.clone().unwrap_or_default()),
+            });
+        }
+        if jobs.iter().all(|j| j.status == "concluded") {
+            for j in &jobs {
+                qmp.execute("job-dismiss", Some(json!({"id": j.id})))
+                    .await?;
+            }
+            return Ok(());
+        }
+        deadline.check("the disk mirrors to complete")?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn drop_mirror_nodes(qmp: &QmpClient, disks: &[String]) {
+    for d in disks {
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({"node-name": mirror_job(d)})))
+            .await;
+    }
+}
+
+/// Undoes a failed or cancelled source side: the VM keeps running here.
+pub async fn rollback(qmp: &QmpClient, disks: &[String]) {
+    let _ = qmp.execute("migrate_cancel", None).await;
+    for d in disks {
+        let _ = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": mirror_job(d), "force": true})),
+            )
+            .await;
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        match mirror_jobs(qmp, disks).await {
+            Ok(jobs) if jobs.iter().all(|j| j.status == "concluded") => {
+                for j in &jobs {
+                    let _ = qmp.execute("job-dismiss", Some(json!({"id": j.id}))).await;
+                }
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => break,
+        }
+    }
+    drop_mirror_nodes(qmp, disks).await;
+    // A failure after the vCPUs stopped (pre-switchover) leaves the guest paused.
+    if let Ok(state) = qmp.run_state().await
+        && matches!(state.as_str(), "paused" | "finish-migrate" | "postmigrate")
+    {
+        let _ = qmp.execute("cont", None).await;
+    }
+}
+
+fn status_of(v: &Value) -> &str {
+    v.get("status").and_then(Value::as_str).unwrap_or("none")
+}
+
+fn failed(op: &'static str, v: &Value) -> VmmError {
+    VmmError::Migration {
+        op,
+        reason: v
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .unwrap_or(status_of(v))
+            .to_string(),
+    }
+}
+
+/// The end of a bounded wait, and its length for the error message.
+#[derive(Clone, Copy, Debug)]
+struct Deadline {
+    at: Instant,
+    total: Duration,
+}
+
+impl Deadline {
+    fn after(total: Duration) -> Self {
+        Self {
+            at: Instant::now() + total,
+            total,
+        }
+    }
+
+    fn check(self, what: &str) -> Result<()> {
+        if Instant::now() >= self.at {
+            return Err(VmmError::Timeout {
+                what: what.to_string(),
+                secs: self.total.as_secs_f64(),
+            });
+        }
+        Ok(())
+    }
+}
