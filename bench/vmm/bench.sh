@@ -45,7 +45,8 @@ measure() { # kind run -> prints "qmp serial"
     t0=$(now); "$LAUNCHER" run --spec "$d/spec.json" 2>"$d/launcher.log" & pid=$!
   else
     mkdir -p "$d/run"
-    read -r -a argv < <("$LAUNCHER" argv --spec "$d/spec.json")
+    # One argument per line: SMBIOS strings contain spaces.
+    mapfile -t argv < <("$LAUNCHER" argv --json --spec "$d/spec.json" | jq -r '.[]')
     t0=$(now); "${argv[@]}" 2>"$d/qemu.log" & pid=$!
   fi
   PIDS+=("$pid")
@@ -58,6 +59,11 @@ measure() { # kind run -> prints "qmp serial"
   kill -TERM "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   [ -f "$d/run/qemu.pid" ] && kill -KILL "$(cat "$d/run/qemu.pid")" 2>/dev/null || true
+  if [ -z "$tq" ] || [ -z "$ts" ]; then
+    echo "bench vmm: $1 run $2 never got running (see $d)" >&2
+    cat "$d"/*.log >&2 || true
+    exit 1
+  fi
   echo "$(echo "$tq - $t0" | bc -l) $(echo "$ts - $t0" | bc -l)"
 }
 

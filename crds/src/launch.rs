@@ -24,6 +24,24 @@ pub struct LaunchSpec {
     pub disks: Vec<LaunchDisk>,
     /// NICs with their network resolved.
     pub nics: Vec<LaunchNic>,
+    /// Set on the target pod of a live migration: QEMU starts paused and receives the
+    /// running VM instead of booting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingMigration>,
+}
+
+/// Where a migration target listens (chosen by the target node's agent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingMigration {
+    /// VmMigration name.
+    pub migration: String,
+    /// Target node address.
+    pub host: String,
+    /// Memory stream port.
+    pub migration_port: u16,
+    /// NBD port for the disk mirrors.
+    pub nbd_port: u16,
 }
 
 /// A disk with its OverlayDisk resolved.

@@ -76,6 +76,9 @@ pub fn vm_overlay_ref(vm_id: &str, disk: &str) -> (String, String) {
     (vm_key(vm_id), disk.to_string())
 }
 
+/// Directory in a VM's run dir holding the TLS-PSK key of a migration in progress.
+pub const MIGRATION_TLS_DIR: &str = "migration-tls";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ fn start_operator(client: &kube::Client) -> tokio::task::JoinHandle<()> {
         require_agent_label: true,
         agents: Default::default(),
         upload: None,
+        migrations: Default::default(),
     };
     tokio::spawn(hvx_operator::run::run(
         client.clone(),

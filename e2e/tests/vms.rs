@@ -10,177 +10,15 @@
 
 mod common;
 
+use common::guest::*;
 use common::*;
 use hvx_api::VmApplication;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 const NS: &str = "hvx-e2e-vms";
-const RUN_ROOT: &str = "/run/hvx";
-const STORE_ROOT: &str = "/var/lib/hvx";
-
-/// Polls like `wait_for`, but dumps the application's state before failing.
-async fn wait_or_dump<T, F, Fut>(client: &Client, what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            dump(client).await;
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-async fn dump(client: &Client) {
-    let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
-    if let Ok(app) = apps.get("shop").await {
-        eprintln!(
-            "--- VmApplication status:\n{}",
-            serde_json::to_string_pretty(&app.status).unwrap_or_default()
-        );
-    }
-    for kind in ["OverlayDisk", "VirtualNetwork"] {
-        if let Ok(list) = api_for(client, NS, kind).list(&ListParams::default()).await {
-            for o in list.items {
-                eprintln!(
-                    "--- {kind} {}: {}",
-                    o.metadata.name.unwrap_or_default(),
-                    o.data.get("status").cloned().unwrap_or_default()
-                );
-            }
-        }
-    }
-    for ns in [NS, "hvx-system"] {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        if let Ok(list) = pods.list(&ListParams::default()).await {
-            for p in list.items {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let phase = p.status.as_ref().and_then(|s| s.phase.clone());
-                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-                eprintln!("--- pod {ns}/{name} {phase:?} on {node:?}");
-                let logs = pods
-                    .logs(
-                        &name,
-                        &kube::api::LogParams {
-                            tail_lines: Some(25),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .unwrap_or_default();
-                eprintln!("{logs}");
-            }
-        }
-    }
-}
-
-fn shop_status(app: &VmApplication) -> Value {
-    serde_json::to_value(&app.status).unwrap_or_default()
-}
-
-/// (node, ip) of each VM once the application is Running and every NIC has an address.
-async fn running_with_addresses(client: &Client) -> Vec<(String, String, String)> {
-    let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
-    wait_or_dump(
-        client,
-        "both VMs Running with DHCP addresses",
-        Duration::from_secs(900),
-        || {
-            let apps = apps.clone();
-            async move {
-                let s = shop_status(&apps.get("shop").await.ok()?);
-                if s["phase"] != "Running" {
-                    return None;
-                }
-                let vms = s["vms"].as_array()?;
-                vms.iter()
-                    .map(|v| {
-                        Some((
-                            v["name"].as_str()?.to_string(),
-                            v["node"].as_str()?.to_string(),
-                            v["interfaces"][0]["ipAddress"].as_str()?.to_string(),
-                        ))
-                    })
-                    .collect::<Option<Vec<_>>>()
-            }
-        },
-    )
-    .await
-}
-
-fn vm_run_dir(node: &str, app_uid: &str, vm: &str) -> PathBuf {
-    hvx_api::node::NodePaths::new(Path::new(STORE_ROOT), Path::new(RUN_ROOT), node)
-        .vm_run_dir(&format!("{app_uid}/{vm}"))
-}
-
-/// Runs `cmd` in the guest's root shell on its serial console; true iff it exited 0.
-/// Busybox's line editor asks the terminal for the cursor position (`ESC[6n`) at each
-/// prompt and would eat typed input as the answer, so we answer like a terminal and
-/// type only after the prompt.
-async fn guest_run(run_dir: &Path, cmd: &str, timeout: Duration) -> (bool, String) {
-    let sock = run_dir.join("serial.sock");
-    let mut stream = match UnixStream::connect(&sock).await {
-        Ok(s) => s,
-        Err(e) => return (false, format!("connecting {}: {e}", sock.display())),
-    };
-    let marker = format!("E2E{}", std::process::id());
-    let mut out = String::new();
-    let mut answered = 0;
-    let mut typed = false;
-    if let Err(e) = stream.write_all(b"\n").await {
-        return (false, format!("writing to the console: {e}"));
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
-    while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Ok(Err(e)) => return (false, format!("{out}\nreading the console: {e}")),
-            Err(_) => {}
-        }
-        let queries = out.matches("\x1b[6n").count();
-        while answered < queries {
-            let _ = stream.write_all(b"\x1b[24;1R").await;
-            answered += 1;
-        }
-        if !typed && out.contains("hvx# ") {
-            // Let the prompt's cursor query be answered first.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let line = format!("{cmd}; echo {marker}-$?-END\n");
-            if let Err(e) = stream.write_all(line.as_bytes()).await {
-                return (false, format!("writing to the console: {e}"));
-            }
-            typed = true;
-        }
-        if out.contains(&format!("{marker}-0-END")) {
-            return (true, out);
-        }
-        // The echo of the typed line shows `-$?-`: only a digit is an exit code.
-        let failed = out.match_indices(&format!("{marker}-")).any(|(i, m)| {
-            let rest = &out[i + m.len()..];
-            rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains("-END")
-        });
-        if failed {
-            return (false, out);
-        }
-    }
-    (false, format!("{out}\n(no result within {timeout:?})"))
-}
 
 /// web fetches db's page (its hostname) over the overlay.
 async fn assert_web_reaches_db(web_dir: &Path, when: &str) {
@@ -196,30 +34,13 @@ async fn assert_web_reaches_db(web_dir: &Path, when: &str) {
     );
 }
 
-fn netns_exec(node: &str, argv: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", node])
-        .args(argv)
-        .output()
-        .expect("ip netns exec");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn guest_boot_id(run_dir: &Path) -> Option<String> {
-    let log = std::fs::read_to_string(run_dir.join("serial.log")).ok()?;
-    log.lines()
-        .rev()
-        .find_map(|l| l.split("HVX-GUEST boot-id=").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .map(str::to_string)
-}
-
 #[tokio::test]
 async fn two_vm_application_boots_talks_and_cleans_up() {
     let client = client().await;
     let nodes: Api<Node> = Api::all(client.clone());
     let agent_nodes = wait_or_dump(
         &client,
+        NS,
         "hvx agents ready on every node",
         Duration::from_secs(300),
         || {
@@ -278,7 +99,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
             .await;
     }
 
-    let vms = running_with_addresses(&client).await;
+    let vms = running_with_addresses(&client, NS).await;
     eprintln!("running: {vms:?}");
     let find = |n: &str| {
         vms.iter()
@@ -343,6 +164,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
         .expect("delete agent pod");
     wait_or_dump(
         &client,
+        NS,
         "agent pod replaced and ready",
         Duration::from_secs(180),
         || {
@@ -404,6 +226,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     }
     wait_or_dump(
         &client,
+        NS,
         "application, disks and network deleted",
         Duration::from_secs(300),
         || {

@@ -107,7 +107,39 @@ pub fn launch_spec(
         vm: vm.clone(),
         disks,
         nics,
+        incoming: None,
     })
+}
+
+/// The PodDisruptionBudget of a VM's launcher pods (None for evictionStrategy
+/// Shutdown): no eviction allowed, so a drain waits until the VM migrated away
+/// (LiveMigrate) or a human acted (None).
+pub fn disruption_budget(app: &VmApplication, vm: &VirtualMachine) -> Option<serde_json::Value> {
+    if vm.eviction_strategy == hvx_api::EvictionStrategy::Shutdown {
+        return None;
+    }
+    let app_name = app.metadata.name.clone().unwrap_or_default();
+    Some(json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": pod_name(&app_name, &vm.name),
+            "namespace": app.metadata.namespace.clone().unwrap_or_default(),
+            "labels": {LABEL_APP: app_name, LABEL_VM: vm.name},
+            "ownerReferences": [{
+                "apiVersion": "hvx.dev/v1alpha1",
+                "kind": "VmApplication",
+                "name": app_name,
+                "uid": app.metadata.uid.clone().unwrap_or_default(),
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": {
+            "maxUnavailable": 0,
+            "selector": {"matchLabels": {LABEL_APP: app_name, LABEL_VM: vm.name}},
+        }
+    }))
 }
 
 /// Memory the pod needs beyond guest RAM: QEMU and launcher (~160 MiB), the TCG
@@ -199,6 +231,8 @@ pub fn launcher_pod(
             // The VM's NIC taps live in the node's namespace, on the overlay bridge the
             // agent programs; QEMU opens them by name.
             "hostNetwork": true,
+            // QEMU's pid in status.json must mean the same to the node agent.
+            "hostPID": true,
             "dnsPolicy": "ClusterFirstWithHostNet",
             // The operator decides about restarts (runStrategy), not the kubelet.
             "restartPolicy": "Never",

@@ -22,6 +22,26 @@ pub struct OperatorConfig {
     pub agents: AgentSettings,
     /// The disk upload endpoint this process serves, if enabled.
     pub upload: Option<crate::upload::UploadSettings>,
+    /// Parallel live migrations.
+    pub migrations: MigrationLimits,
+}
+
+/// How many live migrations may run at once.
+#[derive(Clone, Debug)]
+pub struct MigrationLimits {
+    /// Leaving one node.
+    pub per_node: usize,
+    /// In the whole cluster.
+    pub total: usize,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        Self {
+            per_node: 1,
+            total: 2,
+        }
+    }
 }
 
 impl Default for OperatorConfig {
@@ -33,6 +53,7 @@ impl Default for OperatorConfig {
             require_agent_label: true,
             agents: AgentSettings::default(),
             upload: None,
+            migrations: MigrationLimits::default(),
         }
     }
 }
@@ -52,6 +73,10 @@ pub struct Context {
     /// Guest addresses the agents' DHCP servers handed out: (network uid, node,
     /// MAC) -> IP, replaced per network and node at every sync.
     pub leases: Mutex<HashMap<(String, String, String), String>>,
+    /// TLS pre-shared keys of migrations in flight, by VmMigration UID (memory only).
+    pub migration_keys: Mutex<HashMap<String, Vec<u8>>>,
+    /// Migrations whose progress stream a task of this process follows.
+    pub migrations_followed: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A disk import on one node, as this operator last saw it.
@@ -94,6 +119,8 @@ impl Context {
             reporter,
             imports: Mutex::default(),
             leases: Mutex::default(),
+            migration_keys: Mutex::default(),
+            migrations_followed: Mutex::default(),
         }
     }
 

@@ -30,6 +30,9 @@ pub struct PlacedNic {
     pub node: String,
     /// VirtualNetwork UID.
     pub network_uid: String,
+    /// False on a live migration's target pod: its tap exists, but the MAC is still
+    /// reached at the source until the switchover.
+    pub active: bool,
 }
 
 /// The launch spec a launcher pod carries, if it has a readable one.
@@ -80,6 +83,7 @@ pub fn placed_nics(pods: &[Pod]) -> Vec<PlacedNic> {
                     .map(|a| a.split('/').next().unwrap_or(a).to_string()),
                 node: node.clone(),
                 network_uid: n.network_uid.clone(),
+                active: crate::migplan::target_of(pod).is_none(),
             });
         }
     }
@@ -214,9 +218,17 @@ pub fn network_request(
         .filter(|n| **n != node)
         .filter_map(|n| cluster.node_ips.get(*n).cloned())
         .collect();
+    // A migration target here owns its MAC locally (its tap must exist before QEMU
+    // starts); until the switchover, VMs on this node reach the migrating VM's paused
+    // target, others reach the source.
+    let local_macs: BTreeSet<&str> = mine
+        .iter()
+        .filter(|n| n.node == node)
+        .map(|n| n.mac.as_str())
+        .collect();
     let remote_macs = mine
         .iter()
-        .filter(|n| n.node != node)
+        .filter(|n| n.node != node && n.active && !local_macs.contains(n.mac.as_str()))
         .filter_map(|n| {
             Some(pb::RemoteMac {
                 mac: n.mac.clone(),
@@ -382,6 +394,7 @@ mod tests {
             ip: None,
             node: node.into(),
             network_uid: "net-1".into(),
+            active: true,
         }
     }
 
@@ -427,6 +440,11 @@ mod tests {
                 network_uid: "other".into(),
                 ..nic("x", "00:50:56:ff:00:01", "n3")
             },
+            // web's migration target on n3: not where web's MAC is reached yet.
+            PlacedNic {
+                active: false,
+                ..nic("web", "00:50:56:a1:00:01", "n3")
+            },
         ];
         let r = network_request(&net(), 4097, "n1", &nics, &cluster());
         assert_eq!(r.vni, 4097);
@@ -443,11 +461,17 @@ mod tests {
         );
         assert_eq!(
             r.remote_vteps,
-            vec!["172.31.250.12".to_string()],
-            "n3 hosts another network only"
+            vec!["172.31.250.12".to_string(), "172.31.250.13".to_string()],
+            "n3 hosts web's migration target (its other NIC is on another network)"
         );
         assert_eq!(r.subnets[0].range_start, "10.77.0.100");
         assert_eq!(r.subnets[0].range_end, "10.77.0.132");
+        let r3 = network_request(&net(), 4097, "n3", &nics, &cluster());
+        assert!(
+            r3.local_ports.iter().any(|p| p.mac == "00:50:56:a1:00:01")
+                && r3.remote_macs.iter().all(|m| m.mac != "00:50:56:a1:00:01"),
+            "the target's node has web's MAC locally only: {r3:?}"
+        );
         let r2 = network_request(&net(), 4097, "n2", &nics, &cluster());
         assert_eq!(r2.subnets[0].range_start, "10.77.0.133");
         assert_eq!(

@@ -31,7 +31,8 @@ pub enum DisksState {
     Waiting(String),
 }
 
-fn client_for(ctx: &Context, cluster: &Cluster, node: &str) -> Result<AgentClient, Error> {
+/// The agent client of a node with a ready agent.
+pub fn client_for(ctx: &Context, cluster: &Cluster, node: &str) -> Result<AgentClient, Error> {
     let ip = cluster.node_ips.get(node).ok_or_else(|| Error::Agent {
         node: node.to_string(),
         message: "no ready agent on this node (label hvx.dev/agent=ready missing)".into(),
@@ -53,8 +54,60 @@ pub async fn ensure_vm_disks(
     node: &str,
     ls: &LaunchSpec,
 ) -> Result<DisksState, Error> {
+    let bases = match ensure_vm_bases(ctx, cluster, node, ls).await? {
+        BasesState::Ready(b) => b,
+        BasesState::Waiting(why) => return Ok(DisksState::Waiting(why)),
+    };
+    let client = client_for(ctx, cluster, node)?;
+    for b in bases {
+        let req = pb::EnsureOverlayRequest {
+            vm_uid: ls.vm_id.clone(),
+            disk_name: b.disk_name,
+            base_digest: b.digest,
+            virtual_bytes: b.virtual_bytes,
+        };
+        agents::call(node, "EnsureOverlay", ctx.agents.timeout(), || {
+            let (mut c, r) = (client.clone(), req.clone());
+            async move { c.ensure_overlay(r).await }
+        })
+        .await?;
+    }
+    Ok(DisksState::Ready)
+}
+
+/// A VM disk's base, imported on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadyBase {
+    /// VM disk name.
+    pub disk_name: String,
+    /// OverlayDisk UID.
+    pub disk_uid: String,
+    /// "sha256:<hex>".
+    pub digest: String,
+    /// Guest-visible size.
+    pub virtual_bytes: u64,
+}
+
+/// Whether a VM's bases are on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BasesState {
+    /// All there.
+    Ready(Vec<ReadyBase>),
+    /// Imports running or blocked: why.
+    Waiting(String),
+}
+
+/// Makes sure every base a VM needs is imported on `node` (starting imports that are
+/// not running), without touching overlays.
+pub async fn ensure_vm_bases(
+    ctx: &Arc<Context>,
+    cluster: &Cluster,
+    node: &str,
+    ls: &LaunchSpec,
+) -> Result<BasesState, Error> {
     let disks: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), &ls.namespace);
     let mut waiting = Vec::new();
+    let mut ready = Vec::new();
     for vd in &ls.vm.disks {
         let Some(obj) = disks.get_opt(&vd.overlay_disk.name).await? else {
             waiting.push(format!(
@@ -75,20 +128,12 @@ pub async fn ensure_vm_disks(
             Some(ImportState::Ready {
                 digest,
                 virtual_bytes,
-            }) => {
-                let client = client_for(ctx, cluster, node)?;
-                let req = pb::EnsureOverlayRequest {
-                    vm_uid: ls.vm_id.clone(),
-                    disk_name: vd.name.clone(),
-                    base_digest: digest,
-                    virtual_bytes,
-                };
-                agents::call(node, "EnsureOverlay", ctx.agents.timeout(), || {
-                    let (mut c, r) = (client.clone(), req.clone());
-                    async move { c.ensure_overlay(r).await }
-                })
-                .await?;
-            }
+            }) => ready.push(ReadyBase {
+                disk_name: vd.name.clone(),
+                disk_uid: uid.clone(),
+                digest,
+                virtual_bytes,
+            }),
             Some(ImportState::Running(progress)) => waiting.push(format!(
                 "importing {} on {node}: {progress}",
                 vd.overlay_disk.name
@@ -143,9 +188,9 @@ pub async fn ensure_vm_disks(
         }
     }
     Ok(if waiting.is_empty() {
-        DisksState::Ready
+        BasesState::Ready(ready)
     } else {
-        DisksState::Waiting(waiting.join("; "))
+        BasesState::Waiting(waiting.join("; "))
     })
 }
 

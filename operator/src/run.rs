@@ -82,5 +82,20 @@ pub async fn run(client: Client, config: OperatorConfig, instance: Option<String
     .shutdown_on_signal()
     .run(crate::disk::reconcile, error_policy, ctx.clone())
     .for_each(|r| async move { log_result(r) });
-    futures::join!(apps, nets, disks);
+    let migrations = Controller::new(
+        Api::<hvx_api::migration::VmMigration>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(crate::migration::reconcile, error_policy, ctx.clone())
+    .for_each(|r| async move { log_result(r) });
+    // Cordoned nodes -> VmMigrations for their VMs (kubectl drain).
+    let drains = Controller::new(
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(crate::drain::reconcile, error_policy, ctx.clone())
+    .for_each(|r| async move { log_result(r) });
+    futures::join!(apps, nets, disks, migrations, drains);
 }

@@ -95,13 +95,29 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
 
     let resolved = resolve(ctx, &ns, app).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing: BTreeMap<String, Pod> = pods
+    let all_pods = pods
         .list(&ListParams::default().labels(&format!("{LABEL_APP}={name}")))
         .await?
-        .items
-        .into_iter()
-        .filter_map(|p| Some((p.labels().get(build::LABEL_VM)?.clone(), p)))
-        .collect();
+        .items;
+    // A VM's pod: the live one; a live migration's target pod is the migration's
+    // business until it completes.
+    let mut existing: BTreeMap<String, Pod> = BTreeMap::new();
+    let mut migrating: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+    for (vm, group) in crate::migplan::by_vm(&all_pods) {
+        let split = crate::migplan::vm_pods(group.iter().copied(), &vm);
+        if let Some(t) = split.target {
+            migrating.insert(
+                vm.clone(),
+                (
+                    crate::migplan::target_of(t).unwrap_or_default().to_string(),
+                    t.spec.as_ref().and_then(|s| s.node_name.clone()),
+                ),
+            );
+        }
+        if let Some(a) = split.active {
+            existing.insert(vm, a.clone());
+        }
+    }
 
     let cluster = hostprep::cluster(ctx).await?;
     // Networks first: a VM's taps must be on the switch before it boots, and every
@@ -146,7 +162,17 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                 Err(e) => reason = Some(e.to_string()),
             }
         }
-        match pod_action(vm, pod.is_some(), phase, deps_running) {
+        let action = if let Some((mig, to)) = migrating.get(&vm.name) {
+            phase = VmPhase::Migrating;
+            reason = Some(format!(
+                "VmMigration {mig}: to {}",
+                to.clone().unwrap_or_else(|| "a node being chosen".into())
+            ));
+            PodAction::Keep
+        } else {
+            pod_action(vm, pod.is_some(), phase, deps_running)
+        };
+        match action {
             PodAction::Create => match build::launch_spec(app, vm, &resolved) {
                 Ok(spec) => {
                     let pod = build::launcher_pod(app, &spec, &ctx.config, home.as_deref())
@@ -155,6 +181,7 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                             source,
                         })?;
                     let pod_name = pod.name_any();
+                    ensure_disruption_budget(ctx, app, vm).await?;
                     pods.patch(
                         &pod_name,
                         &PatchParams::apply(crate::FIELD_MANAGER).force(),
@@ -241,7 +268,7 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             pod: pod.map(|p| p.name_any()),
             accelerator: prev.and_then(|p| p.accelerator.clone()),
             interfaces,
-            migration: prev.and_then(|p| p.migration.clone()),
+            migration: migrating.get(&vm.name).map(|(m, _)| m.clone()),
             restarts,
             pending_change: None,
             reason,
@@ -254,8 +281,9 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
     }
 
     // Pods of VMs removed from the spec.
-    for (vm, pod) in &existing {
-        if !app.spec.vms.iter().any(|v| &v.name == vm) {
+    for pod in &all_pods {
+        let vm = pod.labels().get(build::LABEL_VM);
+        if vm.is_some_and(|vm| !app.spec.vms.iter().any(|v| &v.name == vm)) {
             delete_pod(&pods, &pod.name_any()).await?;
         }
     }
@@ -397,6 +425,36 @@ fn network_names(app: &VmApplication) -> BTreeSet<String> {
         .iter()
         .flat_map(|v| v.nics.iter().map(|n| n.network.name.clone()))
         .collect()
+}
+
+/// A VM whose drain must wait for a live migration (or for a human, evictionStrategy
+/// None) gets a PodDisruptionBudget that allows no eviction of its launcher pod; with
+/// Shutdown the eviction goes through and the launcher shuts the guest down.
+async fn ensure_disruption_budget(
+    ctx: &Context,
+    app: &VmApplication,
+    vm: &hvx_api::VirtualMachine,
+) -> Result<(), Error> {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let ns = app.namespace().unwrap_or_default();
+    let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = build::pod_name(&app.name_any(), &vm.name);
+    match build::disruption_budget(app, vm) {
+        Some(pdb) => {
+            api.patch(
+                &name,
+                &PatchParams::apply(crate::FIELD_MANAGER).force(),
+                &Patch::Apply(&pdb),
+            )
+            .await?;
+        }
+        None => match api.delete(&name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
 }
 
 async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {

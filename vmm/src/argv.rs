@@ -53,6 +53,8 @@ pub struct RunPaths {
     pub qmp: PathBuf,
     /// Second QMP socket for short-lived clients (readiness probe, CLI).
     pub qmp_probe: PathBuf,
+    /// QMP monitor of the node agent (live migration drives the source through it).
+    pub qmp_agent: PathBuf,
     /// Serial console socket (ttyS0).
     pub serial: PathBuf,
     /// Serial log (everything the guest wrote on ttyS0).
@@ -71,6 +73,7 @@ impl RunPaths {
         Self {
             qmp: run_dir.join("qmp.sock"),
             qmp_probe: run_dir.join("qmp-probe.sock"),
+            qmp_agent: run_dir.join("qmp-agent.sock"),
             serial: run_dir.join("serial.sock"),
             serial_log: run_dir.join("serial.log"),
             vnc: run_dir.join("vnc.sock"),
@@ -80,10 +83,11 @@ impl RunPaths {
     }
 
     /// Every file QEMU or the launcher may create (removed after stop).
-    pub fn all(&self) -> [&Path; 7] {
+    pub fn all(&self) -> [&Path; 8] {
         [
             &self.qmp,
             &self.qmp_probe,
+            &self.qmp_agent,
             &self.serial,
             &self.serial_log,
             &self.vnc,
@@ -328,6 +332,14 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
         ),
     ]);
     push(&["-mon", "chardev=qmp-probe,mode=control"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp-agent,path={},server=on,wait=off",
+            p(&paths.qmp_agent)
+        ),
+    ]);
+    push(&["-mon", "chardev=qmp-agent,mode=control"]);
     if spec.vnc {
         push(&["-vnc", &format!("unix:{}", p(&paths.vnc))]);
     } else {

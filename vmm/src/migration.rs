@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 
 /// The QOM id of the TLS credential object on both sides.
 pub const TLS_CREDS_ID: &str = "hvx-mig-tls";
+/// File the node agent creates in a VM's run dir after the VM migrated away, before it
+/// stops the source QEMU: the launcher then reports `Migrated`, not a crash.
+pub const MIGRATED_MARKER: &str = "migrated";
 /// The PSK identity both sides use.
 pub const PSK_USERNAME: &str = "hvx-migration";
 

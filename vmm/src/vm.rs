@@ -50,6 +50,8 @@ pub enum ExitKind {
     GuestPoweroff,
     /// We asked QEMU to quit (power off, suspend).
     HostRequested,
+    /// The VM live-migrated to another node and this QEMU was then stopped.
+    Migrated,
     /// QEMU died on its own: a crash or a kill from outside.
     Crashed {
         /// Exit status as text.
@@ -64,6 +66,7 @@ impl std::fmt::Display for ExitKind {
         match self {
             Self::GuestPoweroff => write!(f, "guest powered off"),
             Self::HostRequested => write!(f, "stopped by the launcher"),
+            Self::Migrated => write!(f, "migrated to another node"),
             Self::Crashed { status, stderr } if stderr.is_empty() => {
                 write!(f, "QEMU crashed ({status})")
             }
@@ -78,7 +81,7 @@ pub fn should_restart(policy: &RestartPolicy, exit: &ExitKind, restarts: u32) ->
         return false;
     }
     match (policy.policy, exit) {
-        (_, ExitKind::HostRequested) | (RestartKind::Never, _) => false,
+        (_, ExitKind::HostRequested | ExitKind::Migrated) | (RestartKind::Never, _) => false,
         (RestartKind::OnFailure, ExitKind::Crashed { .. }) => true,
         (RestartKind::OnFailure, ExitKind::GuestPoweroff) => false,
         (RestartKind::Always, _) => true,
@@ -122,8 +125,10 @@ impl Vm {
         std::fs::create_dir_all(&spec.run_dir)
             .map_err(io_err("creating run dir", &spec.run_dir))?;
         for stale in [
+            &spec.run_dir.join(crate::migration::MIGRATED_MARKER),
             &paths.qmp,
             &paths.qmp_probe,
+            &paths.qmp_agent,
             &paths.serial,
             &paths.vnc,
             &paths.pidfile,
@@ -389,6 +394,16 @@ impl Vm {
             .await
             .ok();
         let shutdown = lock(&self.last_shutdown).clone();
+        // The node agent drops the marker after a completed outgoing migration, just
+        // before it stops this QEMU.
+        if !self.host_requested
+            && self
+                .run_dir
+                .join(crate::migration::MIGRATED_MARKER)
+                .exists()
+        {
+            return ExitKind::Migrated;
+        }
         classify_exit(
             self.host_requested,
             status,
@@ -454,6 +469,7 @@ fn cleanup_files(paths: &RunPaths) {
     for p in [
         &paths.qmp,
         &paths.qmp_probe,
+        &paths.qmp_agent,
         &paths.serial,
         &paths.vnc,
         &paths.pidfile,

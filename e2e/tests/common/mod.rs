@@ -1,6 +1,8 @@
 //! Helpers shared by the cluster-tier tests: client, CRD install, namespaces, examples.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication, VmMigration};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -14,6 +14,7 @@ pub mod disks;
 pub mod error;
 pub mod label;
 pub mod metrics;
+pub mod migration;
 pub mod network;
 pub mod server;
 pub mod taps;
@@ -64,6 +65,8 @@ pub struct Agent {
     /// One lock per object (`net/<vni>`, `overlay/<vm>/<disk>`): calls on the same
     /// object serialise instead of racing.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Outgoing live migrations by migration UID.
+    pub migrations: Mutex<HashMap<String, migration::Running>>,
     /// RPC counters by (method, code) for /metrics.
     pub rpc_counts: Mutex<HashMap<(String, String), u64>>,
 }
@@ -90,6 +93,7 @@ impl Agent {
             accel: Mutex::default(),
             imports: Mutex::default(),
             locks: Mutex::default(),
+            migrations: Mutex::default(),
             rpc_counts: Mutex::default(),
         })
     }

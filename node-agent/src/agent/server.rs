@@ -2,7 +2,7 @@
 //! above, each call counted for /metrics.
 
 use super::error::AgentError;
-use super::{Agent, disks, network, vms};
+use super::{Agent, disks, migration, network, vms};
 use futures::Stream;
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::NodeAgent;
@@ -34,10 +34,6 @@ impl AgentService {
             }
         }
     }
-}
-
-fn unimplemented_migration() -> AgentError {
-    AgentError::Unimplemented("live migration is not implemented by this agent yet".into())
 }
 
 #[tonic::async_trait]
@@ -238,26 +234,44 @@ impl NodeAgent for AgentService {
 
     async fn prepare_migration_target(
         &self,
-        _: Request<pb::PrepareMigrationTargetRequest>,
+        req: Request<pb::PrepareMigrationTargetRequest>,
     ) -> Result<Response<pb::MigrationEndpoint>, Status> {
-        self.done("PrepareMigrationTarget", Err(unimplemented_migration()))
+        let r = migration::prepare_target(&self.agent, &req.into_inner()).await;
+        self.done("PrepareMigrationTarget", r)
     }
 
     type StartMigrationStream = Stream_<pb::MigrationProgress>;
 
     async fn start_migration(
         &self,
-        _: Request<pb::StartMigrationRequest>,
+        req: Request<pb::StartMigrationRequest>,
     ) -> Result<Response<Self::StartMigrationStream>, Status> {
-        self.done("StartMigration", Err(unimplemented_migration()))
+        let rx = migration::start(self.agent.clone(), req.into_inner()).await;
+        let stream = rx.map(|mut rx| {
+            async_stream(move |tx| async move {
+                loop {
+                    let p = rx.borrow_and_update().clone();
+                    let last = migration::is_final(&p);
+                    if tx.send(Ok(p)).await.is_err() || last {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        });
+        self.done("StartMigration", stream)
     }
 
     async fn cancel_migration(
         &self,
-        _: Request<pb::CancelMigrationRequest>,
+        req: Request<pb::CancelMigrationRequest>,
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
-        // Nothing can be migrating: cancelling is trivially done.
-        self.done("CancelMigration", Ok(pb::CancelMigrationResponse {}))
+        let r = migration::cancel(&self.agent, &req.into_inner())
+            .await
+            .map(|()| pb::CancelMigrationResponse {});
+        self.done("CancelMigration", r)
     }
 }
 

@@ -98,6 +98,7 @@ pub fn state(agent: &Agent, vm: &FoundVm) -> pb::VmState {
         ("Running", true) => Phase::Running,
         ("Running", false) => Phase::Crashed,
         ("WaitingForNode" | "Starting" | "Restarting", _) => Phase::Starting,
+        ("Incoming", _) => Phase::Migrating,
         ("Stopped", _) => Phase::Stopped,
         ("Failed", _) => Phase::Crashed,
         _ => Phase::Unspecified,

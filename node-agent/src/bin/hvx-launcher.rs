@@ -15,9 +15,10 @@ use hvx_api::node::NodePaths;
 use hvx_node_agent::launcher::host::wait_ready;
 use hvx_node_agent::launcher::map::{DirResolver, StoreResolver, vm_spec_from_launch};
 use hvx_node_agent::launcher::supervise::{
-    choose_accel, parse_spec, probe_running, run, write_identity, write_waiting,
+    Incoming, choose_accel, parse_spec, probe_running, run, write_identity, write_waiting,
 };
 use hvx_vmm::accel::ProbeOptions;
+use hvx_vmm::migration::TargetEndpoint;
 use hvx_vmm::vm::{ExitKind, StartOptions};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,7 +41,13 @@ enum Cmd {
     /// Probe the accelerator and print the report as JSON.
     Accel,
     /// Print the QEMU command line the spec gives.
-    Argv(SpecArgs),
+    Argv {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// As a JSON array (binary first): arguments may contain spaces.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the node keeps hvx state; a LaunchSpec's run dir and disks are found below.
@@ -184,11 +191,28 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run(a) => {
             let spec = load_spec(&a, true).await?;
-            let from_operator = as_launch(&spec_text(a.spec.as_ref())?, &a.node)?.is_some();
+            let launch = as_launch(&spec_text(a.spec.as_ref())?, &a.node)?;
+            let from_operator = launch.is_some();
+            let incoming = launch
+                .as_ref()
+                .and_then(|(ls, _)| ls.incoming.as_ref())
+                .map(|inc| {
+                    let tls = spec.run_dir.join(hvx_api::node::MIGRATION_TLS_DIR);
+                    Incoming {
+                        endpoint: TargetEndpoint {
+                            host: inc.host.clone(),
+                            migration_port: inc.migration_port,
+                            nbd_port: inc.nbd_port,
+                        },
+                        tls_dir: tls.join("keys.psk").exists().then_some(tls),
+                        timeout: Duration::from_secs(a.node_wait_seconds),
+                    }
+                });
             let exit = run(
                 &spec,
                 &StartOptions::default(),
                 &ProbeOptions::default(),
+                incoming,
                 terminate(),
             )
             .await?;
@@ -196,14 +220,14 @@ async fn main() -> anyhow::Result<()> {
             // The pod is going away for good (deleted, drained): its run dir on the
             // node goes with it. After a crash it stays, for the logs.
             if from_operator
-                && matches!(exit, ExitKind::HostRequested)
+                && matches!(exit, ExitKind::HostRequested | ExitKind::Migrated)
                 && let Err(e) = std::fs::remove_dir_all(&spec.run_dir)
             {
                 eprintln!("hvx-launcher: removing {}: {e}", spec.run_dir.display());
             }
             match exit {
                 ExitKind::Crashed { .. } => std::process::exit(1),
-                ExitKind::GuestPoweroff | ExitKind::HostRequested => Ok(()),
+                ExitKind::GuestPoweroff | ExitKind::HostRequested | ExitKind::Migrated => Ok(()),
             }
         }
         Cmd::Probe(a) => match probe_running(&run_dir_of(&a), Duration::from_secs(3)).await {
@@ -238,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
-        Cmd::Argv(a) => {
+        Cmd::Argv { spec: a, json } => {
             let spec = load_spec(&a, false).await?;
             hvx_vmm::validate(&spec)?;
             let argv = hvx_vmm::build_argv(
@@ -246,7 +270,13 @@ async fn main() -> anyhow::Result<()> {
                 hvx_vmm::Accel::Tcg,
                 &hvx_vmm::RunPaths::new(&spec.run_dir),
             );
-            println!("{} {}", hvx_vmm::argv::QEMU_BINARY, argv.join(" "));
+            if json {
+                let mut all = vec![hvx_vmm::argv::QEMU_BINARY.to_string()];
+                all.extend(argv);
+                println!("{}", serde_json::to_string(&all)?);
+            } else {
+                println!("{} {}", hvx_vmm::argv::QEMU_BINARY, argv.join(" "));
+            }
             Ok(())
         }
     }

@@ -164,12 +164,26 @@ pub async fn choose_accel(
     })
 }
 
+/// A live migration this launcher receives instead of booting the VM.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// Where QEMU listens.
+    pub endpoint: hvx_vmm::migration::TargetEndpoint,
+    /// Directory with the migration's TLS-PSK key (None: plain TCP, tests only).
+    pub tls_dir: Option<PathBuf>,
+    /// Longest wait for the source to send the VM.
+    pub timeout: Duration,
+}
+
 /// Runs the VM until it stops for good; returns why it last exited. `stop` resolves
-/// when the pod is asked to terminate.
+/// when the pod is asked to terminate. With `incoming`, the first QEMU receives the
+/// running VM from a live migration (phase `Incoming` until it arrives); restarts
+/// after that boot normally.
 pub async fn run(
     spec: &VmSpec,
     start: &StartOptions,
     probe: &ProbeOptions,
+    incoming: Option<Incoming>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ExitKind, LauncherError> {
     hvx_vmm::validate(spec)?;
@@ -189,8 +203,13 @@ pub async fn run(
     };
     write_status(&spec.run_dir, &status)?;
     tokio::pin!(stop);
+    let mut incoming = incoming;
     loop {
-        let mut vm = match Vm::start(spec, report.accel, start).await {
+        let opts = StartOptions {
+            incoming: incoming.is_some(),
+            ..start.clone()
+        };
+        let mut vm = match Vm::start(spec, report.accel, &opts).await {
             Ok(vm) => vm,
             Err(e) => {
                 status.phase = "Failed";
@@ -199,6 +218,47 @@ pub async fn run(
                 return Err(e.into());
             }
         };
+        if let Some(inc) = incoming.take() {
+            status.phase = "Incoming";
+            status.qemu_pid = vm.pid();
+            write_status(&spec.run_dir, &status)?;
+            let received = async {
+                let disks: Vec<String> = spec.disks.iter().map(|d| d.name.clone()).collect();
+                hvx_vmm::migration::listen_incoming(
+                    vm.qmp(),
+                    &inc.endpoint,
+                    &disks,
+                    inc.tls_dir.as_deref(),
+                )
+                .await?;
+                tracing::info!(endpoint = ?inc.endpoint, "waiting for the migrating VM");
+                hvx_vmm::migration::finish_incoming(vm.qmp(), inc.timeout).await
+            };
+            let outcome = tokio::select! {
+                r = received => Some(r),
+                () = &mut stop => None,
+            };
+            match outcome {
+                Some(Ok(resume_ms)) => {
+                    tracing::info!(resume_ms, "migration received; VM running here");
+                }
+                failed => {
+                    // Cancelled, failed or the source gave up: this QEMU never ran the
+                    // guest, so there is nothing to shut down gracefully.
+                    let why = match failed {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "stopped while waiting for the migration".to_string(),
+                    };
+                    tracing::warn!(%why, "incoming migration did not complete");
+                    vm.stop_and_cleanup().await?;
+                    status.phase = "Stopped";
+                    status.qemu_pid = None;
+                    status.last_exit = Some(format!("incoming migration: {why}"));
+                    write_status(&spec.run_dir, &status)?;
+                    return Ok(ExitKind::HostRequested);
+                }
+            }
+        }
         status.phase = "Running";
         status.qemu_pid = vm.pid();
         write_status(&spec.run_dir, &status)?;

@@ -35,6 +35,12 @@ struct Args {
     /// Directory for disk uploads (`kubectl hvx import --upload`); unset disables them.
     #[arg(long, env = "HVX_UPLOAD_DIR")]
     upload_dir: Option<std::path::PathBuf>,
+    /// Live migrations leaving one node at once.
+    #[arg(long, env = "HVX_MAX_MIGRATIONS_PER_NODE", default_value_t = 1)]
+    max_migrations_per_node: usize,
+    /// Live migrations in the whole cluster at once.
+    #[arg(long, env = "HVX_MAX_MIGRATIONS", default_value_t = 2)]
+    max_migrations: usize,
     /// Upload endpoint listen address (the `hvx-upload` Service targets it).
     #[arg(long, env = "HVX_UPLOAD_LISTEN", default_value = "0.0.0.0:8081")]
     upload_listen: std::net::SocketAddr,
@@ -103,6 +109,10 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         upload: None,
+        migrations: hvx_operator::context::MigrationLimits {
+            per_node: args.max_migrations_per_node.max(1),
+            total: args.max_migrations.max(1),
+        },
     };
     if let Some(dir) = &args.upload_dir {
         let token = match &args.upload_token_file {

@@ -602,6 +602,9 @@ pub struct MigrationDisk {
     pub base_digest: ::prost::alloc::string::String,
     #[prost(uint64, tag = "3")]
     pub virtual_bytes: u64,
+    /// OverlayDisk UID of the base (PrepareDisk must have made it Ready on the target).
+    #[prost(string, tag = "4")]
+    pub disk_uid: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -612,20 +615,24 @@ pub struct PrepareMigrationTargetRequest {
     pub vm: ::core::option::Option<VmRef>,
     #[prost(message, repeated, tag = "3")]
     pub disks: ::prost::alloc::vec::Vec<MigrationDisk>,
-    /// Where the target fetches bases it lacks: the source agent's address.
+    /// Unused: bases are imported on the target from the OverlayDisk source (PrepareDisk).
     #[prost(string, tag = "4")]
     pub source_agent: ::prost::alloc::string::String,
+    /// Pre-shared key (32 random bytes made by the operator for this migration only) for
+    /// TLS-PSK on the memory stream and the disk mirror.
+    #[prost(bytes = "vec", tag = "5")]
+    pub tls_psk: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MigrationEndpoint {
+    /// The target node's address (launchers use the host network).
     #[prost(string, tag = "1")]
-    pub migration_uri: ::prost::alloc::string::String,
-    #[prost(string, tag = "2")]
-    pub nbd_uri: ::prost::alloc::string::String,
-    /// PEM of the TLS credentials for this migration only.
-    #[prost(string, tag = "3")]
-    pub tls_ca_pem: ::prost::alloc::string::String,
+    pub host: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub migration_port: u32,
+    #[prost(uint32, tag = "3")]
+    pub nbd_port: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -642,6 +649,11 @@ pub struct StartMigrationRequest {
     pub allow_post_copy: bool,
     #[prost(uint64, tag = "6")]
     pub bandwidth_bytes_per_second: u64,
+    #[prost(bytes = "vec", tag = "7")]
+    pub tls_psk: ::prost::alloc::vec::Vec<u8>,
+    /// The VM's disks (their top overlays are mirrored).
+    #[prost(string, repeated, tag = "8")]
+    pub disk_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -723,6 +735,8 @@ pub mod migration_progress {
 pub struct CancelMigrationRequest {
     #[prost(string, tag = "1")]
     pub migration_uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub vm: ::core::option::Option<VmRef>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

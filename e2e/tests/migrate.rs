@@ -1,0 +1,435 @@
+//! Live migration on the local cluster (hvx installed by Helm, see the Makefile's
+//! `e2e`): the examples/ two-VM application runs with a TCP stream and a ping from db
+//! to web, and web writing to its disk; `kubectl drain` of web's node migrates web and
+//! exits 0; the TCP stream carries on with every byte in order, web did not reboot,
+//! and its disk has what it wrote before and during the migration. Then a migration of
+//! db whose target pod is killed half-way fails and leaves db running where it was.
+
+mod common;
+
+use common::guest::*;
+use common::*;
+use hvx_api::VmApplication;
+use hvx_api::migration::VmMigration;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const NS: &str = "hvx-e2e-migrate";
+
+fn kubectl() -> PathBuf {
+    if let Ok(k) = std::env::var("KUBECTL") {
+        return k.into();
+    }
+    let versions =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/versions.env"))
+            .expect("harness/versions.env");
+    let version = versions
+        .lines()
+        .find_map(|l| l.strip_prefix("K8S_VERSION="))
+        .expect("K8S_VERSION")
+        .trim()
+        .to_string();
+    let cache = std::env::var("HVX_CACHE").unwrap_or_else(|_| "/var/cache/hvx".into());
+    PathBuf::from(cache)
+        .join("k8s")
+        .join(version)
+        .join("bin/kubectl")
+}
+
+fn kubectl_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(kubectl())
+        .args(args)
+        .output()
+        .expect("run kubectl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn vm_node(apps: &Api<VmApplication>, vm: &str) -> Option<(String, String)> {
+    let s = serde_json::to_value(apps.get("shop").await.ok()?.status).ok()?;
+    let v = s["vms"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == vm)?
+        .clone();
+    Some((
+        v["phase"].as_str()?.to_string(),
+        v["node"].as_str()?.to_string(),
+    ))
+}
+
+/// Lines of a guest file, through the console (the file's content between markers).
+async fn guest_file(dir: &Path, path: &str) -> Vec<String> {
+    let (ok, out) = guest_run(
+        dir,
+        &format!("echo FILE-BEGIN; cat {path}; echo FILE-END"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "reading {path}:\n{out}");
+    // The console echoes the typed line too: take the last framed block.
+    let body = out
+        .rsplit_once("FILE-BEGIN\r\n")
+        .or_else(|| out.rsplit_once("FILE-BEGIN\n"))
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    body.split("FILE-END")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Numbers 0..n, one per line, nothing missing, nothing repeated (the last line may
+/// still be arriving).
+fn assert_sequence(lines: &[String], prefix: &str, what: &str) -> usize {
+    for (i, l) in lines.iter().enumerate() {
+        let want = format!("{prefix}{i}");
+        let partial_last = i + 1 == lines.len() && want.starts_with(l.as_str());
+        assert!(
+            *l == want || partial_last,
+            "{what}: line {i} is {l:?}, not {want:?}: {lines:?}"
+        );
+    }
+    lines.len()
+}
+
+#[tokio::test]
+async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
+    let client = client().await;
+    fresh_namespace(&client, NS).await;
+    for obj in examples() {
+        apply(&client, NS, &obj)
+            .await
+            .unwrap_or_else(|e| panic!("applying {}: {e}", obj["metadata"]["name"]));
+    }
+    let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
+    let app_uid = apps
+        .get("shop")
+        .await
+        .expect("app")
+        .metadata
+        .uid
+        .expect("uid");
+    let vms = running_with_addresses(&client, NS).await;
+    let find = |n: &str| vms.iter().find(|v| v.0 == n).cloned().expect("vm");
+    let (db, web) = (find("db"), find("web"));
+    let web_dir = vm_run_dir(&web.1, &app_uid, "web");
+    let db_dir = vm_run_dir(&db.1, &app_uid, "db");
+    let boot_before = guest_boot_id(&web_dir).expect("web boot id");
+
+    // Traffic through the migration: db streams numbered lines to web's TCP echo
+    // service (port 7) and records what comes back; db pings web; web writes to disk.
+    let (ok, out) = guest_run(
+        &db_dir,
+        &format!(
+            "rm -f /tmp/stop; (i=0; while [ ! -e /tmp/stop ]; do echo n$i; i=$((i+1)); sleep 0.2; done) | nc {} 7 > /tmp/echo.out 2>/dev/null & ping -i 0.5 {} > /tmp/ping.out 2>&1 & sleep 0",
+            web.2, web.2
+        ),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "starting the stream on db:\n{out}");
+    let (ok, out) = guest_run(
+        &web_dir,
+        "echo written-before > /data/before; sync; rm -f /tmp/stop; (i=0; while [ ! -e /tmp/stop ]; do echo d$i >> /data/during; sync; i=$((i+1)); sleep 0.5; done) >/dev/null 2>&1 & sleep 0",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "starting the disk writer on web:\n{out}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !guest_file(&db_dir, "/tmp/echo.out").await.is_empty(),
+        "no echo before the migration"
+    );
+
+    // Drain web's node: returns once web has moved.
+    let drained = web.1.clone();
+    eprintln!("draining {drained} (web)");
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        kubectl_run(&[
+            "drain",
+            &drained,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=900s",
+        ])
+    })
+    .await
+    .expect("drain task");
+    if !ok {
+        dump(&client, NS).await;
+    }
+    let _ = kubectl_run(&["uncordon", &web.1]);
+    assert!(ok, "kubectl drain failed:\n{out}");
+    let migs: Api<VmMigration> = Api::namespaced(client.clone(), NS);
+    let done: Vec<VmMigration> = migs
+        .list(&ListParams::default())
+        .await
+        .expect("migrations")
+        .items;
+    let web_mig = done
+        .iter()
+        .find(|m| m.spec.vm == "web")
+        .unwrap_or_else(|| panic!("no VmMigration for web: {done:?}"));
+    let st = web_mig.status.clone().unwrap_or_default();
+    eprintln!(
+        "web migrated {:?} -> {:?}: total {:?} ms, downtime {:?} ms, memory {:?} B, disk {:?} B",
+        st.source_node, st.target_node, st.total_ms, st.downtime_ms, st.memory_bytes, st.disk_bytes
+    );
+    assert_eq!(
+        st.phase,
+        Some(hvx_api::migration::MigrationPhase::Completed),
+        "{st:?}"
+    );
+    let (phase, node) = wait_or_dump(
+        &client,
+        NS,
+        "web Running on its new node",
+        Duration::from_secs(120),
+        || {
+            let (apps, old) = (apps.clone(), web.1.clone());
+            async move {
+                vm_node(&apps, "web")
+                    .await
+                    .filter(|(p, n)| p == "Running" && *n != old)
+            }
+        },
+    )
+    .await;
+    eprintln!("web is {phase} on {node}");
+    assert_eq!(st.target_node.as_deref(), Some(node.as_str()));
+    let new_dir = vm_run_dir(&node, &app_uid, "web");
+
+    // Same boot; the stream kept going, in order, without a gap; the disk has it all.
+    let (ok, out) = guest_run(
+        &new_dir,
+        "cat /proc/sys/kernel/random/boot_id",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        ok && out.contains(&boot_before),
+        "web rebooted (boot id was {boot_before}):\n{out}"
+    );
+    let before = assert_sequence(
+        &guest_file(&db_dir, "/tmp/echo.out").await,
+        "n",
+        "echo stream",
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = guest_file(&db_dir, "/tmp/echo.out").await;
+    let after = assert_sequence(&lines, "n", "echo stream");
+    assert!(
+        after > before,
+        "the TCP stream stopped at the migration ({before} lines, then {after})"
+    );
+    let (ok, out) = guest_run(
+        &new_dir,
+        "touch /tmp/stop; sleep 1; sync; echo 3 > /proc/sys/vm/drop_caches",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(
+        guest_file(&new_dir, "/data/before").await,
+        ["written-before"]
+    );
+    let during = assert_sequence(
+        &guest_file(&new_dir, "/data/during").await,
+        "d",
+        "disk writes",
+    );
+    assert!(during > 5, "too few disk writes: {during}");
+    let (ok, out) = guest_run(
+        &db_dir,
+        "touch /tmp/stop; killall -INT ping; sleep 1; tail -n 3 /tmp/ping.out",
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!(
+        "ping during the drain: {}",
+        out.lines()
+            .rev()
+            .find(|l| l.contains("packet loss"))
+            .unwrap_or("?")
+    );
+    assert!(ok, "{out}");
+    // The source node is empty of VMs.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let left: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(web.1.as_str()))
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(left.is_empty(), "pods left on the drained node: {left:?}");
+
+    // A migration of db whose target pod is killed during the copy: db stays put.
+    let db_boot = guest_boot_id(&db_dir).expect("db boot id");
+    let mig: VmMigration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
+        "metadata": {"name": "db-doomed"},
+        "spec": {"application": "shop", "vm": "db", "bandwidthMibPerSecond": 2}
+    }))
+    .expect("migration");
+    migs.create(&PostParams::default(), &mig)
+        .await
+        .expect("create migration");
+    let target = wait_or_dump(
+        &client,
+        NS,
+        "db's migration copying",
+        Duration::from_secs(600),
+        || {
+            let (migs, pods) = (migs.clone(), pods.clone());
+            async move {
+                let m = migs.get("db-doomed").await.ok()?;
+                let phase = m.status.as_ref()?.phase?;
+                use hvx_api::migration::MigrationPhase as P;
+                assert!(
+                    !matches!(phase, P::Failed | P::Completed),
+                    "migration ended before the kill: {:?}",
+                    m.status
+                );
+                if !matches!(phase, P::PreCopy | P::MirroringDisks) {
+                    return None;
+                }
+                pods.list(&ListParams::default().labels("hvx.dev/migration-target=db-doomed"))
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .next()?
+                    .metadata
+                    .name
+            }
+        },
+    )
+    .await;
+    eprintln!("killing target pod {target} mid-migration");
+    pods.delete(
+        &target,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("delete target pod");
+    let failed = wait_or_dump(
+        &client,
+        NS,
+        "db's migration Failed",
+        Duration::from_secs(300),
+        || {
+            let migs = migs.clone();
+            async move {
+                let s = migs.get("db-doomed").await.ok()?.status?;
+                (s.phase == Some(hvx_api::migration::MigrationPhase::Failed)).then_some(s)
+            }
+        },
+    )
+    .await;
+    eprintln!("failed as it should: {:?}", failed.failure_reason);
+    let (phase, node) = vm_node(&apps, "db").await.expect("db status");
+    assert_eq!((phase.as_str(), node.as_str()), ("Running", db.1.as_str()));
+    assert_eq!(
+        guest_boot_id(&db_dir).as_deref(),
+        Some(db_boot.as_str()),
+        "db rebooted"
+    );
+    let (ok, out) = guest_run(&db_dir, "echo still-here", Duration::from_secs(60)).await;
+    assert!(ok && out.contains("still-here"), "{out}");
+
+    // Clean up everything; nothing stays on any node (the vms test checks the same).
+    // Migrations are history: deleting the namespace's objects removes them too.
+    for m in migs
+        .list(&ListParams::default())
+        .await
+        .expect("migrations")
+        .items
+    {
+        let _ = migs
+            .delete(
+                &m.metadata.name.unwrap_or_default(),
+                &DeleteParams::default(),
+            )
+            .await;
+    }
+    let _ = apps.delete("shop", &DeleteParams::default()).await;
+    for kind in ["OverlayDisk", "VirtualNetwork"] {
+        let api = api_for(&client, NS, kind);
+        for o in api.list(&ListParams::default()).await.expect("list").items {
+            let _ = api
+                .delete(
+                    &o.metadata.name.unwrap_or_default(),
+                    &DeleteParams::default(),
+                )
+                .await;
+        }
+    }
+    wait_or_dump(
+        &client,
+        NS,
+        "everything deleted",
+        Duration::from_secs(300),
+        || {
+            let client = client.clone();
+            async move {
+                for kind in [
+                    "VmApplication",
+                    "OverlayDisk",
+                    "VirtualNetwork",
+                    "VmMigration",
+                ] {
+                    if !api_for(&client, NS, kind)
+                        .list(&ListParams::default())
+                        .await
+                        .ok()?
+                        .items
+                        .is_empty()
+                    {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+    {
+        let name = n.metadata.name.unwrap_or_default();
+        let paths =
+            hvx_api::node::NodePaths::new(Path::new(STORE_ROOT), Path::new(RUN_ROOT), &name);
+        let leftover: Vec<String> = std::fs::read_dir(paths.disk_store().join("disks"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path().display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(leftover.is_empty(), "overlays left on {name}: {leftover:?}");
+    }
+    delete_namespace(&client, NS).await;
+}

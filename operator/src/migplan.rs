@@ -1,0 +1,227 @@
+//! Pure decisions of live migration: which pod is a VM's, where it may go, whether a
+//! slot is free, and how agent progress maps to VmMigration phases.
+
+use crate::build::{LABEL_APP, LABEL_VM};
+use crate::hostplan::pod_is_live;
+use hvx_api::migration::MigrationPhase;
+use hvx_proto::v1::migration_progress::Phase;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use std::collections::BTreeMap;
+
+/// Label on the launcher pod a migration is moving a VM into (value: the VmMigration
+/// name). The VmApplication controller leaves such pods alone; the migration removes
+/// the label when the VM runs there.
+pub const LABEL_MIGRATION_TARGET: &str = "hvx.dev/migration-target";
+
+/// Is a migration in this phase moving bytes or holding a target?
+pub fn is_active(phase: Option<MigrationPhase>) -> bool {
+    matches!(
+        phase,
+        Some(
+            MigrationPhase::Scheduling
+                | MigrationPhase::TargetReady
+                | MigrationPhase::MirroringDisks
+                | MigrationPhase::PreCopy
+                | MigrationPhase::PostCopy
+                | MigrationPhase::Switchover
+        )
+    )
+}
+
+/// Is this phase final?
+pub fn is_final(phase: Option<MigrationPhase>) -> bool {
+    matches!(
+        phase,
+        Some(MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled)
+    )
+}
+
+/// The migration a pod is the target of.
+pub fn target_of(pod: &Pod) -> Option<&str> {
+    pod.labels().get(LABEL_MIGRATION_TARGET).map(String::as_str)
+}
+
+/// A VM's pods, split.
+#[derive(Debug, Default)]
+pub struct VmPods<'a> {
+    /// The pod that runs (or last ran) the VM.
+    pub active: Option<&'a Pod>,
+    /// A migration target pod, while a migration runs.
+    pub target: Option<&'a Pod>,
+}
+
+/// Picks a VM's active and target pods from all pods of its application. Of several
+/// non-target pods (a migrated source not yet deleted, say) the live one wins, then the
+/// newest.
+pub fn vm_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, vm: &str) -> VmPods<'a> {
+    let mut out = VmPods::default();
+    for p in pods {
+        if p.labels().get(LABEL_VM).map(String::as_str) != Some(vm) {
+            continue;
+        }
+        if target_of(p).is_some() {
+            out.target = Some(p);
+            continue;
+        }
+        let better = match out.active {
+            None => true,
+            Some(cur) => {
+                (pod_is_live(p), p.creation_timestamp())
+                    > (pod_is_live(cur), cur.creation_timestamp())
+            }
+        };
+        if better {
+            out.active = Some(p);
+        }
+    }
+    out
+}
+
+/// Groups pods by VM name.
+pub fn by_vm(pods: &[Pod]) -> BTreeMap<String, Vec<&Pod>> {
+    let mut m: BTreeMap<String, Vec<&Pod>> = BTreeMap::new();
+    for p in pods {
+        if let Some(vm) = p.labels().get(LABEL_VM) {
+            m.entry(vm.clone()).or_default().push(p);
+        }
+    }
+    m
+}
+
+/// A candidate target node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Name.
+    pub name: String,
+    /// Cordoned (spec.unschedulable).
+    pub unschedulable: bool,
+    /// `hvx.dev/accelerator` label.
+    pub accelerator: Option<String>,
+    /// Launcher pods bound there.
+    pub vm_pods: usize,
+}
+
+/// Where a VM on `source` may go: another node with a ready agent (every node given
+/// has one), schedulable, with the same accelerator (guest CPU model and state must
+/// match); the least loaded first, ties by name.
+pub fn choose_target(source: &NodeInfo, nodes: &[NodeInfo]) -> Option<String> {
+    nodes
+        .iter()
+        .filter(|n| n.name != source.name && !n.unschedulable)
+        .filter(|n| n.accelerator == source.accelerator)
+        .min_by(|a, b| (a.vm_pods, &a.name).cmp(&(b.vm_pods, &b.name)))
+        .map(|n| n.name.clone())
+}
+
+/// Whether one more migration from `source` fits the limits, given the sources of the
+/// migrations running now.
+pub fn slot_free(source: &str, running_sources: &[String], per_node: usize, total: usize) -> bool {
+    running_sources.len() < total
+        && running_sources.iter().filter(|s| *s == source).count() < per_node
+}
+
+/// The VmMigration phase for an agent progress phase.
+pub fn phase_of(p: Phase) -> Option<MigrationPhase> {
+    Some(match p {
+        Phase::MirroringDisks => MigrationPhase::MirroringDisks,
+        Phase::PreCopy => MigrationPhase::PreCopy,
+        Phase::PostCopy => MigrationPhase::PostCopy,
+        Phase::Switchover => MigrationPhase::Switchover,
+        Phase::Completed => MigrationPhase::Completed,
+        Phase::Failed => MigrationPhase::Failed,
+        Phase::Unspecified => return None,
+    })
+}
+
+/// Pod name of a migration target: the VM's pod name and a suffix from the migration.
+pub fn target_pod_name(app: &str, vm: &str, migration_uid: &str) -> String {
+    let base = crate::build::pod_name(app, vm);
+    let suffix: String = migration_uid
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(6)
+        .collect();
+    let keep = 63 - suffix.len() - 1;
+    let base: String = base.chars().take(keep).collect();
+    format!("{}-{suffix}", base.trim_end_matches('-'))
+}
+
+/// Label selector of one VM's pods.
+pub fn vm_selector(app: &str, vm: &str) -> String {
+    format!("{LABEL_APP}={app},{LABEL_VM}={vm}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, vm: &str, target: Option<&str>, phase: &str, created: &str) -> Pod {
+        let mut labels = json!({LABEL_VM: vm});
+        if let Some(t) = target {
+            labels[LABEL_MIGRATION_TARGET] = json!(t);
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels, "creationTimestamp": created},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": phase}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn active_pod_prefers_live_then_newest_and_targets_are_apart() {
+        let old_done = pod("a", "web", None, "Succeeded", "2026-01-01T00:00:00Z");
+        let live = pod("b", "web", None, "Running", "2025-01-01T00:00:00Z");
+        let target = pod("c", "web", Some("m1"), "Running", "2026-02-01T00:00:00Z");
+        let other = pod("d", "db", None, "Running", "2026-03-01T00:00:00Z");
+        let pods = [old_done, live, target, other];
+        let p = vm_pods(&pods, "web");
+        assert_eq!(p.active.map(|p| p.name_any()), Some("b".into()));
+        assert_eq!(p.target.map(|p| p.name_any()), Some("c".into()));
+        assert!(vm_pods(&pods, "cache").active.is_none());
+    }
+
+    fn node(name: &str, cordoned: bool, accel: &str, pods: usize) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            unschedulable: cordoned,
+            accelerator: Some(accel.into()),
+            vm_pods: pods,
+        }
+    }
+
+    #[test]
+    fn target_is_another_schedulable_node_with_the_same_accelerator() {
+        let src = node("n1", true, "tcg", 2);
+        let nodes = [
+            src.clone(),
+            node("n2", false, "kvm", 0),
+            node("n3", true, "tcg", 0),
+            node("n4", false, "tcg", 3),
+            node("n5", false, "tcg", 1),
+        ];
+        assert_eq!(choose_target(&src, &nodes), Some("n5".into()));
+        assert_eq!(choose_target(&src, &nodes[..3]), None);
+    }
+
+    #[test]
+    fn limits_per_node_and_cluster() {
+        let running = vec!["n1".to_string(), "n2".to_string()];
+        assert!(!slot_free("n1", &running, 1, 4));
+        assert!(slot_free("n3", &running, 1, 4));
+        assert!(!slot_free("n3", &running, 1, 2));
+    }
+
+    #[test]
+    fn target_pod_names_are_valid_and_distinct() {
+        let a = target_pod_name("shop", "web", "1234abcd-0000");
+        assert_eq!(a, "shop-web-1234ab");
+        let long = target_pod_name(&"x".repeat(60), "web", "99887766");
+        assert!(long.len() <= 63 && long.ends_with("-998877"), "{long}");
+        assert_eq!(phase_of(Phase::Completed), Some(MigrationPhase::Completed));
+        assert!(is_active(Some(MigrationPhase::PreCopy)) && !is_active(None));
+        assert!(is_final(Some(MigrationPhase::Cancelled)));
+    }
+}

@@ -1,0 +1,907 @@
+//! VmMigration controller: moves one running VM to another node.
+//!
+//! Phases are the state machine, kept in status so a restarted operator resumes:
+//! Pending (a slot and a target node) -> Scheduling (bases imported on the target,
+//! target prepared by its agent, target launcher pod created, waiting until it
+//! listens) -> TargetReady -> MirroringDisks/PreCopy/Switchover (the source agent
+//! drives QEMU; its progress lands here) -> Completed (target pod promoted, source pod
+//! and overlays removed, every node's FDB re-pointed). Any failure before the
+//! switchover leaves the VM running on the source: Failed, target removed.
+//!
+//! The TLS key of a migration lives only in this process's memory and on the two
+//! nodes: an operator that restarts before the transfer makes a new one (the target
+//! re-reads its key file at each handshake).
+
+use crate::build::{self, LABEL_ROLE};
+use crate::context::Context;
+use crate::error::Error;
+use crate::hostprep::{self, BasesState};
+use crate::migplan::{self, LABEL_MIGRATION_TARGET, NodeInfo};
+use hvx_api::launch::IncomingMigration;
+use hvx_api::migration::{MigrationPhase, PhaseTimestamp, VmMigration, VmMigrationStatus};
+use hvx_api::{VmApplication, condition, new_condition, set_condition};
+use hvx_proto::v1 as pb;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, Event as Finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest a migration may wait for its target to listen.
+const SCHEDULING_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Reconciles one VmMigration.
+pub async fn reconcile(mig: Arc<VmMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = mig.namespace().unwrap_or_default();
+    let api: Api<VmMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer::finalizer(&api, crate::FINALIZER, mig, |event| async {
+        match event {
+            Finalizer::Apply(m) => apply(&m, &ctx).await,
+            Finalizer::Cleanup(m) => {
+                let phase = m.status.as_ref().and_then(|s| s.phase);
+                if phase != Some(MigrationPhase::Completed) {
+                    // Deleting a migration in flight cancels it: the VM stays put.
+                    abort(&m, &ctx).await?;
+                }
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+struct Target<'a> {
+    mig: &'a VmMigration,
+    ns: String,
+    status: VmMigrationStatus,
+}
+
+impl Target<'_> {
+    fn name(&self) -> String {
+        self.mig.name_any()
+    }
+    fn uid(&self) -> String {
+        self.mig.uid().unwrap_or_default()
+    }
+}
+
+async fn apply(mig: &VmMigration, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let t = Target {
+        mig,
+        ns: mig.namespace().unwrap_or_default(),
+        status: mig.status.clone().unwrap_or_default(),
+    };
+    match t.status.phase {
+        None | Some(MigrationPhase::Pending) => pending(t, ctx).await,
+        Some(MigrationPhase::Scheduling) => scheduling(t, ctx).await,
+        Some(
+            MigrationPhase::TargetReady
+            | MigrationPhase::MirroringDisks
+            | MigrationPhase::PreCopy
+            | MigrationPhase::PostCopy
+            | MigrationPhase::Switchover,
+        ) => transfer(t, ctx).await,
+        Some(MigrationPhase::Completed) => Ok(if finish(&t, ctx).await? {
+            Action::await_change()
+        } else {
+            Action::requeue(Duration::from_secs(3))
+        }),
+        Some(MigrationPhase::Failed | MigrationPhase::Cancelled) => {
+            abort(mig, ctx).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+async fn app_and_pods(
+    ctx: &Context,
+    ns: &str,
+    app: &str,
+) -> Result<Option<(VmApplication, Vec<Pod>)>, Error> {
+    let apps: Api<VmApplication> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(app_obj) = apps.get_opt(app).await? else {
+        return Ok(None);
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("{}={app}", build::LABEL_APP)))
+        .await?
+        .items;
+    Ok(Some((app_obj, list)))
+}
+
+/// Writes status (merge patch: only the fields given change).
+async fn patch_status(
+    ctx: &Context,
+    t: &Target<'_>,
+    status: &VmMigrationStatus,
+) -> Result<(), Error> {
+    let api: Api<VmMigration> = Api::namespaced(ctx.client.clone(), &t.ns);
+    api.patch_status(
+        &t.name(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": status})),
+    )
+    .await?;
+    Ok(())
+}
+
+fn enter(status: &mut VmMigrationStatus, phase: MigrationPhase, generation: Option<i64>) {
+    if status.phase != Some(phase) {
+        status.phase = Some(phase);
+        status
+            .phase_timestamps
+            .push(PhaseTimestamp { phase, time: now() });
+    }
+    status.observed_generation = generation;
+    let (ok, reason) = match phase {
+        MigrationPhase::Completed => (true, "Completed"),
+        MigrationPhase::Failed => (false, "Failed"),
+        MigrationPhase::Cancelled => (false, "Cancelled"),
+        _ => (false, "InProgress"),
+    };
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            condition::READY,
+            ok,
+            reason,
+            status.failure_reason.clone().unwrap_or_default(),
+            generation,
+            now(),
+        ),
+    );
+}
+
+async fn publish(ctx: &Context, mig: &VmMigration, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Migrate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder().publish(&event, &mig.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing event");
+    }
+}
+
+async fn fail(ctx: &Context, t: &Target<'_>, reason: String) -> Result<Action, Error> {
+    let mut status = t.status.clone();
+    status.failure_reason = Some(reason.clone());
+    enter(&mut status, MigrationPhase::Failed, t.mig.meta().generation);
+    patch_status(ctx, t, &status).await?;
+    publish(ctx, t.mig, EventType::Warning, "MigrationFailed", &reason).await;
+    abort(t.mig, ctx).await?;
+    Ok(Action::await_change())
+}
+
+async fn node_infos(ctx: &Context) -> Result<Vec<NodeInfo>, Error> {
+    let cluster = hostprep::cluster(ctx).await?;
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let launchers = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_ROLE}=launcher")))
+        .await?
+        .items;
+    let mut out = Vec::new();
+    for n in nodes.list(&ListParams::default()).await?.items {
+        let name = n.name_any();
+        if !cluster.node_ips.contains_key(&name) {
+            continue;
+        }
+        out.push(NodeInfo {
+            unschedulable: n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            accelerator: n.labels().get(build::NODE_LABEL_ACCELERATOR).cloned(),
+            vm_pods: launchers
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                })
+                .count(),
+            name,
+        });
+    }
+    Ok(out)
+}
+
+async fn pending(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let spec = &t.mig.spec;
+    let Some((app, pods)) = app_and_pods(ctx, &t.ns, &spec.application).await? else {
+        return fail(
+            ctx,
+            &t,
+            format!("VmApplication {} does not exist", spec.application),
+        )
+        .await;
+    };
+    if !app.spec.vms.iter().any(|v| v.name == spec.vm) {
+        return fail(
+            ctx,
+            &t,
+            format!("VmApplication {} has no VM {}", spec.application, spec.vm),
+        )
+        .await;
+    }
+    let vm_pods = migplan::vm_pods(&pods, &spec.vm);
+    if let Some(other) = vm_pods.target.and_then(migplan::target_of)
+        && other != t.name()
+    {
+        return wait(
+            ctx,
+            t,
+            format!("VM {} is being migrated by {other}", spec.vm),
+        )
+        .await;
+    }
+    let Some(source_pod) = vm_pods
+        .active
+        .filter(|p| crate::status::vm_phase(Some(p)).0 == hvx_api::VmPhase::Running)
+    else {
+        return fail(ctx, &t, format!("VM {} is not running", spec.vm)).await;
+    };
+    let source = source_pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    // Parallel limits.
+    let all: Api<VmMigration> = Api::all(ctx.client.clone());
+    let running: Vec<String> = all
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|m| m.uid() != t.mig.uid())
+        .filter_map(|m| m.status.as_ref())
+        .filter(|s| migplan::is_active(s.phase))
+        .filter_map(|s| s.source_node.clone())
+        .collect();
+    let limits = &ctx.config.migrations;
+    if !migplan::slot_free(&source, &running, limits.per_node, limits.total) {
+        return wait(
+            ctx,
+            t,
+            format!(
+                "waiting for a migration slot ({} running; limits {} per node, {} in the cluster)",
+                running.len(),
+                limits.per_node,
+                limits.total
+            ),
+        )
+        .await;
+    }
+    let nodes = node_infos(ctx).await?;
+    let source_info = nodes
+        .iter()
+        .find(|n| n.name == source)
+        .cloned()
+        .unwrap_or(NodeInfo {
+            name: source.clone(),
+            unschedulable: false,
+            accelerator: None,
+            vm_pods: 0,
+        });
+    let target = match &spec.target_node {
+        Some(n) if *n == source => {
+            return fail(ctx, &t, format!("VM {} already runs on {n}", spec.vm)).await;
+        }
+        Some(n) => {
+            let ok = nodes.iter().any(|i| {
+                i.name == *n && !i.unschedulable && i.accelerator == source_info.accelerator
+            });
+            if !ok {
+                return fail(ctx, &t, format!(
+                    "node {n} cannot take VM {}: no ready agent, cordoned, or another accelerator", spec.vm
+                ))
+                .await;
+            }
+            n.clone()
+        }
+        None => match migplan::choose_target(&source_info, &nodes) {
+            Some(n) => n,
+            None => {
+                return wait(
+                    ctx,
+                    t,
+                    "no other schedulable node with a ready agent and the same accelerator".into(),
+                )
+                .await;
+            }
+        },
+    };
+    let mut status = t.status.clone();
+    status.source_node = Some(source.clone());
+    status.target_node = Some(target.clone());
+    status.failure_reason = None;
+    enter(
+        &mut status,
+        MigrationPhase::Scheduling,
+        t.mig.meta().generation,
+    );
+    patch_status(ctx, &t, &status).await?;
+    publish(
+        ctx,
+        t.mig,
+        EventType::Normal,
+        "MigrationScheduled",
+        &format!("VM {} from {source} to {target}", spec.vm),
+    )
+    .await;
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+/// Stays in the current phase with a reason in the Ready condition.
+async fn wait(ctx: &Context, t: Target<'_>, why: String) -> Result<Action, Error> {
+    let mut status = t.status.clone();
+    let phase = status.phase.unwrap_or(MigrationPhase::Pending);
+    enter(&mut status, phase, t.mig.meta().generation);
+    set_condition(
+        &mut status.conditions,
+        new_condition(
+            condition::READY,
+            false,
+            "Waiting",
+            why,
+            t.mig.meta().generation,
+            now(),
+        ),
+    );
+    if status != t.status {
+        patch_status(ctx, &t, &status).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(5)))
+}
+
+fn psk_for(ctx: &Context, uid: &str) -> Vec<u8> {
+    let mut keys = ctx.migration_keys.lock().unwrap_or_else(|p| p.into_inner());
+    keys.entry(uid.to_string())
+        .or_insert_with(|| {
+            let mut key = vec![0u8; 32];
+            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+                let _ = std::io::Read::read_exact(&mut f, &mut key);
+            }
+            key
+        })
+        .clone()
+}
+
+async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let spec = &t.mig.spec;
+    let started = t
+        .status
+        .phase_timestamps
+        .iter()
+        .rev()
+        .find(|p| p.phase == MigrationPhase::Scheduling)
+        .map(|p| p.time.0);
+    if let Some(at) = started
+        && k8s_openapi::jiff::Timestamp::now()
+            .duration_since(at)
+            .as_secs()
+            > SCHEDULING_TIMEOUT.as_secs() as i64
+    {
+        return fail(
+            ctx,
+            &t,
+            format!(
+                "the target did not get ready within {}s",
+                SCHEDULING_TIMEOUT.as_secs()
+            ),
+        )
+        .await;
+    }
+    let Some((app, pods)) = app_and_pods(ctx, &t.ns, &spec.application).await? else {
+        return fail(
+            ctx,
+            &t,
+            format!("VmApplication {} is gone", spec.application),
+        )
+        .await;
+    };
+    let vm_pods = migplan::vm_pods(&pods, &spec.vm);
+    let Some(source_pod) = vm_pods
+        .active
+        .filter(|p| crate::status::vm_phase(Some(p)).0 == hvx_api::VmPhase::Running)
+    else {
+        return fail(ctx, &t, format!("VM {} stopped running", spec.vm)).await;
+    };
+    let Some(ls) = crate::hostplan::pod_launch_spec(source_pod) else {
+        return fail(ctx, &t, "the VM's pod has no launch spec".into()).await;
+    };
+    let target = t.status.target_node.clone().unwrap_or_default();
+    let cluster = hostprep::cluster(ctx).await?;
+    // The bases come from the OverlayDisk's source (same content, same digest).
+    let bases = match hostprep::ensure_vm_bases(ctx, &cluster, &target, &ls).await? {
+        BasesState::Ready(b) => b,
+        BasesState::Waiting(why) => return wait(ctx, t, why).await,
+    };
+    let client = hostprep::client_for(ctx, &cluster, &target)?;
+    let vm_ref = pb::VmRef {
+        vm_uid: ls.vm_id.clone(),
+        name: spec.vm.clone(),
+    };
+    if vm_pods.target.is_none() {
+        let req = pb::PrepareMigrationTargetRequest {
+            migration_uid: t.uid(),
+            vm: Some(vm_ref.clone()),
+            disks: bases
+                .iter()
+                .map(|b| pb::MigrationDisk {
+                    disk_name: b.disk_name.clone(),
+                    base_digest: b.digest.clone(),
+                    virtual_bytes: b.virtual_bytes,
+                    disk_uid: b.disk_uid.clone(),
+                })
+                .collect(),
+            source_agent: String::new(),
+            tls_psk: psk_for(ctx, &t.uid()),
+        };
+        let ep = crate::agents::call(
+            &target,
+            "PrepareMigrationTarget",
+            ctx.agents.timeout(),
+            || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.prepare_migration_target(r).await }
+            },
+        )
+        .await?;
+        let port = |p: u32| u16::try_from(p).unwrap_or(0);
+        let mut incoming_ls = ls.clone();
+        incoming_ls.incoming = Some(IncomingMigration {
+            migration: t.name(),
+            host: ep.host.clone(),
+            migration_port: port(ep.migration_port),
+            nbd_port: port(ep.nbd_port),
+        });
+        let mut pod = build::launcher_pod(&app, &incoming_ls, &ctx.config, Some(&target)).map_err(
+            |source| Error::Serialize {
+                what: "target pod",
+                source,
+            },
+        )?;
+        let name = migplan::target_pod_name(&spec.application, &spec.vm, &t.uid());
+        pod.metadata.name = Some(name.clone());
+        pod.labels_mut()
+            .insert(LABEL_MIGRATION_TARGET.into(), t.name());
+        let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.ns);
+        pods_api
+            .patch(
+                &name,
+                &PatchParams::apply(crate::FIELD_MANAGER).force(),
+                &Patch::Apply(&pod),
+            )
+            .await?;
+        // The target's tap must be on the overlay before its launcher starts QEMU.
+        let nets: Vec<String> = ls.vm.nics.iter().map(|n| n.network.name.clone()).collect();
+        if let Err(e) = hostprep::sync_networks(ctx, &t.ns, nets, &cluster).await {
+            tracing::warn!(error = %e, "network sync for the migration target");
+        }
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if vm_pods.target.is_some_and(|p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|ph| ph == "Failed" || ph == "Succeeded")
+    }) {
+        return fail(
+            ctx,
+            &t,
+            "the target launcher pod ended before the migration".into(),
+        )
+        .await;
+    }
+    // Listening yet?
+    let state = crate::agents::call(&target, "GetVm", ctx.agents.timeout(), || {
+        let (mut c, r) = (client.clone(), vm_ref.clone());
+        async move { c.get_vm(r).await }
+    })
+    .await;
+    let listening = state.is_ok_and(|s| s.phase == pb::vm_state::Phase::Migrating as i32);
+    if !listening {
+        return wait(ctx, t, format!("target launcher on {target} starting")).await;
+    }
+    let mut status = t.status.clone();
+    enter(
+        &mut status,
+        MigrationPhase::TargetReady,
+        t.mig.meta().generation,
+    );
+    patch_status(ctx, &t, &status).await?;
+    Ok(Action::requeue(Duration::from_millis(100)))
+}
+
+async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let uid = t.uid();
+    let following = ctx
+        .migrations_followed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(uid.clone());
+    if !following {
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    let spec = &t.mig.spec;
+    let source = t.status.source_node.clone().unwrap_or_default();
+    let target = t.status.target_node.clone().unwrap_or_default();
+    let Some((_, pods)) = app_and_pods(ctx, &t.ns, &spec.application).await? else {
+        forget(ctx, &uid);
+        return fail(
+            ctx,
+            &t,
+            format!("VmApplication {} is gone", spec.application),
+        )
+        .await;
+    };
+    let vm_pods = migplan::vm_pods(&pods, &spec.vm);
+    let (Some(target_pod), Some(source_pod)) = (vm_pods.target, vm_pods.active) else {
+        forget(ctx, &uid);
+        if vm_pods.target.is_none() {
+            // Promoted already by an earlier run of this step: done.
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        return fail(ctx, &t, "the VM's source pod is gone".into()).await;
+    };
+    let Some(target_ls) = crate::hostplan::pod_launch_spec(target_pod) else {
+        forget(ctx, &uid);
+        return fail(ctx, &t, "the target pod has no launch spec".into()).await;
+    };
+    let Some(inc) = target_ls.incoming.clone() else {
+        forget(ctx, &uid);
+        return fail(ctx, &t, "the target pod is not a migration target".into()).await;
+    };
+    let _ = source_pod;
+    let cluster = hostprep::cluster(ctx).await?;
+    let src_client = hostprep::client_for(ctx, &cluster, &source)?;
+    let dst_client = hostprep::client_for(ctx, &cluster, &target)?;
+    // A key made again after an operator restart must reach the target first.
+    if !ctx
+        .migration_keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&uid)
+        && t.status.phase == Some(MigrationPhase::TargetReady)
+    {
+        let req = pb::PrepareMigrationTargetRequest {
+            migration_uid: uid.clone(),
+            vm: Some(pb::VmRef {
+                vm_uid: target_ls.vm_id.clone(),
+                name: spec.vm.clone(),
+            }),
+            disks: Vec::new(),
+            source_agent: String::new(),
+            tls_psk: psk_for(ctx, &uid),
+        };
+        let mut c = dst_client.clone();
+        if let Err(e) = c.prepare_migration_target(req).await {
+            forget(ctx, &uid);
+            return fail(ctx, &t, format!("re-keying the target: {}", e.message())).await;
+        }
+    }
+    let req = pb::StartMigrationRequest {
+        migration_uid: uid.clone(),
+        vm: Some(pb::VmRef {
+            vm_uid: target_ls.vm_id.clone(),
+            name: spec.vm.clone(),
+        }),
+        target: Some(pb::MigrationEndpoint {
+            host: inc.host.clone(),
+            migration_port: u32::from(inc.migration_port),
+            nbd_port: u32::from(inc.nbd_port),
+        }),
+        max_downtime_ms: spec.max_downtime_ms,
+        allow_post_copy: spec.allow_post_copy,
+        bandwidth_bytes_per_second: u64::from(spec.bandwidth_mib_per_second) << 20,
+        tls_psk: psk_for(ctx, &uid),
+        disk_names: target_ls.disks.iter().map(|d| d.name.clone()).collect(),
+    };
+    let mig = t.mig.clone();
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        follow(
+            ctx2.clone(),
+            mig,
+            src_client,
+            dst_client,
+            req,
+            source,
+            target,
+        )
+        .await;
+        forget(&ctx2, &uid);
+    });
+    Ok(Action::requeue(Duration::from_secs(10)))
+}
+
+fn forget(ctx: &Context, uid: &str) {
+    ctx.migrations_followed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(uid);
+}
+
+/// Follows the source agent's progress stream into status until the end.
+async fn follow(
+    ctx: Arc<Context>,
+    mig: VmMigration,
+    mut src: crate::agents::AgentClient,
+    mut dst: crate::agents::AgentClient,
+    req: pb::StartMigrationRequest,
+    source: String,
+    target: String,
+) {
+    let t = Target {
+        ns: mig.namespace().unwrap_or_default(),
+        status: mig.status.clone().unwrap_or_default(),
+        mig: &mig,
+    };
+    let vm_ref = req.vm.clone().unwrap_or_default();
+    let mut status = t.status.clone();
+    let stream = src.start_migration(req).await;
+    let mut last: Option<pb::MigrationProgress> = None;
+    match stream {
+        Ok(resp) => {
+            let mut s = resp.into_inner();
+            let mut last_write = std::time::Instant::now() - Duration::from_secs(10);
+            loop {
+                match s.message().await {
+                    Ok(Some(p)) => {
+                        let phase = pb::migration_progress::Phase::try_from(p.phase)
+                            .ok()
+                            .and_then(migplan::phase_of);
+                        let changed = phase.is_some() && phase != status.phase;
+                        if let Some(ph) = phase {
+                            enter(&mut status, ph, mig.meta().generation);
+                        }
+                        status.memory_bytes = Some(p.memory_bytes);
+                        status.disk_bytes = Some(p.disk_bytes);
+                        let done = migplan::is_final(phase);
+                        if done {
+                            status.downtime_ms = Some(p.downtime_ms);
+                            status.total_ms = Some(p.total_ms);
+                            if phase == Some(MigrationPhase::Failed) {
+                                status.failure_reason = Some(p.message.clone());
+                            }
+                        }
+                        if changed || done || last_write.elapsed() > Duration::from_secs(2) {
+                            if let Err(e) = patch_status(&ctx, &t, &status).await {
+                                tracing::warn!(error = %e, "migration status");
+                            }
+                            last_write = std::time::Instant::now();
+                        }
+                        last = Some(p);
+                        if done {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "migration progress stream broke; will re-attach");
+                        return;
+                    }
+                }
+            }
+        }
+        Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+            // The source no longer runs the VM: either it completed (and the source
+            // agent restarted, forgetting the result) or it is really gone.
+            let there = dst
+                .get_vm(vm_ref.clone())
+                .await
+                .ok()
+                .map(|r| r.into_inner().phase);
+            if there == Some(pb::vm_state::Phase::Running as i32) {
+                enter(
+                    &mut status,
+                    MigrationPhase::Completed,
+                    mig.meta().generation,
+                );
+                let _ = patch_status(&ctx, &t, &status).await;
+                let _ = finish(&t, &ctx).await;
+                return;
+            }
+            status.failure_reason = Some(format!("source on {source}: {}", e.message()));
+            enter(&mut status, MigrationPhase::Failed, mig.meta().generation);
+            let _ = patch_status(&ctx, &t, &status).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "StartMigration on {source}; will retry");
+            return;
+        }
+    }
+    match status.phase {
+        Some(MigrationPhase::Completed) => {
+            let p = last.unwrap_or_default();
+            publish(&ctx, &mig, EventType::Normal, "Migrated", &format!(
+                "VM {} now runs on {target}: {} ms total, {} ms downtime, {} MiB memory, {} KiB disk",
+                mig.spec.vm, p.total_ms, p.downtime_ms, p.memory_bytes >> 20, p.disk_bytes >> 10
+            ))
+            .await;
+            if let Err(e) = finish(&t, &ctx).await {
+                tracing::warn!(error = %e, "finishing migration; the next reconcile retries");
+            }
+        }
+        Some(MigrationPhase::Failed) => {
+            publish(
+                &ctx,
+                &mig,
+                EventType::Warning,
+                "MigrationFailed",
+                &format!(
+                    "VM {} stays on {source}: {}",
+                    mig.spec.vm,
+                    status.failure_reason.clone().unwrap_or_default()
+                ),
+            )
+            .await;
+            if let Err(e) = abort(&mig, &ctx).await {
+                tracing::warn!(error = %e, "cleaning up a failed migration");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// After the switchover: the target pod becomes the VM's pod, every node learns where
+/// the VM's MACs are now, and the source pod and overlays go. True once all is done.
+async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
+    let spec = &t.mig.spec;
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.ns);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&migplan::vm_selector(&spec.application, &spec.vm)))
+        .await?
+        .items;
+    let target_node = t.status.target_node.clone().unwrap_or_default();
+    let source_node = t.status.source_node.clone().unwrap_or_default();
+    let mut vm_id = None;
+    let mut disks = Vec::new();
+    let mut nets = Vec::new();
+    let mut done = true;
+    for p in &pods {
+        if migplan::target_of(p) == Some(t.name().as_str()) {
+            pods_api
+                .patch(
+                    &p.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"metadata": {"labels": {LABEL_MIGRATION_TARGET: null}}})),
+                )
+                .await?;
+        }
+    }
+    for p in &pods {
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        if let Some(ls) = crate::hostplan::pod_launch_spec(p) {
+            vm_id = Some(ls.vm_id.clone());
+            disks = ls.disks.iter().map(|d| d.name.clone()).collect();
+            nets = ls
+                .vm
+                .nics
+                .iter()
+                .map(|n| n.network.name.clone())
+                .collect::<Vec<_>>();
+        }
+        if node == source_node && migplan::target_of(p).is_none() && node != target_node {
+            let _ = pods_api
+                .delete(&p.name_any(), &DeleteParams::default())
+                .await;
+        }
+    }
+    let cluster = hostprep::cluster(ctx).await?;
+    hostprep::sync_networks(ctx, &t.ns, nets, &cluster).await?;
+    if let (Some(vm_id), Ok(client)) = (vm_id, hostprep::client_for(ctx, &cluster, &source_node)) {
+        for d in disks {
+            let req = pb::DeleteOverlayRequest {
+                vm_uid: vm_id.clone(),
+                disk_name: d,
+            };
+            let mut c = client.clone();
+            // Refused while the source QEMU is still exiting: the next pass retries.
+            if let Err(e) = c.delete_overlay(req).await {
+                tracing::info!(error = %e.message(), "source overlay stays for now");
+                done = false;
+            }
+        }
+    }
+    ctx.migration_keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&t.uid());
+    Ok(done)
+}
+
+/// Undoes a migration that did not complete: the source keeps the VM; the target pod,
+/// its overlays and key go.
+async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
+    let ns = mig.namespace().unwrap_or_default();
+    let uid = mig.uid().unwrap_or_default();
+    let status = mig.status.clone().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let targets = pods_api
+        .list(
+            &ListParams::default().labels(&format!("{LABEL_MIGRATION_TARGET}={}", mig.name_any())),
+        )
+        .await?
+        .items;
+    let vm_id = targets
+        .iter()
+        .find_map(crate::hostplan::pod_launch_spec)
+        .map(|ls| ls.vm_id);
+    let cluster = hostprep::cluster(ctx).await?;
+    for node in [status.source_node.clone(), status.target_node.clone()]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(mut c) = hostprep::client_for(ctx, &cluster, &node) {
+            let req = pb::CancelMigrationRequest {
+                migration_uid: uid.clone(),
+                vm: vm_id.clone().map(|v| pb::VmRef {
+                    vm_uid: v,
+                    name: mig.spec.vm.clone(),
+                }),
+            };
+            if let Err(e) = c.cancel_migration(req).await {
+                tracing::info!(node, error = %e.message(), "CancelMigration");
+            }
+        }
+    }
+    for p in &targets {
+        let _ = pods_api
+            .delete(&p.name_any(), &DeleteParams::default())
+            .await;
+    }
+    // The target's fresh overlays hold nothing of value (the VM stayed on the source).
+    // Only when this pass removed the target pod: an old failed migration must never
+    // touch a node the VM may have moved to since.
+    if let (Some(vm_id), Some(node), Some(ls)) = (
+        vm_id,
+        status.target_node.clone(),
+        targets.iter().find_map(crate::hostplan::pod_launch_spec),
+    ) && let Ok(client) = hostprep::client_for(ctx, &cluster, &node)
+    {
+        tokio::spawn(async move {
+            for attempt in 0..20 {
+                let mut left = 0;
+                for d in &ls.disks {
+                    let req = pb::DeleteOverlayRequest {
+                        vm_uid: vm_id.clone(),
+                        disk_name: d.name.clone(),
+                    };
+                    let mut c = client.clone();
+                    if c.delete_overlay(req).await.is_err() {
+                        left += 1;
+                    }
+                }
+                if left == 0 {
+                    return;
+                }
+                // The target QEMU is still exiting.
+                tokio::time::sleep(Duration::from_secs(2 + attempt)).await;
+            }
+        });
+    }
+    ctx.migration_keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&uid);
+    Ok(())
+}
