@@ -8,19 +8,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=_out/bench
 mkdir -p "$OUT"
-: >"$OUT/lines.jsonl"
 failed=()
+# BENCH_ONLY="a b": run only those benchmarks and keep the other lines of the last run.
+if [ -n "${BENCH_ONLY:-}" ]; then
+  for name in $BENCH_ONLY; do
+    jq -c --arg g "$name" 'select(.bench != $g)' "$OUT/lines.jsonl" >"$OUT/lines.keep" 2>/dev/null || : >"$OUT/lines.keep"
+    mv "$OUT/lines.keep" "$OUT/lines.jsonl"
+  done
+else
+  : >"$OUT/lines.jsonl"
+fi
 for script in bench/*/run.sh bench/*/bench.sh; do
   [ -f "$script" ] || continue
   name=$(basename "$(dirname "$script")")
+  if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then continue; fi
   echo "bench: $name" >&2
   start=$(date +%s)
   if bash "$script" >"$OUT/$name.log" 2>"$OUT/$name.err"; then
-    grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' >>"$OUT/lines.jsonl" || true
+    grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' | jq -c --arg b "$name" '. + {bench: $b}' >>"$OUT/lines.jsonl" || true
   else
     failed+=("$name")
     echo "bench: $name failed; see $OUT/$name.err" >&2
-    grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' >>"$OUT/lines.jsonl" || true
+    grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' | jq -c --arg b "$name" '. + {bench: $b}' >>"$OUT/lines.jsonl" || true
   fi
   echo "bench: $name took $(( $(date +%s) - start ))s" >&2
 done

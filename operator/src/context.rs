@@ -77,6 +77,8 @@ pub struct Context {
     pub migration_keys: Mutex<HashMap<String, Vec<u8>>>,
     /// Migrations whose progress stream a task of this process follows.
     pub migrations_followed: Mutex<std::collections::HashSet<String>>,
+    /// Prometheus counters.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// A disk import on one node, as this operator last saw it.
@@ -112,6 +114,17 @@ impl std::fmt::Debug for Context {
 impl Context {
     /// Shared state for a controller run.
     pub fn new(client: Client, config: OperatorConfig, reporter: Reporter) -> Self {
+        Self::with_metrics(client, config, reporter, std::sync::Arc::default())
+    }
+
+    /// Shared state recording into `metrics` (served by the binary from start-up, before
+    /// leader election, so probes and scrapes work on every replica).
+    pub fn with_metrics(
+        client: Client,
+        config: OperatorConfig,
+        reporter: Reporter,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             agents: AgentPool::new(config.agents.clone()),
             client,
@@ -121,6 +134,7 @@ impl Context {
             leases: Mutex::default(),
             migration_keys: Mutex::default(),
             migrations_followed: Mutex::default(),
+            metrics,
         }
     }
 

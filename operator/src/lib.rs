@@ -13,6 +13,7 @@ pub mod error;
 pub mod hostplan;
 pub mod hostprep;
 pub mod leader;
+pub mod metrics;
 pub mod migplan;
 pub mod migration;
 pub mod network;

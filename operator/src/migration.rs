@@ -728,6 +728,7 @@ async fn follow(
     match status.phase {
         Some(MigrationPhase::Completed) => {
             let p = last.unwrap_or_default();
+            ctx.metrics.migration(true, p.downtime_ms, p.total_ms);
             publish(&ctx, &mig, EventType::Normal, "Migrated", &format!(
                 "VM {} now runs on {target}: {} ms total, {} ms downtime, {} MiB memory, {} KiB disk",
                 mig.spec.vm, p.total_ms, p.downtime_ms, p.memory_bytes >> 20, p.disk_bytes >> 10
@@ -738,6 +739,7 @@ async fn follow(
             }
         }
         Some(MigrationPhase::Failed) => {
+            ctx.metrics.migration(false, 0, 0);
             publish(
                 &ctx,
                 &mig,

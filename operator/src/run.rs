@@ -18,6 +18,22 @@ fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Runs one reconcile and records it in the metrics.
+async fn timed(
+    ctx: Arc<Context>,
+    controller: &'static str,
+    f: impl std::future::Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let r = f.await;
+    ctx.metrics.reconcile(
+        controller,
+        started.elapsed(),
+        r.as_ref().err().map(Error::kind),
+    );
+    r
+}
+
 fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
     match r {
         Ok(obj) => tracing::debug!(?obj, "reconciled"),
@@ -42,13 +58,24 @@ fn networks_of_pod(pod: Pod) -> Vec<ObjectRef<VirtualNetwork>> {
 /// Runs the VmApplication, VirtualNetwork and OverlayDisk controllers until a
 /// shutdown signal (or until the returned future is dropped).
 pub async fn run(client: Client, config: OperatorConfig, instance: Option<String>) {
-    let ctx = Arc::new(Context::new(
+    run_with_metrics(client, config, instance, Arc::default()).await;
+}
+
+/// `run`, recording into `metrics`.
+pub async fn run_with_metrics(
+    client: Client,
+    config: OperatorConfig,
+    instance: Option<String>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let ctx = Arc::new(Context::with_metrics(
         client.clone(),
         config,
         Reporter {
             controller: "hvx-operator".into(),
             instance,
         },
+        metrics,
     ));
     tracing::info!(config = ?ctx.config, "controllers starting");
     let apps = Controller::new(
@@ -60,7 +87,11 @@ pub async fn run(client: Client, config: OperatorConfig, instance: Option<String
         watcher::Config::default().labels("hvx.dev/role=launcher"),
     )
     .shutdown_on_signal()
-    .run(crate::vmapp::reconcile, error_policy, ctx.clone())
+    .run(
+        |o, c| timed(c.clone(), "vmapp", crate::vmapp::reconcile(o, c)),
+        error_policy,
+        ctx.clone(),
+    )
     .for_each(|r| async move { log_result(r) });
     let nets = Controller::new(
         Api::<VirtualNetwork>::all(client.clone()),
@@ -73,21 +104,33 @@ pub async fn run(client: Client, config: OperatorConfig, instance: Option<String
         networks_of_pod,
     )
     .shutdown_on_signal()
-    .run(crate::network::reconcile, error_policy, ctx.clone())
+    .run(
+        |o, c| timed(c.clone(), "network", crate::network::reconcile(o, c)),
+        error_policy,
+        ctx.clone(),
+    )
     .for_each(|r| async move { log_result(r) });
     let disks = Controller::new(
         Api::<OverlayDisk>::all(client.clone()),
         watcher::Config::default(),
     )
     .shutdown_on_signal()
-    .run(crate::disk::reconcile, error_policy, ctx.clone())
+    .run(
+        |o, c| timed(c.clone(), "disk", crate::disk::reconcile(o, c)),
+        error_policy,
+        ctx.clone(),
+    )
     .for_each(|r| async move { log_result(r) });
     let migrations = Controller::new(
         Api::<hvx_api::migration::VmMigration>::all(client.clone()),
         watcher::Config::default(),
     )
     .shutdown_on_signal()
-    .run(crate::migration::reconcile, error_policy, ctx.clone())
+    .run(
+        |o, c| timed(c.clone(), "migration", crate::migration::reconcile(o, c)),
+        error_policy,
+        ctx.clone(),
+    )
     .for_each(|r| async move { log_result(r) });
     // Cordoned nodes -> VmMigrations for their VMs (kubectl drain).
     let drains = Controller::new(
@@ -95,7 +138,11 @@ pub async fn run(client: Client, config: OperatorConfig, instance: Option<String
         watcher::Config::default(),
     )
     .shutdown_on_signal()
-    .run(crate::drain::reconcile, error_policy, ctx.clone())
+    .run(
+        |o, c| timed(c.clone(), "drain", crate::drain::reconcile(o, c)),
+        error_policy,
+        ctx.clone(),
+    )
     .for_each(|r| async move { log_result(r) });
     futures::join!(apps, nets, disks, migrations, drains);
 }

@@ -35,6 +35,9 @@ struct Args {
     /// Directory for disk uploads (`kubectl hvx import --upload`); unset disables them.
     #[arg(long, env = "HVX_UPLOAD_DIR")]
     upload_dir: Option<std::path::PathBuf>,
+    /// Where to serve Prometheus `/metrics` and `/healthz` (empty: nowhere).
+    #[arg(long, env = "HVX_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    metrics_listen: String,
     /// Live migrations leaving one node at once.
     #[arg(long, env = "HVX_MAX_MIGRATIONS_PER_NODE", default_value_t = 1)]
     max_migrations_per_node: usize,
@@ -148,6 +151,14 @@ async fn main() -> anyhow::Result<()> {
     if config.agents.tls_dir.is_none() {
         tracing::warn!("--agent-tls-dir not set: node agents are called without TLS");
     }
+    let metrics = std::sync::Arc::new(hvx_operator::metrics::Metrics::default());
+    if !args.metrics_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&args.metrics_listen)
+            .await
+            .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+        tracing::info!(listen = %args.metrics_listen, "serving /metrics and /healthz");
+        tokio::spawn(hvx_operator::metrics::serve(listener, metrics.clone()));
+    }
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| "hvx-operator-local".into());
     let election = hvx_operator::leader::Election {
         namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "hvx-system".into()),
@@ -157,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let lost = hvx_operator::leader::lead(client.clone(), election).await;
     tokio::select! {
-        () = hvx_operator::run::run(client, config, Some(identity)) => {}
+        () = hvx_operator::run::run_with_metrics(client, config, Some(identity), metrics) => {}
         () = lost => anyhow::bail!("lost leadership; exiting so a fresh replica takes over"),
     }
     tracing::info!("hvx operator stopped");

@@ -1,0 +1,149 @@
+//! Prometheus text on `/metrics` and liveness on `/healthz` (tiny HTTP/1.1, two GET
+//! paths): reconciles per controller with their error kinds and durations, and live
+//! migrations with their outcomes and downtime.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Counters of this process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// (controller, result: `ok` or the error kind) -> count.
+    reconciles: Mutex<BTreeMap<(String, String), u64>>,
+    /// controller -> (seconds sum, count).
+    durations: Mutex<BTreeMap<String, (f64, u64)>>,
+    /// outcome (`completed`, `failed`) -> count.
+    migrations: Mutex<BTreeMap<String, u64>>,
+    /// (downtime ms sum, total ms sum, completed count).
+    migration_times: Mutex<(u64, u64, u64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Metrics {
+    /// Records one reconcile.
+    pub fn reconcile(&self, controller: &str, took: Duration, error_kind: Option<&str>) {
+        *lock(&self.reconciles)
+            .entry((controller.into(), error_kind.unwrap_or("ok").into()))
+            .or_default() += 1;
+        let mut d = lock(&self.durations);
+        let e = d.entry(controller.into()).or_default();
+        e.0 += took.as_secs_f64();
+        e.1 += 1;
+    }
+
+    /// Records a finished migration.
+    pub fn migration(&self, completed: bool, downtime_ms: u64, total_ms: u64) {
+        let outcome = if completed { "completed" } else { "failed" };
+        *lock(&self.migrations).entry(outcome.into()).or_default() += 1;
+        if completed {
+            let mut t = lock(&self.migration_times);
+            t.0 += downtime_ms;
+            t.1 += total_ms;
+            t.2 += 1;
+        }
+    }
+
+    /// The Prometheus text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE hvx_operator_reconciles_total counter");
+        for ((c, r), n) in lock(&self.reconciles).iter() {
+            let _ = writeln!(
+                out,
+                "hvx_operator_reconciles_total{{controller=\"{c}\",result=\"{r}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# TYPE hvx_operator_reconcile_seconds summary");
+        for (c, (sum, n)) in lock(&self.durations).iter() {
+            let _ = writeln!(
+                out,
+                "hvx_operator_reconcile_seconds_sum{{controller=\"{c}\"}} {sum}\nhvx_operator_reconcile_seconds_count{{controller=\"{c}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# TYPE hvx_operator_migrations_total counter");
+        for (o, n) in lock(&self.migrations).iter() {
+            let _ = writeln!(out, "hvx_operator_migrations_total{{outcome=\"{o}\"}} {n}");
+        }
+        let (down, total, n) = *lock(&self.migration_times);
+        let _ = writeln!(
+            out,
+            "# TYPE hvx_operator_migration_downtime_ms summary\nhvx_operator_migration_downtime_ms_sum {down}\nhvx_operator_migration_downtime_ms_count {n}"
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE hvx_operator_migration_total_ms summary\nhvx_operator_migration_total_ms_sum {total}\nhvx_operator_migration_total_ms_count {n}"
+        );
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_by_controller_and_error_kind() {
+        let m = Metrics::default();
+        m.reconcile("vmapp", Duration::from_millis(500), None);
+        m.reconcile("vmapp", Duration::from_millis(250), Some("agent"));
+        m.migration(true, 120, 1500);
+        m.migration(false, 0, 0);
+        let text = m.render();
+        assert!(
+            text.contains("hvx_operator_reconciles_total{controller=\"vmapp\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_reconciles_total{controller=\"vmapp\",result=\"agent\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_reconcile_seconds_sum{controller=\"vmapp\"} 0.75"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_migrations_total{outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_migration_downtime_ms_sum 120"),
+            "{text}"
+        );
+    }
+}
