@@ -210,6 +210,7 @@ pub async fn listen_incoming(
 /// and resumes the guest. Returns the time from completion to running, in ms.
 pub async fn finish_incoming(qmp: &QmpClient, timeout: Duration) -> Result<u64> {
     let deadline = Deadline::after(timeout);
+    let mut events = qmp.subscribe();
     loop {
         let v = qmp.execute("query-migrate", None).await?;
         match status_of(&v) {
@@ -222,7 +223,7 @@ pub async fn finish_incoming(qmp: &QmpClient, timeout: Duration) -> Result<u64> 
             break;
         }
         deadline.check("the incoming migration")?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        nap(&mut events, Duration::from_millis(100)).await;
     }
     let done = Instant::now();
     let _ = qmp.execute("nbd-server-stop", None).await;
@@ -374,6 +375,7 @@ async fn precopy_and_switch(
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Report> {
     let mut switched = false;
+    let mut events = qmp.subscribe();
     loop {
         let v = qmp.execute("query-migrate", None).await?;
         let ram = v.get("ram");
@@ -413,7 +415,7 @@ async fn precopy_and_switch(
             _ => {}
         }
         deadline.check("the migration to complete")?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        nap(&mut events, Duration::from_millis(100)).await;
     }
 }
 
@@ -423,6 +425,7 @@ async fn complete_mirrors(qmp: &QmpClient, disks: &[String], deadline: Deadline)
         qmp.execute("block-job-cancel", Some(json!({"device": mirror_job(d)})))
             .await?;
     }
+    let mut events = qmp.subscribe();
     loop {
         let jobs = mirror_jobs(qmp, disks).await?;
         if let Some(j) = jobs.iter().find(|j| j.error.is_some()) {
@@ -439,7 +442,7 @@ async fn complete_mirrors(qmp: &QmpClient, disks: &[String], deadline: Deadline)
             return Ok(());
         }
         deadline.check("the disk mirrors to complete")?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        nap(&mut events, Duration::from_millis(50)).await;
     }
 }
 
@@ -482,6 +485,12 @@ pub async fn rollback(qmp: &QmpClient, disks: &[String]) {
     {
         let _ = qmp.execute("cont", None).await;
     }
+}
+
+/// Waits up to `max`, waking at once on any QMP event: migration and job state
+/// changes arrive as events, and every millisecond here is guest pause at switchover.
+async fn nap(events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>, max: Duration) {
+    let _ = tokio::time::timeout(max, events.recv()).await;
 }
 
 fn status_of(v: &Value) -> &str {
