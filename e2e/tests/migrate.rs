@@ -108,20 +108,8 @@ fn assert_sequence(lines: &[String], prefix: &str, what: &str) -> usize {
 #[tokio::test]
 async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     let client = client().await;
-    fresh_namespace(&client, NS).await;
-    for obj in examples() {
-        apply(&client, NS, &obj)
-            .await
-            .unwrap_or_else(|e| panic!("applying {}: {e}", obj["metadata"]["name"]));
-    }
+    let app_uid = apply_examples(&client, NS).await;
     let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
-    let app_uid = apps
-        .get("shop")
-        .await
-        .expect("app")
-        .metadata
-        .uid
-        .expect("uid");
     let vms = running_with_addresses(&client, NS).await;
     let find = |n: &str| vms.iter().find(|v| v.0 == n).cloned().expect("vm");
     let (db, web) = (find("db"), find("web"));
@@ -357,61 +345,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     assert!(ok && out.contains("still-here"), "{out}");
 
     // Clean up everything; nothing stays on any node (the vms test checks the same).
-    // Migrations are history: deleting the namespace's objects removes them too.
-    for m in migs
-        .list(&ListParams::default())
-        .await
-        .expect("migrations")
-        .items
-    {
-        let _ = migs
-            .delete(
-                &m.metadata.name.unwrap_or_default(),
-                &DeleteParams::default(),
-            )
-            .await;
-    }
-    let _ = apps.delete("shop", &DeleteParams::default()).await;
-    for kind in ["OverlayDisk", "VirtualNetwork"] {
-        let api = api_for(&client, NS, kind);
-        for o in api.list(&ListParams::default()).await.expect("list").items {
-            let _ = api
-                .delete(
-                    &o.metadata.name.unwrap_or_default(),
-                    &DeleteParams::default(),
-                )
-                .await;
-        }
-    }
-    wait_or_dump(
-        &client,
-        NS,
-        "everything deleted",
-        Duration::from_secs(300),
-        || {
-            let client = client.clone();
-            async move {
-                for kind in [
-                    "VmApplication",
-                    "OverlayDisk",
-                    "VirtualNetwork",
-                    "VmMigration",
-                ] {
-                    if !api_for(&client, NS, kind)
-                        .list(&ListParams::default())
-                        .await
-                        .ok()?
-                        .items
-                        .is_empty()
-                    {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
+    delete_all_hvx_objects(&client, NS).await;
     let nodes: Api<Node> = Api::all(client.clone());
     for n in nodes
         .list(&ListParams::default())

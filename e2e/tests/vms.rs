@@ -12,7 +12,6 @@ mod common;
 
 use common::guest::*;
 use common::*;
-use hvx_api::VmApplication;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
 use std::path::{Path, PathBuf};
@@ -59,20 +58,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     .await;
     eprintln!("{agent_nodes} agent nodes ready");
 
-    fresh_namespace(&client, NS).await;
-    for obj in examples() {
-        apply(&client, NS, &obj)
-            .await
-            .unwrap_or_else(|e| panic!("applying {}: {e}", obj["metadata"]["name"]));
-    }
-    let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
-    let app_uid = apps
-        .get("shop")
-        .await
-        .expect("app")
-        .metadata
-        .uid
-        .expect("uid");
+    let app_uid = apply_examples(&client, NS).await;
 
     // Kill the operator while the application starts: it must pick up where it was.
     let operator_pods: Api<Pod> = Api::namespaced(client.clone(), "hvx-system");
@@ -212,42 +198,7 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     );
 
     // Delete everything the example created; nothing may stay on any node.
-    let _ = apps.delete("shop", &DeleteParams::default()).await;
-    for kind in ["OverlayDisk", "VirtualNetwork"] {
-        let api = api_for(&client, NS, kind);
-        for o in api.list(&ListParams::default()).await.expect("list").items {
-            let _ = api
-                .delete(
-                    &o.metadata.name.unwrap_or_default(),
-                    &DeleteParams::default(),
-                )
-                .await;
-        }
-    }
-    wait_or_dump(
-        &client,
-        NS,
-        "application, disks and network deleted",
-        Duration::from_secs(300),
-        || {
-            let client = client.clone();
-            async move {
-                for kind in ["VmApplication", "OverlayDisk", "VirtualNetwork"] {
-                    if !api_for(&client, NS, kind)
-                        .list(&ListParams::default())
-                        .await
-                        .ok()?
-                        .items
-                        .is_empty()
-                    {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
+    delete_all_hvx_objects(&client, NS).await;
     for (_, node, _) in &vms {
         let links = netns_exec(node, &["ip", "-o", "link", "show"]);
         for prefix in ["hvt", "hvb", "hvv"] {

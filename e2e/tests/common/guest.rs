@@ -197,3 +197,66 @@ pub fn guest_boot_id(run_dir: &Path) -> Option<String> {
         .and_then(|r| r.split_whitespace().next())
         .map(str::to_string)
 }
+
+/// Deletes every hvx object in `ns` (migrations, applications, disks, networks) and
+/// waits until the finalizers let them go.
+pub async fn delete_all_hvx_objects(client: &Client, ns: &str) {
+    const KINDS: [&str; 4] = [
+        "VmMigration",
+        "VmApplication",
+        "OverlayDisk",
+        "VirtualNetwork",
+    ];
+    for kind in KINDS {
+        let api = api_for(client, ns, kind);
+        for o in api.list(&ListParams::default()).await.expect("list").items {
+            let _ = api
+                .delete(
+                    &o.metadata.name.unwrap_or_default(),
+                    &kube::api::DeleteParams::default(),
+                )
+                .await;
+        }
+    }
+    wait_or_dump(
+        client,
+        ns,
+        "every hvx object deleted",
+        Duration::from_secs(300),
+        || {
+            let client = client.clone();
+            async move {
+                for kind in KINDS {
+                    if !api_for(&client, ns, kind)
+                        .list(&ListParams::default())
+                        .await
+                        .ok()?
+                        .items
+                        .is_empty()
+                    {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// A fresh `ns` with the examples/ application applied; the application's UID.
+pub async fn apply_examples(client: &Client, ns: &str) -> String {
+    super::fresh_namespace(client, ns).await;
+    for obj in super::examples() {
+        super::apply(client, ns, &obj)
+            .await
+            .unwrap_or_else(|e| panic!("applying {}: {e}", obj["metadata"]["name"]));
+    }
+    let apps: Api<VmApplication> = Api::namespaced(client.clone(), ns);
+    apps.get("shop")
+        .await
+        .expect("app")
+        .metadata
+        .uid
+        .expect("uid")
+}
