@@ -190,7 +190,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => {
-            let spec = load_spec(&a, true).await?;
+            // Deleted while waiting for the node (or a migration target cancelled
+            // before it started): nothing ran, so nothing of this VM stays here.
+            let spec = tokio::select! {
+                s = load_spec(&a, true) => s?,
+                () = terminate() => {
+                    if let Ok(Some((ls, paths))) = as_launch(&spec_text(a.spec.as_ref())?, &a.node) {
+                        let _ = std::fs::remove_dir_all(paths.vm_run_dir(&ls.vm_id));
+                    }
+                    eprintln!("hvx-launcher: stopped before the VM started");
+                    return Ok(());
+                }
+            };
             let launch = as_launch(&spec_text(a.spec.as_ref())?, &a.node)?;
             let from_operator = launch.is_some();
             let incoming = launch
