@@ -345,6 +345,66 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     assert!(ok && out.contains("still-here"), "{out}");
 
     // Clean up everything; nothing stays on any node (the vms test checks the same).
+    // Spec changes of running VMs: db's shutdown grace applies live (same boot); web's
+    // memory needs a new QEMU (graceful restart, new boot). Status says which.
+    let mut app = apps.get("shop").await.expect("app");
+    let web_boot = guest_boot_id(&new_dir).expect("web boot id");
+    for vm in &mut app.spec.vms {
+        match vm.name.as_str() {
+            "db" => vm.shutdown_grace_seconds += 7,
+            "web" => vm.memory_mib += 64,
+            _ => {}
+        }
+    }
+    app.metadata.managed_fields = None;
+    apps.replace("shop", &PostParams::default(), &app)
+        .await
+        .expect("update spec");
+    let changes = wait_or_dump(
+        &client,
+        NS,
+        "spec changes applied",
+        Duration::from_secs(600),
+        || {
+            let apps = apps.clone();
+            async move {
+                let s = serde_json::to_value(apps.get("shop").await.ok()?.status).ok()?;
+                let of = |n: &str| -> Option<(String, String)> {
+                    let v = s["vms"].as_array()?.iter().find(|v| v["name"] == n)?;
+                    Some((
+                        v["phase"].as_str()?.into(),
+                        v["pendingChange"].as_str()?.into(),
+                    ))
+                };
+                let (db, web) = (of("db")?, of("web")?);
+                (db.1.starts_with("applied live: shutdownGraceSeconds")
+                    && web.0 == "Running"
+                    && web.1.starts_with("applied by a restart: memoryMib"))
+                .then_some((db.1, web.1))
+            }
+        },
+    )
+    .await;
+    eprintln!("spec changes: db {:?}, web {:?}", changes.0, changes.1);
+    assert_eq!(
+        guest_boot_id(&db_dir).as_deref(),
+        Some(db_boot.as_str()),
+        "db restarted for a live change"
+    );
+    let web_now = vm_node(&apps, "web").await.expect("web").1;
+    let web_dir_now = vm_run_dir(&web_now, &app_uid, "web");
+    let rebooted = wait_for(
+        "web's new boot on its serial log",
+        Duration::from_secs(300),
+        || {
+            let d = web_dir_now.clone();
+            let old = web_boot.clone();
+            async move { guest_boot_id(&d).filter(|b| *b != old) }
+        },
+    )
+    .await;
+    eprintln!("web rebooted with more memory: boot {rebooted}");
+
     delete_all_hvx_objects(&client, NS).await;
     let nodes: Api<Node> = Api::all(client.clone());
     for n in nodes

@@ -247,3 +247,93 @@ mod tests {
         );
     }
 }
+
+/// Fields of a VM that a running VM takes without a restart (they steer the operator
+/// and the scheduler, not QEMU).
+const LIVE_FIELDS: [&str; 5] = [
+    "dependsOn",
+    "runStrategy",
+    "evictionStrategy",
+    "placement",
+    "shutdownGraceSeconds",
+];
+
+/// How a running VM takes a change of its declared spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecChange {
+    /// Same as running.
+    None,
+    /// Applied without touching the guest: these fields.
+    Live(Vec<String>),
+    /// Needs a new QEMU (graceful restart): these fields.
+    Restart(Vec<String>),
+}
+
+/// Compares the VM a pod runs with the VM now declared (pure).
+pub fn classify_change(
+    running: &hvx_api::VirtualMachine,
+    desired: &hvx_api::VirtualMachine,
+) -> SpecChange {
+    let (a, b) = (
+        serde_json::to_value(running).unwrap_or_default(),
+        serde_json::to_value(desired).unwrap_or_default(),
+    );
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    if changed.is_empty() {
+        return SpecChange::None;
+    }
+    let restart: Vec<String> = changed
+        .iter()
+        .filter(|k| !LIVE_FIELDS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    if restart.is_empty() {
+        SpecChange::Live(changed)
+    } else {
+        SpecChange::Restart(restart)
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+
+    fn vm() -> hvx_api::VirtualMachine {
+        serde_json::from_value(serde_json::json!({
+            "name": "web", "cpu": {"sockets": 1, "coresPerSocket": 2}, "memoryMib": 512,
+            "disks": [], "nics": []
+        }))
+        .expect("vm")
+    }
+
+    #[test]
+    fn machine_changes_restart_and_steering_changes_apply_live() {
+        assert_eq!(classify_change(&vm(), &vm()), SpecChange::None);
+        let mut more = vm();
+        more.memory_mib = 1024;
+        more.depends_on = Some(vec!["db".into()]);
+        assert_eq!(
+            classify_change(&vm(), &more),
+            SpecChange::Restart(vec!["memoryMib".into()])
+        );
+        let mut steer = vm();
+        steer.depends_on = Some(vec!["db".into()]);
+        steer.shutdown_grace_seconds = 5;
+        assert_eq!(
+            classify_change(&vm(), &steer),
+            SpecChange::Live(vec!["dependsOn".into(), "shutdownGraceSeconds".into()])
+        );
+    }
+}

@@ -6,7 +6,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::hostplan;
 use crate::hostprep::{self, DisksState};
-use crate::status::{PodAction, app_phase, pod_action, vm_phase};
+use crate::status::{PodAction, SpecChange, app_phase, pod_action, vm_phase};
 use hvx_api::{
     InterfaceStatus, OverlayDisk, VirtualNetwork, VmApplication, VmApplicationStatus, VmPhase,
     VmStatus, condition, new_condition, set_condition,
@@ -234,6 +234,67 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             }
             PodAction::Keep => {}
         }
+        // Spec changes of a running VM: live where QEMU is not involved, else a
+        // graceful restart; status says which.
+        let mut pending_change = prev.and_then(|p| p.pending_change.clone());
+        if let Some(p) = pod
+            && !migrating.contains_key(&vm.name)
+            && p.metadata.deletion_timestamp.is_none()
+            && matches!(phase, VmPhase::Running | VmPhase::Starting)
+            && let Some(running) = hostplan::pod_launch_spec(p)
+        {
+            match crate::status::classify_change(&running.vm, vm) {
+                SpecChange::None => {
+                    if phase == VmPhase::Running
+                        && let Some(m) = &pending_change
+                        && let Some(rest) = m.strip_prefix("restarting to apply ")
+                    {
+                        pending_change = Some(format!("applied by a restart: {rest}"));
+                    }
+                }
+                SpecChange::Live(fields) => {
+                    if let Ok(spec) = build::launch_spec(app, vm, &resolved) {
+                        let text =
+                            serde_json::to_string(&spec).map_err(|source| Error::Serialize {
+                                what: "launch spec",
+                                source,
+                            })?;
+                        pods.patch(
+                            &p.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {
+                                build::ANNOTATION_LAUNCH_SPEC: text}}})),
+                        )
+                        .await?;
+                        ensure_disruption_budget(ctx, app, vm).await?;
+                        let note = format!("applied live: {}", fields.join(", "));
+                        publish(
+                            ctx,
+                            app,
+                            EventType::Normal,
+                            "VmUpdated",
+                            &format!("VM {}: {note}", vm.name),
+                        )
+                        .await;
+                        pending_change = Some(note);
+                    }
+                }
+                SpecChange::Restart(fields) => {
+                    let note = format!("restarting to apply {}", fields.join(", "));
+                    publish(
+                        ctx,
+                        app,
+                        EventType::Normal,
+                        "VmRestarting",
+                        &format!("VM {}: {note}", vm.name),
+                    )
+                    .await;
+                    delete_pod(&pods, &p.name_any()).await?;
+                    (phase, reason) = (VmPhase::Stopping, Some(note.clone()));
+                    pending_change = Some(note);
+                }
+            }
+        }
         phases.insert(vm.name.clone(), phase);
         let changed = prev.is_none_or(|p| p.phase != phase);
         let running_on = pod.and_then(|p| p.spec.as_ref()?.node_name.clone());
@@ -270,7 +331,7 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             interfaces,
             migration: migrating.get(&vm.name).map(|(m, _)| m.clone()),
             restarts,
-            pending_change: None,
+            pending_change,
             reason,
             last_transition_time: if changed {
                 Some(now.clone())
