@@ -114,6 +114,45 @@ async fn raw_migrate(src: &Vm, dst: &Vm, ep: &TargetEndpoint) -> Result<(u64, u6
     }
 }
 
+/// Starts a 20 ms ping from the guest to QEMU's user-network gateway: what the guest
+/// loses while it is paused and moved.
+async fn start_ping(vm: &Vm) -> Result<(), String> {
+    let mut con = SerialConsole::connect(&vm.paths().serial)
+        .await
+        .map_err(|e| e.to_string())?;
+    con.run(
+        "rm -f /tmp/ping.out; ping -i 0.02 10.0.2.2 >/tmp/ping.out 2>&1 & sleep 1",
+        LONG,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+/// Stops the ping; (sent, lost).
+async fn stop_ping(vm: &Vm) -> Result<(u64, u64), String> {
+    let mut con = SerialConsole::connect(&vm.paths().serial)
+        .await
+        .map_err(|e| e.to_string())?;
+    con.send_line("").await.map_err(|e| e.to_string())?;
+    let out = con
+        .run("killall -INT ping; sleep 1; tail -n 3 /tmp/ping.out", LONG)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stats = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .ok_or_else(|| format!("no ping summary in {out:?}"))?;
+    let nums: Vec<u64> = stats
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match nums[..] {
+        [sent, received, ..] => Ok((sent, sent.saturating_sub(received))),
+        _ => Err(format!("cannot read {stats:?}")),
+    }
+}
+
 fn line(metric: &str, unit: &str, value: f64, base: f64, case: &str) {
     let ratio = if base > 0.0 { value / base } else { 0.0 };
     println!(
@@ -188,7 +227,9 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     let ep = endpoint();
     let s2 = spec(name, mem, &top, &dir.join("run2"))?;
     let mid = Vm::start(&s2, Accel::Tcg, &incoming()).await.map_err(e)?;
+    start_ping(&src).await?;
     let (raw_down, raw_total) = raw_migrate(&src, &mid, &ep).await?;
+    let (raw_sent, raw_lost) = stop_ping(&mid).await?;
     src.stop_and_cleanup().await.map_err(e)?;
 
     // 2. hvx: TLS-PSK, top overlay mirrored to a fresh one.
@@ -203,6 +244,7 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     let disks = ["boot".to_string()];
     let tuning = Tuning::default();
     let mut progress = |_: &migration::Progress| {};
+    start_ping(&mid).await?;
     let (report, resumed) = tokio::join!(
         migration::migrate_to(
             mid.qmp(),
@@ -217,6 +259,8 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     );
     let report = report.map_err(e)?;
     let resume_ms = resumed.map_err(e)?;
+    let (sent, lost) = stop_ping(&dst).await?;
+    eprintln!("{name}: ping lost {lost}/{sent} (raw {raw_lost}/{raw_sent})");
     eprintln!("{name}: raw {raw_down}/{raw_total} ms, hvx {report:?} (+{resume_ms} ms resume)");
     let state = dst.run_state().await.map_err(e)?;
     if state != "running" {
@@ -240,6 +284,13 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
         "ms",
         report.total_ms as f64,
         raw_total as f64,
+        &what,
+    );
+    line(
+        "pings lost (guest -> gateway every 20 ms, migration window)",
+        "packets",
+        lost as f64,
+        raw_lost as f64,
         &what,
     );
     Ok(())
