@@ -176,6 +176,18 @@ impl Vm {
             q = connect => match q {
                 Ok(q) => q,
                 Err(e) => {
+                    // QEMU dying during start-up can reset the QMP connection before
+                    // its exit is seen: then the exit and its stderr are the error.
+                    if let Ok(Ok(status)) =
+                        tokio::time::timeout(Duration::from_secs(2), child.wait()).await
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        cleanup_files(&paths);
+                        return Err(VmmError::EarlyExit {
+                            status: status.to_string(),
+                            stderr: tail_text(&stderr_tail),
+                        });
+                    }
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                     cleanup_files(&paths);
