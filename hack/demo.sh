@@ -31,8 +31,9 @@ Both VMs run on different nodes, joined by the hvx overlay network app-net.
     cargo run -q -p kubectl-hvx -- -n ${NS} console web   (Ctrl-] detaches)
   Status:            $KUBECTL -n ${NS} get vmapp shop -o yaml
   Drain a node:      $KUBECTL drain <node> --ignore-daemonsets --delete-emptydir-data
-                     (live migration on drain is issue #8: until it lands, VM pods
-                      are evicted and restarted per their evictionStrategy)
+                     (its VMs live-migrate: watch $KUBECTL -n ${NS} get vmmig -w;
+                      the drain returns when they have left; then $KUBECTL uncordon <node>)
+  Migrate by hand:   cargo run -q -p kubectl-hvx -- -n ${NS} migrate web
   Remove the demo:   $KUBECTL delete namespace ${NS}; hack/helm-uninstall.sh
   Tests of every tier: make test.   Tear down the cluster: make cluster-down.
 TXT
