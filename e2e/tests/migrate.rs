@@ -344,11 +344,11 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     let (ok, out) = guest_run(&db_dir, "echo still-here", Duration::from_secs(60)).await;
     assert!(ok && out.contains("still-here"), "{out}");
 
-    // Clean up everything; nothing stays on any node (the vms test checks the same).
     // Spec changes of running VMs: db's shutdown grace applies live (same boot); web's
     // memory needs a new QEMU (graceful restart, new boot). Status says which.
     let mut app = apps.get("shop").await.expect("app");
-    let web_boot = guest_boot_id(&new_dir).expect("web boot id");
+    // (The migrated guest's boot line is on the source's serial log: it is boot_before.)
+    let web_boot = boot_before.clone();
     for vm in &mut app.spec.vms {
         match vm.name.as_str() {
             "db" => vm.shutdown_grace_seconds += 7,
@@ -405,6 +405,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     .await;
     eprintln!("web rebooted with more memory: boot {rebooted}");
 
+    // Clean up everything; nothing stays on any node (the vms test checks the same).
     delete_all_hvx_objects(&client, NS).await;
     let nodes: Api<Node> = Api::all(client.clone());
     for n in nodes
