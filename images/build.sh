@@ -45,6 +45,11 @@ build_binaries() {
     fi
   done
   ls "${REPO_DIR}/_out/bin"
+  # The probe kernel the agent and launcher boot before trusting KVM.
+  local guest
+  guest="$("${REPO_DIR}/hack/build-guest.sh" | tail -n1)"
+  mkdir -p "${REPO_DIR}/_out/probe"
+  cp "${guest}/vmlinuz" "${REPO_DIR}/_out/probe/vmlinuz"
 }
 
 # 2. Base image (buildah only; Docker users pull it).

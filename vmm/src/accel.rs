@@ -1,7 +1,9 @@
 //! Accelerator probe: KVM is used only if it really boots a guest. On some hosts
 //! `/dev/kvm` opens fine and a real-mode boot sector runs, yet a Linux kernel hangs in
-//! its decompressor; so the probe boots a kernel when one is available, and falls back
-//! to multi-threaded TCG (binary translation) with the reason recorded.
+//! its decompressor (and real guests die in their boot loader with "emulation
+//! failure"); so the probe boots a kernel, and without one to boot it does not trust
+//! KVM: multi-threaded TCG (binary translation), with the reason recorded. The agent
+//! and launcher images carry a probe kernel (`HVX_PROBE_KERNEL`).
 
 use crate::argv::{Accel, QEMU_BINARY};
 use crate::{Result, VmmError};
@@ -124,14 +126,17 @@ pub async fn probe_accelerator(opts: &ProbeOptions) -> AcceleratorReport {
             opts.kvm_device.display()
         ));
     }
-    let kernel = opts.kernel.clone().or_else(find_probe_kernel);
-    match boot_probe(opts, Accel::Kvm, kernel.as_deref()).await {
+    let Some(kernel) = opts.kernel.clone().or_else(find_probe_kernel) else {
+        return tcg(
+            "kvm: no probe kernel to verify it with ($HVX_PROBE_KERNEL, the guest cache or \
+             /boot/vmlinuz-*; a boot sector alone passes where real guests fail); using tcg"
+                .to_string(),
+        );
+    };
+    match boot_probe(opts, Accel::Kvm, Some(&kernel)).await {
         Ok(()) => AcceleratorReport {
             accel: Accel::Kvm,
-            reason: match &kernel {
-                Some(k) => format!("kvm: probe kernel {} booted", k.display()),
-                None => "kvm: probe boot sector ran (no kernel found for a full probe)".to_string(),
-            },
+            reason: format!("kvm: probe kernel {} booted", kernel.display()),
             cpu_model: Accel::Kvm.cpu_model().to_string(),
         },
         Err(why) => tcg(format!(
