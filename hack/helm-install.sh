@@ -36,12 +36,12 @@ nodes=$("$KUBECTL" get nodes --no-headers | wc -l)
 deadline=$(( $(date +%s) + 300 ))
 until [ "$("$KUBECTL" get nodes -l hvx.dev/agent=ready --no-headers 2>/dev/null | wc -l)" -eq "$nodes" ]; do
   if (( $(date +%s) > deadline )); then
-    log "agents did not label every node within 300 s:"; "$KUBECTL" get nodes -L hvx.dev/agent,hvx.dev/accelerator
+    log "agents did not label every node within 300 s:"; "$KUBECTL" get nodes -L hvx.dev/agent,hvx.dev/accelerator,hvx.dev/post-copy
     "$KUBECTL" -n "${NS}" logs daemonset/hvx-agent --tail=30 || true
     exit 1
   fi
   sleep 2
 done
-"$KUBECTL" get nodes -L hvx.dev/agent,hvx.dev/accelerator
+"$KUBECTL" get nodes -L hvx.dev/agent,hvx.dev/accelerator,hvx.dev/post-copy
 "$KUBECTL" -n "${NS}" get pods -o wide
 log "hvx installed"

@@ -51,6 +51,10 @@ enum Command {
         /// Longest acceptable pause at switchover.
         #[arg(long, default_value_t = 300)]
         max_downtime_ms: u32,
+        /// Allow post-copy for a guest that dirties memory faster than pre-copy sends
+        /// it (bounded time; the VM needs both nodes until the last page has moved).
+        #[arg(long)]
+        post_copy: bool,
         /// Print the VmMigration instead of creating it (needs --app).
         #[arg(long)]
         print: bool,
@@ -136,13 +140,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app,
             target_node,
             max_downtime_ms,
+            post_copy,
             print,
         } => {
             if print {
                 let Some(app) = app else {
                     bail!("--print needs --app (finding the application needs the cluster)");
                 };
-                let m = objects::migration(&app, &vm, target_node, max_downtime_ms, cli.namespace);
+                let m = objects::migration(
+                    &app,
+                    &vm,
+                    target_node,
+                    max_downtime_ms,
+                    post_copy,
+                    cli.namespace,
+                );
                 print!("---\n{}", serde_yaml::to_string(&m)?);
                 return Ok(());
             }
@@ -154,7 +166,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => a,
                 None => cluster::application_of(&client, &ns, &vm).await?,
             };
-            let m = objects::migration(&app, &vm, target_node, max_downtime_ms, Some(ns.clone()));
+            let m = objects::migration(
+                &app,
+                &vm,
+                target_node,
+                max_downtime_ms,
+                post_copy,
+                Some(ns.clone()),
+            );
             let name = cluster::create_migration(&client, &ns, &m).await?;
             println!(
                 "vmmigration.hvx.dev/{name} created (watch: kubectl get vmmig -n {ns} {name} -w)"

@@ -13,6 +13,7 @@ pub fn migration(
     vm: &str,
     target_node: Option<String>,
     max_downtime_ms: u32,
+    allow_post_copy: bool,
     namespace: Option<String>,
 ) -> VmMigration {
     let mut m = VmMigration::new(
@@ -23,7 +24,7 @@ pub fn migration(
             target_node,
             reason: MigrationReason::User,
             max_downtime_ms,
-            allow_post_copy: true,
+            allow_post_copy,
             bandwidth_mib_per_second: 0,
         },
     );
@@ -107,6 +108,7 @@ mod tests {
             "db",
             Some("node-2".into()),
             500,
+            false,
             Some("prod".into()),
         );
         assert_eq!(m.metadata.generate_name.as_deref(), Some("shop-db-"));
@@ -114,6 +116,7 @@ mod tests {
         assert_eq!(m.spec.reason, MigrationReason::User);
         assert_eq!(m.spec.target_node.as_deref(), Some("node-2"));
         assert_eq!(m.spec.max_downtime_ms, 500);
+        assert!(!m.spec.allow_post_copy, "post-copy is opt-in");
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct IncomingMigration {
     pub migration_port: u16,
     /// NBD port for the disk mirrors.
     pub nbd_port: u16,
+    /// The source may switch to post-copy: set only when both nodes' agents found
+    /// that their QEMU takes it (node label `hvx.dev/post-copy=true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub post_copy: bool,
 }
 
 /// A disk with its OverlayDisk resolved.

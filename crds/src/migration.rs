@@ -45,8 +45,13 @@ pub struct VmMigrationSpec {
     #[serde(default = "default_downtime")]
     #[schemars(range(min = 10, max = 60000))]
     pub max_downtime_ms: u32,
-    /// Allow post-copy when pre-copy cannot converge (guests dirtying memory fast).
-    #[serde(default = "yes")]
+    /// Allow post-copy when pre-copy has not converged after a few passes (guests
+    /// dirtying memory faster than the link): the migration then ends in bounded time,
+    /// but while the last pages move the guest needs both nodes, and losing either
+    /// loses the VM. Used only between nodes labelled `hvx.dev/post-copy=true`.
+    /// Off by default (drains too): pre-copy with auto-converge always ends, by
+    /// throttling the guest.
+    #[serde(default)]
     pub allow_post_copy: bool,
     /// Bandwidth cap in MiB/s (0: unlimited).
     #[serde(default)]
@@ -55,9 +60,6 @@ pub struct VmMigrationSpec {
 
 fn default_downtime() -> u32 {
     300
-}
-fn yes() -> bool {
-    true
 }
 
 /// Why a migration was created.

@@ -21,6 +21,9 @@ pub const ANNOTATION_LAUNCH_SPEC: &str = "hvx.dev/launch-spec";
 pub const NODE_LABEL_AGENT: &str = "hvx.dev/agent";
 /// Node label with the accelerator the agent's probe found.
 pub const NODE_LABEL_ACCELERATOR: &str = "hvx.dev/accelerator";
+/// Node label: `true` where the agent's probe found that QEMU takes post-copy
+/// migrations (userfaultfd works).
+pub const NODE_LABEL_POST_COPY: &str = "hvx.dev/post-copy";
 
 /// What a VM's references resolved to.
 #[derive(Clone, Debug, Default)]

@@ -123,7 +123,8 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
                 target_node: None,
                 reason: MigrationReason::Drain,
                 max_downtime_ms: 300,
-                allow_post_copy: true,
+                // Pre-copy with auto-converge: a node failure mid-drain never costs a VM.
+                allow_post_copy: false,
                 bandwidth_mib_per_second: 0,
             },
         );

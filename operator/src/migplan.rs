@@ -114,6 +114,14 @@ pub fn choose_target(source: &NodeInfo, nodes: &[NodeInfo]) -> Option<String> {
         .map(|n| n.name.clone())
 }
 
+/// Whether a migration that allows post-copy may use it, given the two nodes'
+/// `hvx.dev/post-copy` labels: only between nodes whose agents found that their QEMU
+/// takes it (a target that cannot would fail the switch after the guest left the
+/// source).
+pub fn post_copy_usable(source_label: Option<&str>, target_label: Option<&str>) -> bool {
+    source_label == Some("true") && target_label == Some("true")
+}
+
 /// Whether one more migration from `source` fits the limits, given the sources of the
 /// migrations running now.
 pub fn slot_free(source: &str, running_sources: &[String], per_node: usize, total: usize) -> bool {
@@ -156,6 +164,14 @@ pub fn vm_selector(app: &str, vm: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn post_copy_needs_both_nodes_labelled() {
+        assert!(post_copy_usable(Some("true"), Some("true")));
+        assert!(!post_copy_usable(Some("true"), Some("false")));
+        assert!(!post_copy_usable(None, Some("true")));
+        assert!(!post_copy_usable(Some("yes"), Some("true")));
+    }
 
     fn pod(name: &str, vm: &str, target: Option<&str>, phase: &str, created: &str) -> Pod {
         let mut labels = json!({LABEL_VM: vm});

@@ -462,12 +462,29 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
         )
         .await?;
         let port = |p: u32| u16::try_from(p).unwrap_or(0);
+        let source = source_pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let post_copy = spec.allow_post_copy && {
+            let nodes: Api<Node> = Api::all(ctx.client.clone());
+            let label = |n: Option<Node>| {
+                n.and_then(|n| n.labels().get(build::NODE_LABEL_POST_COPY).cloned())
+            };
+            let (s, d) = (
+                label(nodes.get_opt(&source).await?),
+                label(nodes.get_opt(&target).await?),
+            );
+            migplan::post_copy_usable(s.as_deref(), d.as_deref())
+        };
         let mut incoming_ls = ls.clone();
         incoming_ls.incoming = Some(IncomingMigration {
             migration: t.name(),
             host: ep.host.clone(),
             migration_port: port(ep.migration_port),
             nbd_port: port(ep.nbd_port),
+            post_copy,
         });
         let mut pod = build::launcher_pod(&app, &incoming_ls, &ctx.config, Some(&target)).map_err(
             |source| Error::Serialize {
@@ -606,7 +623,8 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
             nbd_port: u32::from(inc.nbd_port),
         }),
         max_downtime_ms: spec.max_downtime_ms,
-        allow_post_copy: spec.allow_post_copy,
+        // The target pod says whether its QEMU was readied for post-copy.
+        allow_post_copy: inc.post_copy,
         bandwidth_bytes_per_second: u64::from(spec.bandwidth_mib_per_second) << 20,
         tls_psk: psk_for(ctx, &uid),
         disk_names: target_ls.disks.iter().map(|d| d.name.clone()).collect(),

@@ -29,15 +29,21 @@ pub async fn uninstall(client: Client, timeout: Duration) -> Result<Vec<String>,
     Ok(left)
 }
 
-/// Removes the labels the agents put on nodes (`hvx.dev/agent`, `hvx.dev/accelerator`).
+/// Removes the labels the agents put on nodes (`hvx.dev/agent`, `hvx.dev/accelerator`,
+/// `hvx.dev/post-copy`).
 pub async fn unlabel_nodes(client: &Client) -> Result<usize, kube::Error> {
-    use crate::build::{NODE_LABEL_ACCELERATOR, NODE_LABEL_AGENT};
+    use crate::build::{NODE_LABEL_ACCELERATOR, NODE_LABEL_AGENT, NODE_LABEL_POST_COPY};
+    let ours = [
+        NODE_LABEL_AGENT,
+        NODE_LABEL_ACCELERATOR,
+        NODE_LABEL_POST_COPY,
+    ];
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let patch = serde_json::json!({"metadata": {"labels": {NODE_LABEL_AGENT: null, NODE_LABEL_ACCELERATOR: null}}});
+    let patch = serde_json::json!({"metadata": {"labels": {NODE_LABEL_AGENT: null, NODE_LABEL_ACCELERATOR: null, NODE_LABEL_POST_COPY: null}}});
     let mut n = 0;
     for node in nodes.list(&ListParams::default()).await?.items {
         let labels = node.metadata.labels.clone().unwrap_or_default();
-        if labels.contains_key(NODE_LABEL_AGENT) || labels.contains_key(NODE_LABEL_ACCELERATOR) {
+        if ours.iter().any(|l| labels.contains_key(*l)) {
             nodes
                 .patch(
                     &node.name_any(),

@@ -1,7 +1,9 @@
 //! Live migration benchmark (bench/migration/run.sh): for an idle 512 MiB guest, an
-//! idle 1 GiB guest and a 512 MiB guest dirtying memory, one boot each, then
+//! idle 1 GiB guest and a 512 MiB guest dirtying memory (pre-copy with auto-converge,
+//! then again with post-copy allowed), one boot each, then
 //!   1. raw QEMU-to-QEMU migration on loopback: plain TCP, shared disk, QEMU defaults
-//!      apart from the same downtime limit and no bandwidth cap (the baseline);
+//!      apart from the same downtime limit, no bandwidth cap and, for the dirtying
+//!      guest, auto-converge (without it that migration never ends);
 //!   2. hvx migration of the same running guest onward: TLS-PSK, the top overlay
 //!      mirrored over NBD to a fresh overlay, pause-before-switchover.
 //!
@@ -66,8 +68,22 @@ fn incoming() -> StartOptions {
 }
 
 /// Raw QEMU migration; (downtime ms, total ms).
-async fn raw_migrate(src: &Vm, dst: &Vm, ep: &TargetEndpoint) -> Result<(u64, u64), String> {
+async fn raw_migrate(
+    src: &Vm,
+    dst: &Vm,
+    ep: &TargetEndpoint,
+    auto_converge: bool,
+) -> Result<(u64, u64), String> {
     let e = |e: hvx_vmm::VmmError| e.to_string();
+    src.qmp()
+        .execute(
+            "migrate-set-capabilities",
+            Some(
+                json!({"capabilities": [{"capability": "auto-converge", "state": auto_converge}]}),
+            ),
+        )
+        .await
+        .map_err(e)?;
     dst.qmp()
         .execute(
             "migrate-incoming",
@@ -163,7 +179,23 @@ fn line(metric: &str, unit: &str, value: f64, base: f64, case: &str) {
     );
 }
 
-async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> Result<(), String> {
+/// Rewrites 64 MiB of random data in a tmpfs over and over: memory dirtied faster
+/// than a pass sends it, so pre-copy needs auto-converge (or post-copy) to end.
+const DIRTY_MEMORY: [&str; 2] = [
+    "mkdir -p /mem && mount -t tmpfs -o size=160m tmpfs /mem && head -c 67108864 /dev/urandom >/mem/src && echo filled",
+    "(while :; do cp /mem/src /mem/churn; done) >/dev/null 2>&1 & sleep 0",
+];
+
+/// How the guest behaves and how hvx may migrate it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Idle,
+    Dirty,
+    DirtyPostCopy,
+}
+
+async fn case(guest: &Path, work: &Path, name: &str, mem: u32, load: Load) -> Result<(), String> {
+    let dirty = load != Load::Idle;
     let dir = work.join(name);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let base = dir.join("base.qcow2");
@@ -211,15 +243,14 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     .await
     .map_err(e)?;
     if dirty {
-        // Rewrites 128 MiB of page cache over and over: memory dirtied faster than a
-        // pass sends it at first, so auto-converge has to throttle.
-        con.run(
-            "(while :; do dd if=/dev/zero of=/dev/shm/x bs=1M count=128 2>/dev/null; done) >/dev/null 2>&1 & sleep 0",
-            LONG,
-        )
-        .await
-        .map_err(e)?;
+        for cmd in DIRTY_MEMORY {
+            con.run(cmd, LONG).await.map_err(e)?;
+        }
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let out = con.run("ls -l /mem/churn", LONG).await.map_err(e)?;
+        if !out.contains("/mem/churn") || out.contains("No such file") {
+            return Err(format!("{name}: the memory dirtier did not start: {out:?}"));
+        }
     }
     drop(con);
 
@@ -228,7 +259,7 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     let s2 = spec(name, mem, &top, &dir.join("run2"))?;
     let mid = Vm::start(&s2, Accel::Tcg, &incoming()).await.map_err(e)?;
     start_ping(&src).await?;
-    let (raw_down, raw_total) = raw_migrate(&src, &mid, &ep).await?;
+    let (raw_down, raw_total) = raw_migrate(&src, &mid, &ep, dirty).await?;
     let (raw_sent, raw_lost) = stop_ping(&mid).await?;
     src.stop_and_cleanup().await.map_err(e)?;
 
@@ -238,11 +269,16 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     let ep = endpoint();
     let s3 = spec(name, mem, &fresh, &dir.join("run3"))?;
     let dst = Vm::start(&s3, Accel::Tcg, &incoming()).await.map_err(e)?;
-    migration::listen_incoming(dst.qmp(), &ep, &["boot".to_string()], Some(&tls))
+    let post_copy = load == Load::DirtyPostCopy;
+    migration::listen_incoming(dst.qmp(), &ep, &["boot".to_string()], Some(&tls), post_copy)
         .await
         .map_err(e)?;
     let disks = ["boot".to_string()];
-    let tuning = Tuning::default();
+    // What the agent uses: post-copy after 6 passes where the migration allows it.
+    let tuning = Tuning {
+        post_copy_after_passes: post_copy.then_some(6),
+        ..Tuning::default()
+    };
     let mut progress = |_: &migration::Progress| {};
     start_ping(&mid).await?;
     let (report, resumed) = tokio::join!(
@@ -268,9 +304,17 @@ async fn case(guest: &Path, work: &Path, name: &str, mem: u32, dirty: bool) -> R
     }
     mid.stop_and_cleanup().await.map_err(e)?;
     dst.stop_and_cleanup().await.map_err(e)?;
+    if post_copy && !report.post_copy {
+        eprintln!("{name}: pre-copy converged before the switch to post-copy");
+    }
     let what = format!(
         "{name} ({mem} MiB{})",
-        if dirty { ", dirtying memory" } else { ", idle" }
+        match (load, report.post_copy) {
+            (Load::Idle, _) => ", idle",
+            (Load::Dirty, _) => ", dirtying memory, auto-converge",
+            (Load::DirtyPostCopy, true) => ", dirtying memory, switched to post-copy",
+            (Load::DirtyPostCopy, false) => ", dirtying memory, post-copy allowed (not needed)",
+        }
     );
     line(
         "downtime",
@@ -303,8 +347,16 @@ async fn main() -> Result<(), String> {
         .prefix("hvx-bench-migration")
         .tempdir_in("/var/tmp")
         .map_err(|e| e.to_string())?;
-    case(&guest, work.path(), "idle-512", 512, false).await?;
-    case(&guest, work.path(), "idle-1g", 1024, false).await?;
-    case(&guest, work.path(), "dirty-512", 512, true).await?;
+    case(&guest, work.path(), "idle-512", 512, Load::Idle).await?;
+    case(&guest, work.path(), "idle-1g", 1024, Load::Idle).await?;
+    case(&guest, work.path(), "dirty-512", 512, Load::Dirty).await?;
+    case(
+        &guest,
+        work.path(),
+        "dirty-512-pc",
+        512,
+        Load::DirtyPostCopy,
+    )
+    .await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod argv;
 pub mod console;
 mod error;
 pub mod migration;
+pub mod postcopy;
 pub mod qmp;
 pub mod spec;
 pub mod validate;

@@ -12,6 +12,11 @@
 //!    finishes it with the target consistent) and let QEMU send the final state;
 //! 4. target: when its migration completes, stop the NBD server and `cont`.
 //!
+//! Where the migration allows it, a pre-copy that has not ended after
+//! `Tuning::post_copy_after_passes` passes switches to post-copy (see `postcopy`): the
+//! same pause-before-switchover completes the mirrors, then the target runs the guest
+//! while the rest of its memory follows.
+//!
 //! Any failure before the final state leaves the source VM running (`migrate_cancel`,
 //! mirrors dropped, `cont` if it was paused). Why TLS-PSK and not X.509: the key is
 //! made per migration by the operator and handed to both agents over their mTLS
@@ -19,6 +24,7 @@
 //! after its migration.
 
 use crate::error::io_err;
+use crate::postcopy;
 use crate::qmp::QmpClient;
 use crate::{Result, VmmError};
 use serde_json::{Value, json};
@@ -54,6 +60,9 @@ pub struct Tuning {
     pub bandwidth_mib_per_second: u32,
     /// Throttle vCPUs when pre-copy does not converge.
     pub auto_converge: bool,
+    /// Switch to post-copy after this many pre-copy passes (`None`: pre-copy only).
+    /// The target must have been started with `listen_incoming(.., post_copy: true)`.
+    pub post_copy_after_passes: Option<u64>,
 }
 
 impl Default for Tuning {
@@ -62,6 +71,7 @@ impl Default for Tuning {
             max_downtime_ms: 300,
             bandwidth_mib_per_second: 0,
             auto_converge: true,
+            post_copy_after_passes: None,
         }
     }
 }
@@ -69,7 +79,7 @@ impl Default for Tuning {
 /// What a source has done so far; sent to the progress callback.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// `mirroring`, `precopy`, `switchover`.
+    /// `mirroring`, `precopy`, `switchover`, `postcopy`.
     pub stage: &'static str,
     /// Disk bytes copied / to copy (all mirrors).
     pub disk_done: u64,
@@ -94,6 +104,8 @@ pub struct Report {
     pub ram_bytes: u64,
     /// Disk bytes mirrored.
     pub disk_bytes: u64,
+    /// Whether the migration ended in post-copy.
+    pub post_copy: bool,
 }
 
 /// Writes the PSK file QEMU's `tls-creds-psk` reads (`<dir>/keys.psk`, mode 0600).
@@ -144,9 +156,14 @@ fn disk_node(disk: &str) -> String {
     format!("disk-{disk}")
 }
 
-async fn set_capabilities(qmp: &QmpClient, source: bool, tuning: &Tuning) -> Result<()> {
-    let mut caps = vec![json!({"capability": "events", "state": true})];
-    if source {
+/// `postcopy-ram` is set as asked on both sides: a capability left on from an earlier
+/// attempt must not outlive the migration that allowed it.
+async fn set_capabilities(qmp: &QmpClient, source: Option<&Tuning>, post_copy: bool) -> Result<()> {
+    let mut caps = vec![
+        json!({"capability": "events", "state": true}),
+        json!({"capability": "postcopy-ram", "state": post_copy}),
+    ];
+    if let Some(tuning) = source {
         caps.push(json!({"capability": "pause-before-switchover", "state": true}));
         caps.push(json!({"capability": "auto-converge", "state": tuning.auto_converge}));
     }
@@ -160,18 +177,28 @@ async fn set_capabilities(qmp: &QmpClient, source: bool, tuning: &Tuning) -> Res
 
 /// Target, step 1: TLS credential, writable NBD exports of `disks` (their top
 /// overlays), and the incoming memory listener. QEMU must run with
-/// `-incoming defer -S`.
+/// `-incoming defer -S`. `post_copy` lets the source switch to post-copy; QEMU refuses
+/// it (an error here) where userfaultfd does not work.
 pub async fn listen_incoming(
     qmp: &QmpClient,
     endpoint: &TargetEndpoint,
     disks: &[String],
     tls_dir: Option<&Path>,
+    post_copy: bool,
 ) -> Result<()> {
     let tls = tls_dir.is_some();
     if let Some(dir) = tls_dir {
         add_tls(qmp, dir, "server").await?;
     }
-    set_capabilities(qmp, false, &Tuning::default()).await?;
+    set_capabilities(qmp, None, post_copy)
+        .await
+        .map_err(|e| match e {
+            VmmError::QmpCommand { desc, .. } if post_copy => VmmError::Migration {
+                op: "post-copy on the target",
+                reason: desc,
+            },
+            e => e,
+        })?;
     if tls {
         qmp.execute(
             "migrate-set-parameters",
@@ -250,7 +277,7 @@ pub async fn migrate_to(
         }
         let disk_bytes =
             mirror_disks(qmp, endpoint, disks, tls_dir.is_some(), deadline, progress).await?;
-        set_capabilities(qmp, true, tuning).await?;
+        set_capabilities(qmp, Some(tuning), tuning.post_copy_after_passes.is_some()).await?;
         let mut params = json!({
             "downtime-limit": tuning.max_downtime_ms,
             "max-bandwidth": u64::from(tuning.bandwidth_mib_per_second) << 20,
@@ -265,7 +292,7 @@ pub async fn migrate_to(
         qmp.execute("migrate-set-parameters", Some(params)).await?;
         let uri = format!("tcp:{}:{}", endpoint.host, endpoint.migration_port);
         qmp.execute("migrate", Some(json!({"uri": uri}))).await?;
-        let mut report = precopy_and_switch(qmp, disks, deadline, progress).await?;
+        let mut report = precopy_and_switch(qmp, disks, tuning, deadline, progress).await?;
         report.disk_bytes = disk_bytes;
         Ok(report)
     }
@@ -276,10 +303,14 @@ pub async fn migrate_to(
             drop_mirror_nodes(qmp, disks).await;
             Ok(report)
         }
-        Err(e) => {
-            rollback(qmp, disks).await;
-            Err(e)
-        }
+        Err(e) if rollback(qmp, disks).await => Err(e),
+        Err(e) => Err(VmmError::Migration {
+            op: "post-copy",
+            reason: format!(
+                "{e}; the guest already runs on the target and this node holds part of its \
+                 memory: the source QEMU stays paused (QEMU can resume the post-copy)"
+            ),
+        }),
     }
 }
 
@@ -371,10 +402,15 @@ async fn mirror_jobs(qmp: &QmpClient, disks: &[String]) -> Result<Vec<MirrorJob>
 async fn precopy_and_switch(
     qmp: &QmpClient,
     disks: &[String],
+    tuning: &Tuning,
     deadline: Deadline,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Report> {
     let mut switched = false;
+    // Asked for, and seen: QEMU's MIGRATION event says when it really switched (the
+    // post-copy phase can be too short for a status poll to catch).
+    let mut post_copy_asked = false;
+    let mut post_copy = false;
     let mut events = qmp.subscribe();
     loop {
         let v = qmp.execute("query-migrate", None).await?;
@@ -386,7 +422,9 @@ async fn precopy_and_switch(
         };
         let status = status_of(&v);
         progress(&Progress {
-            stage: if switched || status == "pre-switchover" {
+            stage: if post_copy || postcopy::is_postcopy_status(status) {
+                "postcopy"
+            } else if switched || status == "pre-switchover" {
                 "switchover"
             } else {
                 "precopy"
@@ -398,13 +436,34 @@ async fn precopy_and_switch(
         });
         match status {
             "completed" => {
+                while let Ok(e) = events.try_recv() {
+                    post_copy |= postcopy::is_postcopy_event(&e);
+                }
                 return Ok(Report {
                     downtime_ms: v.get("downtime").and_then(Value::as_u64).unwrap_or(0),
                     ram_bytes: num("transferred"),
+                    post_copy,
                     ..Report::default()
                 });
             }
             "failed" | "cancelled" => return Err(failed("migration", &v)),
+            "postcopy-paused" => {
+                return Err(VmmError::Migration {
+                    op: "post-copy",
+                    reason: "the link to the target broke".into(),
+                });
+            }
+            s if postcopy::should_switch(
+                s,
+                num("dirty-sync-count"),
+                tuning.post_copy_after_passes,
+                post_copy_asked,
+            ) =>
+            {
+                // QEMU switches at the end of the current pass, through pre-switchover.
+                qmp.execute("migrate-start-postcopy", None).await?;
+                post_copy_asked = true;
+            }
             "pre-switchover" if !switched => {
                 // vCPUs are stopped: finish the mirrors, then let QEMU send the rest.
                 complete_mirrors(qmp, disks, deadline).await?;
@@ -414,8 +473,14 @@ async fn precopy_and_switch(
             }
             _ => {}
         }
-        deadline.check("the migration to complete")?;
-        nap(&mut events, Duration::from_millis(100)).await;
+        // Past the switch to post-copy the guest runs on the target, which needs the
+        // rest of its memory from here: giving up then would lose the VM.
+        if !post_copy && !postcopy::is_postcopy_status(status) {
+            deadline.check("the migration to complete")?;
+        }
+        if let Some(e) = nap(&mut events, Duration::from_millis(100)).await {
+            post_copy |= postcopy::is_postcopy_event(&e);
+        }
     }
 }
 
@@ -454,8 +519,13 @@ async fn drop_mirror_nodes(qmp: &QmpClient, disks: &[String]) {
     }
 }
 
-/// Undoes a failed or cancelled source side: the VM keeps running here.
-pub async fn rollback(qmp: &QmpClient, disks: &[String]) {
+/// Undoes a failed or cancelled source side: the VM keeps running here. Returns
+/// false, touching nothing, once the migration is in post-copy: the target runs the
+/// guest then, and resuming this (stale) copy would run it twice.
+pub async fn rollback(qmp: &QmpClient, disks: &[String]) -> bool {
+    if in_post_copy(qmp).await {
+        return false;
+    }
     let _ = qmp.execute("migrate_cancel", None).await;
     for d in disks {
         let _ = qmp
@@ -485,12 +555,25 @@ pub async fn rollback(qmp: &QmpClient, disks: &[String]) {
     {
         let _ = qmp.execute("cont", None).await;
     }
+    true
+}
+
+/// Whether the source's migration has switched to post-copy (the guest runs on the
+/// target). An unreadable status counts as not: nothing moved then.
+pub async fn in_post_copy(qmp: &QmpClient) -> bool {
+    match qmp.execute("query-migrate", None).await {
+        Ok(v) => postcopy::is_postcopy_status(status_of(&v)),
+        Err(_) => false,
+    }
 }
 
 /// Waits up to `max`, waking at once on any QMP event: migration and job state
 /// changes arrive as events, and every millisecond here is guest pause at switchover.
-async fn nap(events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>, max: Duration) {
-    let _ = tokio::time::timeout(max, events.recv()).await;
+async fn nap(
+    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>,
+    max: Duration,
+) -> Option<crate::qmp::QmpEvent> {
+    tokio::time::timeout(max, events.recv()).await.ok()?.ok()
 }
 
 fn status_of(v: &Value) -> &str {

@@ -56,7 +56,7 @@ async fn start_target(spec: &VmSpec, ep: &TargetEndpoint, tls: &Path) -> Vm {
     let vm = Vm::start(spec, Accel::Tcg, &opts)
         .await
         .expect("start target");
-    migration::listen_incoming(vm.qmp(), ep, &["boot".to_string()], Some(tls))
+    migration::listen_incoming(vm.qmp(), ep, &["boot".to_string()], Some(tls), false)
         .await
         .expect("target listens");
     vm
@@ -252,5 +252,140 @@ async fn live_migration_with_disk_mirror_over_tls() {
         "lines lost or duplicated: {out:?}"
     );
     drop(con);
+    target.stop_and_cleanup().await.expect("cleanup target");
+}
+
+/// A guest rewriting memory (16 MiB copied over and over) faster than a 16 MiB/s link:
+/// pre-copy (auto-converge off, 50 ms downtime limit) cannot end, so after two passes the source switches to post-copy; the guest runs on
+/// the target with the same boot and the memory it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: make test-integration"]
+async fn post_copy_moves_a_guest_dirtying_memory_faster_than_the_link() {
+    if !require_root() {
+        return;
+    }
+    if let Err(why) = hvx_vmm::postcopy::probe("qemu-system-x86_64").await {
+        eprintln!("SKIP: this host's QEMU takes no post-copy: {why}");
+        return;
+    }
+    let guest = guest_dir();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src_dir = tmp.path().join("src");
+    std::fs::create_dir_all(&src_dir).expect("src dir");
+    let src_disk = overlay_on_qcow2_base(&guest, &src_dir);
+    let tls = tmp.path().join("tls");
+    migration::write_psk(&tls, b"fedcba9876543210fedcba9876543210").expect("psk");
+    let source = Vm::start(
+        &vm_spec("pc", &src_disk, &tmp.path().join("run-src")),
+        Accel::Tcg,
+        &StartOptions::default(),
+    )
+    .await
+    .expect("start source");
+    SerialLog::new(&source.paths().serial_log)
+        .wait_for("HVX-GUEST ready", BOOT)
+        .await
+        .expect("guest ready");
+    let mut con = SerialConsole::connect(&source.paths().serial)
+        .await
+        .expect("console");
+    let before = con
+        .run(
+            "mkdir -p /mem && mount -t tmpfs -o size=96m tmpfs /mem; cat /proc/sys/kernel/random/boot_id; head -c 16777216 /dev/urandom > /mem/keep; md5sum /mem/keep",
+            CMD,
+        )
+        .await
+        .expect("fill memory");
+    con.run(
+        "(while :; do cp /mem/keep /mem/churn; done) >/dev/null 2>&1 & sleep 2",
+        CMD,
+    )
+    .await
+    .expect("start dirtying");
+    drop(con);
+
+    // The target's QEMU must take post-copy before the migration starts.
+    let ep = endpoint();
+    let target = {
+        let spec = vm_spec(
+            "pc",
+            &target_overlay(&src_dir, &tmp.path().join("dst")),
+            &tmp.path().join("run-dst"),
+        );
+        let opts = StartOptions {
+            incoming: true,
+            ..StartOptions::default()
+        };
+        let vm = Vm::start(&spec, Accel::Tcg, &opts)
+            .await
+            .expect("start target");
+        migration::listen_incoming(vm.qmp(), &ep, &["boot".to_string()], Some(&tls), true)
+            .await
+            .expect("target listens for post-copy");
+        vm
+    };
+    let tuning = Tuning {
+        max_downtime_ms: 50,
+        bandwidth_mib_per_second: 16,
+        auto_converge: false,
+        post_copy_after_passes: Some(2),
+    };
+    let mut stages = Vec::new();
+    let mut record = |p: &Progress| {
+        if stages.last() != Some(&p.stage) {
+            stages.push(p.stage);
+        }
+    };
+    let disks = ["boot".to_string()];
+    let (report, resumed) = tokio::join!(
+        migration::migrate_to(
+            source.qmp(),
+            &ep,
+            &disks,
+            Some(&tls),
+            &tuning,
+            MIGRATE,
+            &mut record
+        ),
+        migration::finish_incoming(target.qmp(), MIGRATE),
+    );
+    let report = report.expect("post-copy migration");
+    resumed.expect("target resumed");
+    eprintln!("post-copy: {report:?}, stages {stages:?}");
+    assert!(report.post_copy, "{report:?} {stages:?}");
+    assert!(stages.contains(&"postcopy"), "{stages:?}");
+    assert_eq!(
+        source.run_state().await.expect("source state"),
+        "postmigrate"
+    );
+    assert_eq!(target.run_state().await.expect("target state"), "running");
+    source.stop_and_cleanup().await.expect("cleanup source");
+    let mut con = SerialConsole::connect(&target.paths().serial)
+        .await
+        .expect("target console");
+    con.send_line("").await.expect("poke");
+    let after = con
+        .run("cat /proc/sys/kernel/random/boot_id; md5sum /mem/keep", CMD)
+        .await
+        .expect("after migration");
+    // The boot id line and md5sum's `<digest>  /mem/keep` (not the echoed command).
+    let lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| {
+                let uuid = l.len() == 36
+                    && l.chars().filter(|c| *c == '-').count() == 4
+                    && l.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
+                uuid || l.ends_with("  /mem/keep")
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(lines(&before).len(), 2, "{before:?}");
+    assert_eq!(
+        lines(&after),
+        lines(&before),
+        "boot id or memory content changed: before {before:?}, after {after:?}"
+    );
     target.stop_and_cleanup().await.expect("cleanup target");
 }

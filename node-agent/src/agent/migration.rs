@@ -24,6 +24,10 @@ pub struct Running {
 
 /// Longest a source migration may take, mirrors included.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(1800);
+/// Pre-copy passes before a migration that allows post-copy switches to it: an idle
+/// guest converges in two or three, so this many means the guest dirties memory faster
+/// than the link sends it (and auto-converge has begun throttling it).
+const POST_COPY_AFTER_PASSES: u64 = 6;
 
 fn vm_uid(vm: Option<&pb::VmRef>) -> Result<String, AgentError> {
     let uid = vm.map(|v| v.vm_uid.clone()).unwrap_or_default();
@@ -223,6 +227,7 @@ pub async fn start(
         bandwidth_mib_per_second: u32::try_from(req.bandwidth_bytes_per_second >> 20)
             .unwrap_or(u32::MAX),
         auto_converge: true,
+        post_copy_after_passes: req.allow_post_copy.then_some(POST_COPY_AFTER_PASSES),
     };
     tokio::spawn(run_source(
         run_dir,
@@ -258,16 +263,24 @@ async fn run_source(
             let phase = match p.stage {
                 "mirroring" => Phase::MirroringDisks,
                 "switchover" => Phase::Switchover,
+                "postcopy" => Phase::PostCopy,
                 _ => Phase::PreCopy,
             };
             tx.send_replace(progress_message(phase, p, String::new()));
         };
-        let migrated = tokio::select! {
-            r = migration::migrate_to(&qmp, &endpoint, &disks, Some(&tls_dir), &tuning,
-                                      MIGRATION_TIMEOUT, &mut report) => r,
-            () = cancel.notified() => {
-                migration::rollback(&qmp, &disks).await;
-                return Err(AgentError::Precondition("cancelled; the VM keeps running here".into()));
+        let migrating = migration::migrate_to(&qmp, &endpoint, &disks, Some(&tls_dir), &tuning,
+                                              MIGRATION_TIMEOUT, &mut report);
+        tokio::pin!(migrating);
+        let migrated = loop {
+            tokio::select! {
+                r = &mut migrating => break r,
+                () = cancel.notified() => {
+                    // In post-copy the guest already runs on the target: finish instead.
+                    if migration::rollback(&qmp, &disks).await {
+                        return Err(AgentError::Precondition("cancelled; the VM keeps running here".into()));
+                    }
+                    tracing::warn!(migration = %uid, "cancel refused: the migration is in post-copy");
+                }
             }
         }?;
         // The launcher reads the marker when its QEMU exits: migrated, not crashed.

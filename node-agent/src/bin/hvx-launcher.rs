@@ -217,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
                         },
                         tls_dir: tls.join("keys.psk").exists().then_some(tls),
                         timeout: Duration::from_secs(a.node_wait_seconds),
+                        post_copy: inc.post_copy,
                     }
                 });
             let exit = run(

@@ -108,17 +108,25 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "re-applying persisted networks"),
     }
 
-    // Accelerator probe (a probe guest boots), then the node label.
+    // Accelerator probe (a probe guest boots) and post-copy probe, then the labels.
     {
         let agent = agent.clone();
         let (node, label_node) = (cli.node_name.clone(), cli.label_node);
         tokio::spawn(async move {
-            let report = hvx_vmm::probe_accelerator(&hvx_vmm::accel::ProbeOptions::default()).await;
+            let opts = hvx_vmm::accel::ProbeOptions::default();
+            let report = hvx_vmm::probe_accelerator(&opts).await;
             tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator probed");
+            let post_copy = match hvx_vmm::postcopy::probe(&opts.qemu).await {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::info!(%why, "post-copy migration unavailable on this node");
+                    false
+                }
+            };
             let accel = report.accel.as_str().to_string();
             *agent.accel.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
             if label_node {
-                label::label_node(&node, &accel).await;
+                label::label_node(&node, &accel, post_copy).await;
             }
         });
     }

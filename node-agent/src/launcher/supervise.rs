@@ -173,6 +173,8 @@ pub struct Incoming {
     pub tls_dir: Option<PathBuf>,
     /// Longest wait for the source to send the VM.
     pub timeout: Duration,
+    /// The source may switch to post-copy (QEMU needs `postcopy-ram` before it starts).
+    pub post_copy: bool,
 }
 
 /// Runs the VM until it stops for good; returns why it last exited. `stop` resolves
@@ -229,6 +231,7 @@ pub async fn run(
                     &inc.endpoint,
                     &disks,
                     inc.tls_dir.as_deref(),
+                    inc.post_copy,
                 )
                 .await?;
                 tracing::info!(endpoint = ?inc.endpoint, "waiting for the migrating VM");
