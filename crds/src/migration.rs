@@ -131,6 +131,10 @@ pub struct VmMigrationStatus {
     /// Guest dirty rate at the last sample, bytes/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_rate: Option<u64>,
+    /// Whether it ended in post-copy (the guest ran on the target while the last
+    /// memory pages followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<bool>,
     /// Why it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,

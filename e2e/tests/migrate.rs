@@ -3,7 +3,10 @@
 //! to web, and web writing to its disk; `kubectl drain` of web's node migrates web and
 //! exits 0; the TCP stream carries on with every byte in order, web did not reboot,
 //! and its disk has what it wrote before and during the migration. Then a migration of
-//! db whose target pod is killed half-way fails and leaves db running where it was.
+//! db whose target pod is killed half-way fails and leaves db running where it was;
+//! spec changes apply live or by a restart; and a user migration allowing post-copy
+//! moves web while it rewrites memory faster than the link, ending in post-copy with
+//! the same boot and memory.
 
 mod common;
 
@@ -404,6 +407,126 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     )
     .await;
     eprintln!("web rebooted with more memory: boot {rebooted}");
+
+    // Post-copy: web rewrites 32 MiB of memory over and over, faster than an 8 MiB/s
+    // cap lets pre-copy send it; a user migration allowing post-copy (every node here
+    // is labelled hvx.dev/post-copy=true) ends in it, with the guest's memory intact.
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in nodes
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+    {
+        let label = n
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("hvx.dev/post-copy")
+            .cloned();
+        assert_eq!(
+            label.as_deref(),
+            Some("true"),
+            "post-copy label of {:?}",
+            n.metadata.name
+        );
+    }
+    let (ok, out) = guest_run(
+        &web_dir_now,
+        "mkdir -p /mem && mount -t tmpfs -o size=80m tmpfs /mem && head -c 33554432 /dev/urandom >/mem/keep",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(ok, "filling guest memory:\n{out}");
+    let (ok, out) = guest_run(
+        &web_dir_now,
+        "(while :; do cp /mem/keep /mem/churn; done) >/dev/null 2>&1 & sleep 1",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "starting the memory dirtier:\n{out}");
+    let (ok, before) = guest_run(
+        &web_dir_now,
+        "md5sum /mem/keep; cat /proc/sys/kernel/random/boot_id",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "{before}");
+    let facts = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| {
+                l.ends_with("  /mem/keep") || (l.len() == 36 && l.matches('-').count() == 4)
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let facts_before = facts(&before);
+    assert_eq!(facts_before.len(), 2, "{before}");
+    let mig: VmMigration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
+        "metadata": {"name": "web-post-copy"},
+        "spec": {"application": "shop", "vm": "web", "allowPostCopy": true,
+                 "bandwidthMibPerSecond": 8, "maxDowntimeMs": 50}
+    }))
+    .expect("migration");
+    migs.create(&PostParams::default(), &mig)
+        .await
+        .expect("create post-copy migration");
+    let done = wait_or_dump(
+        &client,
+        NS,
+        "web's post-copy migration",
+        Duration::from_secs(600),
+        || {
+            let migs = migs.clone();
+            async move {
+                let s = migs.get("web-post-copy").await.ok()?.status?;
+                use hvx_api::migration::MigrationPhase as P;
+                assert_ne!(
+                    s.phase,
+                    Some(P::Failed),
+                    "post-copy migration failed: {s:?}"
+                );
+                (s.phase == Some(P::Completed)).then_some(s)
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "web post-copy migration {:?} -> {:?}: total {:?} ms, downtime {:?} ms, post-copy {:?}",
+        done.source_node, done.target_node, done.total_ms, done.downtime_ms, done.post_copy
+    );
+    assert_eq!(done.post_copy, Some(true), "{done:?}");
+    let web_pc = wait_for(
+        "web Running on its new node",
+        Duration::from_secs(120),
+        || {
+            let (apps, from) = (apps.clone(), web_now.clone());
+            async move {
+                vm_node(&apps, "web")
+                    .await
+                    .filter(|(phase, node)| phase == "Running" && *node != from)
+            }
+        },
+    )
+    .await;
+    let (ok, after) = guest_run(
+        &vm_run_dir(&web_pc.1, &app_uid, "web"),
+        "md5sum /mem/keep; cat /proc/sys/kernel/random/boot_id",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "{after}");
+    assert_eq!(
+        facts(&after),
+        facts_before,
+        "memory or boot changed:\n{before}\n{after}"
+    );
+    assert!(
+        facts_before.contains(&rebooted),
+        "{facts_before:?} vs boot {rebooted}"
+    );
 
     // Clean up everything; nothing stays on any node (the vms test checks the same).
     delete_all_hvx_objects(&client, NS).await;

@@ -693,6 +693,9 @@ async fn follow(
                         if done {
                             status.downtime_ms = Some(p.downtime_ms);
                             status.total_ms = Some(p.total_ms);
+                            if phase == Some(MigrationPhase::Completed) {
+                                status.post_copy = Some(p.post_copy);
+                            }
                             if phase == Some(MigrationPhase::Failed) {
                                 status.failure_reason = Some(p.message.clone());
                             }
@@ -748,8 +751,9 @@ async fn follow(
             let p = last.unwrap_or_default();
             ctx.metrics.migration(true, p.downtime_ms, p.total_ms);
             publish(&ctx, &mig, EventType::Normal, "Migrated", &format!(
-                "VM {} now runs on {target}: {} ms total, {} ms downtime, {} MiB memory, {} KiB disk",
-                mig.spec.vm, p.total_ms, p.downtime_ms, p.memory_bytes >> 20, p.disk_bytes >> 10
+                "VM {} now runs on {target}: {} ms total, {} ms downtime, {} MiB memory, {} KiB disk{}",
+                mig.spec.vm, p.total_ms, p.downtime_ms, p.memory_bytes >> 20, p.disk_bytes >> 10,
+                if p.post_copy { ", ended in post-copy" } else { "" }
             ))
             .await;
             if let Err(e) = finish(&t, &ctx).await {

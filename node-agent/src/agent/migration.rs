@@ -157,6 +157,7 @@ fn progress_message(phase: Phase, p: &Progress, message: String) -> pb::Migratio
         memory_remaining: p.ram_remaining,
         disk_bytes: p.disk_done,
         message,
+        post_copy: phase == Phase::PostCopy,
         ..Default::default()
     }
 }
@@ -302,6 +303,7 @@ async fn run_source(
                 disk_bytes: r.disk_bytes,
                 downtime_ms: r.downtime_ms,
                 total_ms: r.total_ms,
+                post_copy: r.post_copy,
                 ..Default::default()
             }
         }

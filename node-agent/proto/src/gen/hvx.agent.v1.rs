@@ -674,6 +674,10 @@ pub struct MigrationProgress {
     pub total_ms: u64,
     #[prost(string, tag = "8")]
     pub message: ::prost::alloc::string::String,
+    /// The migration switched to post-copy (the guest ran on the target while the last
+    /// memory pages followed); set from PHASE_POST_COPY on.
+    #[prost(bool, tag = "9")]
+    pub post_copy: bool,
 }
 /// Nested message and enum types in `MigrationProgress`.
 pub mod migration_progress {
