@@ -106,6 +106,7 @@ done
 ip link del "${BRIDGE}" 2>/dev/null || true
 
 for n in "${nodes[@]}"; do remove_cgroup "$(node_cgroup "${n}")"; done
+wipe_hvx_node_state "${nodes[@]}"
 rm -rf "${CLUSTER_DIR}"
 rm -f "${KUBECONFIG_OUT}"
 # libcni caches results in /var/lib/cni/results whatever the conf says; ours are
@@ -118,6 +119,9 @@ left=()
 for n in "${nodes[@]}"; do
   [[ -n "$(cgroup_pids "$(node_cgroup "${n}")")" ]] && left+=("processes in cgroup $(node_cgroup "${n}")")
   [[ -e "/run/netns/$(node_netns "${n}")" ]] && left+=("netns $(node_netns "${n}")")
+  for root in "${HVX_NODE_ROOTS[@]}"; do
+    [[ -e "${root}/$(node_name "${n}")" ]] && left+=("hvx state ${root}/$(node_name "${n}")")
+  done
   for c in "${CGROUP_CONTROLLERS[@]}" unified; do
     [[ -d "/sys/fs/cgroup/${c}/$(node_cgroup "${n}")" ]] && left+=("cgroup ${c}/$(node_cgroup "${n}")")
   done

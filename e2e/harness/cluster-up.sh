@@ -80,6 +80,7 @@ start_etcd
 start_apiserver
 start_controllers
 start_coredns
+wipe_hvx_node_state $(seq 1 "${NODE_COUNT}")
 for n in $(seq 1 "${NODE_COUNT}"); do start_node "${n}"; done
 
 log "cluster-up: waiting for ${NODE_COUNT} Ready nodes"

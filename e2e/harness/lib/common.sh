@@ -33,6 +33,21 @@ node_ip() { echo "${NODE_NET_PREFIX}.$((10 + $1))"; }
 node_pod_cidr() { echo "${POD_NET_PREFIX}.$1.0/24"; }
 node_dir() { echo "${CLUSTER_DIR}/nodes/$1"; }
 node_netns() { node_name "$1"; }
+
+# hvx's per-node host directories (the chart's storePath and run root, keyed by node
+# name): a node of this harness is new at every cluster-up, so whatever an earlier
+# cluster's agents left there (networks they would re-apply, overlays, VM run dirs) is
+# stale and must not reach the new one.
+HVX_NODE_ROOTS=(/var/lib/hvx/nodes /run/hvx/nodes)
+wipe_hvx_node_state() {
+  local n root
+  for n in "$@"; do
+    for root in "${HVX_NODE_ROOTS[@]}"; do
+      rm -rf --one-file-system "${root:?}/$(node_name "${n}")"
+    done
+  done
+  for root in "${HVX_NODE_ROOTS[@]}"; do rmdir "${root}" 2>/dev/null || true; done
+}
 node_veth() { echo "hvxv$1"; }
 # Per-node cgroup (below every v1 controller): kubelet's cgroupRoot, and the
 # cgroup containerd, its shims and kubelet run in, so cleanup finds them all.
