@@ -221,9 +221,7 @@ pub async fn run(
             }
         };
         if let Some(inc) = incoming.take() {
-            status.phase = "Incoming";
             status.qemu_pid = vm.pid();
-            write_status(&spec.run_dir, &status)?;
             let received = async {
                 let disks: Vec<String> = spec.disks.iter().map(|d| d.name.clone()).collect();
                 hvx_vmm::migration::listen_incoming(
@@ -233,9 +231,16 @@ pub async fn run(
                     inc.tls_dir.as_deref(),
                     inc.post_copy,
                 )
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
+                // The operator starts the source when it reads `Incoming`: only now do
+                // the NBD exports and the memory listener exist for it to connect to.
+                status.phase = "Incoming";
+                write_status(&spec.run_dir, &status).map_err(|e| e.to_string())?;
                 tracing::info!(endpoint = ?inc.endpoint, "waiting for the migrating VM");
-                hvx_vmm::migration::finish_incoming(vm.qmp(), inc.timeout).await
+                hvx_vmm::migration::finish_incoming(vm.qmp(), inc.timeout)
+                    .await
+                    .map_err(|e| e.to_string())
             };
             let outcome = tokio::select! {
                 r = received => Some(r),
@@ -249,7 +254,7 @@ pub async fn run(
                     // Cancelled, failed or the source gave up: this QEMU never ran the
                     // guest, so there is nothing to shut down gracefully.
                     let why = match failed {
-                        Some(Err(e)) => e.to_string(),
+                        Some(Err(e)) => e,
                         _ => "stopped while waiting for the migration".to_string(),
                     };
                     tracing::warn!(%why, "incoming migration did not complete");
