@@ -19,6 +19,7 @@ pub mod migration;
 pub mod network;
 pub mod run;
 pub mod status;
+pub mod sweep;
 pub mod uninstall;
 pub mod upload;
 pub mod vmapp;

@@ -144,5 +144,12 @@ pub async fn run_with_metrics(
         ctx.clone(),
     )
     .for_each(|r| async move { log_result(r) });
-    futures::join!(apps, nets, disks, migrations, drains);
+    // The sweep has no end of its own: it stops with the controllers (shutdown signal).
+    let controllers = async {
+        futures::join!(apps, nets, disks, migrations, drains);
+    };
+    tokio::select! {
+        () = controllers => {}
+        () = crate::sweep::run(ctx.clone()) => {}
+    }
 }

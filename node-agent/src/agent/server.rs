@@ -86,6 +86,13 @@ impl NodeAgent for AgentService {
                         .collect()
                 })
                 .unwrap_or_default(),
+            networks: network::persisted(a)
+                .into_iter()
+                .map(|r| pb::CarriedNetwork {
+                    network_uid: r.network_uid,
+                    vni: r.vni,
+                })
+                .collect(),
         };
         self.done("GetCapabilities", Ok(caps))
     }

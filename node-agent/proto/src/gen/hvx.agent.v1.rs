@@ -3,7 +3,7 @@
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetCapabilitiesRequest {}
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeCapabilities {
     #[prost(string, tag = "1")]
     pub node_name: ::prost::alloc::string::String,
@@ -33,6 +33,18 @@ pub struct NodeCapabilities {
     /// Digests of the bases this node holds.
     #[prost(string, repeated, tag = "12")]
     pub base_digests: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The networks this node carries (persisted: re-applied when the agent starts). The
+    /// operator deletes those no VirtualNetwork owns any more.
+    #[prost(message, repeated, tag = "13")]
+    pub networks: ::prost::alloc::vec::Vec<CarriedNetwork>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CarriedNetwork {
+    #[prost(string, tag = "1")]
+    pub network_uid: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub vni: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
