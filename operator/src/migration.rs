@@ -846,6 +846,18 @@ async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
             }
         }
     }
+    // The target's record of the migration (its ports, for a retried prepare) has
+    // served: CancelMigration without a VM drops just that on a node running the VM.
+    if let Ok(mut c) = hostprep::client_for(ctx, &cluster, &target_node) {
+        let req = pb::CancelMigrationRequest {
+            migration_uid: t.uid(),
+            vm: None,
+        };
+        if let Err(e) = c.cancel_migration(req).await {
+            tracing::info!(error = %e.message(), "target's migration record stays for now");
+            done = false;
+        }
+    }
     ctx.migration_keys
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -249,6 +249,10 @@ pub async fn run(
             match outcome {
                 Some(Ok(resume_ms)) => {
                     tracing::info!(resume_ms, "migration received; VM running here");
+                    // The migration's key has served (QEMU read it at the handshake).
+                    if let Some(dir) = &inc.tls_dir {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
                 }
                 failed => {
                     // Cancelled, failed or the source gave up: this QEMU never ran the
