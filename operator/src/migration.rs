@@ -47,6 +47,10 @@ pub async fn reconcile(mig: Arc<VmMigration>, ctx: Arc<Context>) -> Result<Actio
                 if phase != Some(MigrationPhase::Completed) {
                     // Deleting a migration in flight cancels it: the VM stays put.
                     abort(&m, &ctx).await?;
+                } else if let Some(node) = m.status.as_ref().and_then(|s| s.target_node.clone()) {
+                    // Deleted right after completing, before `finish` got to it.
+                    let cluster = hostprep::cluster(&ctx).await?;
+                    drop_target_record(&ctx, &cluster, &node, &m.uid().unwrap_or_default()).await;
                 }
                 Ok(Action::await_change())
             }
@@ -831,6 +835,7 @@ async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
         }
     }
     let cluster = hostprep::cluster(ctx).await?;
+    done &= drop_target_record(ctx, &cluster, &target_node, &t.uid()).await;
     hostprep::sync_networks(ctx, &t.ns, nets, &cluster).await?;
     if let (Some(vm_id), Ok(client)) = (vm_id, hostprep::client_for(ctx, &cluster, &source_node)) {
         for d in disks {
@@ -846,23 +851,36 @@ async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
             }
         }
     }
-    // The target's record of the migration (its ports, for a retried prepare) has
-    // served: CancelMigration without a VM drops just that on a node running the VM.
-    if let Ok(mut c) = hostprep::client_for(ctx, &cluster, &target_node) {
-        let req = pb::CancelMigrationRequest {
-            migration_uid: t.uid(),
-            vm: None,
-        };
-        if let Err(e) = c.cancel_migration(req).await {
-            tracing::info!(error = %e.message(), "target's migration record stays for now");
-            done = false;
-        }
-    }
     ctx.migration_keys
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&t.uid());
     Ok(done)
+}
+
+/// The target agent's record of a completed migration (its ports, for a retried
+/// prepare) has served: CancelMigration without a VM drops just that on a node that
+/// runs the VM. False when the agent could not be told (the caller tries again).
+async fn drop_target_record(
+    ctx: &Context,
+    cluster: &crate::hostplan::Cluster,
+    node: &str,
+    uid: &str,
+) -> bool {
+    let Ok(mut c) = hostprep::client_for(ctx, cluster, node) else {
+        return false;
+    };
+    let req = pb::CancelMigrationRequest {
+        migration_uid: uid.to_string(),
+        vm: None,
+    };
+    match c.cancel_migration(req).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!(node, error = %e.message(), "target's migration record stays for now");
+            false
+        }
+    }
 }
 
 /// Undoes a migration that did not complete: the source keeps the VM; the target pod,
