@@ -143,18 +143,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             post_copy,
             print,
         } => {
+            let build = |app: &str, ns: Option<String>| {
+                objects::migration(
+                    app,
+                    &vm,
+                    target_node.clone(),
+                    max_downtime_ms,
+                    post_copy,
+                    ns,
+                )
+            };
             if print {
                 let Some(app) = app else {
                     bail!("--print needs --app (finding the application needs the cluster)");
                 };
-                let m = objects::migration(
-                    &app,
-                    &vm,
-                    target_node,
-                    max_downtime_ms,
-                    post_copy,
-                    cli.namespace,
-                );
+                let m = build(&app, cli.namespace);
                 print!("---\n{}", serde_yaml::to_string(&m)?);
                 return Ok(());
             }
@@ -166,14 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => a,
                 None => cluster::application_of(&client, &ns, &vm).await?,
             };
-            let m = objects::migration(
-                &app,
-                &vm,
-                target_node,
-                max_downtime_ms,
-                post_copy,
-                Some(ns.clone()),
-            );
+            let m = build(&app, Some(ns.clone()));
             let name = cluster::create_migration(&client, &ns, &m).await?;
             println!(
                 "vmmigration.hvx.dev/{name} created (watch: kubectl get vmmig -n {ns} {name} -w)"

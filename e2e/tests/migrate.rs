@@ -13,7 +13,7 @@ mod common;
 use common::guest::*;
 use common::*;
 use hvx_api::VmApplication;
-use hvx_api::migration::VmMigration;
+use hvx_api::migration::{MigrationPhase, VmMigration, VmMigrationStatus};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use std::path::{Path, PathBuf};
@@ -106,6 +106,55 @@ fn assert_sequence(lines: &[String], prefix: &str, what: &str) -> usize {
         );
     }
     lines.len()
+}
+
+async fn all_nodes(client: &kube::Client) -> Vec<Node> {
+    Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("nodes")
+        .items
+}
+
+async fn create_migration(migs: &Api<VmMigration>, name: &str, spec: serde_json::Value) {
+    let mig: VmMigration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("migration");
+    migs.create(&PostParams::default(), &mig)
+        .await
+        .unwrap_or_else(|e| panic!("creating migration {name}: {e}"));
+}
+
+/// Waits (10 minutes at most) for migration `name` to end in `want`; ending in the
+/// other final phase fails the test at once.
+async fn migration_ended(
+    client: &kube::Client,
+    migs: &Api<VmMigration>,
+    name: &str,
+    want: MigrationPhase,
+) -> VmMigrationStatus {
+    wait_or_dump(
+        client,
+        NS,
+        &format!("migration {name} {want:?}"),
+        Duration::from_secs(600),
+        || {
+            let migs = migs.clone();
+            async move {
+                let s = migs.get(name).await.ok()?.status?;
+                let phase = s.phase?;
+                let ended = matches!(phase, MigrationPhase::Completed | MigrationPhase::Failed);
+                assert!(
+                    !ended || phase == want,
+                    "migration {name} ended {phase:?}: {s:?}"
+                );
+                (phase == want).then_some(s)
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -272,15 +321,12 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
 
     // A migration of db whose target pod is killed during the copy: db stays put.
     let db_boot = guest_boot_id(&db_dir).expect("db boot id");
-    let mig: VmMigration = serde_json::from_value(serde_json::json!({
-        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
-        "metadata": {"name": "db-doomed"},
-        "spec": {"application": "shop", "vm": "db", "bandwidthMibPerSecond": 2}
-    }))
-    .expect("migration");
-    migs.create(&PostParams::default(), &mig)
-        .await
-        .expect("create migration");
+    create_migration(
+        &migs,
+        "db-doomed",
+        serde_json::json!({"application": "shop", "vm": "db", "bandwidthMibPerSecond": 2}),
+    )
+    .await;
     let target = wait_or_dump(
         &client,
         NS,
@@ -322,20 +368,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     )
     .await
     .expect("delete target pod");
-    let failed = wait_or_dump(
-        &client,
-        NS,
-        "db's migration Failed",
-        Duration::from_secs(300),
-        || {
-            let migs = migs.clone();
-            async move {
-                let s = migs.get("db-doomed").await.ok()?.status?;
-                (s.phase == Some(hvx_api::migration::MigrationPhase::Failed)).then_some(s)
-            }
-        },
-    )
-    .await;
+    let failed = migration_ended(&client, &migs, "db-doomed", MigrationPhase::Failed).await;
     eprintln!("failed as it should: {:?}", failed.failure_reason);
     let (phase, node) = vm_node(&apps, "db").await.expect("db status");
     assert_eq!((phase.as_str(), node.as_str()), ("Running", db.1.as_str()));
@@ -411,13 +444,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     // Post-copy: web rewrites 32 MiB of memory over and over, faster than an 8 MiB/s
     // cap lets pre-copy send it; a user migration allowing post-copy (every node here
     // is labelled hvx.dev/post-copy=true) ends in it, with the guest's memory intact.
-    let nodes: Api<Node> = Api::all(client.clone());
-    for n in nodes
-        .list(&ListParams::default())
-        .await
-        .expect("nodes")
-        .items
-    {
+    for n in all_nodes(&client).await {
         let label = n
             .metadata
             .labels
@@ -431,26 +458,15 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
             n.metadata.name
         );
     }
-    let (ok, out) = guest_run(
-        &web_dir_now,
+    const MEMORY_AND_BOOT: &str = "md5sum /mem/keep; cat /proc/sys/kernel/random/boot_id";
+    for cmd in [
         "mkdir -p /mem && mount -t tmpfs -o size=80m tmpfs /mem && head -c 33554432 /dev/urandom >/mem/keep",
-        Duration::from_secs(120),
-    )
-    .await;
-    assert!(ok, "filling guest memory:\n{out}");
-    let (ok, out) = guest_run(
-        &web_dir_now,
         "(while :; do cp /mem/keep /mem/churn; done) >/dev/null 2>&1 & sleep 1",
-        Duration::from_secs(60),
-    )
-    .await;
-    assert!(ok, "starting the memory dirtier:\n{out}");
-    let (ok, before) = guest_run(
-        &web_dir_now,
-        "md5sum /mem/keep; cat /proc/sys/kernel/random/boot_id",
-        Duration::from_secs(60),
-    )
-    .await;
+    ] {
+        let (ok, out) = guest_run(&web_dir_now, cmd, Duration::from_secs(120)).await;
+        assert!(ok, "{cmd}:\n{out}");
+    }
+    let (ok, before) = guest_run(&web_dir_now, MEMORY_AND_BOOT, Duration::from_secs(60)).await;
     assert!(ok, "{before}");
     let facts = |s: &str| -> Vec<String> {
         s.lines()
@@ -463,36 +479,14 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     };
     let facts_before = facts(&before);
     assert_eq!(facts_before.len(), 2, "{before}");
-    let mig: VmMigration = serde_json::from_value(serde_json::json!({
-        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
-        "metadata": {"name": "web-post-copy"},
-        "spec": {"application": "shop", "vm": "web", "allowPostCopy": true,
-                 "bandwidthMibPerSecond": 8, "maxDowntimeMs": 50}
-    }))
-    .expect("migration");
-    migs.create(&PostParams::default(), &mig)
-        .await
-        .expect("create post-copy migration");
-    let done = wait_or_dump(
-        &client,
-        NS,
-        "web's post-copy migration",
-        Duration::from_secs(600),
-        || {
-            let migs = migs.clone();
-            async move {
-                let s = migs.get("web-post-copy").await.ok()?.status?;
-                use hvx_api::migration::MigrationPhase as P;
-                assert_ne!(
-                    s.phase,
-                    Some(P::Failed),
-                    "post-copy migration failed: {s:?}"
-                );
-                (s.phase == Some(P::Completed)).then_some(s)
-            }
-        },
+    create_migration(
+        &migs,
+        "web-post-copy",
+        serde_json::json!({"application": "shop", "vm": "web", "allowPostCopy": true,
+                           "bandwidthMibPerSecond": 8, "maxDowntimeMs": 50}),
     )
     .await;
+    let done = migration_ended(&client, &migs, "web-post-copy", MigrationPhase::Completed).await;
     eprintln!(
         "web post-copy migration {:?} -> {:?}: total {:?} ms, downtime {:?} ms, post-copy {:?}",
         done.source_node, done.target_node, done.total_ms, done.downtime_ms, done.post_copy
@@ -513,7 +507,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     .await;
     let (ok, after) = guest_run(
         &vm_run_dir(&web_pc.1, &app_uid, "web"),
-        "md5sum /mem/keep; cat /proc/sys/kernel/random/boot_id",
+        MEMORY_AND_BOOT,
         Duration::from_secs(60),
     )
     .await;
@@ -530,13 +524,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
 
     // Clean up everything; nothing stays on any node (the vms test checks the same).
     delete_all_hvx_objects(&client, NS).await;
-    let nodes: Api<Node> = Api::all(client.clone());
-    for n in nodes
-        .list(&ListParams::default())
-        .await
-        .expect("nodes")
-        .items
-    {
+    for n in all_nodes(&client).await {
         let name = n.metadata.name.unwrap_or_default();
         let paths =
             hvx_api::node::NodePaths::new(Path::new(STORE_ROOT), Path::new(RUN_ROOT), &name);

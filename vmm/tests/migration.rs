@@ -48,7 +48,7 @@ fn target_overlay(src_dir: &Path, dir: &Path) -> PathBuf {
     overlay
 }
 
-async fn start_target(spec: &VmSpec, ep: &TargetEndpoint, tls: &Path) -> Vm {
+async fn start_target(spec: &VmSpec, ep: &TargetEndpoint, tls: &Path, post_copy: bool) -> Vm {
     let opts = StartOptions {
         incoming: true,
         ..StartOptions::default()
@@ -56,10 +56,21 @@ async fn start_target(spec: &VmSpec, ep: &TargetEndpoint, tls: &Path) -> Vm {
     let vm = Vm::start(spec, Accel::Tcg, &opts)
         .await
         .expect("start target");
-    migration::listen_incoming(vm.qmp(), ep, &["boot".to_string()], Some(tls), false)
+    migration::listen_incoming(vm.qmp(), ep, &["boot".to_string()], Some(tls), post_copy)
         .await
         .expect("target listens");
     vm
+}
+
+/// A source disk (an overlay over a qcow2 base) in `tmp/src` and a migration key in
+/// `tmp/tls`: (source dir, source disk, key dir).
+fn source_and_key(tmp: &Path, key: &[u8]) -> (PathBuf, PathBuf, PathBuf) {
+    let src_dir = tmp.join("src");
+    std::fs::create_dir_all(&src_dir).expect("src dir");
+    let src_disk = overlay_on_qcow2_base(&guest_dir(), &src_dir);
+    let tls = tmp.join("tls");
+    migration::write_psk(&tls, key).expect("psk");
+    (src_dir, src_disk, tls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,13 +79,8 @@ async fn live_migration_with_disk_mirror_over_tls() {
     if !require_root() {
         return;
     }
-    let guest = guest_dir();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let src_dir = tmp.path().join("src");
-    std::fs::create_dir_all(&src_dir).expect("src dir");
-    let src_disk = overlay_on_qcow2_base(&guest, &src_dir);
-    let tls = tmp.path().join("tls");
-    migration::write_psk(&tls, b"0123456789abcdef0123456789abcdef").expect("psk");
+    let (src_dir, src_disk, tls) = source_and_key(tmp.path(), b"0123456789abcdef0123456789abcdef");
     // Too short a key is refused before QEMU sees it.
     assert!(migration::write_psk(&tmp.path().join("weak"), b"short").is_err());
 
@@ -114,7 +120,7 @@ async fn live_migration_with_disk_mirror_over_tls() {
         &target_overlay(&src_dir, &tmp.path().join("doomed")),
         &tmp.path().join("run-doomed"),
     );
-    let doomed = start_target(&doomed_spec, &ep, &tls).await;
+    let doomed = start_target(&doomed_spec, &ep, &tls, false).await;
     let doomed_pid = doomed.pid().expect("target pid");
     let slow = Tuning {
         bandwidth_mib_per_second: 4,
@@ -168,7 +174,7 @@ async fn live_migration_with_disk_mirror_over_tls() {
         &target_overlay(&src_dir, &dst_dir),
         &tmp.path().join("run-dst"),
     );
-    let target = start_target(&dst_spec, &ep, &tls).await;
+    let target = start_target(&dst_spec, &ep, &tls, false).await;
     let mut stages = Vec::new();
     let mut record = |p: &Progress| {
         if stages.last() != Some(&p.stage) {
@@ -268,13 +274,8 @@ async fn post_copy_moves_a_guest_dirtying_memory_faster_than_the_link() {
         eprintln!("SKIP: this host's QEMU takes no post-copy: {why}");
         return;
     }
-    let guest = guest_dir();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let src_dir = tmp.path().join("src");
-    std::fs::create_dir_all(&src_dir).expect("src dir");
-    let src_disk = overlay_on_qcow2_base(&guest, &src_dir);
-    let tls = tmp.path().join("tls");
-    migration::write_psk(&tls, b"fedcba9876543210fedcba9876543210").expect("psk");
+    let (src_dir, src_disk, tls) = source_and_key(tmp.path(), b"fedcba9876543210fedcba9876543210");
     let source = Vm::start(
         &vm_spec("pc", &src_disk, &tmp.path().join("run-src")),
         Accel::Tcg,
@@ -306,24 +307,12 @@ async fn post_copy_moves_a_guest_dirtying_memory_faster_than_the_link() {
 
     // The target's QEMU must take post-copy before the migration starts.
     let ep = endpoint();
-    let target = {
-        let spec = vm_spec(
-            "pc",
-            &target_overlay(&src_dir, &tmp.path().join("dst")),
-            &tmp.path().join("run-dst"),
-        );
-        let opts = StartOptions {
-            incoming: true,
-            ..StartOptions::default()
-        };
-        let vm = Vm::start(&spec, Accel::Tcg, &opts)
-            .await
-            .expect("start target");
-        migration::listen_incoming(vm.qmp(), &ep, &["boot".to_string()], Some(&tls), true)
-            .await
-            .expect("target listens for post-copy");
-        vm
-    };
+    let dst_spec = vm_spec(
+        "pc",
+        &target_overlay(&src_dir, &tmp.path().join("dst")),
+        &tmp.path().join("run-dst"),
+    );
+    let target = start_target(&dst_spec, &ep, &tls, true).await;
     let tuning = Tuning {
         max_downtime_ms: 50,
         bandwidth_mib_per_second: 16,
