@@ -42,7 +42,15 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
     let name = app.name_any();
     let generation = app.meta().generation;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let previous = app.status.clone().unwrap_or_default();
+    // The status this pass builds on is read fresh: the watch cache can still hold the
+    // object from before the last pass's status write, and what that pass recorded
+    // (restarts, pending changes, the home node) would be lost.
+    let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = match api.get_status(&name).await {
+        Ok(fresh) => fresh.status.unwrap_or_default(),
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+        Err(e) => return Err(e.into()),
+    };
     let mut status = VmApplicationStatus {
         conditions: previous.conditions.clone(),
         ..Default::default()
