@@ -867,20 +867,22 @@ async fn drop_target_record(
     node: &str,
     uid: &str,
 ) -> bool {
-    let Ok(mut c) = hostprep::client_for(ctx, cluster, node) else {
+    let Ok(client) = hostprep::client_for(ctx, cluster, node) else {
         return false;
     };
     let req = pb::CancelMigrationRequest {
         migration_uid: uid.to_string(),
         vm: None,
     };
-    match c.cancel_migration(req).await {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::info!(node, error = %e.message(), "target's migration record stays for now");
-            false
-        }
+    let answer = crate::agents::call(node, "CancelMigration", ctx.agents.timeout(), || {
+        let (mut c, r) = (client.clone(), req.clone());
+        async move { c.cancel_migration(r).await }
+    })
+    .await;
+    if let Err(e) = &answer {
+        tracing::info!(node, error = %e, "target's migration record stays for now");
     }
+    answer.is_ok()
 }
 
 /// Undoes a migration that did not complete: the source keeps the VM; the target pod,

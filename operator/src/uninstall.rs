@@ -39,7 +39,11 @@ pub async fn unlabel_nodes(client: &Client) -> Result<usize, kube::Error> {
         NODE_LABEL_POST_COPY,
     ];
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let patch = serde_json::json!({"metadata": {"labels": {NODE_LABEL_AGENT: null, NODE_LABEL_ACCELERATOR: null, NODE_LABEL_POST_COPY: null}}});
+    let nulls: serde_json::Map<String, serde_json::Value> = ours
+        .iter()
+        .map(|l| (l.to_string(), serde_json::Value::Null))
+        .collect();
+    let patch = serde_json::json!({"metadata": {"labels": nulls}});
     let mut n = 0;
     for node in nodes.list(&ListParams::default()).await?.items {
         let labels = node.metadata.labels.clone().unwrap_or_default();
