@@ -11,6 +11,8 @@
 #  3. Import throughput of the store (copy+hash+validate+convert) vs a plain
 #     `qemu-img convert`, and snapshot time of 1 GiB and 16 GiB disks
 #     (storage/examples/storage_bench.rs, through hvx-storage itself).
+#  4. Cold move of a stopped VM's 256 MiB overlay between two stores (chunked, digests,
+#     checks, rebase, install) vs `cp` + `sync` of the layer file.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

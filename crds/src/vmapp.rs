@@ -367,7 +367,8 @@ pub enum EvictionStrategy {
     /// Live-migrate to another node; the drain waits for it.
     #[default]
     LiveMigrate,
-    /// Shut the guest down cleanly and start it on another node.
+    /// Shut the guest down cleanly and start it on another node: its disks (every
+    /// overlay layer) move there first, so what it wrote is kept.
     Shutdown,
     /// Do nothing: the VM blocks the drain until a human acts.
     None,
@@ -488,7 +489,8 @@ pub struct VmStatus {
     pub name: String,
     /// Phase.
     pub phase: VmPhase,
-    /// Node it runs on.
+    /// Node it runs on; while it does not run (or its disks are being moved to the
+    /// node its new pod got), the node holding its disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// Launcher pod.

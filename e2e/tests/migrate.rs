@@ -6,7 +6,8 @@
 //! db whose target pod is killed half-way fails and leaves db running where it was;
 //! spec changes apply live or by a restart; and a user migration allowing post-copy
 //! moves web while it rewrites memory faster than the link, ending in post-copy with
-//! the same boot and memory.
+//! the same boot and memory. Last, db with evictionStrategy Shutdown: a drain shuts it
+//! down and it restarts on another node with its disk (moved there) intact.
 
 mod common;
 
@@ -522,6 +523,10 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
         "{facts_before:?} vs boot {rebooted}"
     );
 
+    // evictionStrategy Shutdown: a drain shuts db down cleanly, and db starts again on
+    // another node with its disk moved there, what it wrote included (a new boot).
+    shutdown_drain_restarts_elsewhere_with_its_disk(&client, &apps, &app_uid, &db.1).await;
+
     // Clean up everything; nothing stays on any node (the vms test checks the same).
     delete_all_hvx_objects(&client, NS).await;
     for n in all_nodes(&client).await {
@@ -538,4 +543,144 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
         assert!(leftover.is_empty(), "overlays left on {name}: {leftover:?}");
     }
     delete_namespace(&client, NS).await;
+}
+
+/// Uncordons a node when dropped (a failed assertion must not leave it cordoned).
+struct Uncordon(String);
+
+impl Drop for Uncordon {
+    fn drop(&mut self) {
+        let _ = kubectl_run(&["uncordon", &self.0]);
+    }
+}
+
+async fn shutdown_drain_restarts_elsewhere_with_its_disk(
+    client: &kube::Client,
+    apps: &Api<VmApplication>,
+    app_uid: &str,
+    db_node: &str,
+) {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let mut app = apps.get("shop").await.expect("app");
+    for vm in &mut app.spec.vms {
+        if vm.name == "db" {
+            vm.eviction_strategy = hvx_api::EvictionStrategy::Shutdown;
+        }
+    }
+    app.metadata.managed_fields = None;
+    apps.replace("shop", &PostParams::default(), &app)
+        .await
+        .expect("evictionStrategy Shutdown for db");
+    // Applied live: db's PodDisruptionBudget goes, so the drain may evict db's pod.
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+    let pdb = hvx_operator::build::pod_name("shop", "db");
+    wait_or_dump(
+        client,
+        NS,
+        "db's PodDisruptionBudget removed",
+        Duration::from_secs(120),
+        || {
+            let (pdbs, pdb) = (pdbs.clone(), pdb.clone());
+            async move { pdbs.get_opt(&pdb).await.ok()?.is_none().then_some(()) }
+        },
+    )
+    .await;
+    let db_dir = vm_run_dir(db_node, app_uid, "db");
+    let boot = guest_boot_id(&db_dir).expect("db boot id");
+    let (ok, out) = guest_run(
+        &db_dir,
+        "echo kept-across-the-move > /data/moved; sync",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "writing on db:\n{out}");
+
+    eprintln!("draining {db_node} (db, evictionStrategy Shutdown)");
+    let _uncordon = Uncordon(db_node.to_string());
+    let node = db_node.to_string();
+    let started = std::time::Instant::now();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        kubectl_run(&[
+            "drain",
+            &node,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=600s",
+        ])
+    })
+    .await
+    .expect("drain task");
+    if !ok {
+        dump(client, NS).await;
+    }
+    assert!(ok, "kubectl drain failed:\n{out}");
+    eprintln!("drain returned in {:?}", started.elapsed());
+    // Running elsewhere (the node stays cordoned until then, or db would just come back).
+    let (_, new_node) = wait_or_dump(
+        client,
+        NS,
+        "db Running on another node",
+        Duration::from_secs(600),
+        || {
+            let (apps, old) = (apps.clone(), db_node.to_string());
+            async move {
+                vm_node(&apps, "db")
+                    .await
+                    .filter(|(p, n)| p == "Running" && *n != old)
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "db restarted on {new_node} {:?} after the drain began",
+        started.elapsed()
+    );
+    let new_dir = vm_run_dir(&new_node, app_uid, "db");
+    let new_boot = wait_for(
+        "db's boot on its new node",
+        Duration::from_secs(120),
+        || {
+            let d = new_dir.clone();
+            async move { guest_boot_id(&d) }
+        },
+    )
+    .await;
+    assert_ne!(new_boot, boot, "db was restarted, so it has a new boot");
+    assert_eq!(
+        guest_file(&new_dir, "/data/moved").await,
+        ["kept-across-the-move"],
+        "db's disk did not move with it"
+    );
+    // The move is visible as events, and the old node's copy goes once db runs.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), NS);
+    let moved = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("VmDisksMoved"))
+        .filter_map(|e| e.message)
+        .collect::<Vec<_>>();
+    assert!(
+        moved
+            .iter()
+            .any(|m| m.contains("VM db") && m.contains(&new_node)),
+        "no VmDisksMoved event for db: {moved:?}"
+    );
+    let (key, _) = hvx_api::node::vm_overlay_ref(&format!("{app_uid}/db"), "root");
+    let old_copy =
+        hvx_api::node::NodePaths::new(Path::new(STORE_ROOT), Path::new(RUN_ROOT), db_node)
+            .disk_store()
+            .join("disks")
+            .join(key);
+    wait_for(
+        "the old copy of db's disk deleted",
+        Duration::from_secs(120),
+        || {
+            let p = old_copy.clone();
+            async move { (!p.exists()).then_some(()) }
+        },
+    )
+    .await;
 }

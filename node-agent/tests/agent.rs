@@ -98,19 +98,20 @@ impl TestNode {
     }
 
     fn start_agent(&mut self, port: u16, tls_dir: Option<&Path>) {
+        let root = self.root.path().to_path_buf();
+        self.agent = Some(self.spawn_agent("test-node", port, &root, tls_dir));
+    }
+
+    /// An agent process in this netns with its own node name and directories (a
+    /// second node for moves; the caller kills it).
+    fn spawn_agent(&self, name: &str, port: u16, root: &Path, tls_dir: Option<&Path>) -> Child {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns, AGENT])
-            .args(["--node-name", "test-node", "--node-ip", NODE_IP])
+            .args(["--node-name", name, "--node-ip", NODE_IP])
             .arg(format!("--listen={NODE_IP}:{port}"))
             .arg(format!("--metrics-listen={NODE_IP}:{}", port + 1))
-            .arg(format!(
-                "--store-root={}",
-                self.root.path().join("lib").display()
-            ))
-            .arg(format!(
-                "--run-root={}",
-                self.root.path().join("run").display()
-            ))
+            .arg(format!("--store-root={}", root.join("lib").display()))
+            .arg(format!("--run-root={}", root.join("run").display()))
             .args(["--label-node", "false"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -118,7 +119,7 @@ impl TestNode {
         if let Some(d) = tls_dir {
             cmd.arg(format!("--tls-dir={}", d.display()));
         }
-        self.agent = Some(cmd.spawn().expect("start agent"));
+        cmd.spawn().expect("start agent")
     }
 
     fn stop_agent(&mut self) {
@@ -544,4 +545,204 @@ async fn agent_requires_a_client_certificate_signed_by_its_ca() {
     };
     assert!(refused, "a client without a certificate was served");
     drop(node);
+}
+
+/// Imports the test guest's VMDK through `c`; returns its digest and size.
+async fn import_guest(c: &mut NodeAgentClient<Channel>, http: u16) -> (String, u64) {
+    let req = pb::PrepareDiskRequest {
+        disk_uid: "0b1c2d3e-0000-4000-8000-000000000002".into(),
+        namespace: "ns".into(),
+        name: "db-root".into(),
+        source: Some(pb::DiskSource {
+            kind: Some(pb::disk_source::Kind::HttpUrl(format!(
+                "http://{HOST_IP}:{http}/sample-guest-stream.vmdk"
+            ))),
+        }),
+        format: "vmdk".into(),
+        ..Default::default()
+    };
+    let mut stream = c.prepare_disk(req).await.expect("prepare").into_inner();
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("progress") {
+        last = Some(m);
+    }
+    let last = last.expect("import result");
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Ready as i32,
+        "{last:?}"
+    );
+    (last.digest, last.virtual_bytes)
+}
+
+/// What the operator does for a move: the export's messages, header stamped with the
+/// move id, into the import; `cut` drops everything after that many messages.
+async fn relay(
+    from: &mut NodeAgentClient<Channel>,
+    to: &mut NodeAgentClient<Channel>,
+    vm_uid: &str,
+    move_id: &str,
+    cut: Option<usize>,
+) -> Result<pb::OverlayInfo, tonic::Status> {
+    let mut export = from
+        .export_overlay(pb::ExportOverlayRequest {
+            vm_uid: vm_uid.into(),
+            disk_name: "root".into(),
+        })
+        .await?
+        .into_inner();
+    let mut msgs = Vec::new();
+    while let Some(mut m) = export.message().await? {
+        if let Some(pb::overlay_chunk::Part::Header(h)) = m.part.as_mut() {
+            h.move_id = move_id.into();
+        }
+        msgs.push(m);
+    }
+    if let Some(n) = cut {
+        msgs.truncate(n);
+    }
+    Ok(to
+        .import_overlay(tokio_stream::iter(msgs))
+        .await?
+        .into_inner())
+}
+
+#[tokio::test]
+#[ignore = "privileged: netns, qemu-img (root)"]
+async fn agents_move_a_stopped_vms_overlay_between_nodes() {
+    assert!(is_root(), "run as root");
+    let guest = guest_dir();
+    let mut node = TestNode::new();
+    let http = serve_file(guest.join("disk-stream.vmdk"));
+    let (p1, p2) = (free_port(), free_port() + 2);
+    node.start_agent(p1, None);
+    let root2 = tempfile::tempdir().expect("tempdir");
+    let mut second = node.spawn_agent("test-node-2", p2, root2.path(), None);
+    let mut a = connect(p1, None).await.expect("agent 1");
+    let mut b = connect(p2, None).await.expect("agent 2");
+    let (digest, size) = import_guest(&mut a, http).await;
+    let vm = "app-uid/db";
+
+    // The target has no base yet: a precondition, and nothing is written there.
+    a.ensure_overlay(pb::EnsureOverlayRequest {
+        vm_uid: vm.into(),
+        disk_name: "root".into(),
+        base_digest: digest.clone(),
+        virtual_bytes: size,
+    })
+    .await
+    .expect("overlay");
+    let e = relay(&mut a, &mut b, vm, "m1", None)
+        .await
+        .expect_err("no base on the target");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("PrepareDisk first"), "{e:?}");
+    assert_eq!(import_guest(&mut b, http).await.0, digest);
+
+    // Data written by the VM on node 1 (a few MiB past the base, and over it).
+    let src = a
+        .ensure_overlay(pb::EnsureOverlayRequest {
+            vm_uid: vm.into(),
+            disk_name: "root".into(),
+            base_digest: digest.clone(),
+            virtual_bytes: size,
+        })
+        .await
+        .expect("overlay")
+        .into_inner();
+    sh(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x5a 1M 3M",
+        &src.path,
+    ]);
+    sh(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x33 90M 64k",
+        &src.path,
+    ]);
+
+    // A stream cut short installs nothing.
+    let e = relay(&mut a, &mut b, vm, "m1", Some(2))
+        .await
+        .expect_err("cut short");
+    assert!(e.message().contains("before its trailer"), "{e:?}");
+    let store2 = root2.path().join("lib/nodes/test-node-2/store");
+    let staging: Vec<_> = walk(&store2.join("tmp"));
+    assert!(staging.is_empty(), "staging left: {staging:?}");
+
+    // The whole chain moves; node 2's copy reads exactly like node 1's and refers only
+    // to node 2's files.
+    let moved = relay(&mut a, &mut b, vm, "m1", None).await.expect("move");
+    assert_ne!(moved.path, src.path);
+    let same = sh(&[
+        "qemu-img",
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        &src.path,
+        &moved.path,
+    ]);
+    assert!(same.contains("identical"), "{same}");
+    let chain = sh(&["qemu-img", "info", "--backing-chain", &moved.path]);
+    assert!(
+        !chain.contains(&node.root.path().display().to_string()),
+        "node 2's chain refers to node 1: {chain}"
+    );
+    // Again with the same move id (an operator that restarted): answered at once, and
+    // the installed copy (maybe in use by now) is left alone.
+    sh(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x77 8M 64k",
+        &moved.path,
+    ]);
+    let again = relay(&mut a, &mut b, vm, "m1", None)
+        .await
+        .expect("same move");
+    assert_eq!(again.path, moved.path);
+    let kept = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x77 8M 64k", &moved.path])
+        .output()
+        .expect("qemu-io");
+    assert!(
+        String::from_utf8_lossy(&kept.stdout).contains("read 65536/65536"),
+        "the second delivery of move m1 overwrote the disk"
+    );
+    // A missing disk cannot be exported.
+    let e = relay(&mut a, &mut b, "app-uid/none", "m2", None)
+        .await
+        .expect_err("no such overlay");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+
+    // The old copy is deleted as the operator does once the VM runs on node 2.
+    for c in [&mut a, &mut b] {
+        c.delete_overlay(pb::DeleteOverlayRequest {
+            vm_uid: vm.into(),
+            disk_name: "root".into(),
+        })
+        .await
+        .expect("delete overlay");
+        c.release_disk(pb::ReleaseDiskRequest {
+            disk_uid: "0b1c2d3e-0000-4000-8000-000000000002".into(),
+        })
+        .await
+        .expect("release");
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+    let left: Vec<_> = walk(&store2)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains("/overlay/"))
+        .collect();
+    assert!(left.is_empty(), "files left on node 2: {left:?}");
 }

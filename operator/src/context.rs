@@ -77,6 +77,8 @@ pub struct Context {
     pub migration_keys: Mutex<HashMap<String, Vec<u8>>>,
     /// Migrations whose progress stream a task of this process follows.
     pub migrations_followed: Mutex<std::collections::HashSet<String>>,
+    /// Cold disk moves this operator runs, by move id (`crate::diskmove`).
+    pub disk_moves: Mutex<HashMap<String, crate::diskmove::MoveState>>,
     /// Prometheus counters.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -134,6 +136,7 @@ impl Context {
             leases: Mutex::default(),
             migration_keys: Mutex::default(),
             migrations_followed: Mutex::default(),
+            disk_moves: Mutex::default(),
             metrics,
         }
     }

@@ -8,6 +8,7 @@ pub mod agents;
 pub mod build;
 pub mod context;
 pub mod disk;
+pub mod diskmove;
 pub mod drain;
 pub mod error;
 pub mod hostplan;

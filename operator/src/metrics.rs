@@ -20,6 +20,8 @@ pub struct Metrics {
     migrations: Mutex<BTreeMap<String, u64>>,
     /// (downtime ms sum, total ms sum, completed count).
     migration_times: Mutex<(u64, u64, u64)>,
+    /// Cold disk moves: outcome -> count, and bytes moved.
+    disk_moves: Mutex<(BTreeMap<String, u64>, u64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,6 +50,14 @@ impl Metrics {
             t.1 += total_ms;
             t.2 += 1;
         }
+    }
+
+    /// Records a finished cold disk move.
+    pub fn disk_move(&self, completed: bool, bytes: u64) {
+        let outcome = if completed { "completed" } else { "failed" };
+        let mut m = lock(&self.disk_moves);
+        *m.0.entry(outcome.into()).or_default() += 1;
+        m.1 += bytes;
     }
 
     /// The Prometheus text.
@@ -79,6 +89,16 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# TYPE hvx_operator_migration_total_ms summary\nhvx_operator_migration_total_ms_sum {total}\nhvx_operator_migration_total_ms_count {n}"
+        );
+        let moves = lock(&self.disk_moves);
+        let _ = writeln!(out, "# TYPE hvx_operator_disk_moves_total counter");
+        for (o, n) in &moves.0 {
+            let _ = writeln!(out, "hvx_operator_disk_moves_total{{outcome=\"{o}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE hvx_operator_disk_move_bytes_total counter\nhvx_operator_disk_move_bytes_total {}",
+            moves.1
         );
         out
     }
@@ -124,7 +144,13 @@ mod tests {
         m.reconcile("vmapp", Duration::from_millis(250), Some("agent"));
         m.migration(true, 120, 1500);
         m.migration(false, 0, 0);
+        m.disk_move(true, 3 << 20);
         let text = m.render();
+        assert!(
+            text.contains("hvx_operator_disk_moves_total{outcome=\"completed\"} 1")
+                && text.contains("hvx_operator_disk_move_bytes_total 3145728"),
+            "{text}"
+        );
         assert!(
             text.contains("hvx_operator_reconciles_total{controller=\"vmapp\",result=\"ok\"} 1"),
             "{text}"

@@ -3,6 +3,7 @@
 
 use crate::build::{self, LABEL_APP, Resolved};
 use crate::context::Context;
+use crate::diskmove;
 use crate::error::Error;
 use crate::hostplan;
 use crate::hostprep::{self, DisksState};
@@ -151,16 +152,25 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             .all(|d| phases.get(d) == Some(&VmPhase::Running));
         let prev = previous.vms.iter().find(|v| v.name == vm.name);
         let mut restarts = prev.map(|v| v.restarts).unwrap_or(0);
-        // The node that holds the VM's disk overlays: a restarted VM comes back there.
+        // The node that holds the VM's disk overlays: a restarted VM comes back there,
+        // or (that node cordoned) its disks follow it elsewhere (`diskmove`).
         let home = pod
-            .and_then(|p| p.spec.as_ref()?.node_name.clone())
+            .and_then(|p| p.annotations().get(diskmove::ANNOTATION_DISKS_ON).cloned())
+            .or_else(|| pod.and_then(|p| p.spec.as_ref()?.node_name.clone()))
             .or_else(|| prev.and_then(|p| p.node.clone()));
+        if phase == VmPhase::Running
+            && let Some(pod) = pod
+            && let Some(ls) = hostplan::pod_launch_spec(pod)
+            && let Err(e) = diskmove::clean_old_copy(ctx, &cluster, pod, &ls).await
+        {
+            tracing::warn!(vm = %vm.name, error = %e, "deleting the old copy of moved disks");
+        }
         if phase == VmPhase::Starting
             && let Some(pod) = pod
             && let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
             && let Some(ls) = hostplan::pod_launch_spec(pod)
         {
-            match hostprep::ensure_vm_disks(ctx, &cluster, &node, &ls).await {
+            match diskmove::prepare_disks(ctx, app, &cluster, pod, &node, &ls).await {
                 Ok(DisksState::Ready) => {
                     if let Some(problem) = &network_problem {
                         reason = Some(format!("network: {problem}"));
@@ -183,11 +193,16 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         match action {
             PodAction::Create => match build::launch_spec(app, vm, &resolved) {
                 Ok(spec) => {
-                    let pod = build::launcher_pod(app, &spec, &ctx.config, home.as_deref())
+                    let (pin, disks_on) = diskmove::pin_or_move(ctx, home.as_deref()).await?;
+                    let mut pod = build::launcher_pod(app, &spec, &ctx.config, pin.as_deref())
                         .map_err(|source| Error::Serialize {
                             what: "launcher pod",
                             source,
                         })?;
+                    if let Some(from) = &disks_on {
+                        pod.annotations_mut()
+                            .insert(diskmove::ANNOTATION_DISKS_ON.into(), from.clone());
+                    }
                     let pod_name = pod.name_any();
                     ensure_disruption_budget(ctx, app, vm).await?;
                     pods.patch(
@@ -201,7 +216,13 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                         app,
                         EventType::Normal,
                         "VmStarting",
-                        &format!("created launcher pod {pod_name} for VM {}", vm.name),
+                        &match &disks_on {
+                            Some(from) => format!(
+                                "created launcher pod {pod_name} for VM {}: {from}, holding its disks, is cordoned, so it starts on another node and its disks move there",
+                                vm.name
+                            ),
+                            None => format!("created launcher pod {pod_name} for VM {}", vm.name),
+                        },
                     )
                     .await;
                     (phase, reason) = (VmPhase::Scheduling, Some("launcher pod created".into()));
@@ -552,7 +573,14 @@ async fn write_status(
     Ok(())
 }
 
-async fn publish(ctx: &Context, app: &VmApplication, type_: EventType, reason: &str, note: &str) {
+/// Publishes an event about the application.
+pub(crate) async fn publish(
+    ctx: &Context,
+    app: &VmApplication,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let event = Event {
         type_,
         reason: reason.into(),

@@ -7,6 +7,7 @@ pub mod error;
 pub mod format;
 pub mod gc;
 pub mod http;
+pub mod moves;
 pub mod names;
 pub mod ova;
 pub mod qemu_img;

@@ -317,6 +317,13 @@ impl QemuImg {
         self.run(&args, None).await.map(|_| ())
     }
 
+    /// `qemu-img check` of one qcow2 file without its backing chain (a layer whose
+    /// backing file is not in place yet).
+    pub async fn check_alone(&self, format: DiskFormat, path: &Path) -> Result<()> {
+        let args = vec!["check".into(), image_json(format, path)];
+        self.run(&args, None).await.map(|_| ())
+    }
+
     /// `qemu-img compare` (content, not format); Ok(true) when identical.
     pub async fn compare(&self, a: (DiskFormat, &Path), b: (DiskFormat, &Path)) -> Result<bool> {
         let args = vec![

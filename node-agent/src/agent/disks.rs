@@ -188,7 +188,8 @@ fn strip_digest(d: &str) -> String {
         .to_ascii_lowercase()
 }
 
-fn overlay_info(view: &hvx_storage::disks::DiskView) -> pb::OverlayInfo {
+/// The OverlayInfo of a disk.
+pub fn overlay_info(view: &hvx_storage::disks::DiskView) -> pb::OverlayInfo {
     pb::OverlayInfo {
         path: view.active_path.display().to_string(),
         chain: view.chain.iter().map(|p| p.display().to_string()).collect(),

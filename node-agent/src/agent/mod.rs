@@ -15,6 +15,7 @@ pub mod error;
 pub mod label;
 pub mod metrics;
 pub mod migration;
+pub mod moves;
 pub mod network;
 pub mod server;
 pub mod taps;

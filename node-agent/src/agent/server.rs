@@ -2,7 +2,7 @@
 //! above, each call counted for /metrics.
 
 use super::error::AgentError;
-use super::{Agent, disks, migration, network, vms};
+use super::{Agent, disks, migration, moves, network, vms};
 use futures::Stream;
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::NodeAgent;
@@ -155,6 +155,29 @@ impl NodeAgent for AgentService {
             .await
             .map(|base_removed| pb::ReleaseDiskResponse { base_removed });
         self.done("ReleaseDisk", r)
+    }
+
+    type ExportOverlayStream = Stream_<pb::OverlayChunk>;
+
+    async fn export_overlay(
+        &self,
+        req: Request<pb::ExportOverlayRequest>,
+    ) -> Result<Response<Self::ExportOverlayStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let r = moves::export(self.agent.clone(), req.into_inner(), tx)
+            .await
+            .map(|()| -> Self::ExportOverlayStream {
+                Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+            });
+        self.done("ExportOverlay", r)
+    }
+
+    async fn import_overlay(
+        &self,
+        req: Request<tonic::Streaming<pb::OverlayChunk>>,
+    ) -> Result<Response<pb::OverlayInfo>, Status> {
+        let r = moves::import(&self.agent, req.into_inner()).await;
+        self.done("ImportOverlay", r)
     }
 
     async fn ensure_network(

@@ -147,6 +147,31 @@ pub(crate) fn inspect(src: &dyn ReadAt, limits: &ImportLimits) -> Result<DiskInf
 }
 
 fn check_for_import(h: &Qcow2Header, path: &Path, len: u64, limits: &ImportLimits) -> Result<()> {
+    if let Some(backing) = &h.backing_file {
+        return Err(StorageError::Refused {
+            path: path.to_path_buf(),
+            reason: format!(
+                "qcow2 has a backing file {backing:?}; import a flattened image (qemu-img convert) instead"
+            ),
+        });
+    }
+    check_contained(h, path, len, limits)
+}
+
+/// Validates a layer of a moved disk chain: like an import, but its backing file is
+/// expected (the mover rewrites it to this node's parent layer or base).
+pub(crate) fn check_layer(
+    h: &Qcow2Header,
+    path: &Path,
+    len: u64,
+    limits: &ImportLimits,
+) -> Result<()> {
+    check_contained(h, path, len, limits)
+}
+
+/// Everything but the backing file: no external data file, encryption, unknown or
+/// corrupt features; sizes and tables within bounds.
+fn check_contained(h: &Qcow2Header, path: &Path, len: u64, limits: &ImportLimits) -> Result<()> {
     let refuse = |reason: String| {
         Err(StorageError::Refused {
             path: path.to_path_buf(),
@@ -160,11 +185,6 @@ fn check_for_import(h: &Qcow2Header, path: &Path, len: u64, limits: &ImportLimit
             reason,
         })
     };
-    if let Some(backing) = &h.backing_file {
-        return refuse(format!(
-            "qcow2 has a backing file {backing:?}; import a flattened image (qemu-img convert) instead"
-        ));
-    }
     if h.data_file.is_some() || h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
         return refuse(format!(
             "qcow2 uses an external data file {:?}",

@@ -228,6 +228,82 @@ pub struct DeleteOverlayRequest {
 pub struct DeleteOverlayResponse {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExportOverlayRequest {
+    #[prost(string, tag = "1")]
+    pub vm_uid: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+}
+/// One message of an overlay move: a header, then the files' bytes in order, then a
+/// trailer.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OverlayChunk {
+    #[prost(oneof = "overlay_chunk::Part", tags = "1, 2, 3")]
+    pub part: ::core::option::Option<overlay_chunk::Part>,
+}
+/// Nested message and enum types in `OverlayChunk`.
+pub mod overlay_chunk {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Part {
+        #[prost(message, tag = "1")]
+        Header(super::OverlayHeader),
+        #[prost(message, tag = "2")]
+        Data(super::OverlayData),
+        #[prost(message, tag = "3")]
+        Trailer(super::OverlayTrailer),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OverlayHeader {
+    #[prost(string, tag = "1")]
+    pub vm_uid: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+    /// "sha256:<hex>" of the base under the chain.
+    #[prost(string, tag = "3")]
+    pub base_digest: ::prost::alloc::string::String,
+    /// The chain metadata (the store's disk.json).
+    #[prost(bytes = "vec", tag = "4")]
+    pub chain_json: ::prost::alloc::vec::Vec<u8>,
+    #[prost(message, repeated, tag = "5")]
+    pub files: ::prost::alloc::vec::Vec<OverlayFile>,
+    /// Set by the operator when it relays: makes ImportOverlay idempotent.
+    #[prost(string, tag = "6")]
+    pub move_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OverlayFile {
+    /// A layer file name ("l3.qcow2").
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OverlayData {
+    /// Index into OverlayHeader.files.
+    #[prost(uint32, tag = "1")]
+    pub file: u32,
+    /// Offset of these bytes in that file: chunks come in order, without gaps.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub bytes: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OverlayTrailer {
+    /// Hex sha256 of each file, in OverlayHeader.files order.
+    #[prost(string, repeated, tag = "1")]
+    pub sha256: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReleaseDiskRequest {
     #[prost(string, tag = "1")]
     pub disk_uid: ::prost::alloc::string::String,
@@ -977,6 +1053,63 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "ReleaseDisk"));
             self.inner.unary(req, path, codec).await
         }
+        /// Cold move of a stopped VM's disk to another node (a VM restarted elsewhere, e.g.
+        /// evictionStrategy Shutdown on a drain), source side: streams the disk's whole
+        /// overlay chain (every layer file and the chain metadata, the base excluded: the
+        /// target imports that by digest), then each file's sha256. Holds the overlay's lock
+        /// while it streams. FAILED_PRECONDITION while a QEMU of the VM runs here or when
+        /// this node has no overlay of the disk.
+        pub async fn export_overlay(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExportOverlayRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::OverlayChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/ExportOverlay",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "ExportOverlay"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Cold move, target side: takes an ExportOverlay stream (relayed by the operator,
+        /// header stamped with a move id), verifies sizes and digests, points each layer at
+        /// this node's paths, checks it, and installs the disk atomically, replacing any copy
+        /// of it here. Idempotent by move id: a disk already installed by the same move
+        /// answers at once. FAILED_PRECONDITION when the base is not on this node or the VM
+        /// runs here; RESOURCE_EXHAUSTED when the files do not fit.
+        pub async fn import_overlay(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::OverlayChunk>,
+        ) -> std::result::Result<tonic::Response<super::OverlayInfo>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/ImportOverlay",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "ImportOverlay"));
+            self.inner.client_streaming(req, path, codec).await
+        }
         /// Makes the node carry a VirtualNetwork: bridge, VXLAN device (VNI), DHCP/DNS,
         /// firewall and NAT as declared, and the full set of remote VTEPs and remote VM MACs.
         /// The request is the complete desired state: anything of this network not in it is
@@ -1295,6 +1428,35 @@ pub mod node_agent_server {
             tonic::Response<super::ReleaseDiskResponse>,
             tonic::Status,
         >;
+        /// Server streaming response type for the ExportOverlay method.
+        type ExportOverlayStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::OverlayChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Cold move of a stopped VM's disk to another node (a VM restarted elsewhere, e.g.
+        /// evictionStrategy Shutdown on a drain), source side: streams the disk's whole
+        /// overlay chain (every layer file and the chain metadata, the base excluded: the
+        /// target imports that by digest), then each file's sha256. Holds the overlay's lock
+        /// while it streams. FAILED_PRECONDITION while a QEMU of the VM runs here or when
+        /// this node has no overlay of the disk.
+        async fn export_overlay(
+            &self,
+            request: tonic::Request<super::ExportOverlayRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::ExportOverlayStream>,
+            tonic::Status,
+        >;
+        /// Cold move, target side: takes an ExportOverlay stream (relayed by the operator,
+        /// header stamped with a move id), verifies sizes and digests, points each layer at
+        /// this node's paths, checks it, and installs the disk atomically, replacing any copy
+        /// of it here. Idempotent by move id: a disk already installed by the same move
+        /// answers at once. FAILED_PRECONDITION when the base is not on this node or the VM
+        /// runs here; RESOURCE_EXHAUSTED when the files do not fit.
+        async fn import_overlay(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::OverlayChunk>>,
+        ) -> std::result::Result<tonic::Response<super::OverlayInfo>, tonic::Status>;
         /// Makes the node carry a VirtualNetwork: bridge, VXLAN device (VNI), DHCP/DNS,
         /// firewall and NAT as declared, and the full set of remote VTEPs and remote VM MACs.
         /// The request is the complete desired state: anything of this network not in it is
@@ -1684,6 +1846,99 @@ pub mod node_agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/ExportOverlay" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExportOverlaySvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ServerStreamingService<super::ExportOverlayRequest>
+                    for ExportOverlaySvc<T> {
+                        type Response = super::OverlayChunk;
+                        type ResponseStream = T::ExportOverlayStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExportOverlayRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::export_overlay(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExportOverlaySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/ImportOverlay" => {
+                    #[allow(non_camel_case_types)]
+                    struct ImportOverlaySvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ClientStreamingService<super::OverlayChunk>
+                    for ImportOverlaySvc<T> {
+                        type Response = super::OverlayInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::OverlayChunk>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::import_overlay(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ImportOverlaySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
