@@ -193,6 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 changed.len(),
                 changed.join(", ")
             );
+            eprintln!(
+                "note: this hvx version records snapshot requests but does not take them on the cluster yet (OverlayDisk condition Degraded=SnapshotsNotTaken)"
+            );
             Ok(())
         }
     }

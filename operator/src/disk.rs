@@ -30,6 +30,31 @@ pub fn initial_phase(disk: &OverlayDisk) -> (DiskPhase, &'static str) {
     }
 }
 
+/// The Degraded condition for requested snapshots (pure): the store takes snapshots
+/// (`hvx_storage` offline and through QMP), but the cluster path does not drive them
+/// for VM overlays yet, and a request must not look as if it had been honoured.
+pub fn snapshots_condition(disk: &OverlayDisk) -> (bool, &'static str, String) {
+    let requested: Vec<&str> = disk
+        .spec
+        .snapshots
+        .iter()
+        .flatten()
+        .map(|s| s.name.as_str())
+        .collect();
+    if requested.is_empty() {
+        (false, "AsDeclared", String::new())
+    } else {
+        (
+            true,
+            "SnapshotsNotTaken",
+            format!(
+                "snapshots {} are recorded but not taken: this hvx version does not snapshot VM overlays on the cluster yet",
+                requested.join(", ")
+            ),
+        )
+    }
+}
+
 /// Whether an application (deleting or not: its VMs may still run) has a VM disk on
 /// this OverlayDisk.
 pub fn uses_disk(app: &VmApplication, disk: &str) -> bool {
@@ -113,7 +138,12 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Err
     );
     set_condition(
         &mut conditions,
-        new_condition(condition::VALID, true, "Valid", "", generation, now),
+        new_condition(condition::VALID, true, "Valid", "", generation, now.clone()),
+    );
+    let (degraded, reason, message) = snapshots_condition(disk);
+    set_condition(
+        &mut conditions,
+        new_condition(condition::DEGRADED, degraded, reason, message, generation, now),
     );
     if conditions != status.conditions
         || status.observed_generation != generation
@@ -133,4 +163,27 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Err
     } else {
         10
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_snapshots_are_reported_as_not_taken() {
+        let mut disk: OverlayDisk = serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+            "metadata": {"name": "web-root"},
+            "spec": {"source": {"blank": {}}},
+        }))
+        .expect("disk");
+        assert!(!snapshots_condition(&disk).0);
+        disk.spec.snapshots = Some(vec![hvx_api::SnapshotRequest {
+            name: "before-upgrade".into(),
+        }]);
+        let (degraded, reason, message) = snapshots_condition(&disk);
+        assert!(degraded);
+        assert_eq!(reason, "SnapshotsNotTaken");
+        assert!(message.contains("before-upgrade"), "{message}");
+    }
 }

@@ -383,7 +383,10 @@ pub async fn prepare_disks(
         .map(String::as_str);
     if let DiskPlacement::MoveFrom(from) = placement(disks_on, node) {
         let move_id = pod.uid().unwrap_or_default();
-        if state(ctx, &move_id).is_none() {
+        let was_running = matches!(state(ctx, &move_id), Some(MoveState::Running(_)));
+        let result = ensure_moved(ctx, cluster, from, node, ls, &move_id).await?;
+        if !was_running && matches!(state(ctx, &move_id), Some(MoveState::Running(_))) {
+            // Once per attempt: the relay started in this pass.
             crate::vmapp::publish(
                 ctx,
                 app,
@@ -396,7 +399,7 @@ pub async fn prepare_disks(
             )
             .await;
         }
-        match ensure_moved(ctx, cluster, from, node, ls, &move_id).await? {
+        match result {
             DisksState::Ready => {
                 annotate(
                     ctx,
@@ -430,6 +433,12 @@ pub async fn clean_old_copy(
     let Some(from) = pod.annotations().get(ANNOTATION_DISKS_MOVED_FROM).cloned() else {
         return Ok(());
     };
+    let here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    if here == Some(from.as_str()) {
+        // Never the VM's own disks (a pod is bound once, so this is a bad annotation).
+        tracing::warn!(vm = %ls.vm.name, node = %from, "moved-from names the VM's own node; not deleting");
+        return annotate(ctx, pod, serde_json::json!({ANNOTATION_DISKS_MOVED_FROM: null})).await;
+    }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     if nodes.get_opt(&from).await?.is_some() {
         let disks: Vec<String> = ls.disks.iter().map(|d| d.name.clone()).collect();
