@@ -143,7 +143,14 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Err
     let (degraded, reason, message) = snapshots_condition(disk);
     set_condition(
         &mut conditions,
-        new_condition(condition::DEGRADED, degraded, reason, message, generation, now),
+        new_condition(
+            condition::DEGRADED,
+            degraded,
+            reason,
+            message,
+            generation,
+            now,
+        ),
     );
     if conditions != status.conditions
         || status.observed_generation != generation

@@ -437,7 +437,12 @@ pub async fn clean_old_copy(
     if here == Some(from.as_str()) {
         // Never the VM's own disks (a pod is bound once, so this is a bad annotation).
         tracing::warn!(vm = %ls.vm.name, node = %from, "moved-from names the VM's own node; not deleting");
-        return annotate(ctx, pod, serde_json::json!({ANNOTATION_DISKS_MOVED_FROM: null})).await;
+        return annotate(
+            ctx,
+            pod,
+            serde_json::json!({ANNOTATION_DISKS_MOVED_FROM: null}),
+        )
+        .await;
     }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     if nodes.get_opt(&from).await?.is_some() {

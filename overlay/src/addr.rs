@@ -97,6 +97,20 @@ impl Ipv4Net {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
     }
+    /// Whether the two prefixes share an address (one contains the other's network).
+    pub fn overlaps(&self, other: &Ipv4Net) -> bool {
+        let shorter = if self.prefix <= other.prefix {
+            self
+        } else {
+            other
+        };
+        let longer = if self.prefix <= other.prefix {
+            other
+        } else {
+            self
+        };
+        shorter.contains(longer.addr)
+    }
 }
 
 impl FromStr for Ipv4Net {
@@ -135,6 +149,16 @@ impl From<Ipv4Net> for String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_overlap_when_one_holds_the_others_network() {
+        let n = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        assert!(n("10.77.0.0/24").overlaps(&n("10.77.0.128/25")));
+        assert!(n("10.77.0.128/25").overlaps(&n("10.77.0.0/16")));
+        assert!(n("10.77.0.1/24").overlaps(&n("10.77.0.0/24")));
+        assert!(!n("10.77.0.0/24").overlaps(&n("10.77.1.0/24")));
+        assert!(!n("10.77.0.0/25").overlaps(&n("10.77.0.128/25")));
+    }
 
     #[test]
     fn mac_round_trips_and_rejects_garbage() {
