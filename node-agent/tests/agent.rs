@@ -343,6 +343,24 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     let master = sh(&["ip", "-n", &node.netns, "-o", "link", "show", &tap]);
     assert!(master.contains(&format!("master hvb{VNI}")), "{master}");
     c.ensure_network(net.clone()).await.expect("idempotent");
+    // Another network with an overlapping subnet cannot share this node (refused, and
+    // nothing of it is created).
+    let clash = c
+        .ensure_network(pb::EnsureNetworkRequest {
+            network_uid: "net-uid-2".into(),
+            name: "other-net".into(),
+            vni: VNI + 1,
+            local_ports: vec![],
+            ..net.clone()
+        })
+        .await
+        .expect_err("overlapping subnet");
+    assert_eq!(clash.code(), tonic::Code::FailedPrecondition, "{clash:?}");
+    assert!(
+        clash.message().contains("overlaps") && clash.message().contains("ns/app-net"),
+        "{clash:?}"
+    );
+    assert!(!node.links().contains(&format!("hvb{}", VNI + 1)));
     let caps = c
         .get_capabilities(pb::GetCapabilitiesRequest {})
         .await
