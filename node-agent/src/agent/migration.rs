@@ -209,6 +209,19 @@ pub async fn start(
             "VM {vm} is not running on this node"
         )));
     }
+    // The mirror copies the active layer onto a fresh overlay of the base: a chain with
+    // more layers (snapshots) would lose what the lower ones hold.
+    for d in &req.disk_names {
+        let (ns, name) = hvx_api::node::vm_overlay_ref(&vm, d);
+        if let Ok(meta) = agent.store.load_disk(&ns, &name)
+            && meta.chain_of(&meta.active).len() > 1
+        {
+            return Err(AgentError::Precondition(format!(
+                "disk {d} has {} layers (snapshots): live migration moves one layer; shut the VM down to move it (evictionStrategy Shutdown moves every layer)",
+                meta.chain_of(&meta.active).len()
+            )));
+        }
+    }
     let (tx, rx) = watch::channel(progress_message(
         Phase::MirroringDisks,
         &Progress::default(),
