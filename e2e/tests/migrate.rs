@@ -371,7 +371,23 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
     .expect("delete target pod");
     let failed = migration_ended(&client, &migs, "db-doomed", MigrationPhase::Failed).await;
     eprintln!("failed as it should: {:?}", failed.failure_reason);
-    let (phase, node) = vm_node(&apps, "db").await.expect("db status");
+    // The application's status catches up with the failed migration in its next pass;
+    // db must be Running where it was (never anywhere else).
+    let (phase, node) = wait_or_dump(
+        &client,
+        NS,
+        "db Running on its node after the failed migration",
+        Duration::from_secs(120),
+        || {
+            let (apps, home) = (apps.clone(), db.1.clone());
+            async move {
+                let (phase, node) = vm_node(&apps, "db").await?;
+                assert_eq!(node, home, "db left its node after a failed migration");
+                (phase == "Running").then_some((phase, node))
+            }
+        },
+    )
+    .await;
     assert_eq!((phase.as_str(), node.as_str()), ("Running", db.1.as_str()));
     assert_eq!(
         guest_boot_id(&db_dir).as_deref(),
