@@ -196,12 +196,7 @@ async fn cold_move(dir: &Path, store: &DiskStore, src: &Path, digest: &str) -> a
             incoming.write(i, offset, &buf[..n])?;
             offset += n as u64;
         }
-        digests.push(
-            hash.finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
-        );
+        digests.push(hvx_storage::names::hex(&hash.finalize()));
     }
     incoming.finish(&digests)?;
     other.install_received(incoming, "bench").await?;

@@ -248,16 +248,7 @@ impl DiskStore {
         }
         let active = self.layer_path(meta, &meta.active)?;
         let base = self.base_path(&meta.base);
-        let args: Vec<String> = vec![
-            "rebase".into(),
-            "-f".into(),
-            "qcow2".into(),
-            "-F".into(),
-            "qcow2".into(),
-            "-b".into(),
-            base.to_string_lossy().into_owned(),
-            active.to_string_lossy().into_owned(),
-        ];
+        let args = qemu_img::rebase_args(&active, &base, false);
         self.qemu_img().run(&args, None).await?;
         let active_id = meta.active.clone();
         if let Some(l) = meta.layers.iter_mut().find(|l| l.id == active_id) {
@@ -328,16 +319,7 @@ impl DiskStore {
             let new_parent = self.parent_path(&meta, layer.parent.as_deref())?;
             for child in &children {
                 let path = self.layer_path(&meta, child)?;
-                let args = vec![
-                    "rebase".into(),
-                    "-f".into(),
-                    "qcow2".into(),
-                    "-F".into(),
-                    "qcow2".into(),
-                    "-b".into(),
-                    new_parent.to_string_lossy().into_owned(),
-                    path.to_string_lossy().into_owned(),
-                ];
+                let args = qemu_img::rebase_args(&path, &new_parent, false);
                 self.qemu_img().run(&args, None).await?;
                 if let Some(l) = meta.layers.iter_mut().find(|l| &l.id == child) {
                     l.parent = layer.parent.clone();

@@ -363,21 +363,8 @@ impl DiskStore {
             let len = file.metadata().map_err(io_err(&staged))?.len();
             let header = qcow2::parse_header(&format::bytes_file(&file, &staged, len))?;
             qcow2::check_layer(&header, &staged, len, self.limits())?;
-            let parent = match &l.parent {
-                Some(p) => final_dir.join(format!("{p}.qcow2")),
-                None => self.base_path(&meta.base),
-            };
-            let args: Vec<String> = vec![
-                "rebase".into(),
-                "-u".into(),
-                "-f".into(),
-                "qcow2".into(),
-                "-b".into(),
-                parent.to_string_lossy().into_owned(),
-                "-F".into(),
-                "qcow2".into(),
-                staged.to_string_lossy().into_owned(),
-            ];
+            let parent = self.parent_path(&meta, l.parent.as_deref())?;
+            let args = crate::qemu_img::rebase_args(&staged, &parent, true);
             self.qemu_img().run(&args, None).await?;
             self.qemu_img()
                 .check_alone(DiskFormat::Qcow2, &staged)

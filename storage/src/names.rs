@@ -34,7 +34,8 @@ pub fn check_sha256(hex: &str) -> Result<String> {
     }
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (digests as the store and its callers write them).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

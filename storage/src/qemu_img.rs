@@ -154,6 +154,26 @@ pub fn create_overlay_args(
     args
 }
 
+/// Points qcow2 `image` at `backing` (qcow2). Safe mode copies into `image` what
+/// differs between its old and new backing; `header_only` (`-u`) rewrites just the
+/// name, for a backing with the same content under another path.
+pub fn rebase_args(image: &Path, backing: &Path, header_only: bool) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "rebase".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-F".into(),
+        "qcow2".into(),
+        "-b".into(),
+        backing.to_string_lossy().into_owned(),
+        image.to_string_lossy().into_owned(),
+    ];
+    if header_only {
+        args.insert(1, "-u".into());
+    }
+    args
+}
+
 /// Exports any qcow2 chain as one streamOptimized VMDK (what vSphere imports).
 pub fn export_vmdk_args(src: &Path, dst: &Path) -> Vec<String> {
     vec![
@@ -372,6 +392,28 @@ mod tests {
         assert_eq!(v["file"]["filename"], "/s/a \"b\".qcow2");
         let j = image_json(DiskFormat::Vmdk, Path::new("/s/d.vmdk"));
         assert!(!j.contains("backing"));
+    }
+
+    #[test]
+    fn rebase_is_safe_unless_only_the_header_changes() {
+        let (img, base) = (Path::new("/s/l2.qcow2"), Path::new("/s/l1.qcow2"));
+        let safe = rebase_args(img, base, false);
+        assert_eq!(
+            safe,
+            [
+                "rebase",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                "/s/l1.qcow2",
+                "/s/l2.qcow2"
+            ]
+        );
+        let header = rebase_args(img, base, true);
+        assert_eq!(header[..2], ["rebase", "-u"]);
+        assert_eq!(header[2..], safe[1..]);
     }
 
     #[test]

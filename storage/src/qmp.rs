@@ -247,16 +247,7 @@ impl DiskStore {
             let new_parent = self.parent_path(&meta, layer.parent.as_deref())?;
             for child in children.iter().filter(|c| **c != chain_child) {
                 let path = self.layer_path(&meta, child)?;
-                let args = vec![
-                    "rebase".into(),
-                    "-f".into(),
-                    "qcow2".into(),
-                    "-F".into(),
-                    "qcow2".into(),
-                    "-b".into(),
-                    new_parent.to_string_lossy().into_owned(),
-                    path.to_string_lossy().into_owned(),
-                ];
+                let args = crate::qemu_img::rebase_args(&path, &new_parent, false);
                 self.qemu_img().run(&args, None).await?;
                 if let Some(l) = meta.layers.iter_mut().find(|l| &l.id == child) {
                     l.parent = layer.parent.clone();

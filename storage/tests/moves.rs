@@ -47,11 +47,7 @@ async fn two_nodes() -> (TestStore, TestStore, String) {
 }
 
 fn sha256_file(path: &std::path::Path) -> String {
-    let bytes = std::fs::read(path).unwrap();
-    Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hvx_storage::names::hex(&Sha256::digest(std::fs::read(path).unwrap()))
 }
 
 /// Sends `e` to `dst` in 64 KiB chunks, as the agent relays it; `tamper` may change

@@ -98,11 +98,7 @@ pub async fn export(
                     }
                     offset += want as u64;
                 }
-                Ok(hash
-                    .finalize()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>())
+                Ok(hvx_storage::names::hex(&hash.finalize()))
             }
             .await;
             match result {
