@@ -31,9 +31,7 @@ const POST_COPY_AFTER_PASSES: u64 = 6;
 
 fn vm_uid(vm: Option<&pb::VmRef>) -> Result<String, AgentError> {
     let uid = vm.map(|v| v.vm_uid.clone()).unwrap_or_default();
-    if uid.is_empty() || uid.contains("..") {
-        return Err(AgentError::Invalid(format!("bad VM id {uid:?}")));
-    }
+    vms::check_vm_uid(&uid)?;
     Ok(uid)
 }
 
@@ -213,12 +211,13 @@ pub async fn start(
     // more layers (snapshots) would lose what the lower ones hold.
     for d in &req.disk_names {
         let (ns, name) = hvx_api::node::vm_overlay_ref(&vm, d);
-        if let Ok(meta) = agent.store.load_disk(&ns, &name)
-            && meta.chain_of(&meta.active).len() > 1
-        {
+        let layers = agent
+            .store
+            .load_disk(&ns, &name)
+            .map_or(0, |meta| meta.chain_of(&meta.active).len());
+        if layers > 1 {
             return Err(AgentError::Precondition(format!(
-                "disk {d} has {} layers (snapshots): live migration moves one layer; shut the VM down to move it (evictionStrategy Shutdown moves every layer)",
-                meta.chain_of(&meta.active).len()
+                "disk {d} has {layers} layers (snapshots): live migration moves one layer; shut the VM down to move it (evictionStrategy Shutdown moves every layer)"
             )));
         }
     }

@@ -27,20 +27,13 @@ fn refuse_if_running(agent: &Agent, vm_uid: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn check_vm_uid(uid: &str) -> Result<(), AgentError> {
-    if uid.is_empty() || uid.contains("..") || uid.contains('\0') {
-        return Err(AgentError::Invalid(format!("bad VM id {uid:?}")));
-    }
-    Ok(())
-}
-
 /// ExportOverlay: checks, then streams the chain from a task holding the overlay lock.
 pub async fn export(
     agent: Arc<Agent>,
     req: pb::ExportOverlayRequest,
     tx: mpsc::Sender<Result<pb::OverlayChunk, tonic::Status>>,
 ) -> Result<(), AgentError> {
-    check_vm_uid(&req.vm_uid)?;
+    vms::check_vm_uid(&req.vm_uid)?;
     let (ns, name) = hvx_api::node::vm_overlay_ref(&req.vm_uid, &req.disk_name);
     let guard = agent.lock(&format!("overlay/{ns}/{name}")).await;
     refuse_if_running(&agent, &req.vm_uid)?;
@@ -152,7 +145,7 @@ pub async fn import(
             "an overlay import starts with its header".into(),
         ));
     };
-    check_vm_uid(&h.vm_uid)?;
+    vms::check_vm_uid(&h.vm_uid)?;
     if h.move_id.is_empty() || h.move_id.len() > 64 {
         return Err(AgentError::Invalid(
             "an overlay import needs a move id".into(),

@@ -79,6 +79,14 @@ pub fn list(agent: &Agent) -> Vec<FoundVm> {
     out
 }
 
+/// Checks a VM id from a request before it names paths (`vm_run_dir`, overlay refs).
+pub fn check_vm_uid(uid: &str) -> Result<(), AgentError> {
+    if uid.is_empty() || uid.contains("..") || uid.contains('\0') {
+        return Err(AgentError::Invalid(format!("bad VM id {uid:?}")));
+    }
+    Ok(())
+}
+
 fn find(agent: &Agent, vm_uid: &str) -> Result<FoundVm, AgentError> {
     let run_dir = agent.paths.vm_run_dir(vm_uid);
     let id: VmIdentity = read_json(&identity_path(&run_dir))
