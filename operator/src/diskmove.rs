@@ -310,29 +310,6 @@ async fn relay(
     Ok(done)
 }
 
-/// Deletes the old copy of a moved VM's disks on `node` (the VM runs elsewhere now).
-pub async fn delete_old_copy(
-    ctx: &Context,
-    cluster: &Cluster,
-    node: &str,
-    vm_uid: &str,
-    disks: &[String],
-) -> Result<(), Error> {
-    let client = hostprep::client_for(ctx, cluster, node)?;
-    for d in disks {
-        let req = pb::DeleteOverlayRequest {
-            vm_uid: vm_uid.to_string(),
-            disk_name: d.clone(),
-        };
-        crate::agents::call(node, "DeleteOverlay", ctx.agents.timeout(), || {
-            let (mut c, r) = (client.clone(), req.clone());
-            async move { c.delete_overlay(r).await }
-        })
-        .await?;
-    }
-    Ok(())
-}
-
 /// The node a new launcher pod of a stopped VM is pinned to, and the annotation it
 /// carries instead when its disks' node `home` is cordoned: then the scheduler picks
 /// the node and the disks follow.
@@ -447,7 +424,8 @@ pub async fn clean_old_copy(
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     if nodes.get_opt(&from).await?.is_some() {
         let disks: Vec<String> = ls.disks.iter().map(|d| d.name.clone()).collect();
-        delete_old_copy(ctx, cluster, &from, &ls.vm_id, &disks).await?;
+        let client = hostprep::client_for(ctx, cluster, &from)?;
+        hostprep::delete_vm_overlays_on(ctx, &from, &client, &ls.vm_id, &disks).await?;
         tracing::info!(vm = %ls.vm.name, node = %from, "old copy of moved disks deleted");
     }
     annotate(

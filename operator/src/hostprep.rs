@@ -465,17 +465,29 @@ pub async fn delete_network_everywhere(ctx: &Context, uid: &str, vni: u32) -> Re
 pub async fn delete_vm_overlays(ctx: &Context, vm_id: &str, disks: &[String]) -> Result<(), Error> {
     for (node, ip) in &cluster(ctx).await?.node_ips {
         let client = ctx.agents.client(node, ip)?;
-        for d in disks {
-            let req = pb::DeleteOverlayRequest {
-                vm_uid: vm_id.to_string(),
-                disk_name: d.clone(),
-            };
-            agents::call(node, "DeleteOverlay", ctx.agents.timeout(), || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.delete_overlay(r).await }
-            })
-            .await?;
-        }
+        delete_vm_overlays_on(ctx, node, &client, vm_id, disks).await?;
+    }
+    Ok(())
+}
+
+/// Deletes a VM's overlays on one node (already gone: OK).
+pub async fn delete_vm_overlays_on(
+    ctx: &Context,
+    node: &str,
+    client: &AgentClient,
+    vm_id: &str,
+    disks: &[String],
+) -> Result<(), Error> {
+    for d in disks {
+        let req = pb::DeleteOverlayRequest {
+            vm_uid: vm_id.to_string(),
+            disk_name: d.clone(),
+        };
+        agents::call(node, "DeleteOverlay", ctx.agents.timeout(), || {
+            let (mut c, r) = (client.clone(), req.clone());
+            async move { c.delete_overlay(r).await }
+        })
+        .await?;
     }
     Ok(())
 }
