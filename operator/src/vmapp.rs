@@ -158,8 +158,13 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             .and_then(|p| p.annotations().get(diskmove::ANNOTATION_DISKS_ON).cloned())
             .or_else(|| pod.and_then(|p| p.spec.as_ref()?.node_name.clone()))
             .or_else(|| prev.and_then(|p| p.node.clone()));
+        // Only pods that moved disks: the launch spec is not parsed for every running VM
+        // at every pass.
         if phase == VmPhase::Running
             && let Some(pod) = pod
+            && pod
+                .annotations()
+                .contains_key(diskmove::ANNOTATION_DISKS_MOVED_FROM)
             && let Some(ls) = hostplan::pod_launch_spec(pod)
             && let Err(e) = diskmove::clean_old_copy(ctx, &cluster, pod, &ls).await
         {

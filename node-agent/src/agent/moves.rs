@@ -184,8 +184,7 @@ pub async fn import(
         match next(&mut stream).await? {
             Some(Part::Data(d)) => {
                 bytes += d.bytes.len() as u64;
-                let store_write = incoming.write(d.file as usize, d.offset, &d.bytes);
-                store_write?;
+                incoming.write(d.file as usize, d.offset, &d.bytes)?;
             }
             Some(Part::Trailer(t)) => {
                 incoming.finish(&t.sha256)?;
