@@ -179,19 +179,30 @@ impl DiskStore {
         }
     }
 
-    /// Space used by the store and left on its filesystem.
-    pub async fn space(&self) -> Result<SpaceReport> {
-        let root = self.root().to_path_buf();
+    /// Size and free bytes of the store's filesystem (`df`; zeros when it cannot say).
+    async fn filesystem(&self) -> Result<(u64, u64)> {
         let out = tokio::process::Command::new("df")
             .args(["-B1", "--output=size,avail"])
-            .arg(&root)
+            .arg(self.root())
             .output()
             .await
             .map_err(|source| crate::StorageError::Spawn {
                 program: "df".into(),
                 source,
             })?;
-        let (size, avail) = parse_df(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default();
+        Ok(parse_df(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default())
+    }
+
+    /// Free bytes on the store's filesystem, without walking the store (what a check
+    /// before a big write needs; 0 when `df` cannot say).
+    pub async fn filesystem_available(&self) -> Result<u64> {
+        Ok(self.filesystem().await?.1)
+    }
+
+    /// Space used by the store and left on its filesystem.
+    pub async fn space(&self) -> Result<SpaceReport> {
+        let root = self.root().to_path_buf();
+        let (size, avail) = self.filesystem().await?;
         Ok(SpaceReport {
             bases_bytes: dir_allocated(&root.join("bases")),
             bases: self.bases()?.len(),

@@ -318,14 +318,14 @@ impl DiskStore {
         }
         self.base(&meta.base)?;
         let needed: u64 = files.iter().map(|(_, s)| *s).sum();
-        let space = self.space().await?;
+        let available = self.filesystem_available().await?;
         // Keep a margin: a full store fails every VM on the node, not just this one.
         let margin = 256 << 20;
-        if needed.saturating_add(margin) > space.filesystem_available {
+        if needed.saturating_add(margin) > available {
             return Err(StorageError::NoSpace {
                 path: self.root().to_path_buf(),
                 needed: needed.saturating_add(margin),
-                available: space.filesystem_available,
+                available,
             });
         }
         let dir = self.new_staging_dir("move")?;

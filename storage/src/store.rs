@@ -230,7 +230,7 @@ impl DiskStore {
             .qemu_img
             .measure(info.format, &entry_path, Qcow2Options::for_base())
             .await?;
-        let available = self.space().await?.filesystem_available;
+        let available = self.filesystem_available().await?;
         if available > 0 && needed > available {
             return Err(StorageError::NoSpace {
                 path: self.cfg.root.clone(),
