@@ -71,6 +71,31 @@ async fn vm_node(apps: &Api<VmApplication>, vm: &str) -> Option<(String, String)
     ))
 }
 
+/// Waits for `vm` to be Running on a node other than `old`; its (phase, node).
+async fn running_elsewhere(
+    client: &kube::Client,
+    apps: &Api<VmApplication>,
+    vm: &str,
+    old: &str,
+    timeout: Duration,
+) -> (String, String) {
+    wait_or_dump(
+        client,
+        NS,
+        &format!("{vm} Running on a node other than {old}"),
+        timeout,
+        || {
+            let (apps, vm, old) = (apps.clone(), vm.to_string(), old.to_string());
+            async move {
+                vm_node(&apps, &vm)
+                    .await
+                    .filter(|(p, n)| p == "Running" && *n != old)
+            }
+        },
+    )
+    .await
+}
+
 /// Lines of a guest file, through the console (the file's content between markers).
 async fn guest_file(dir: &Path, path: &str) -> Vec<String> {
     let (ok, out) = guest_run(
@@ -234,21 +259,8 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
         Some(hvx_api::migration::MigrationPhase::Completed),
         "{st:?}"
     );
-    let (phase, node) = wait_or_dump(
-        &client,
-        NS,
-        "web Running on its new node",
-        Duration::from_secs(120),
-        || {
-            let (apps, old) = (apps.clone(), web.1.clone());
-            async move {
-                vm_node(&apps, "web")
-                    .await
-                    .filter(|(p, n)| p == "Running" && *n != old)
-            }
-        },
-    )
-    .await;
+    let (phase, node) =
+        running_elsewhere(&client, &apps, "web", &web.1, Duration::from_secs(120)).await;
     eprintln!("web is {phase} on {node}");
     assert_eq!(st.target_node.as_deref(), Some(node.as_str()));
     let new_dir = vm_run_dir(&node, &app_uid, "web");
@@ -509,19 +521,7 @@ async fn drain_live_migrates_and_a_failed_migration_keeps_the_vm() {
         done.source_node, done.target_node, done.total_ms, done.downtime_ms, done.post_copy
     );
     assert_eq!(done.post_copy, Some(true), "{done:?}");
-    let web_pc = wait_for(
-        "web Running on its new node",
-        Duration::from_secs(120),
-        || {
-            let (apps, from) = (apps.clone(), web_now.clone());
-            async move {
-                vm_node(&apps, "web")
-                    .await
-                    .filter(|(phase, node)| phase == "Running" && *node != from)
-            }
-        },
-    )
-    .await;
+    let web_pc = running_elsewhere(&client, &apps, "web", &web_now, Duration::from_secs(120)).await;
     let (ok, after) = guest_run(
         &vm_run_dir(&web_pc.1, &app_uid, "web"),
         MEMORY_AND_BOOT,
@@ -632,21 +632,8 @@ async fn shutdown_drain_restarts_elsewhere_with_its_disk(
     assert!(ok, "kubectl drain failed:\n{out}");
     eprintln!("drain returned in {:?}", started.elapsed());
     // Running elsewhere (the node stays cordoned until then, or db would just come back).
-    let (_, new_node) = wait_or_dump(
-        client,
-        NS,
-        "db Running on another node",
-        Duration::from_secs(600),
-        || {
-            let (apps, old) = (apps.clone(), db_node.to_string());
-            async move {
-                vm_node(&apps, "db")
-                    .await
-                    .filter(|(p, n)| p == "Running" && *n != old)
-            }
-        },
-    )
-    .await;
+    let (_, new_node) =
+        running_elsewhere(client, apps, "db", db_node, Duration::from_secs(600)).await;
     eprintln!(
         "db restarted on {new_node} {:?} after the drain began",
         started.elapsed()
