@@ -8,18 +8,17 @@ use kube::api::{Api, AttachParams, ListParams};
 use std::io::IsTerminal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Label on every launcher pod naming its VM.
-pub const VM_LABEL: &str = "hvx.dev/vm";
 /// Launcher container name.
 pub const LAUNCHER_CONTAINER: &str = "launcher";
 /// Ctrl-].
 const DETACH: u8 = 0x1d;
 
-/// The label selector for a VM's launcher pod.
+/// The label selector for a VM's launcher pod: the labels the operator puts on it
+/// (`hvx_api::labels`), never a migration's target pod.
 pub fn selector(vm: &str, app: Option<&str>) -> String {
     match app {
-        Some(app) => format!("{VM_LABEL}={vm},{}={app}", crate::manifests::APP_LABEL),
-        None => format!("{VM_LABEL}={vm}"),
+        Some(app) => hvx_api::labels::vm_pod_selector(app, vm),
+        None => hvx_api::labels::any_vm_pod_selector(vm),
     }
 }
 
@@ -127,11 +126,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn selectors() {
-        assert_eq!(selector("db", None), "hvx.dev/vm=db");
+    fn selectors_match_the_labels_the_operator_puts_on_launcher_pods() {
+        assert_eq!(
+            selector("db", None),
+            "hvx.dev/role=launcher,hvx.dev/vm=db,!hvx.dev/migration-target"
+        );
+        // The operator labels launcher pods `hvx.dev/app`, not the `hvx.dev/application`
+        // the importer puts on the objects it writes (this selected no pod before).
         assert_eq!(
             selector("db", Some("shop")),
-            "hvx.dev/vm=db,hvx.dev/application=shop"
+            "hvx.dev/role=launcher,hvx.dev/app=shop,hvx.dev/vm=db,!hvx.dev/migration-target"
         );
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod common;
 pub mod disk;
+pub mod labels;
 pub mod launch;
 pub mod migration;
 pub mod network;

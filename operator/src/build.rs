@@ -8,22 +8,13 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 use std::collections::BTreeMap;
 
-/// Label carrying the application name on every pod hvx creates.
-pub const LABEL_APP: &str = "hvx.dev/app";
-/// Label carrying the VM name.
-pub const LABEL_VM: &str = "hvx.dev/vm";
-/// Label saying what the pod is.
-pub const LABEL_ROLE: &str = "hvx.dev/role";
-/// Annotation holding the launch spec JSON (read by the launcher through the
-/// downward API, so no ConfigMap has to be kept in sync).
-pub const ANNOTATION_LAUNCH_SPEC: &str = "hvx.dev/launch-spec";
-/// Node label the agent sets once it serves.
-pub const NODE_LABEL_AGENT: &str = "hvx.dev/agent";
-/// Node label with the accelerator the agent's probe found.
-pub const NODE_LABEL_ACCELERATOR: &str = "hvx.dev/accelerator";
-/// Node label: `true` where the agent's probe found that QEMU takes post-copy
-/// migrations (userfaultfd works).
-pub const NODE_LABEL_POST_COPY: &str = "hvx.dev/post-copy";
+pub use hvx_api::labels::{
+    ANNOTATION_LAUNCH_SPEC, LABEL_APP, LABEL_MIGRATION_TARGET, LABEL_ROLE, LABEL_VM,
+    NODE_LABEL_ACCELERATOR, NODE_LABEL_AGENT, NODE_LABEL_POST_COPY, ROLE_LAUNCHER,
+};
+
+/// How long the launcher's readiness exec may take.
+pub const READINESS_TIMEOUT_SECONDS: i32 = 10;
 
 /// What a VM's references resolved to.
 #[derive(Clone, Debug, Default)]
@@ -138,9 +129,18 @@ pub fn disruption_budget(app: &VmApplication, vm: &VirtualMachine) -> Option<ser
                 "blockOwnerDeletion": true,
             }],
         },
+        // `minAvailable: 1`, not `maxUnavailable: 0`: the disruption controller computes
+        // the expected pod count of a maxUnavailable budget from the pods' controller's
+        // scale subresource, which a VmApplication has no use for (it logged
+        // CalculateExpectedPodCountFailed on every pass). A migration's target pod is
+        // left out so that, while it runs beside the source, it cannot make the
+        // source's eviction allowed.
         "spec": {
-            "maxUnavailable": 0,
-            "selector": {"matchLabels": {LABEL_APP: app_name, LABEL_VM: vm.name}},
+            "minAvailable": 1,
+            "selector": {
+                "matchLabels": {LABEL_APP: app_name, LABEL_VM: vm.name},
+                "matchExpressions": [{"key": LABEL_MIGRATION_TARGET, "operator": "DoesNotExist"}],
+            },
         }
     }))
 }
@@ -226,7 +226,7 @@ pub fn launcher_pod(
         "metadata": {
             "name": pod_name(app_name, &vm.name),
             "namespace": spec.namespace,
-            "labels": {LABEL_APP: app_name, LABEL_VM: vm.name, LABEL_ROLE: "launcher"},
+            "labels": {LABEL_APP: app_name, LABEL_VM: vm.name, LABEL_ROLE: ROLE_LAUNCHER},
             "annotations": {ANNOTATION_LAUNCH_SPEC: launch_json},
             "ownerReferences": [owner],
         },
@@ -258,10 +258,14 @@ pub fn launcher_pod(
                     "limits": {"memory": memory},
                 },
                 "securityContext": {"privileged": true},
+                // The kubelet's 1 s default timed the exec out on busy nodes (it forks
+                // a process in the container); three misses in a row before a running
+                // VM counts as not ready, so one slow probe does not flip its PDB.
                 "readinessProbe": {
                     "exec": {"command": ["hvx-launcher", "probe"]},
                     "periodSeconds": 2,
-                    "failureThreshold": 1,
+                    "timeoutSeconds": READINESS_TIMEOUT_SECONDS,
+                    "failureThreshold": 3,
                 },
                 "volumeMounts": [
                     {"name": "store", "mountPath": "/var/lib/hvx"},
@@ -374,5 +378,58 @@ mod tests {
         assert_eq!(n, pod_name(&long, "database"));
         assert_ne!(n, pod_name(&long, "databasf"));
         assert_eq!(pod_name("shop", "db"), "shop-db");
+    }
+
+    /// Whether an equality-based selector (`k=v`, `!k`, comma-separated) matches labels.
+    fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
+        selector.split(',').all(|term| match term.strip_prefix('!') {
+            Some(key) => !labels.contains_key(key),
+            None => term
+                .split_once('=')
+                .is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v)),
+        })
+    }
+
+    #[test]
+    fn the_consoles_selector_finds_the_launcher_pod_and_not_a_migration_target() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("spec");
+        let mut pod = launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod");
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        assert!(selects(&hvx_api::labels::vm_pod_selector("shop", "web"), &labels));
+        assert!(selects(&hvx_api::labels::any_vm_pod_selector("web"), &labels));
+        assert!(!selects(&hvx_api::labels::vm_pod_selector("other", "web"), &labels));
+        pod.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(LABEL_MIGRATION_TARGET.into(), "m-1".into());
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        assert!(!selects(&hvx_api::labels::vm_pod_selector("shop", "web"), &labels));
+    }
+
+    #[test]
+    fn disruption_budget_needs_no_scale_subresource_and_ignores_migration_targets() {
+        let app = app();
+        let pdb = disruption_budget(&app, &app.spec.vms[0]).expect("LiveMigrate has a PDB");
+        // An integer minAvailable: the disruption controller needs no expected count.
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        assert!(pdb["spec"].get("maxUnavailable").is_none());
+        assert_eq!(
+            pdb["spec"]["selector"]["matchExpressions"][0],
+            json!({"key": LABEL_MIGRATION_TARGET, "operator": "DoesNotExist"})
+        );
+    }
+
+    #[test]
+    fn readiness_probe_tolerates_a_slow_exec() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("spec");
+        let pod = serde_json::to_value(
+            launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod"),
+        )
+        .expect("json");
+        let probe = &pod["spec"]["containers"][0]["readinessProbe"];
+        assert_eq!(probe["timeoutSeconds"], READINESS_TIMEOUT_SECONDS);
+        assert!(probe["failureThreshold"].as_i64() > Some(1), "{probe}");
     }
 }

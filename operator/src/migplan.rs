@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 /// Label on the launcher pod a migration is moving a VM into (value: the VmMigration
 /// name). The VmApplication controller leaves such pods alone; the migration removes
 /// the label when the VM runs there.
-pub const LABEL_MIGRATION_TARGET: &str = "hvx.dev/migration-target";
+pub use hvx_api::labels::LABEL_MIGRATION_TARGET;
 
 /// Is a migration in this phase moving bytes or holding a target?
 pub fn is_active(phase: Option<MigrationPhase>) -> bool {
