@@ -2,11 +2,8 @@
 //! the node's InternalIP (agents use the host network) over mutual TLS, with retries
 //! for the transient codes agent.proto names.
 
-use crate::build::NODE_LABEL_AGENT;
 use crate::error::Error;
 use hvx_proto::v1::node_agent_client::NodeAgentClient;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -45,30 +42,6 @@ impl Default for AgentSettings {
 pub struct AgentPool {
     settings: AgentSettings,
     channels: Mutex<BTreeMap<String, (String, Channel)>>,
-}
-
-/// Address and readiness of every node whose agent reported ready.
-pub async fn agent_nodes(client: &kube::Client) -> Result<BTreeMap<String, String>, Error> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let list = nodes
-        .list(&ListParams::default().labels(&format!("{NODE_LABEL_AGENT}=ready")))
-        .await?;
-    Ok(list
-        .items
-        .iter()
-        .filter_map(|n| Some((n.metadata.name.clone()?, internal_ip(n)?)))
-        .collect())
-}
-
-/// The node's InternalIP.
-pub fn internal_ip(node: &Node) -> Option<String> {
-    node.status
-        .as_ref()?
-        .addresses
-        .iter()
-        .flatten()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address.clone())
 }
 
 impl AgentPool {

@@ -24,6 +24,8 @@ pub struct OperatorConfig {
     pub upload: Option<crate::upload::UploadSettings>,
     /// Parallel live migrations.
     pub migrations: MigrationLimits,
+    /// Objects of one kind reconciled at once.
+    pub reconcile_concurrency: u16,
 }
 
 /// How many live migrations may run at once.
@@ -54,6 +56,7 @@ impl Default for OperatorConfig {
             agents: AgentSettings::default(),
             upload: None,
             migrations: MigrationLimits::default(),
+            reconcile_concurrency: 16,
         }
     }
 }
@@ -81,6 +84,10 @@ pub struct Context {
     pub disk_moves: Mutex<HashMap<String, crate::diskmove::MoveState>>,
     /// Prometheus counters.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// The shared watch caches every pass reads instead of the API server.
+    pub stores: crate::stores::Stores,
+    /// Consecutive failed passes per object (kind/namespace/name), for the backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
 }
 
 /// A disk import on one node, as this operator last saw it.
@@ -114,11 +121,6 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// Shared state for a controller run.
-    pub fn new(client: Client, config: OperatorConfig, reporter: Reporter) -> Self {
-        Self::with_metrics(client, config, reporter, std::sync::Arc::default())
-    }
-
     /// Shared state recording into `metrics` (served by the binary from start-up, before
     /// leader election, so probes and scrapes work on every replica).
     pub fn with_metrics(
@@ -126,6 +128,7 @@ impl Context {
         config: OperatorConfig,
         reporter: Reporter,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
+        stores: crate::stores::Stores,
     ) -> Self {
         Self {
             agents: AgentPool::new(config.agents.clone()),
@@ -138,6 +141,8 @@ impl Context {
             migrations_followed: Mutex::default(),
             disk_moves: Mutex::default(),
             metrics,
+            stores,
+            failures: Mutex::default(),
         }
     }
 

@@ -7,9 +7,9 @@ use crate::error::Error;
 use crate::hostprep;
 use hvx_api::{DiskPhase, OverlayDisk, VmApplication, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{self, Event as Finalizer};
+use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
@@ -68,42 +68,39 @@ pub fn uses_disk(app: &VmApplication, disk: &str) -> bool {
 pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = disk.namespace().unwrap_or_default();
     let api: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer::finalizer(&api, crate::FINALIZER, disk, |event| async {
-        match event {
-            Finalizer::Apply(disk) => apply(&disk, &api).await,
-            Finalizer::Cleanup(disk) => {
+    let (ctx, ns, disks) = (&ctx, &ns, &api);
+    crate::finalize::reconcile(
+        &api,
+        disk,
+        |disk| async move { apply(&disk, disks).await },
+        |disk| async move {
+            {
                 // A disk a VM still uses stays until that VM is gone (deleting a
                 // whole manifest deletes disks and applications at once).
-                let apps: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
-                let users: Vec<String> = apps
-                    .list(&ListParams::default())
-                    .await?
-                    .items
+                let users: Vec<String> = ctx
+                    .stores
+                    .apps_in(ns)
                     .iter()
                     .filter(|a| uses_disk(a, &disk.name_any()))
                     .map(|a| a.name_any())
                     .collect();
                 if !users.is_empty() {
-                    return Err(Error::Build {
-                        object: disk.name_any(),
-                        reason: format!(
-                            "in use by VmApplication {}; deleting after it",
-                            users.join(", ")
-                        ),
-                    });
+                    return Ok(Cleanup::waiting(format!(
+                        "in use by VmApplication {}; deleting after it",
+                        users.join(", ")
+                    )));
                 }
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.
-                hostprep::release_disk_everywhere(&ctx, &disk.uid().unwrap_or_default()).await?;
+                hostprep::release_disk_everywhere(ctx, &disk.uid().unwrap_or_default()).await?;
                 if let Some(up) = &ctx.config.upload {
                     crate::upload::forget(up, &disk.uid().unwrap_or_default());
                 }
-                Ok(Action::await_change())
+                Ok(Cleanup::Done)
             }
-        }
-    })
+        },
+    )
     .await
-    .map_err(Error::from)
 }
 
 /// Sets the initial phase and the conditions. A merge patch of only these fields:

@@ -27,7 +27,7 @@ use crate::hostprep::{self, BasesState, DisksState};
 use hvx_api::VmApplication;
 use hvx_api::launch::LaunchSpec;
 use hvx_proto::v1 as pb;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
@@ -320,11 +320,10 @@ pub async fn pin_or_move(
     let Some(home) = home else {
         return Ok((None, None));
     };
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let cordoned = nodes
-        .get_opt(home)
-        .await?
-        .and_then(|n| n.spec?.unschedulable)
+    let cordoned = ctx
+        .stores
+        .node(home)
+        .and_then(|n| n.spec.as_ref()?.unschedulable)
         .unwrap_or(false);
     Ok(if cordoned {
         (None, Some(home.to_string()))
@@ -421,8 +420,7 @@ pub async fn clean_old_copy(
         )
         .await;
     }
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    if nodes.get_opt(&from).await?.is_some() {
+    if ctx.stores.node(&from).is_some() {
         let disks: Vec<String> = ls.disks.iter().map(|d| d.name.clone()).collect();
         let client = hostprep::client_for(ctx, cluster, &from)?;
         hostprep::delete_vm_overlays_on(ctx, &from, &client, &ls.vm_id, &disks).await?;

@@ -6,7 +6,6 @@
 //! deleted, and the drain finishes by itself. Uncordoning cancels the migrations that
 //! have not started moving bytes.
 
-use crate::build::LABEL_ROLE;
 use crate::context::Context;
 use crate::error::Error;
 use crate::migplan;
@@ -14,7 +13,7 @@ use hvx_api::EvictionStrategy;
 use hvx_api::migration::{MigrationPhase, MigrationReason, VmMigration, VmMigrationSpec};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,8 +61,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false);
-    let migs: Api<VmMigration> = Api::all(ctx.client.clone());
-    let all_migs = migs.list(&ListParams::default()).await?.items;
+    let all_migs = ctx.stores.migrations.state();
     if !cordoned {
         for m in all_migs.iter().filter(|m| cancelled_by_uncordon(m, &name)) {
             let api: Api<VmMigration> =
@@ -73,15 +71,12 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
         }
         return Ok(Action::await_change());
     }
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let here = pods
-        .list(
-            &ListParams::default()
-                .labels(&format!("{LABEL_ROLE}=launcher"))
-                .fields(&format!("spec.nodeName={name}")),
-        )
-        .await?
-        .items;
+    let here: Vec<Arc<Pod>> = ctx
+        .stores
+        .launcher_pods(None)
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
+        .collect();
     let mut left = 0;
     for p in here.iter().filter(|p| {
         crate::hostplan::pod_is_live(p)

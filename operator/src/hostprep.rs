@@ -13,7 +13,7 @@ use hvx_api::{OverlayDisk, VirtualNetwork};
 use hvx_proto::v1 as pb;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,10 +40,10 @@ pub fn client_for(ctx: &Context, cluster: &Cluster, node: &str) -> Result<AgentC
     ctx.agents.client(node, ip)
 }
 
-/// The agent nodes of the cluster now.
+/// The agent nodes of the cluster now (from the node cache).
 pub async fn cluster(ctx: &Context) -> Result<Cluster, Error> {
     Ok(Cluster {
-        node_ips: agents::agent_nodes(&ctx.client).await?,
+        node_ips: ctx.stores.agent_nodes(),
     })
 }
 
@@ -105,11 +105,10 @@ pub async fn ensure_vm_bases(
     node: &str,
     ls: &LaunchSpec,
 ) -> Result<BasesState, Error> {
-    let disks: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), &ls.namespace);
     let mut waiting = Vec::new();
     let mut ready = Vec::new();
     for vd in &ls.vm.disks {
-        let Some(obj) = disks.get_opt(&vd.overlay_disk.name).await? else {
+        let Some(obj) = ctx.stores.disk(&ls.namespace, &vd.overlay_disk.name) else {
             waiting.push(format!(
                 "OverlayDisk {} does not exist",
                 vd.overlay_disk.name
@@ -182,7 +181,7 @@ pub async fn ensure_vm_bases(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(key.clone(), ImportState::Running("starting".into()));
-                tokio::spawn(follow_import(ctx.clone(), client, key, obj, req));
+                tokio::spawn(follow_import(ctx.clone(), client, key, (*obj).clone(), req));
                 waiting.push(format!("importing {} on {node}", vd.overlay_disk.name));
             }
         }
@@ -336,13 +335,14 @@ async fn patch_disk(api: &Api<OverlayDisk>, name: &str, status: serde_json::Valu
     }
 }
 
-/// Live launcher pods of a namespace.
+/// Launcher pods of a namespace (from the pod cache).
 pub async fn launcher_pods(ctx: &Context, ns: &str) -> Result<Vec<Pod>, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    Ok(pods
-        .list(&ListParams::default().labels(&format!("{}=launcher", crate::build::LABEL_ROLE)))
-        .await?
-        .items)
+    Ok(ctx
+        .stores
+        .launcher_pods(Some(ns))
+        .into_iter()
+        .map(|p| (*p).clone())
+        .collect())
 }
 
 /// What one sync of a network found, per node.
@@ -429,12 +429,11 @@ pub async fn sync_networks(
     names: impl IntoIterator<Item = String>,
     cluster: &Cluster,
 ) -> Result<(), Error> {
-    let nets: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), ns);
     let pods = launcher_pods(ctx, ns).await?;
     let nics = hostplan::placed_nics(&pods);
     let mut first_err = None;
     for name in names {
-        if let Some(net) = nets.get_opt(&name).await?
+        if let Some(net) = ctx.stores.network(ns, &name)
             && let Err(e) = sync_network(ctx, &net, &nics, cluster).await
         {
             first_err.get_or_insert(e);

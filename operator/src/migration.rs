@@ -12,7 +12,7 @@
 //! nodes: an operator that restarts before the transfer makes a new one (the target
 //! re-reads its key file at each handshake).
 
-use crate::build::{self, LABEL_ROLE};
+use crate::build;
 use crate::context::Context;
 use crate::error::Error;
 use crate::hostprep::{self, BasesState};
@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{self, Event as Finalizer};
+use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
@@ -39,25 +39,27 @@ const SCHEDULING_TIMEOUT: Duration = Duration::from_secs(600);
 pub async fn reconcile(mig: Arc<VmMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = mig.namespace().unwrap_or_default();
     let api: Api<VmMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer::finalizer(&api, crate::FINALIZER, mig, |event| async {
-        match event {
-            Finalizer::Apply(m) => apply(&m, &ctx).await,
-            Finalizer::Cleanup(m) => {
+    let ctx = &ctx;
+    crate::finalize::reconcile(
+        &api,
+        mig,
+        |m| async move { apply(&m, ctx).await },
+        |m| async move {
+            {
                 let phase = m.status.as_ref().and_then(|s| s.phase);
                 if phase != Some(MigrationPhase::Completed) {
                     // Deleting a migration in flight cancels it: the VM stays put.
-                    abort(&m, &ctx).await?;
+                    abort(&m, ctx).await?;
                 } else if let Some(node) = m.status.as_ref().and_then(|s| s.target_node.clone()) {
                     // Deleted right after completing, before `finish` got to it.
-                    let cluster = hostprep::cluster(&ctx).await?;
-                    drop_target_record(&ctx, &cluster, &node, &m.uid().unwrap_or_default()).await;
+                    let cluster = hostprep::cluster(ctx).await?;
+                    drop_target_record(ctx, &cluster, &node, &m.uid().unwrap_or_default()).await;
                 }
-                Ok(Action::await_change())
+                Ok(Cleanup::Done)
             }
-        }
-    })
+        },
+    )
     .await
-    .map_err(Error::from)
 }
 
 fn now() -> Time {
@@ -112,16 +114,16 @@ async fn app_and_pods(
     ns: &str,
     app: &str,
 ) -> Result<Option<(VmApplication, Vec<Pod>)>, Error> {
-    let apps: Api<VmApplication> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(app_obj) = apps.get_opt(app).await? else {
+    let Some(app_obj) = ctx.stores.app(ns, app) else {
         return Ok(None);
     };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let list = pods
-        .list(&ListParams::default().labels(&format!("{}={app}", build::LABEL_APP)))
-        .await?
-        .items;
-    Ok(Some((app_obj, list)))
+    let list = ctx
+        .stores
+        .pods_of_app(ns, app)
+        .into_iter()
+        .map(|p| (*p).clone())
+        .collect();
+    Ok(Some(((*app_obj).clone(), list)))
 }
 
 /// Writes status (merge patch: only the fields given change).
@@ -192,14 +194,9 @@ async fn fail(ctx: &Context, t: &Target<'_>, reason: String) -> Result<Action, E
 
 async fn node_infos(ctx: &Context) -> Result<Vec<NodeInfo>, Error> {
     let cluster = hostprep::cluster(ctx).await?;
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let launchers = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_ROLE}=launcher")))
-        .await?
-        .items;
+    let launchers = ctx.stores.launcher_pods(None);
     let mut out = Vec::new();
-    for n in nodes.list(&ListParams::default()).await?.items {
+    for n in ctx.stores.nodes.state() {
         let name = n.name_any();
         if !cluster.node_ips.contains_key(&name) {
             continue;
@@ -264,11 +261,10 @@ async fn pending(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default();
     // Parallel limits.
-    let all: Api<VmMigration> = Api::all(ctx.client.clone());
-    let running: Vec<String> = all
-        .list(&ListParams::default())
-        .await?
-        .items
+    let running: Vec<String> = ctx
+        .stores
+        .migrations
+        .state()
         .iter()
         .filter(|m| m.uid() != t.mig.uid())
         .filter_map(|m| m.status.as_ref())
@@ -472,13 +468,12 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
         let post_copy = spec.allow_post_copy && {
-            let nodes: Api<Node> = Api::all(ctx.client.clone());
-            let label = |n: Option<Node>| {
+            let label = |n: Option<Arc<Node>>| {
                 n.and_then(|n| n.labels().get(build::NODE_LABEL_POST_COPY).cloned())
             };
             let (s, d) = (
-                label(nodes.get_opt(&source).await?),
-                label(nodes.get_opt(&target).await?),
+                label(ctx.stores.node(&source)),
+                label(ctx.stores.node(&target)),
             );
             migplan::post_copy_usable(s.as_deref(), d.as_deref())
         };

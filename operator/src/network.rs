@@ -7,12 +7,12 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::{hostplan, hostprep};
 use hvx_api::{
-    NetworkNodeStatus, VirtualNetwork, VmApplication, condition, new_condition, set_condition,
+    NetworkNodeStatus, VirtualNetwork, condition, new_condition, set_condition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{self, Event as Finalizer};
+use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -86,16 +86,17 @@ pub fn validate(net: &VirtualNetwork) -> Vec<String> {
 pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = net.namespace().unwrap_or_default();
     let api: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer::finalizer(&api, crate::FINALIZER, net, |event| async {
-        match event {
-            Finalizer::Apply(net) => apply(&net, &ctx).await,
-            Finalizer::Cleanup(net) => {
+    let (ctx, ns) = (&ctx, &ns);
+    crate::finalize::reconcile(
+        &api,
+        net,
+        |net| async move { apply(&net, ctx).await },
+        |net| async move {
+            {
                 // VMs still attached keep the network until they are gone.
-                let apps: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
-                let users: Vec<String> = apps
-                    .list(&ListParams::default())
-                    .await?
-                    .items
+                let users: Vec<String> = ctx
+                    .stores
+                    .apps_in(ns)
                     .iter()
                     .filter(|a| {
                         a.spec
@@ -106,24 +107,20 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
                     .map(|a| a.name_any())
                     .collect();
                 if !users.is_empty() {
-                    return Err(Error::Build {
-                        object: net.name_any(),
-                        reason: format!(
-                            "in use by VmApplication {}; deleting after it",
-                            users.join(", ")
-                        ),
-                    });
+                    return Ok(Cleanup::waiting(format!(
+                        "in use by VmApplication {}; deleting after it",
+                        users.join(", ")
+                    )));
                 }
                 if let Some(vni) = net.status.as_ref().and_then(|s| s.vni) {
-                    hostprep::delete_network_everywhere(&ctx, &net.uid().unwrap_or_default(), vni)
+                    hostprep::delete_network_everywhere(ctx, &net.uid().unwrap_or_default(), vni)
                         .await?;
                 }
-                Ok(Action::await_change())
+                Ok(Cleanup::Done)
             }
-        }
-    })
+        },
+    )
     .await
-    .map_err(Error::from)
 }
 
 async fn apply(net: &VirtualNetwork, ctx: &Context) -> Result<Action, Error> {
@@ -224,12 +221,11 @@ async fn duplicate_vni(ctx: &Context, net: &VirtualNetwork) -> Result<bool, Erro
     let Some(vni) = net.status.as_ref().and_then(|s| s.vni) else {
         return Ok(false);
     };
-    let all: Api<VirtualNetwork> = Api::all(ctx.client.clone());
     let mine = net.creation_timestamp();
-    Ok(all
-        .list(&ListParams::default())
-        .await?
-        .items
+    Ok(ctx
+        .stores
+        .networks
+        .state()
         .iter()
         .any(|n| {
             n.uid() != net.uid()

@@ -5,23 +5,62 @@ use crate::error::Error;
 use futures::StreamExt;
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::controller::{Action, Controller};
+use crate::stores::Feeds;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Client, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(kind = err.kind(), error = %err, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+/// The key of an object in the backoff table.
+fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
 }
 
-/// Runs one reconcile and records it in the metrics.
-async fn timed(
+/// Retry after a failed pass: exponential backoff per object (1 s, 2 s, 4 s, ... up to
+/// 5 min) with +-25 % jitter, so a thousand objects failing together (an API server
+/// hiccup) do not come back in lockstep, and one broken object does not retry hot.
+pub fn backoff(failures: u32, jitter_seed: u64) -> Duration {
+    let base = Duration::from_secs(1)
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(9))
+        .min(Duration::from_secs(300));
+    // jitter in [-25 %, +25 %]
+    let permille = (jitter_seed % 501) as u32; // 0..=500
+    base.mul_f64(0.75 + f64::from(permille) / 1000.0)
+}
+
+fn jitter_seed(key: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(key.as_bytes());
+    h.finish()
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = failure_key(obj.as_ref());
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let after = backoff(n, jitter_seed(&key));
+    tracing::warn!(object = %key, kind = err.kind(), failures = n, retry_in = ?after, error = %err, "reconcile failed");
+    Action::requeue(after)
+}
+
+/// Runs one reconcile, records it in the metrics, and clears the object's backoff
+/// once a pass succeeds.
+async fn timed<K: Resource<DynamicType = ()>>(
     ctx: Arc<Context>,
     controller: &'static str,
+    obj: &K,
     f: impl std::future::Future<Output = Result<Action, Error>>,
 ) -> Result<Action, Error> {
     let started = std::time::Instant::now();
@@ -31,6 +70,12 @@ async fn timed(
         started.elapsed(),
         r.as_ref().err().map(Error::kind),
     );
+    if r.is_ok() {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if !failures.is_empty() {
+            failures.remove(&failure_key(obj));
+        }
+    }
     r
 }
 
@@ -42,9 +87,9 @@ fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
 }
 
 /// The VirtualNetworks a launcher pod's VM is attached to.
-fn networks_of_pod(pod: Pod) -> Vec<ObjectRef<VirtualNetwork>> {
+fn networks_of_pod(pod: &Pod) -> Vec<ObjectRef<VirtualNetwork>> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
-    crate::hostplan::pod_launch_spec(&pod)
+    crate::hostplan::pod_launch_spec(pod)
         .map(|ls| {
             ls.vm
                 .nics
@@ -61,6 +106,20 @@ pub async fn run(client: Client, config: OperatorConfig, instance: Option<String
     run_with_metrics(client, config, instance, Arc::default()).await;
 }
 
+/// The VmApplications of a namespace that use a VirtualNetwork or OverlayDisk: its
+/// changes (a VNI allocated, an import finished) move them on without a timer.
+fn apps_using(
+    apps: &kube::runtime::reflector::Store<VmApplication>,
+    ns: Option<&str>,
+    uses: impl Fn(&VmApplication) -> bool,
+) -> Vec<ObjectRef<VmApplication>> {
+    apps.state()
+        .iter()
+        .filter(|a| a.metadata.namespace.as_deref() == ns && uses(a))
+        .map(|a| ObjectRef::from_obj(a.as_ref()))
+        .collect()
+}
+
 /// `run`, recording into `metrics`.
 pub async fn run_with_metrics(
     client: Client,
@@ -68,6 +127,10 @@ pub async fn run_with_metrics(
     instance: Option<String>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
+    let feeds = Feeds::new(&client);
+    let stores = feeds.stores();
+    let concurrency = config.reconcile_concurrency;
+    let controller_config = || ControllerConfig::default().concurrency(concurrency);
     let ctx = Arc::new(Context::with_metrics(
         client.clone(),
         config,
@@ -76,80 +139,133 @@ pub async fn run_with_metrics(
             instance,
         },
         metrics,
+        stores.clone(),
     ));
     tracing::info!(config = ?ctx.config, "controllers starting");
-    let apps = Controller::new(
-        Api::<VmApplication>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels("hvx.dev/role=launcher"),
-    )
-    .shutdown_on_signal()
-    .run(
-        |o, c| timed(c.clone(), "vmapp", crate::vmapp::reconcile(o, c)),
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| async move { log_result(r) });
-    let nets = Controller::new(
-        Api::<VirtualNetwork>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    // A VM pod bound, started or gone changes its networks' per-node state.
-    .watches(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels("hvx.dev/role=launcher"),
-        networks_of_pod,
-    )
-    .shutdown_on_signal()
-    .run(
-        |o, c| timed(c.clone(), "network", crate::network::reconcile(o, c)),
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| async move { log_result(r) });
-    let disks = Controller::new(
-        Api::<OverlayDisk>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .shutdown_on_signal()
-    .run(
-        |o, c| timed(c.clone(), "disk", crate::disk::reconcile(o, c)),
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| async move { log_result(r) });
-    let migrations = Controller::new(
-        Api::<hvx_api::migration::VmMigration>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .shutdown_on_signal()
-    .run(
-        |o, c| timed(c.clone(), "migration", crate::migration::reconcile(o, c)),
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| async move { log_result(r) });
+
+    let apps_for_disks = stores.apps.clone();
+    let apps_for_nets = stores.apps.clone();
+    let apps = Controller::for_shared_stream(feeds.apps.subscribe(), stores.apps.clone())
+        .with_config(controller_config())
+        .owns_shared_stream(feeds.pods.subscribe())
+        .watches_shared_stream(feeds.disks.subscribe(), move |d: Arc<OverlayDisk>| {
+            let name = d.name_any();
+            apps_using(&apps_for_disks, d.metadata.namespace.as_deref(), |a| {
+                crate::disk::uses_disk(a, &name)
+            })
+        })
+        .watches_shared_stream(feeds.networks.subscribe(), move |n: Arc<VirtualNetwork>| {
+            let name = n.name_any();
+            apps_using(&apps_for_nets, n.metadata.namespace.as_deref(), |a| {
+                a.spec
+                    .vms
+                    .iter()
+                    .any(|vm| vm.nics.iter().any(|nic| nic.network.name == name))
+            })
+        })
+        .shutdown_on_signal()
+        .run(
+            |o, c| async move { timed(c.clone(), "vmapp", o.as_ref(), crate::vmapp::reconcile(o.clone(), c)).await },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result(r) });
+    let nets = Controller::for_shared_stream(feeds.networks.subscribe(), stores.networks.clone())
+        .with_config(controller_config())
+        // A VM pod bound, started or gone changes its networks' per-node state.
+        .watches_shared_stream(feeds.pods.subscribe(), |p: Arc<Pod>| networks_of_pod(&p))
+        .shutdown_on_signal()
+        .run(
+            |o, c| async move { timed(c.clone(), "network", o.as_ref(), crate::network::reconcile(o.clone(), c)).await },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result(r) });
+    let disks = Controller::for_shared_stream(feeds.disks.subscribe(), stores.disks.clone())
+        .with_config(controller_config())
+        .shutdown_on_signal()
+        .run(
+            |o, c| async move { timed(c.clone(), "disk", o.as_ref(), crate::disk::reconcile(o.clone(), c)).await },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result(r) });
+    let migrations =
+        Controller::for_shared_stream(feeds.migrations.subscribe(), stores.migrations.clone())
+            .with_config(controller_config())
+            .shutdown_on_signal()
+            .run(
+                |o, c| async move { timed(c.clone(), "migration", o.as_ref(), crate::migration::reconcile(o.clone(), c)).await },
+                error_policy,
+                ctx.clone(),
+            )
+            .for_each(|r| async move { log_result(r) });
     // Cordoned nodes -> VmMigrations for their VMs (kubectl drain).
-    let drains = Controller::new(
-        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .shutdown_on_signal()
-    .run(
-        |o, c| timed(c.clone(), "drain", crate::drain::reconcile(o, c)),
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| async move { log_result(r) });
-    // The sweep has no end of its own: it stops with the controllers (shutdown signal).
+    let drains = Controller::for_shared_stream(feeds.nodes.subscribe(), stores.nodes.clone())
+        .with_config(controller_config())
+        .shutdown_on_signal()
+        .run(
+            |o, c| async move { timed(c.clone(), "drain", o.as_ref(), crate::drain::reconcile(o.clone(), c)).await },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move { log_result(r) });
+
+    // The watches run for as long as the controllers; the controllers start once every
+    // cache has its first list.
+    let watches = futures::stream::select_all([
+        feeds.nodes.run().boxed(),
+        feeds.pods.run().boxed(),
+        feeds.migrations.run().boxed(),
+        feeds.networks.run().boxed(),
+        feeds.disks.run().boxed(),
+        feeds.apps.run().boxed(),
+    ])
+    .for_each(|()| async {});
     let controllers = async {
+        let ready = stores.wait_until_ready();
+        tokio::pin!(ready);
+        loop {
+            match tokio::time::timeout(crate::stores::READY_LOG_AFTER, &mut ready).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a watch ended before its first list");
+                    return;
+                }
+                Err(_) => tracing::warn!("still waiting for the first list of every watched kind"),
+            }
+        }
+        tracing::info!(stores = ?stores, "caches filled; reconciling");
         futures::join!(apps, nets, disks, migrations, drains);
     };
+    // The sweep has no end of its own: it stops with the controllers (shutdown signal).
     tokio::select! {
         () = controllers => {}
+        () = watches => {}
         () = crate::sweep::run(ctx.clone()) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        for seed in [0, 250, 500, 12_345, u64::MAX] {
+            let first = backoff(1, seed);
+            assert!(
+                (Duration::from_millis(750)..=Duration::from_millis(1250)).contains(&first),
+                "{first:?}"
+            );
+            let fourth = backoff(4, seed);
+            assert!(
+                (Duration::from_secs(6)..=Duration::from_secs(10)).contains(&fourth),
+                "{fourth:?}"
+            );
+            assert!(backoff(40, seed) <= Duration::from_secs(375), "capped");
+        }
+        // Two objects failing together come back at different times.
+        assert_ne!(backoff(3, 1), backoff(3, 400));
     }
 }

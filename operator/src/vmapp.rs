@@ -9,7 +9,7 @@ use crate::hostplan;
 use crate::hostprep::{self, DisksState};
 use crate::status::{PodAction, SpecChange, app_phase, pod_action, vm_phase};
 use hvx_api::{
-    InterfaceStatus, OverlayDisk, VirtualNetwork, VmApplication, VmApplicationStatus, VmPhase,
+    InterfaceStatus, VmApplication, VmApplicationStatus, VmPhase,
     VmStatus, condition, new_condition, set_condition,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -17,25 +17,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{self, Event as Finalizer};
+use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Entry point for the controller runtime.
 pub async fn reconcile(app: Arc<VmApplication>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = app.namespace().unwrap_or_default();
     let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer::finalizer(&api, crate::FINALIZER, app, |event| async {
-        match event {
-            Finalizer::Apply(app) => apply(&app, &ctx).await,
-            Finalizer::Cleanup(app) => cleanup(&app, &ctx).await,
-        }
-    })
+    let ctx = &ctx;
+    crate::finalize::reconcile(
+        &api,
+        app,
+        |app| async move { apply(&app, ctx).await },
+        |app| async move { cleanup(&app, ctx).await },
+    )
     .await
-    .map_err(Error::from)
 }
 
 async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error> {
@@ -102,12 +101,14 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         new_condition(condition::VALID, true, "Valid", "", generation, now.clone()),
     );
 
-    let resolved = resolve(ctx, &ns, app).await?;
+    let resolved = resolve(ctx, &ns, app);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let all_pods = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_APP}={name}")))
-        .await?
-        .items;
+    let all_pods: Vec<Pod> = ctx
+        .stores
+        .pods_of_app(&ns, &name)
+        .into_iter()
+        .map(|p| (*p).clone())
+        .collect();
     // A VM's pod: the live one; a live migration's target pod is the migration's
     // business until it completes.
     let mut existing: BTreeMap<String, Pod> = BTreeMap::new();
@@ -425,22 +426,16 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         ),
     );
     status.observed_generation = generation;
-    write_status(ctx, &ns, &name, &status).await?;
-    let addresses_known = status
-        .vms
-        .iter()
-        .all(|v| v.interfaces.iter().all(|i| i.ip_address.is_some()));
-    Ok(if all_running && addresses_known {
-        Action::requeue(Duration::from_secs(60))
-    } else {
-        Action::requeue(Duration::from_secs(5))
-    })
+    // An unchanged status is not written: the write would cost a request and, were
+    // anything in it to differ by accident, wake this controller again.
+    if status != previous {
+        write_status(ctx, &ns, &name, &status).await?;
+    }
+    Ok(Action::requeue(crate::status::resync_after(&app.spec, &status.vms)))
 }
 
-/// Finds the OverlayDisks and VirtualNetworks the application references.
-async fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Result<Resolved, Error> {
-    let disks: Api<OverlayDisk> = Api::namespaced(ctx.client.clone(), ns);
-    let nets: Api<VirtualNetwork> = Api::namespaced(ctx.client.clone(), ns);
+/// Finds the OverlayDisks and VirtualNetworks the application references (caches).
+fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Resolved {
     let mut resolved = Resolved::default();
     for vm in &app.spec.vms {
         for d in &vm.disks {
@@ -448,7 +443,7 @@ async fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Result<Resolve
             if resolved.disks.contains_key(n) {
                 continue;
             }
-            if let Some(disk) = disks.get_opt(n).await? {
+            if let Some(disk) = ctx.stores.disk(ns, n) {
                 let digest = disk.status.as_ref().and_then(|s| s.digest.clone());
                 resolved
                     .disks
@@ -460,7 +455,7 @@ async fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Result<Resolve
             if resolved.networks.contains_key(n) {
                 continue;
             }
-            if let Some(net) = nets.get_opt(n).await?
+            if let Some(net) = ctx.stores.network(ns, n)
                 && let Some(vni) = net.status.as_ref().and_then(|s| s.vni)
             {
                 resolved
@@ -469,12 +464,12 @@ async fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Result<Resolve
             }
         }
     }
-    Ok(resolved)
+    resolved
 }
 
 /// Deletes every launcher pod of the application; the finalizer stays until they are
 /// gone, so QEMU has shut down and released its disks before the object disappears.
-async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
+async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Cleanup, Error> {
     let ns = app.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let list = pods
@@ -498,19 +493,15 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Action, Error> {
             "all VMs stopped and removed",
         )
         .await;
-        return Ok(Action::await_change());
+        return Ok(Cleanup::Done);
     }
     for pod in &list.items {
         delete_pod(&pods, &pod.name_any()).await?;
     }
-    // Returning an error keeps the finalizer; the retry comes with backoff.
-    Err(Error::Build {
-        object: app.name_any(),
-        reason: format!(
-            "waiting for {} launcher pod(s) to terminate",
-            list.items.len()
-        ),
-    })
+    Ok(Cleanup::waiting(format!(
+        "waiting for {} launcher pod(s) to terminate",
+        list.items.len()
+    )))
 }
 
 /// The VirtualNetworks the application's NICs use.

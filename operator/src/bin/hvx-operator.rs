@@ -44,6 +44,9 @@ struct Args {
     /// Live migrations in the whole cluster at once.
     #[arg(long, env = "HVX_MAX_MIGRATIONS", default_value_t = 2)]
     max_migrations: usize,
+    /// Objects of one kind reconciled at once.
+    #[arg(long, env = "HVX_RECONCILE_CONCURRENCY", default_value_t = 16)]
+    reconcile_concurrency: u16,
     /// Upload endpoint listen address (the `hvx-upload` Service targets it).
     #[arg(long, env = "HVX_UPLOAD_LISTEN", default_value = "0.0.0.0:8081")]
     upload_listen: std::net::SocketAddr,
@@ -116,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
             per_node: args.max_migrations_per_node.max(1),
             total: args.max_migrations.max(1),
         },
+        reconcile_concurrency: args.reconcile_concurrency.max(1),
     };
     if let Some(dir) = &args.upload_dir {
         let token = match &args.upload_token_file {

@@ -1,0 +1,262 @@
+//! Shared caches of the objects the controllers read: one watch per kind for the whole
+//! operator, feeding both the controllers' triggers and these stores, so no reconcile
+//! pass lists or gets what a watch already delivers (a pass used to list Nodes, Pods,
+//! VmMigrations and VirtualNetworks from the API server; with 1000 applications that
+//! was most of the load).
+//!
+//! Reads that must see the newest state (an allocation that must not collide, the
+//! status a pass builds on) still go to the API server; everything else reads here.
+//! Objects are stored without `managedFields` (memory).
+
+use futures::{Stream, StreamExt};
+use hvx_api::labels::{LABEL_APP, LABEL_ROLE, NODE_LABEL_AGENT, ROLE_LAUNCHER};
+use hvx_api::migration::VmMigration;
+use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How many change notifications a subscriber may lag behind before the watch waits.
+const SUBSCRIBER_BUFFER: usize = 4096;
+
+/// Read-only views of every kind the controllers use.
+#[derive(Clone)]
+pub struct Stores {
+    /// Every node.
+    pub nodes: Store<Node>,
+    /// Launcher pods (label `hvx.dev/role=launcher`) of every namespace, migration
+    /// targets included.
+    pub pods: Store<Pod>,
+    /// Every VmMigration.
+    pub migrations: Store<VmMigration>,
+    /// Every VirtualNetwork.
+    pub networks: Store<VirtualNetwork>,
+    /// Every OverlayDisk.
+    pub disks: Store<OverlayDisk>,
+    /// Every VmApplication.
+    pub apps: Store<VmApplication>,
+}
+
+impl Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores")
+            .field("nodes", &self.nodes.state().len())
+            .field("pods", &self.pods.state().len())
+            .field("apps", &self.apps.state().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stores {
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.get(&ObjectRef::new(name))
+    }
+
+    /// Name -> InternalIP of every node whose agent reported ready.
+    pub fn agent_nodes(&self) -> BTreeMap<String, String> {
+        self.nodes
+            .state()
+            .iter()
+            .filter(|n| n.labels().get(NODE_LABEL_AGENT).map(String::as_str) == Some("ready"))
+            .filter_map(|n| Some((n.metadata.name.clone()?, internal_ip(n)?)))
+            .collect()
+    }
+
+    /// Launcher pods of a namespace (all namespaces with `None`).
+    pub fn launcher_pods(&self, ns: Option<&str>) -> Vec<Arc<Pod>> {
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| ns.is_none_or(|ns| p.metadata.namespace.as_deref() == Some(ns)))
+            .collect()
+    }
+
+    /// Launcher pods of one application.
+    pub fn pods_of_app(&self, ns: &str, app: &str) -> Vec<Arc<Pod>> {
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.labels().get(LABEL_APP).map(String::as_str) == Some(app)
+            })
+            .collect()
+    }
+
+    /// A VirtualNetwork by namespace and name.
+    pub fn network(&self, ns: &str, name: &str) -> Option<Arc<VirtualNetwork>> {
+        self.networks.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// An OverlayDisk by namespace and name.
+    pub fn disk(&self, ns: &str, name: &str) -> Option<Arc<OverlayDisk>> {
+        self.disks.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// A VmApplication by namespace and name.
+    pub fn app(&self, ns: &str, name: &str) -> Option<Arc<VmApplication>> {
+        self.apps.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// The VmApplications of a namespace.
+    pub fn apps_in(&self, ns: &str) -> Vec<Arc<VmApplication>> {
+        self.apps
+            .state()
+            .into_iter()
+            .filter(|a| a.metadata.namespace.as_deref() == Some(ns))
+            .collect()
+    }
+
+    /// Waits until every store has its first full list (a pass that ran earlier would
+    /// take an empty cache for "nothing exists").
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.nodes.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
+        self.migrations.wait_until_ready().await?;
+        self.networks.wait_until_ready().await?;
+        self.disks.wait_until_ready().await?;
+        self.apps.wait_until_ready().await?;
+        Ok(())
+    }
+}
+
+/// The node's InternalIP (agents serve on the host network).
+pub fn internal_ip(node: &Node) -> Option<String> {
+    node.status
+        .as_ref()?
+        .addresses
+        .iter()
+        .flatten()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.clone())
+}
+
+/// One kind's watch: the store it fills and the streams that tell controllers of
+/// changes. Every subscription must be consumed (by a controller), or the watch stalls.
+pub struct Feed<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store: Store<K>,
+    writer: Writer<K>,
+    api: Api<K>,
+    config: watcher::Config,
+}
+
+impl<K> Debug for Feed<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("kind", &K::kind(&()))
+            .field("objects", &self.store.state().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> Feed<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
+{
+    /// A feed of `api`'s objects matching `config`.
+    pub fn new(api: Api<K>, config: watcher::Config) -> Self {
+        let (store, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+        Self {
+            store,
+            writer,
+            api,
+            config,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// A change stream for one controller.
+    pub fn subscribe(&self) -> ReflectHandle<K> {
+        self.writer
+            .subscribe()
+            .expect("store_shared writers always have a dispatcher")
+    }
+
+    /// The watch that fills the store and feeds the subscribers; run it for the life of
+    /// the controllers (it retries with the watcher's default backoff).
+    pub fn run(self) -> impl Stream<Item = ()> + Send {
+        let kind = K::kind(&()).to_string();
+        let stream = watcher(self.api, self.config)
+            .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        stream.reflect_shared(self.writer).map(move |r| {
+            if let Err(e) = r {
+                tracing::warn!(kind = %kind, error = %e, "watch failed; retrying");
+            }
+        })
+    }
+}
+
+/// A watch of launcher pods (the one Pod watch of the operator).
+pub fn launcher_pod_config() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{LABEL_ROLE}={ROLE_LAUNCHER}"))
+}
+
+/// How long start-up waits for the first lists before it logs that it still waits.
+pub const READY_LOG_AFTER: Duration = Duration::from_secs(30);
+
+/// All feeds of the operator.
+#[derive(Debug)]
+pub struct Feeds {
+    /// Nodes.
+    pub nodes: Feed<Node>,
+    /// Launcher pods.
+    pub pods: Feed<Pod>,
+    /// VmMigrations.
+    pub migrations: Feed<VmMigration>,
+    /// VirtualNetworks.
+    pub networks: Feed<VirtualNetwork>,
+    /// OverlayDisks.
+    pub disks: Feed<OverlayDisk>,
+    /// VmApplications.
+    pub apps: Feed<VmApplication>,
+}
+
+impl Feeds {
+    /// One feed per kind, cluster-wide.
+    pub fn new(client: &Client) -> Self {
+        Self {
+            nodes: Feed::new(Api::all(client.clone()), watcher::Config::default()),
+            pods: Feed::new(Api::all(client.clone()), launcher_pod_config()),
+            migrations: Feed::new(Api::all(client.clone()), watcher::Config::default()),
+            networks: Feed::new(Api::all(client.clone()), watcher::Config::default()),
+            disks: Feed::new(Api::all(client.clone()), watcher::Config::default()),
+            apps: Feed::new(Api::all(client.clone()), watcher::Config::default()),
+        }
+    }
+
+    /// The stores.
+    pub fn stores(&self) -> Stores {
+        Stores {
+            nodes: self.nodes.store(),
+            pods: self.pods.store(),
+            migrations: self.migrations.store(),
+            networks: self.networks.store(),
+            disks: self.disks.store(),
+            apps: self.apps.store(),
+        }
+    }
+}
