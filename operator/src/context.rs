@@ -56,7 +56,7 @@ impl Default for OperatorConfig {
             agents: AgentSettings::default(),
             upload: None,
             migrations: MigrationLimits::default(),
-            reconcile_concurrency: 16,
+            reconcile_concurrency: 64,
         }
     }
 }
@@ -86,6 +86,8 @@ pub struct Context {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// The shared watch caches every pass reads instead of the API server.
     pub stores: crate::stores::Stores,
+    /// The VmApplication status this process last wrote, by UID (`vmapp::apply`).
+    pub app_status: Mutex<HashMap<String, hvx_api::VmApplicationStatus>>,
     /// Consecutive failed passes per object (kind/namespace/name), for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
 }
@@ -142,6 +144,7 @@ impl Context {
             disk_moves: Mutex::default(),
             metrics,
             stores,
+            app_status: Mutex::default(),
             failures: Mutex::default(),
         }
     }

@@ -2,13 +2,18 @@
 //! wait (launcher pods still terminating, a disk still used by an application) says
 //! so and is looked at again soon, without an error in the log, the error metric or
 //! the backoff. kube's `finalizer` helper only knows success (finalizer removed) and
-//! error, so it is used for adding and removing the finalizer, after the cleanup here
-//! said it is done.
+//! error, so it is used for removing the finalizer, after the cleanup here said it
+//! is done. Adding the finalizer is done here, and the first `apply` runs in the same
+//! pass on the object the patch returned (the helper waits for the patch's watch event
+//! first: a whole round trip through the API server's watch before a new object got
+//! its first status).
 
 use crate::error::Error;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{self, Event};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::finalizer;
+use serde_json::json;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -68,12 +73,31 @@ where
         .await
         .map_err(Error::from);
     }
-    finalizer::finalizer(api, crate::FINALIZER, obj, |event| async move {
-        match event {
-            Event::Apply(o) => apply(o).await,
-            Event::Cleanup(_) => Ok(Action::await_change()),
-        }
-    })
-    .await
-    .map_err(Error::from)
+    if deleting {
+        // Not ours to clean up (the finalizer went, or never came).
+        return Ok(Action::await_change());
+    }
+    if ours {
+        return apply(obj).await;
+    }
+    let mut finalizers = obj.finalizers().to_vec();
+    finalizers.push(crate::FINALIZER.to_string());
+    // The resourceVersion makes the patch conditional: a list replaced from a stale
+    // cache cannot drop a finalizer someone else added meanwhile.
+    let patch = json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": obj.resource_version(),
+    }});
+    match api
+        .patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(updated) => apply(Arc::new(updated)).await,
+        // The cache was behind; the newer object is on its way through the watch.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(STALE_RETRY)),
+        Err(e) => Err(e.into()),
+    }
 }
+
+/// When an object whose cached copy was stale is looked at again.
+const STALE_RETRY: Duration = Duration::from_millis(500);

@@ -42,15 +42,20 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
     let name = app.name_any();
     let generation = app.meta().generation;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    // The status this pass builds on is read fresh: the watch cache can still hold the
-    // object from before the last pass's status write, and what that pass recorded
-    // (restarts, pending changes, the home node) would be lost.
-    let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
-    let previous = match api.get_status(&name).await {
-        Ok(fresh) => fresh.status.unwrap_or_default(),
-        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
-        Err(e) => return Err(e.into()),
-    };
+    // The status this pass builds on: what this process last wrote, else the cached
+    // object's. The cache can still hold the object from before the last pass's write,
+    // and what that pass recorded (restarts, pending changes, the home node) would be
+    // lost; this controller is the status' only writer and only one replica leads, so
+    // its own last write is the newest (a new leader starts from a fresh list).
+    let uid = app.uid().unwrap_or_default();
+    let previous = ctx
+        .app_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .cloned()
+        .or_else(|| app.status.clone())
+        .unwrap_or_default();
     let mut status = VmApplicationStatus {
         conditions: previous.conditions.clone(),
         ..Default::default()
@@ -93,7 +98,9 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         if previous.observed_generation != generation {
             publish(ctx, app, EventType::Warning, "InvalidSpec", &message).await;
         }
-        write_status(ctx, &ns, &name, &status).await?;
+        if status != previous {
+            write_status(ctx, &ns, &name, &uid, &status).await?;
+        }
         return Ok(Action::await_change());
     }
     set_condition(
@@ -429,7 +436,7 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
     // An unchanged status is not written: the write would cost a request and, were
     // anything in it to differ by accident, wake this controller again.
     if status != previous {
-        write_status(ctx, &ns, &name, &status).await?;
+        write_status(ctx, &ns, &name, &uid, &status).await?;
     }
     Ok(Action::requeue(crate::status::resync_after(&app.spec, &status.vms)))
 }
@@ -493,6 +500,10 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Cleanup, Error> {
             "all VMs stopped and removed",
         )
         .await;
+        ctx.app_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&app.uid().unwrap_or_default());
         return Ok(Cleanup::Done);
     }
     for pod in &list.items {
@@ -551,10 +562,12 @@ async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
     }
 }
 
+/// Writes the status and remembers it as this process' last write (`apply`).
 async fn write_status(
     ctx: &Context,
     ns: &str,
     name: &str,
+    uid: &str,
     status: &VmApplicationStatus,
 ) -> Result<(), Error> {
     let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), ns);
@@ -566,6 +579,10 @@ async fn write_status(
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.app_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(uid.to_string(), status.clone());
     Ok(())
 }
 
@@ -584,7 +601,13 @@ pub(crate) async fn publish(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder().publish(&event, &app.object_ref(&())).await {
-        tracing::warn!(error = %e, "publishing event");
+    match ctx.recorder().publish(&event, &app.object_ref(&())).await {
+        Ok(()) => {}
+        // A namespace being deleted takes no new events; its objects' last words are
+        // not worth a warning each.
+        Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("being terminated") => {
+            tracing::debug!(error = %e, "event not published: namespace terminating");
+        }
+        Err(e) => tracing::warn!(error = %e, "publishing event"),
     }
 }

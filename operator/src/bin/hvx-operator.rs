@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, env = "HVX_MAX_MIGRATIONS", default_value_t = 2)]
     max_migrations: usize,
     /// Objects of one kind reconciled at once.
-    #[arg(long, env = "HVX_RECONCILE_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "HVX_RECONCILE_CONCURRENCY", default_value_t = 64)]
     reconcile_concurrency: u16,
     /// Upload endpoint listen address (the `hvx-upload` Service targets it).
     #[arg(long, env = "HVX_UPLOAD_LISTEN", default_value = "0.0.0.0:8081")]
