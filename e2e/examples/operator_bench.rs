@@ -282,9 +282,6 @@ async fn main() -> anyhow::Result<()> {
 
 /// The MAC `app(i)` gave the application named `name`.
 fn mac_of(name: &str) -> String {
-    let i: usize = name
-        .trim_start_matches("app-")
-        .parse()
-        .unwrap_or_default();
+    let i: usize = name.trim_start_matches("app-").parse().unwrap_or_default();
     format!("00:50:56:{:02x}:{:02x}:01", i / 256, i % 256)
 }

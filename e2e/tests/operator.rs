@@ -24,8 +24,7 @@ fn start_operator(client: &kube::Client) -> tokio::task::JoinHandle<()> {
         // is what lets this test observe dependency ordering deterministically.
         require_agent_label: true,
         agents: Default::default(),
-        upload: None,
-        migrations: Default::default(),
+        ..Default::default()
     };
     tokio::spawn(hvx_operator::run::run(
         client.clone(),

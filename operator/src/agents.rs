@@ -1,19 +1,25 @@
 //! gRPC clients of the node agents: one lazily connected channel per node, dialled at
-//! the node's InternalIP (agents use the host network) over mutual TLS, with retries
-//! for the transient codes agent.proto names.
+//! the node's InternalIP (agents use the host network) over mutual TLS.
+//!
+//! [`Agent`] is the one way the operator calls an agent: one method per RPC, with the
+//! deadline, the retries of the transient codes agent.proto names (unary calls only: a
+//! stream cannot be replayed), the per-call metrics and the tracing in one place, and
+//! failures kept typed ([`Error::Agent`] carries the gRPC code).
 
 use crate::error::Error;
+use crate::metrics::Metrics;
+use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_client::NodeAgentClient;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-/// A connected agent client.
-pub type AgentClient = NodeAgentClient<Channel>;
+/// A connected agent client (the name callers use).
+pub type AgentClient = Agent;
 
 /// How the operator reaches agents.
 #[derive(Clone, Debug)]
@@ -23,7 +29,7 @@ pub struct AgentSettings {
     /// Directory with `ca.crt`, `tls.crt`, `tls.key` (the operator's client
     /// certificate); `None` = plaintext (development only).
     pub tls_dir: Option<PathBuf>,
-    /// Per-call deadline for unary calls.
+    /// Per-call deadline for unary calls (and for a stream's first answer).
     pub timeout: Duration,
 }
 
@@ -60,6 +66,8 @@ impl AgentPool {
         let read = |f: &str| {
             std::fs::read(dir.join(f)).map_err(|e| Error::Agent {
                 node: String::new(),
+                call: "connect",
+                code: Code::FailedPrecondition,
                 message: format!("reading TLS file {}: {e}", dir.join(f).display()),
             })
         };
@@ -71,13 +79,18 @@ impl AgentPool {
         ))
     }
 
-    /// A client for the agent of `node` at `ip`.
-    pub fn client(&self, node: &str, ip: &str) -> Result<AgentClient, Error> {
+    /// A client for the agent of `node` at `ip`, recording its calls in `metrics`.
+    pub fn client(
+        &self,
+        node: &str,
+        ip: &str,
+        metrics: &Arc<Metrics>,
+    ) -> Result<AgentClient, Error> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((known_ip, ch)) = map.get(node)
             && known_ip == ip
         {
-            return Ok(NodeAgentClient::new(ch.clone()));
+            return Ok(Agent::new(node, ch.clone(), self.settings.timeout, metrics));
         }
         let scheme = if self.settings.tls_dir.is_some() {
             "https"
@@ -91,6 +104,8 @@ impl AgentPool {
         };
         let agent_err = |message: String| Error::Agent {
             node: node.to_string(),
+            call: "connect",
+            code: Code::InvalidArgument,
             message,
         };
         let mut ep = Endpoint::from_shared(format!("{scheme}://{host}:{}", self.settings.port))
@@ -105,7 +120,7 @@ impl AgentPool {
         }
         let ch = ep.connect_lazy();
         map.insert(node.to_string(), (ip.to_string(), ch.clone()));
-        Ok(NodeAgentClient::new(ch))
+        Ok(Agent::new(node, ch, self.settings.timeout, metrics))
     }
 
     /// Deadline for unary calls.
@@ -126,7 +141,7 @@ pub fn transient(code: Code) -> bool {
 /// (0.2 s, 0.4 s, 0.8 s, 1.6 s); the last status is returned as an `Error::Agent`.
 pub async fn call<T, F, Fut>(
     node: &str,
-    what: &str,
+    what: &'static str,
     timeout: Duration,
     mut f: F,
 ) -> Result<T, Error>
@@ -152,13 +167,158 @@ where
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
-            Err(s) => {
-                return Err(Error::Agent {
-                    node: node.to_string(),
-                    message: format!("{what}: {:?}: {}", s.code(), s.message()),
-                });
-            }
+            Err(s) => return Err(status_error(node, what, &s)),
         }
+    }
+}
+
+/// The operator's error for a status an agent answered.
+pub fn status_error(node: &str, call: &'static str, s: &Status) -> Error {
+    Error::Agent {
+        node: node.to_string(),
+        call,
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+/// One node's agent.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    node: String,
+    inner: NodeAgentClient<Channel>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Declares the retried unary methods of [`Agent`], one per RPC.
+macro_rules! unary {
+    ($($(#[$doc:meta])* $method:ident($req:ty) -> $resp:ty = $rpc:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub async fn $method(&self, req: $req) -> Result<$resp, Error> {
+                let started = Instant::now();
+                let r = call(&self.node, $rpc, self.timeout, || {
+                    let (mut c, r) = (self.inner.clone(), req.clone());
+                    async move { c.$method(r).await }
+                })
+                .await;
+                self.record($rpc, started, &r);
+                r
+            }
+        )*
+    };
+}
+
+impl Agent {
+    fn new(node: &str, channel: Channel, timeout: Duration, metrics: &Arc<Metrics>) -> Self {
+        Self {
+            node: node.to_string(),
+            inner: NodeAgentClient::new(channel),
+            timeout,
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// The node this agent runs on.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn record<T>(&self, rpc: &'static str, started: Instant, r: &Result<T, Error>) {
+        let code = match r {
+            Ok(_) => Code::Ok,
+            Err(Error::Agent { code, .. }) => *code,
+            Err(_) => Code::Unknown,
+        };
+        self.metrics.agent_call(rpc, code, started.elapsed());
+        tracing::debug!(node = %self.node, rpc, ?code, ms = started.elapsed().as_millis() as u64, "agent call");
+    }
+
+    /// Opens a server stream: the deadline covers the first answer (the headers), not
+    /// the stream, whose pace is the work's (an import, a migration).
+    async fn open<T>(
+        &self,
+        rpc: &'static str,
+        fut: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(s)) => Err(status_error(&self.node, rpc, &s)),
+            Err(_) => Err(status_error(
+                &self.node,
+                rpc,
+                &Status::deadline_exceeded(format!("no answer within {}s", self.timeout.as_secs())),
+            )),
+        };
+        self.record(rpc, started, &r);
+        r
+    }
+
+    unary! {
+        /// What the node can do, and the networks it carries.
+        get_capabilities(pb::GetCapabilitiesRequest) -> pb::NodeCapabilities = "GetCapabilities";
+        /// Creates (or finds) a VM disk's overlay over its base.
+        ensure_overlay(pb::EnsureOverlayRequest) -> pb::OverlayInfo = "EnsureOverlay";
+        /// Deletes a VM disk's overlay (refused while its QEMU runs).
+        delete_overlay(pb::DeleteOverlayRequest) -> pb::DeleteOverlayResponse = "DeleteOverlay";
+        /// Drops an OverlayDisk's base reference.
+        release_disk(pb::ReleaseDiskRequest) -> pb::ReleaseDiskResponse = "ReleaseDisk";
+        /// The complete desired state of a network on the node.
+        ensure_network(pb::EnsureNetworkRequest) -> pb::NetworkState = "EnsureNetwork";
+        /// Removes a network from the node.
+        delete_network(pb::DeleteNetworkRequest) -> pb::DeleteNetworkResponse = "DeleteNetwork";
+        /// A VM's state as its launcher reports it.
+        get_vm(pb::VmRef) -> pb::VmState = "GetVm";
+        /// Readies the node to receive a live migration.
+        prepare_migration_target(pb::PrepareMigrationTargetRequest) -> pb::MigrationEndpoint = "PrepareMigrationTarget";
+        /// Cancels a migration in flight.
+        cancel_migration(pb::CancelMigrationRequest) -> pb::CancelMigrationResponse = "CancelMigration";
+    }
+
+    /// Imports an OverlayDisk's base; progress streams until Ready or Failed.
+    pub async fn prepare_disk(
+        &self,
+        req: pb::PrepareDiskRequest,
+    ) -> Result<tonic::Streaming<pb::DiskProgress>, Error> {
+        let mut c = self.inner.clone();
+        self.open("PrepareDisk", c.prepare_disk(req)).await
+    }
+
+    /// Streams a stopped VM's overlay chain out (cold moves).
+    pub async fn export_overlay(
+        &self,
+        req: pb::ExportOverlayRequest,
+    ) -> Result<tonic::Streaming<pb::OverlayChunk>, Error> {
+        let mut c = self.inner.clone();
+        self.open("ExportOverlay", c.export_overlay(req)).await
+    }
+
+    /// Takes an exported overlay chain in. No deadline: the answer comes once the
+    /// whole stream arrived and was checked.
+    pub async fn import_overlay(
+        &self,
+        chunks: impl tonic::IntoStreamingRequest<Message = pb::OverlayChunk>,
+    ) -> Result<pb::OverlayInfo, Error> {
+        let started = Instant::now();
+        let mut c = self.inner.clone();
+        let r = c
+            .import_overlay(chunks)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| status_error(&self.node, "ImportOverlay", &s));
+        self.record("ImportOverlay", started, &r);
+        r
+    }
+
+    /// Starts a live migration on the source; progress streams until the end.
+    pub async fn start_migration(
+        &self,
+        req: pb::StartMigrationRequest,
+    ) -> Result<tonic::Streaming<pb::MigrationProgress>, Error> {
+        let mut c = self.inner.clone();
+        self.open("StartMigration", c.start_migration(req)).await
     }
 }
 
@@ -188,6 +348,10 @@ mod tests {
         })
         .await;
         assert_eq!(m, 1, "FAILED_PRECONDITION is not retried");
-        assert!(r.is_err());
+        // The code survives as a typed field, not only as text.
+        let e = r.expect_err("fails");
+        assert_eq!(e.code(), Some(Code::FailedPrecondition));
+        assert_eq!(e.message(), "base not on this node");
+        assert_eq!(e.kind(), "agent");
     }
 }

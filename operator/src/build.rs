@@ -382,12 +382,14 @@ mod tests {
 
     /// Whether an equality-based selector (`k=v`, `!k`, comma-separated) matches labels.
     fn selects(selector: &str, labels: &BTreeMap<String, String>) -> bool {
-        selector.split(',').all(|term| match term.strip_prefix('!') {
-            Some(key) => !labels.contains_key(key),
-            None => term
-                .split_once('=')
-                .is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v)),
-        })
+        selector
+            .split(',')
+            .all(|term| match term.strip_prefix('!') {
+                Some(key) => !labels.contains_key(key),
+                None => term
+                    .split_once('=')
+                    .is_some_and(|(k, v)| labels.get(k).map(String::as_str) == Some(v)),
+            })
     }
 
     #[test]
@@ -396,15 +398,27 @@ mod tests {
         let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("spec");
         let mut pod = launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod");
         let labels = pod.metadata.labels.clone().unwrap_or_default();
-        assert!(selects(&hvx_api::labels::vm_pod_selector("shop", "web"), &labels));
-        assert!(selects(&hvx_api::labels::any_vm_pod_selector("web"), &labels));
-        assert!(!selects(&hvx_api::labels::vm_pod_selector("other", "web"), &labels));
+        assert!(selects(
+            &hvx_api::labels::vm_pod_selector("shop", "web"),
+            &labels
+        ));
+        assert!(selects(
+            &hvx_api::labels::any_vm_pod_selector("web"),
+            &labels
+        ));
+        assert!(!selects(
+            &hvx_api::labels::vm_pod_selector("other", "web"),
+            &labels
+        ));
         pod.metadata
             .labels
             .get_or_insert_default()
             .insert(LABEL_MIGRATION_TARGET.into(), "m-1".into());
         let labels = pod.metadata.labels.clone().unwrap_or_default();
-        assert!(!selects(&hvx_api::labels::vm_pod_selector("shop", "web"), &labels));
+        assert!(!selects(
+            &hvx_api::labels::vm_pod_selector("shop", "web"),
+            &labels
+        ));
     }
 
     #[test]

@@ -4,12 +4,12 @@
 
 use crate::context::Context;
 use crate::error::Error;
+use crate::finalize::Cleanup;
 use crate::hostprep;
 use hvx_api::{DiskPhase, OverlayDisk, VmApplication, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;

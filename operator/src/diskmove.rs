@@ -238,12 +238,19 @@ fn status_text(s: &tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
+fn agent_text(e: &Error) -> String {
+    match e.code() {
+        Some(code) => format!("{code:?}: {}", e.message()),
+        None => e.to_string(),
+    }
+}
+
 /// Relays one disk: the export's header (stamped with the move id), data and trailer
 /// go to the import unchanged. An export that breaks ends the import's stream without
 /// a trailer, so the target installs nothing. Returns the bytes moved.
 async fn relay(
-    mut source: AgentClient,
-    mut target: AgentClient,
+    source: AgentClient,
+    target: AgentClient,
     route: &Route,
     disk: &str,
     mut progress: impl FnMut(u64, u64) + Send,
@@ -254,8 +261,7 @@ async fn relay(
             disk_name: disk.to_string(),
         })
         .await
-        .map_err(|s| format!("ExportOverlay on {}: {}", route.from, status_text(&s)))?
-        .into_inner();
+        .map_err(|e| format!("ExportOverlay on {}: {}", route.from, agent_text(&e)))?;
     let mut header = match next_chunk(&mut export).await? {
         Some(pb::OverlayChunk {
             part: Some(Part::Header(h)),
@@ -302,7 +308,7 @@ async fn relay(
     let imported = import
         .await
         .map_err(|e| format!("import task: {e}"))?
-        .map_err(|s| format!("ImportOverlay on {}: {}", route.to, status_text(&s)));
+        .map_err(|e| format!("ImportOverlay on {}: {}", route.to, agent_text(&e)));
     // A broken export explains a failed import better than the import does.
     forwarded.map_err(|e| format!("ExportOverlay on {}: {e}", route.from))?;
     imported?;
@@ -423,7 +429,7 @@ pub async fn clean_old_copy(
     if ctx.stores.node(&from).is_some() {
         let disks: Vec<String> = ls.disks.iter().map(|d| d.name.clone()).collect();
         let client = hostprep::client_for(ctx, cluster, &from)?;
-        hostprep::delete_vm_overlays_on(ctx, &from, &client, &ls.vm_id, &disks).await?;
+        hostprep::delete_vm_overlays_on(&client, &ls.vm_id, &disks).await?;
         tracing::info!(vm = %ls.vm.name, node = %from, "old copy of moved disks deleted");
     }
     annotate(

@@ -30,11 +30,15 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// A node agent refused or failed a call (after retries for transient codes).
-    #[error("node agent on {node}: {message}")]
+    #[error("node agent on {node}: {call}: {code:?}: {message}")]
     Agent {
         /// The node.
         node: String,
-        /// Call, gRPC code and the agent's message.
+        /// The RPC (`connect` when no call could be made).
+        call: &'static str,
+        /// The gRPC code the agent (or the transport) answered.
+        code: tonic::Code,
+        /// The agent's message.
         message: String,
     },
     /// No free VXLAN network identifier is left.
@@ -48,6 +52,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// The gRPC code of an agent's answer (`None` for other errors).
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Agent { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// What went wrong, without the node and call (an agent's own message), for texts
+    /// that name them already.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Agent { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// Short label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -10,13 +10,13 @@
 
 use crate::error::Error;
 use kube::api::Api;
-use kube::runtime::controller::Action;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
 use kube::runtime::finalizer;
-use serde_json::json;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::json;
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
@@ -89,7 +89,11 @@ where
         "resourceVersion": obj.resource_version(),
     }});
     match api
-        .patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Ok(updated) => apply(Arc::new(updated)).await,

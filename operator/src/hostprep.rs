@@ -4,7 +4,7 @@
 //! VirtualNetwork complete (local taps, remote MACs, VTEPs, DHCP slice). Cleanup
 //! mirrors it. Every call is idempotent, so a restarted operator just does it again.
 
-use crate::agents::{self, AgentClient};
+use crate::agents::AgentClient;
 use crate::context::{Context, ImportState};
 use crate::error::Error;
 use crate::hostplan::{self, Cluster, PlacedNic};
@@ -35,9 +35,11 @@ pub enum DisksState {
 pub fn client_for(ctx: &Context, cluster: &Cluster, node: &str) -> Result<AgentClient, Error> {
     let ip = cluster.node_ips.get(node).ok_or_else(|| Error::Agent {
         node: node.to_string(),
+        call: "connect",
+        code: tonic::Code::Unavailable,
         message: "no ready agent on this node (label hvx.dev/agent=ready missing)".into(),
     })?;
-    ctx.agents.client(node, ip)
+    ctx.agents.client(node, ip, &ctx.metrics)
 }
 
 /// The agent nodes of the cluster now (from the node cache).
@@ -66,11 +68,7 @@ pub async fn ensure_vm_disks(
             base_digest: b.digest,
             virtual_bytes: b.virtual_bytes,
         };
-        agents::call(node, "EnsureOverlay", ctx.agents.timeout(), || {
-            let (mut c, r) = (client.clone(), req.clone());
-            async move { c.ensure_overlay(r).await }
-        })
-        .await?;
+        client.ensure_overlay(req.clone()).await?;
     }
     Ok(DisksState::Ready)
 }
@@ -223,7 +221,7 @@ fn progress_text(p: &pb::DiskProgress) -> String {
 /// Follows one PrepareDisk stream to its end, mirroring it into the OverlayDisk.
 async fn follow_import(
     ctx: Arc<Context>,
-    mut client: AgentClient,
+    client: AgentClient,
     key: (String, String),
     disk: OverlayDisk,
     req: pb::PrepareDiskRequest,
@@ -244,8 +242,7 @@ async fn follow_import(
         let mut stream = client
             .prepare_disk(req.clone())
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-            .into_inner();
+            .map_err(|e| e.to_string())?;
         let mut last_patch = Instant::now() - Duration::from_secs(10);
         while let Some(msg) = stream
             .message()
@@ -371,7 +368,7 @@ pub async fn sync_network(
     let mut first_err = None;
     for (node, ip) in &cluster.node_ips {
         let hosts = nics.iter().any(|n| n.network_uid == uid && &n.node == node);
-        let client = match ctx.agents.client(node, ip) {
+        let client = match ctx.agents.client(node, ip, &ctx.metrics) {
             Ok(c) => c,
             Err(e) => {
                 first_err.get_or_insert(e);
@@ -381,12 +378,7 @@ pub async fn sync_network(
         let result = if hosts {
             let req = hostplan::network_request(net, vni, node, nics, cluster);
             let taps: Vec<String> = req.local_ports.iter().map(|p| p.tap.clone()).collect();
-            agents::call(node, "EnsureNetwork", ctx.agents.timeout(), || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.ensure_network(r).await }
-            })
-            .await
-            .map(|state| {
+            client.ensure_network(req.clone()).await.map(|state| {
                 let mut leases = ctx.leases.lock().unwrap_or_else(|p| p.into_inner());
                 leases.retain(|(net, n, _), _| !(net == &uid && n == node));
                 for l in state.leases {
@@ -404,12 +396,7 @@ pub async fn sync_network(
                 vni,
                 force: false,
             };
-            agents::call(node, "DeleteNetwork", ctx.agents.timeout(), || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.delete_network(r).await }
-            })
-            .await
-            .map(|_| ())
+            client.delete_network(req.clone()).await.map(|_| ())
         };
         if let Err(e) = result {
             tracing::warn!(network = %net.name_any(), %node, error = %e, "network sync");
@@ -445,17 +432,13 @@ pub async fn sync_networks(
 /// Removes a network from every agent node (VirtualNetwork deleted).
 pub async fn delete_network_everywhere(ctx: &Context, uid: &str, vni: u32) -> Result<(), Error> {
     for (node, ip) in &cluster(ctx).await?.node_ips {
-        let client = ctx.agents.client(node, ip)?;
+        let client = ctx.agents.client(node, ip, &ctx.metrics)?;
         let req = pb::DeleteNetworkRequest {
             network_uid: uid.to_string(),
             vni,
             force: true,
         };
-        agents::call(node, "DeleteNetwork", ctx.agents.timeout(), || {
-            let (mut c, r) = (client.clone(), req.clone());
-            async move { c.delete_network(r).await }
-        })
-        .await?;
+        client.delete_network(req.clone()).await?;
     }
     Ok(())
 }
@@ -463,16 +446,14 @@ pub async fn delete_network_everywhere(ctx: &Context, uid: &str, vni: u32) -> Re
 /// Deletes a VM's overlays on every agent node (its pods are gone).
 pub async fn delete_vm_overlays(ctx: &Context, vm_id: &str, disks: &[String]) -> Result<(), Error> {
     for (node, ip) in &cluster(ctx).await?.node_ips {
-        let client = ctx.agents.client(node, ip)?;
-        delete_vm_overlays_on(ctx, node, &client, vm_id, disks).await?;
+        let client = ctx.agents.client(node, ip, &ctx.metrics)?;
+        delete_vm_overlays_on(&client, vm_id, disks).await?;
     }
     Ok(())
 }
 
 /// Deletes a VM's overlays on one node (already gone: OK).
 pub async fn delete_vm_overlays_on(
-    ctx: &Context,
-    node: &str,
     client: &AgentClient,
     vm_id: &str,
     disks: &[String],
@@ -482,11 +463,7 @@ pub async fn delete_vm_overlays_on(
             vm_uid: vm_id.to_string(),
             disk_name: d.clone(),
         };
-        agents::call(node, "DeleteOverlay", ctx.agents.timeout(), || {
-            let (mut c, r) = (client.clone(), req.clone());
-            async move { c.delete_overlay(r).await }
-        })
-        .await?;
+        client.delete_overlay(req.clone()).await?;
     }
     Ok(())
 }
@@ -494,15 +471,11 @@ pub async fn delete_vm_overlays_on(
 /// Releases an OverlayDisk's base on every agent node (OverlayDisk deleted).
 pub async fn release_disk_everywhere(ctx: &Context, uid: &str) -> Result<(), Error> {
     for (node, ip) in &cluster(ctx).await?.node_ips {
-        let client = ctx.agents.client(node, ip)?;
+        let client = ctx.agents.client(node, ip, &ctx.metrics)?;
         let req = pb::ReleaseDiskRequest {
             disk_uid: uid.to_string(),
         };
-        agents::call(node, "ReleaseDisk", ctx.agents.timeout(), || {
-            let (mut c, r) = (client.clone(), req.clone());
-            async move { c.release_disk(r).await }
-        })
-        .await?;
+        client.release_disk(req.clone()).await?;
         ctx.imports
             .lock()
             .unwrap_or_else(|p| p.into_inner())

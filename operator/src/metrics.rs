@@ -22,7 +22,15 @@ pub struct Metrics {
     migration_times: Mutex<(u64, u64, u64)>,
     /// Cold disk moves: outcome -> count, and bytes moved.
     disk_moves: Mutex<(BTreeMap<String, u64>, u64)>,
+    /// Agent calls: (rpc, gRPC code) -> count; rpc -> (seconds sum, count).
+    agent_calls: Mutex<AgentCalls>,
 }
+
+/// Agent calls: (rpc, gRPC code) -> count; rpc -> (seconds sum, count).
+type AgentCalls = (
+    BTreeMap<(&'static str, String), u64>,
+    BTreeMap<&'static str, (f64, u64)>,
+);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -58,6 +66,15 @@ impl Metrics {
         let mut m = lock(&self.disk_moves);
         *m.0.entry(outcome.into()).or_default() += 1;
         m.1 += bytes;
+    }
+
+    /// Records one agent call (after its retries).
+    pub fn agent_call(&self, rpc: &'static str, code: tonic::Code, took: Duration) {
+        let mut c = lock(&self.agent_calls);
+        *c.0.entry((rpc, format!("{code:?}"))).or_default() += 1;
+        let d = c.1.entry(rpc).or_default();
+        d.0 += took.as_secs_f64();
+        d.1 += 1;
     }
 
     /// The Prometheus text.
@@ -100,6 +117,22 @@ impl Metrics {
             "# TYPE hvx_operator_disk_move_bytes_total counter\nhvx_operator_disk_move_bytes_total {}",
             moves.1
         );
+        drop(moves);
+        let calls = lock(&self.agent_calls);
+        let _ = writeln!(out, "# TYPE hvx_operator_agent_calls_total counter");
+        for ((rpc, code), n) in &calls.0 {
+            let _ = writeln!(
+                out,
+                "hvx_operator_agent_calls_total{{rpc=\"{rpc}\",code=\"{code}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# TYPE hvx_operator_agent_call_seconds summary");
+        for (rpc, (sum, n)) in &calls.1 {
+            let _ = writeln!(
+                out,
+                "hvx_operator_agent_call_seconds_sum{{rpc=\"{rpc}\"}} {sum}\nhvx_operator_agent_call_seconds_count{{rpc=\"{rpc}\"}} {n}"
+            );
+        }
         out
     }
 }

@@ -15,6 +15,7 @@
 use crate::build;
 use crate::context::Context;
 use crate::error::Error;
+use crate::finalize::Cleanup;
 use crate::hostprep::{self, BasesState};
 use crate::migplan::{self, LABEL_MIGRATION_TARGET, NodeInfo};
 use hvx_api::launch::IncomingMigration;
@@ -26,7 +27,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
@@ -451,16 +451,7 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
             source_agent: String::new(),
             tls_psk: psk_for(ctx, &t.uid()),
         };
-        let ep = crate::agents::call(
-            &target,
-            "PrepareMigrationTarget",
-            ctx.agents.timeout(),
-            || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.prepare_migration_target(r).await }
-            },
-        )
-        .await?;
+        let ep = client.prepare_migration_target(req.clone()).await?;
         let port = |p: u32| u16::try_from(p).unwrap_or(0);
         let source = source_pod
             .spec
@@ -524,11 +515,7 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
         .await;
     }
     // Listening yet?
-    let state = crate::agents::call(&target, "GetVm", ctx.agents.timeout(), || {
-        let (mut c, r) = (client.clone(), vm_ref.clone());
-        async move { c.get_vm(r).await }
-    })
-    .await;
+    let state = client.get_vm(vm_ref.clone()).await;
     let listening = state.is_ok_and(|s| s.phase == pb::vm_state::Phase::Migrating as i32);
     if !listening {
         return wait(ctx, t, format!("target launcher on {target} starting")).await;
@@ -604,7 +591,7 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
             source_agent: String::new(),
             tls_psk: psk_for(ctx, &uid),
         };
-        let mut c = dst_client.clone();
+        let c = dst_client.clone();
         if let Err(e) = c.prepare_migration_target(req).await {
             forget(ctx, &uid);
             return fail(ctx, &t, format!("re-keying the target: {}", e.message())).await;
@@ -657,8 +644,8 @@ fn forget(ctx: &Context, uid: &str) {
 async fn follow(
     ctx: Arc<Context>,
     mig: VmMigration,
-    mut src: crate::agents::AgentClient,
-    mut dst: crate::agents::AgentClient,
+    src: crate::agents::AgentClient,
+    dst: crate::agents::AgentClient,
     req: pb::StartMigrationRequest,
     source: String,
     target: String,
@@ -674,7 +661,7 @@ async fn follow(
     let mut last: Option<pb::MigrationProgress> = None;
     match stream {
         Ok(resp) => {
-            let mut s = resp.into_inner();
+            let mut s = resp;
             let mut last_write = std::time::Instant::now() - Duration::from_secs(10);
             loop {
                 match s.message().await {
@@ -718,14 +705,10 @@ async fn follow(
                 }
             }
         }
-        Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+        Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
             // The source no longer runs the VM: either it completed (and the source
             // agent restarted, forgetting the result) or it is really gone.
-            let there = dst
-                .get_vm(vm_ref.clone())
-                .await
-                .ok()
-                .map(|r| r.into_inner().phase);
+            let there = dst.get_vm(vm_ref.clone()).await.ok().map(|r| r.phase);
             if there == Some(pb::vm_state::Phase::Running as i32) {
                 enter(
                     &mut status,
@@ -838,7 +821,7 @@ async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
                 vm_uid: vm_id.clone(),
                 disk_name: d,
             };
-            let mut c = client.clone();
+            let c = client.clone();
             // Refused while the source QEMU is still exiting: the next pass retries.
             if let Err(e) = c.delete_overlay(req).await {
                 tracing::info!(error = %e.message(), "source overlay stays for now");
@@ -869,11 +852,7 @@ async fn drop_target_record(
         migration_uid: uid.to_string(),
         vm: None,
     };
-    let answer = crate::agents::call(node, "CancelMigration", ctx.agents.timeout(), || {
-        let (mut c, r) = (client.clone(), req.clone());
-        async move { c.cancel_migration(r).await }
-    })
-    .await;
+    let answer = client.cancel_migration(req.clone()).await;
     if let Err(e) = &answer {
         tracing::info!(node, error = %e, "target's migration record stays for now");
     }
@@ -902,7 +881,7 @@ async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
         .into_iter()
         .flatten()
     {
-        if let Ok(mut c) = hostprep::client_for(ctx, &cluster, &node) {
+        if let Ok(c) = hostprep::client_for(ctx, &cluster, &node) {
             let req = pb::CancelMigrationRequest {
                 migration_uid: uid.clone(),
                 vm: vm_id.clone().map(|v| pb::VmRef {
@@ -937,7 +916,7 @@ async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
                         vm_uid: vm_id.clone(),
                         disk_name: d.name.clone(),
                     };
-                    let mut c = client.clone();
+                    let c = client.clone();
                     if c.delete_overlay(req).await.is_err() {
                         left += 1;
                     }

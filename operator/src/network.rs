@@ -5,14 +5,12 @@
 
 use crate::context::Context;
 use crate::error::Error;
+use crate::finalize::Cleanup;
 use crate::{hostplan, hostprep};
-use hvx_api::{
-    NetworkNodeStatus, VirtualNetwork, condition, new_condition, set_condition,
-};
+use hvx_api::{NetworkNodeStatus, VirtualNetwork, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -222,16 +220,11 @@ async fn duplicate_vni(ctx: &Context, net: &VirtualNetwork) -> Result<bool, Erro
         return Ok(false);
     };
     let mine = net.creation_timestamp();
-    Ok(ctx
-        .stores
-        .networks
-        .state()
-        .iter()
-        .any(|n| {
-            n.uid() != net.uid()
-                && n.status.as_ref().and_then(|s| s.vni) == Some(vni)
-                && (n.creation_timestamp(), n.uid()) < (mine.clone(), net.uid())
-        }))
+    Ok(ctx.stores.networks.state().iter().any(|n| {
+        n.uid() != net.uid()
+            && n.status.as_ref().and_then(|s| s.vni) == Some(vni)
+            && (n.creation_timestamp(), n.uid()) < (mine.clone(), net.uid())
+    }))
 }
 
 /// One allocation at a time in this process (the operator is leader-elected, so this

@@ -2,10 +2,10 @@
 
 use crate::context::{Context, OperatorConfig};
 use crate::error::Error;
+use crate::stores::Feeds;
 use futures::StreamExt;
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
 use k8s_openapi::api::core::v1::Pod;
-use crate::stores::Feeds;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
@@ -42,7 +42,11 @@ fn jitter_seed(key: &str) -> u64 {
     h.finish()
 }
 
-fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     let key = failure_key(obj.as_ref());
     let n = {
         let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,7 +169,15 @@ pub async fn run_with_metrics(
         })
         .shutdown_on_signal()
         .run(
-            |o, c| async move { timed(c.clone(), "vmapp", o.as_ref(), crate::vmapp::reconcile(o.clone(), c)).await },
+            |o, c| async move {
+                timed(
+                    c.clone(),
+                    "vmapp",
+                    o.as_ref(),
+                    crate::vmapp::reconcile(o.clone(), c),
+                )
+                .await
+            },
             error_policy,
             ctx.clone(),
         )
@@ -176,7 +188,15 @@ pub async fn run_with_metrics(
         .watches_shared_stream(feeds.pods.subscribe(), |p: Arc<Pod>| networks_of_pod(&p))
         .shutdown_on_signal()
         .run(
-            |o, c| async move { timed(c.clone(), "network", o.as_ref(), crate::network::reconcile(o.clone(), c)).await },
+            |o, c| async move {
+                timed(
+                    c.clone(),
+                    "network",
+                    o.as_ref(),
+                    crate::network::reconcile(o.clone(), c),
+                )
+                .await
+            },
             error_policy,
             ctx.clone(),
         )
@@ -185,7 +205,15 @@ pub async fn run_with_metrics(
         .with_config(controller_config())
         .shutdown_on_signal()
         .run(
-            |o, c| async move { timed(c.clone(), "disk", o.as_ref(), crate::disk::reconcile(o.clone(), c)).await },
+            |o, c| async move {
+                timed(
+                    c.clone(),
+                    "disk",
+                    o.as_ref(),
+                    crate::disk::reconcile(o.clone(), c),
+                )
+                .await
+            },
             error_policy,
             ctx.clone(),
         )
@@ -195,7 +223,15 @@ pub async fn run_with_metrics(
             .with_config(controller_config())
             .shutdown_on_signal()
             .run(
-                |o, c| async move { timed(c.clone(), "migration", o.as_ref(), crate::migration::reconcile(o.clone(), c)).await },
+                |o, c| async move {
+                    timed(
+                        c.clone(),
+                        "migration",
+                        o.as_ref(),
+                        crate::migration::reconcile(o.clone(), c),
+                    )
+                    .await
+                },
                 error_policy,
                 ctx.clone(),
             )
@@ -205,7 +241,15 @@ pub async fn run_with_metrics(
         .with_config(controller_config())
         .shutdown_on_signal()
         .run(
-            |o, c| async move { timed(c.clone(), "drain", o.as_ref(), crate::drain::reconcile(o.clone(), c)).await },
+            |o, c| async move {
+                timed(
+                    c.clone(),
+                    "drain",
+                    o.as_ref(),
+                    crate::drain::reconcile(o.clone(), c),
+                )
+                .await
+            },
             error_policy,
             ctx.clone(),
         )

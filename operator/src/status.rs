@@ -1,8 +1,10 @@
 //! Pure status derivation: pods and references in, VM and application status out.
 
-use hvx_api::{ApplicationPhase, RunStrategy, VirtualMachine, VmApplicationSpec, VmPhase, VmStatus};
-use std::time::Duration;
+use hvx_api::{
+    ApplicationPhase, RunStrategy, VirtualMachine, VmApplicationSpec, VmPhase, VmStatus,
+};
 use k8s_openapi::api::core::v1::Pod;
+use std::time::Duration;
 
 /// What the operator should do about one VM after looking at its pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,10 +180,19 @@ mod tests {
         let halted = vm_status("a", VmPhase::Stopped, None);
         // Halted and stopped, running with an address: settled.
         assert_eq!(
-            resync_after(&spec, &[halted.clone(), vm_status("b", VmPhase::Running, Some("10.0.0.5"))]),
+            resync_after(
+                &spec,
+                &[
+                    halted.clone(),
+                    vm_status("b", VmPhase::Running, Some("10.0.0.5"))
+                ]
+            ),
             RESYNC_RUNNING
         );
-        assert_eq!(resync_after(&spec, std::slice::from_ref(&halted)), RESYNC_IDLE);
+        assert_eq!(
+            resync_after(&spec, std::slice::from_ref(&halted)),
+            RESYNC_IDLE
+        );
         // Waiting for a DHCP lease, starting, or stopped though it should run: busy.
         for b in [
             vm_status("b", VmPhase::Running, None),
@@ -189,7 +200,11 @@ mod tests {
             vm_status("b", VmPhase::Stopped, None),
             vm_status("b", VmPhase::Pending, None),
         ] {
-            assert_eq!(resync_after(&spec, &[halted.clone(), b.clone()]), RESYNC_BUSY, "{b:?}");
+            assert_eq!(
+                resync_after(&spec, &[halted.clone(), b.clone()]),
+                RESYNC_BUSY,
+                "{b:?}"
+            );
         }
     }
 

@@ -11,7 +11,7 @@
 //! between the list and the agent's answer is never taken for an orphan.
 
 use crate::context::Context;
-use crate::{agents, hostprep};
+use crate::hostprep;
 use hvx_api::VirtualNetwork;
 use hvx_proto::v1 as pb;
 use kube::ResourceExt;
@@ -71,14 +71,9 @@ async fn round(
     let cluster = hostprep::cluster(ctx).await?;
     let mut carried = Vec::new();
     for (node, ip) in &cluster.node_ips {
-        let client = ctx.agents.client(node, ip)?;
+        let client = ctx.agents.client(node, ip, &ctx.metrics)?;
         // An agent that does not answer keeps its networks this round.
-        let Ok(caps) = agents::call(node, "GetCapabilities", ctx.agents.timeout(), || {
-            let mut c = client.clone();
-            async move { c.get_capabilities(pb::GetCapabilitiesRequest {}).await }
-        })
-        .await
-        else {
+        let Ok(caps) = client.get_capabilities(pb::GetCapabilitiesRequest {}).await else {
             continue;
         };
         carried.extend(
@@ -97,12 +92,7 @@ async fn round(
             vni,
             force: true,
         };
-        match agents::call(&node, "DeleteNetwork", ctx.agents.timeout(), || {
-            let (mut c, r) = (client.clone(), req.clone());
-            async move { c.delete_network(r).await }
-        })
-        .await
-        {
+        match client.delete_network(req.clone()).await {
             Ok(_) => tracing::info!(%node, %uid, vni, "deleted a network no VirtualNetwork owns"),
             Err(e) => tracing::warn!(%node, %uid, vni, error = %e, "deleting an orphaned network"),
         }

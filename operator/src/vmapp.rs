@@ -5,19 +5,19 @@ use crate::build::{self, LABEL_APP, Resolved};
 use crate::context::Context;
 use crate::diskmove;
 use crate::error::Error;
+use crate::finalize::Cleanup;
 use crate::hostplan;
 use crate::hostprep::{self, DisksState};
 use crate::status::{PodAction, SpecChange, app_phase, pod_action, vm_phase};
 use hvx_api::{
-    InterfaceStatus, VmApplication, VmApplicationStatus, VmPhase,
-    VmStatus, condition, new_condition, set_condition,
+    InterfaceStatus, VmApplication, VmApplicationStatus, VmPhase, VmStatus, condition,
+    new_condition, set_condition,
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use crate::finalize::Cleanup;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -438,7 +438,10 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
     if status != previous {
         write_status(ctx, &ns, &name, &uid, &status).await?;
     }
-    Ok(Action::requeue(crate::status::resync_after(&app.spec, &status.vms)))
+    Ok(Action::requeue(crate::status::resync_after(
+        &app.spec,
+        &status.vms,
+    )))
 }
 
 /// Finds the OverlayDisks and VirtualNetworks the application references (caches).
