@@ -24,4 +24,4 @@ mod spawn;
 pub use error::ChildError;
 pub use procfs::{ProcId, kill_and_wait, pgid};
 pub use record::{Owner, ProcRecord, Reaped, Tracked, Tracker};
-pub use spawn::{die_with_parent, spawn, spawn_tokio};
+pub use spawn::{die_with_parent, output, output_tokio, spawn, spawn_tokio};

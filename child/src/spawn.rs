@@ -106,6 +106,24 @@ pub async fn spawn_tokio(mut cmd: tokio::process::Command) -> io::Result<tokio::
         .map_err(|_| io::Error::other("the hvx-spawner thread dropped a spawn"))?
 }
 
+/// `Command::output` for short helpers (`ip`, `df`, `qemu --version`) with the same
+/// lifetime rule: stdin from /dev/null, stdout and stderr captured.
+pub async fn output_tokio(mut cmd: tokio::process::Command) -> io::Result<std::process::Output> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    spawn_tokio(cmd).await?.wait_with_output().await
+}
+
+/// Blocking [`output_tokio`].
+pub fn output(mut cmd: std::process::Command) -> io::Result<std::process::Output> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
