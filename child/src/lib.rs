@@ -22,6 +22,6 @@ mod record;
 mod spawn;
 
 pub use error::ChildError;
-pub use procfs::{ProcId, kill_and_wait, pgid};
+pub use procfs::{ProcId, group_members, kill_and_wait, kill_orphaned_group, pgid};
 pub use record::{Owner, ProcRecord, Reaped, Tracked, Tracker};
 pub use spawn::{die_with_parent, output, output_tokio, spawn, spawn_tokio};

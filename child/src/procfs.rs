@@ -60,6 +60,40 @@ pub fn pgid(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(2)?.parse().ok()
 }
 
+/// Live members of the process group `pgid`.
+pub fn group_members(pgid: u32) -> Vec<ProcId> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| self::pgid(*p) == Some(pgid))
+        .filter_map(ProcId::of)
+        .collect()
+}
+
+/// Kills what is left of the process group `id` led when `id` itself is gone (its
+/// grandchildren, say). Safe only because the kernel never gives a new process a
+/// pid still used as a process group id: with no process of that pid in this boot,
+/// a group of that id can only be the one `id` created.
+pub fn kill_orphaned_group(id: &ProcId, timeout: Duration) -> usize {
+    if id.boot_id != boot_id() || ProcId::of(id.pid).is_some() || id.pid <= 1 {
+        return 0;
+    }
+    let members = group_members(id.pid);
+    if members.is_empty() {
+        return 0;
+    }
+    if let Ok(pgid) = i32::try_from(id.pid) {
+        send_kill(-pgid);
+    }
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && members.iter().any(ProcId::is_alive) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    members.len()
+}
+
 #[allow(unsafe_code)]
 fn send_kill(target: i32) -> bool {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
@@ -95,6 +129,35 @@ pub fn kill_and_wait(id: &ProcId, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kills_the_group_a_dead_leader_left() {
+        // The leader exits at once; its background sleep stays in the group.
+        let mut sh = std::process::Command::new("sh");
+        std::os::unix::process::CommandExt::process_group(&mut sh, 0);
+        let mut sh = sh
+            .args(["-c", "sleep 60 >/dev/null 2>&1 & echo $!"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let leader = ProcId::of(sh.id()).expect("alive");
+        let out = sh.wait_with_output().expect("wait");
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("pid");
+        let grandchild = ProcId::of(pid).expect("sleep runs");
+        assert_eq!(pgid(pid), Some(leader.pid));
+        // Another boot's record never kills anything.
+        let other_boot = ProcId {
+            boot_id: "0".into(),
+            ..leader.clone()
+        };
+        assert_eq!(kill_orphaned_group(&other_boot, Duration::from_secs(1)), 0);
+        assert!(grandchild.is_alive());
+        assert_eq!(kill_orphaned_group(&leader, Duration::from_secs(5)), 1);
+        assert!(!grandchild.is_alive(), "the group's member survived");
+    }
 
     #[test]
     fn identity_of_this_process_and_of_nothing() {

@@ -2,7 +2,7 @@
 //! start reaps what escaped its previous run.
 
 use crate::error::ChildError;
-use crate::procfs::{ProcId, kill_and_wait};
+use crate::procfs::{ProcId, kill_and_wait, kill_orphaned_group};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -164,6 +164,15 @@ impl Tracker {
                 }
             }
             let alive = rec.process.is_alive();
+            // The child is gone but what it forked may not be.
+            let orphans = if alive {
+                0
+            } else {
+                kill_orphaned_group(&rec.process, Duration::from_secs(5))
+            };
+            if orphans > 0 {
+                tracing::warn!(pid = rec.process.pid, what = %rec.what, orphans, "killed what a leftover's process group still held");
+            }
             if alive && !kill_and_wait(&rec.process, Duration::from_secs(5)) {
                 errors.push(ChildError::Unkillable {
                     pid: rec.process.pid,
@@ -177,7 +186,7 @@ impl Tracker {
             }
             reaped.push(Reaped {
                 record: rec,
-                killed: alive,
+                killed: alive || orphans > 0,
             });
         }
         match errors.into_iter().next() {
@@ -238,6 +247,34 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         drop(g);
+        assert!(t.records().expect("records").is_empty());
+    }
+
+    #[test]
+    fn reaps_what_a_dead_child_forked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t = Tracker::new(dir.path(), "test").expect("tracker");
+        let mut sh = std::process::Command::new("sh");
+        sh.args(["-c", "sleep 60 >/dev/null 2>&1 & echo $!; read x"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut sh = crate::spawn(sh).expect("sh");
+        let g = t.track(sh.id(), "helper");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(sh.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("pid");
+        let grandchild = ProcId::of(line.trim().parse().expect("pid")).expect("sleep");
+        // The helper exits (its record stays: as if its owner had been killed).
+        drop(sh.stdin.take());
+        let _ = sh.wait();
+        std::mem::forget(g);
+        let reaped = t.reap_stale().expect("reap");
+        assert_eq!(reaped.len(), 1, "{reaped:?}");
+        assert!(reaped[0].killed);
+        assert!(!grandchild.is_alive(), "the helper's child survived");
         assert!(t.records().expect("records").is_empty());
     }
 
