@@ -135,7 +135,7 @@ mod tests {
         // The leader exits at once; its background sleep stays in the group.
         let mut sh = std::process::Command::new("sh");
         std::os::unix::process::CommandExt::process_group(&mut sh, 0);
-        let mut sh = sh
+        let sh = sh
             .args(["-c", "sleep 60 >/dev/null 2>&1 & echo $!"])
             .stdout(std::process::Stdio::piped())
             .spawn()
