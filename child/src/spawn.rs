@@ -91,7 +91,7 @@ pub fn spawn(mut cmd: std::process::Command) -> io::Result<std::process::Child> 
 /// (so `wait`, pipes and `kill_on_drop` work as usual).
 pub async fn spawn_tokio(mut cmd: tokio::process::Command) -> io::Result<tokio::process::Child> {
     die_with_parent(cmd.as_std_mut());
-    let handle = tokio::runtime::Handle::current();
+    let handle = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = move || {
         let _guard = handle.enter();
