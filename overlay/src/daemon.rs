@@ -8,9 +8,9 @@
 //! docs/architecture.md, "Process lifetimes").
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hvx_child::{Owner, ProcId, ProcRecord};
-use std::time::{Duration, Instant};
 
 use crate::dnsmasq::{DnsmasqConfig, DnsmasqPaths};
 use crate::error::{OverlayError, Result};
@@ -51,10 +51,9 @@ fn write_record(paths: &DnsmasqPaths, process: ProcId) -> Result<()> {
     write_file(&record_path(paths), &text)
 }
 
-/// The dnsmasq serving `paths`, if it is alive and really that dnsmasq: the pid file
-/// names it, its command line names this config, and it is the very process recorded
-/// (pid and start time; a stale pid file may name a recycled pid).
-pub fn running(paths: &DnsmasqPaths) -> Option<ProcId> {
+/// The process the pid file names, if it is alive and a dnsmasq of this config (a
+/// stale pid file may name a recycled pid).
+fn pid_file_process(paths: &DnsmasqPaths) -> Option<ProcId> {
     let pid: u32 = std::fs::read_to_string(&paths.pid)
         .ok()?
         .trim()
@@ -64,9 +63,14 @@ pub fn running(paths: &DnsmasqPaths) -> Option<ProcId> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline);
     let conf = paths.conf.to_string_lossy();
-    if !(cmdline.contains("dnsmasq") && cmdline.contains(conf.as_ref())) {
-        return None;
-    }
+    (cmdline.contains("dnsmasq") && cmdline.contains(conf.as_ref())).then_some(id)
+}
+
+/// The dnsmasq serving `paths` that hvx can adopt: the pid file's dnsmasq of this
+/// config, and the very process recorded (pid and start time) unless there is no
+/// record yet (started by an agent that did not write one).
+pub fn running(paths: &DnsmasqPaths) -> Option<ProcId> {
+    let id = pid_file_process(paths)?;
     match read_record(paths) {
         Some(rec) if rec.process != id => None,
         _ => Some(id),
@@ -112,13 +116,23 @@ pub fn ensure(host: &Host, network: &str, cfg: &DnsmasqConfig) -> Result<DaemonA
     let main_changed = replace_if_changed(&p.conf, &cfg.main)?;
     let hosts_changed = replace_if_changed(&p.hosts, &cfg.hosts)?;
     let dhcp_changed = replace_if_changed(&p.dhcp_hosts, &cfg.dhcp_hosts)?;
+    // A dnsmasq of this config that is not the recorded one is reaped, not adopted
+    // (it would also hold the ports a new one needs).
+    if let Some(stray) = pid_file_process(p).filter(|id| running(p).as_ref() != Some(id)) {
+        tracing::warn!(
+            network,
+            pid = stray.pid,
+            "stopping a dnsmasq that is not the recorded one"
+        );
+        stop_pid(&stray)?;
+    }
     match running(p) {
         None => {
             start(host, network, p)?;
             Ok(DaemonAction::Started)
         }
         Some(id) if main_changed => {
-            stop_pid(id.pid)?;
+            stop_pid(&id)?;
             start(host, network, p)?;
             Ok(DaemonAction::Restarted)
         }
@@ -155,26 +169,101 @@ fn start(host: &Host, network: &str, p: &DnsmasqPaths) -> Result<()> {
     })
 }
 
-fn stop_pid(pid: u32) -> Result<()> {
-    let proc_dir = format!("/proc/{pid}");
-    // Already gone is fine (cleanup treats "absent" as done).
-    let _ = run(&["kill".into(), "-TERM".into(), pid.to_string()], None);
+/// SIGTERM, then SIGKILL after 5 s; by pid and start time, so a pid recycled
+/// meanwhile is never signalled.
+fn stop_pid(id: &ProcId) -> Result<()> {
+    if !id.is_alive() {
+        // Already gone is fine (cleanup treats "absent" as done).
+        return Ok(());
+    }
+    let _ = run(&["kill".into(), "-TERM".into(), id.pid.to_string()], None);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if !Path::new(&proc_dir).exists() {
+        if !id.is_alive() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    run(&["kill".into(), "-KILL".into(), pid.to_string()], None).map(|_| ())
+    if hvx_child::kill_and_wait(id, Duration::from_secs(5)) {
+        Ok(())
+    } else {
+        Err(OverlayError::CommandFailed {
+            command: format!("kill -KILL {}", id.pid),
+            status: "still running".into(),
+            stderr: "dnsmasq did not die".into(),
+        })
+    }
 }
 
 /// Stops the dnsmasq of a state directory if it runs.
 pub fn stop(paths: &DnsmasqPaths) -> Result<()> {
-    let stopped = match running(paths) {
-        Some(id) => stop_pid(id.pid),
+    // Whatever dnsmasq serves this config, recorded or not.
+    let stopped = match pid_file_process(paths) {
+        Some(id) => stop_pid(&id),
         None => Ok(()),
     };
     let _ = std::fs::remove_file(record_path(paths));
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process whose command line reads like the dnsmasq of `paths`.
+    fn fake_dnsmasq(paths: &DnsmasqPaths) -> std::process::Child {
+        let mut c = std::process::Command::new("bash");
+        c.args([
+            "-c",
+            &format!(
+                "exec -a 'dnsmasq --conf-file={}' sleep 60",
+                paths.conf.display()
+            ),
+        ]);
+        let child = hvx_child::spawn(c).expect("bash");
+        std::fs::write(&paths.pid, child.id().to_string()).expect("pid file");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_file_process(paths).is_none() {
+            assert!(Instant::now() < deadline, "fake dnsmasq did not exec");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    #[test]
+    fn adopts_the_recorded_dnsmasq_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let paths = DnsmasqPaths::new(dir.path());
+        let mut child = fake_dnsmasq(&paths);
+        let id = ProcId::of(child.id()).expect("alive");
+        // No record yet (an older agent): adoptable, and adopting records it.
+        assert_eq!(running(&paths), Some(id.clone()));
+        adopt(&paths, id.clone()).expect("adopt");
+        let rec = read_record(&paths).expect("record");
+        assert_eq!(rec.process, id);
+        assert_eq!(rec.owner.process, ProcId::current().expect("self"));
+        // A record naming another start time: the pid file's process is not ours.
+        let other = ProcRecord {
+            process: ProcId {
+                start_time: id.start_time + 1,
+                ..id.clone()
+            },
+            ..rec
+        };
+        write_file(
+            &record_path(&paths),
+            &serde_json::to_string(&other).expect("json"),
+        )
+        .expect("write");
+        assert_eq!(running(&paths), None);
+        // A pid file naming some other program: nothing runs.
+        std::fs::write(&paths.pid, std::process::id().to_string()).expect("pid");
+        assert_eq!(pid_file_process(&paths), None);
+        std::fs::write(&paths.pid, child.id().to_string()).expect("pid");
+        // stop() ends whatever dnsmasq serves the config, recorded or not.
+        stop(&paths).expect("stop");
+        let _ = child.wait();
+        assert!(!id.is_alive());
+        assert!(!record_path(&paths).exists());
+    }
 }
