@@ -58,7 +58,12 @@ for script in bench/*/run.sh bench/*/bench.sh; do
   echo "bench: $name took $(( $(date +%s) - start ))s" >&2
   # What a benchmark started must be gone when it ends (else the next one is skewed).
   if [ -z "${BENCH_ALLOW_STRAYS:-}" ]; then
-    left=$(stray_procs)
+    # Pods and VMs being deleted get 30 s to go.
+    for _ in $(seq 1 30); do
+      left=$(stray_procs)
+      [ -z "$left" ] && break
+      sleep 1
+    done
     if [ -n "$left" ]; then
       echo "bench: $name left processes behind:" >&2
       echo "$left" | sed 's/^/bench:   pid /' >&2
