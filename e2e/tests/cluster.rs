@@ -467,6 +467,39 @@ fn leak_check_finds_a_process_started_after_the_mark_only() {
     let later = started_since(before + 3600, &["sleep"]);
     let _ = child.kill();
     let _ = child.wait();
-    assert!(found.iter().any(|l| l.starts_with(&format!("{pid} "))), "{found:?}");
-    assert!(!later.iter().any(|l| l.starts_with(&format!("{pid} "))), "{later:?}");
+    assert!(
+        found.iter().any(|l| l.starts_with(&format!("{pid} "))),
+        "{found:?}"
+    );
+    assert!(
+        !later.iter().any(|l| l.starts_with(&format!("{pid} "))),
+        "{later:?}"
+    );
+}
+
+#[test]
+fn bench_refuses_to_start_beside_a_stray_qemu_img() {
+    // A process the kernel calls `qemu-img` (a copy of sleep under that name).
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = dir.path().join("qemu-img");
+    std::fs::copy("/bin/sleep", &fake).expect("copy sleep");
+    let mut stray = std::process::Command::new(&fake)
+        .arg("60")
+        .spawn()
+        .expect("fake qemu-img");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(repo.join("bench/run.sh"))
+        .env("BENCH_ONLY", "no-such-benchmark")
+        .env_remove("BENCH_ALLOW_STRAYS")
+        .output()
+        .expect("bench/run.sh");
+    let _ = stray.kill();
+    let _ = stray.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("pid {} qemu-img", stray.id())),
+        "the stray is not named: {err}"
+    );
 }
