@@ -37,7 +37,9 @@ pub struct Reaped {
     pub killed: bool,
 }
 
-/// The records of one owner (an agent's node, a launcher's VM).
+/// The records of one owner (an agent's node, a launcher's VM). Pids are those of
+/// the owner's pid namespace: owners sharing a directory must share it (agent and
+/// launcher pods run with `hostPID`).
 #[derive(Clone, Debug)]
 pub struct Tracker {
     dir: PathBuf,
