@@ -841,6 +841,8 @@ fn assert_gone(id: &hvx_child::ProcId, what: &str, secs: u64) {
 fn slow_tools(dir: &Path) -> Vec<(String, String)> {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).expect("mkdir");
+    // Conversions are slow while this file exists.
+    std::fs::write(dir.join("slow"), "").expect("slow");
     let qemu = which("qemu-system-x86_64");
     let img = which("qemu-img");
     for (name, body) in [
@@ -853,7 +855,8 @@ fn slow_tools(dir: &Path) -> Vec<(String, String)> {
         (
             "qemu-img",
             format!(
-                "#!/bin/bash\nif [ \"$1\" = convert ]; then shift; exec {img} convert -r 256K \"$@\"; fi\nexec {img} \"$@\"\n"
+                "#!/bin/bash\nif [ \"$1\" = convert ] && [ -e {slow} ]; then shift; exec {img} convert -r 256K \"$@\"; fi\nexec {img} \"$@\"\n",
+                slow = dir.join("slow").display()
             ),
         ),
     ] {
@@ -1078,7 +1081,7 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     // 3. The next agent adopts that very dnsmasq and leaves one set of processes.
     node.start_agent(port, None);
     let agent = node.agent.as_ref().expect("agent").id();
-    let _c = connect(port, None).await.expect("agent serves again");
+    let c = connect(port, None).await.expect("agent serves again");
     let deadline = Instant::now() + Duration::from_secs(20);
     let owner = loop {
         let rec: Option<hvx_child::ProcRecord> =
@@ -1102,6 +1105,35 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
         })
         .collect();
     assert!(strays.is_empty(), "left over: {strays:?}");
+    // The import the killed agent left half done succeeds when asked again.
+    std::fs::remove_file(node.root.path().join("slow")).expect("fast conversions");
+    let retried = c
+        .clone()
+        .prepare_disk(pb::PrepareDiskRequest {
+            disk_uid: "0b1c2d3e-0000-4000-8000-000000000003".into(),
+            namespace: "ns".into(),
+            name: "slow-root".into(),
+            source: Some(pb::DiskSource {
+                kind: Some(pb::disk_source::Kind::HttpUrl(format!(
+                    "http://{HOST_IP}:{http}/sample-guest-stream.vmdk"
+                ))),
+            }),
+            format: "vmdk".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("prepare again");
+    let mut stream = retried.into_inner();
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("progress") {
+        last = Some(m);
+    }
+    let last = last.expect("import result");
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Ready as i32,
+        "the interrupted import cannot be redone: {last:?}"
+    );
 
     // 4. In a pod, containerd kills dnsmasq with the agent container: the next agent
     // starts it again before it serves anything else (docs: within seconds).
