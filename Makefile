@@ -12,7 +12,7 @@ export KUBECONFIG_HVX := $(CURDIR)/$(OUT)/kubeconfig
 
 .PHONY: deps build generate check-generated fmt lint test test-unit test-integration \
         test-cluster e2e e2e-kind bench images chart-lint cluster-up cluster-down demo \
-        guest-image deny clean cluster-down-check fuzz
+        guest-image deny clean cluster-down-check fuzz test-mark
 
 deps: ## system packages (apt, bookworm + backports)
 	hack/install-deps.sh
@@ -36,7 +36,10 @@ lint: deps
 	cd fuzz && cargo fmt -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: lint check-generated test-unit test-integration test-cluster chart-lint e2e cluster-down-check ## every tier, as CI runs it
+test: test-mark lint check-generated test-unit test-integration test-cluster chart-lint e2e cluster-down-check ## every tier, as CI runs it
+
+test-mark: ## when this run began: cluster-down-check fails on QEMU/qemu-img/dnsmasq/shim/kubelet processes started since
+	mkdir -p $(OUT) && date +%s > $(OUT)/test-started
 
 test-unit: deps
 	cargo test --workspace --exclude hvx-e2e

@@ -9,6 +9,30 @@ cd "$(dirname "$0")/.."
 OUT=_out/bench
 mkdir -p "$OUT"
 failed=()
+# stray_procs: "pid comm args" of every running QEMU, qemu-img and dnsmasq (by the
+# kernel's command name, exact). A leaked probe QEMU spinning a core or a leftover
+# conversion would skew every number, so none may run that this script did not start.
+stray_procs() {
+  local d pid comm
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    comm=$(cat "$d/comm" 2>/dev/null) || continue
+    case "$comm" in
+      qemu-system-x86|qemu-img|dnsmasq)
+        [[ "$(awk '{print $3}' "$d/stat" 2>/dev/null)" == Z ]] && continue
+        echo "$pid $comm $(tr '\0' ' ' <"$d/cmdline" 2>/dev/null | cut -c1-160)" ;;
+    esac
+  done
+}
+if [ -z "${BENCH_ALLOW_STRAYS:-}" ]; then
+  strays=$(stray_procs)
+  if [ -n "$strays" ]; then
+    echo "bench: refusing to start: QEMU/qemu-img/dnsmasq processes this run did not start are running:" >&2
+    echo "$strays" | sed 's/^/bench:   pid /' >&2
+    echo "bench: stop them (kill <pid>) or set BENCH_ALLOW_STRAYS=1 to measure anyway" >&2
+    exit 2
+  fi
+fi
 # BENCH_ONLY="a b": run only those benchmarks and keep the other lines of the last run.
 if [ -n "${BENCH_ONLY:-}" ]; then
   for name in $BENCH_ONLY; do
@@ -32,6 +56,20 @@ for script in bench/*/run.sh bench/*/bench.sh; do
     grep '^BENCH ' "$OUT/$name.log" | sed 's/^BENCH //' | jq -c --arg b "$name" '. + {bench: $b}' >>"$OUT/lines.jsonl" || true
   fi
   echo "bench: $name took $(( $(date +%s) - start ))s" >&2
+  # What a benchmark started must be gone when it ends (else the next one is skewed).
+  if [ -z "${BENCH_ALLOW_STRAYS:-}" ]; then
+    # Pods and VMs being deleted get 30 s to go.
+    for _ in $(seq 1 30); do
+      left=$(stray_procs)
+      [ -z "$left" ] && break
+      sleep 1
+    done
+    if [ -n "$left" ]; then
+      echo "bench: $name left processes behind:" >&2
+      echo "$left" | sed 's/^/bench:   pid /' >&2
+      failed+=("$name(left processes)")
+    fi
+  fi
 done
 machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")"
 when=$(date -u +%Y-%m-%dT%H:%MZ)

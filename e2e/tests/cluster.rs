@@ -323,6 +323,9 @@ fn cluster_down_leaves_nothing() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let state_dir =
         std::env::var("HVX_CLUSTER_DIR").unwrap_or_else(|_| "/var/lib/hvx-cluster".to_string());
+    // Processes of the run are those started after `make test` began (its marker),
+    // else after the cluster was made; read before cluster-down removes the dir.
+    let since = run_started(&repo, &state_dir);
     for round in 1..=2 {
         let status = std::process::Command::new(repo.join("e2e/harness/cluster-down.sh")).status();
         assert!(
@@ -354,6 +357,14 @@ fn cluster_down_leaves_nothing() {
         }
     }
     assert!(procs.is_empty(), "processes left: {procs:?}");
+    if let Some(since) = since {
+        let left = started_since(since, LEAK_KINDS);
+        assert!(
+            left.is_empty(),
+            "processes started by this run are still running (an orphaned probe QEMU, \
+             conversion, dnsmasq, shim or kubelet): {left:?}"
+        );
+    }
     assert!(
         !std::path::Path::new("/sys/class/net/hvxbr0").exists(),
         "bridge hvxbr0 left"
@@ -361,5 +372,134 @@ fn cluster_down_leaves_nothing() {
     assert!(
         !std::path::Path::new(&state_dir).exists(),
         "{state_dir} left"
+    );
+}
+
+/// Kernel command names (`/proc/<pid>/comm`, at most 15 bytes) of what a run starts
+/// and must not leave: QEMU, qemu-img, dnsmasq, containerd and its shims, kubelets,
+/// hvx agents and launchers.
+const LEAK_KINDS: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-img",
+    "dnsmasq",
+    "containerd",
+    "containerd-shim",
+    "kubelet",
+    "hvx-node-agent",
+    "hvx-launcher",
+];
+
+/// Seconds since the epoch when the run began: `_out/test-started` (written first
+/// by `make test`), else the cluster state dir's mtime, else none.
+fn run_started(repo: &std::path::Path, state_dir: &str) -> Option<u64> {
+    let marker = repo.join("_out/test-started");
+    if let Some(t) = std::fs::read_to_string(&marker)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        return Some(t);
+    }
+    std::fs::metadata(state_dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+}
+
+/// "pid comm: args" of live processes of `kinds` that started at or after `since`.
+fn started_since(since: u64, kinds: &[&str]) -> Vec<String> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(btime) = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return vec!["cannot read the boot time from /proc/stat".into()];
+    };
+    let tck: u64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !kinds.contains(&comm.trim()) {
+            continue;
+        }
+        let Some(fields) = std::fs::read_to_string(path.join("stat"))
+            .ok()
+            .and_then(|s| s.rfind(')').map(|i| s[i + 1..].to_string()))
+        else {
+            continue;
+        };
+        let f: Vec<&str> = fields.split_whitespace().collect();
+        let start = f.get(19).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0) / tck.max(1);
+        if f.first() == Some(&"Z") || btime + start < since {
+            continue;
+        }
+        let args = std::fs::read(path.join("cmdline")).unwrap_or_default();
+        out.push(format!(
+            "{} {}: {}",
+            entry.file_name().to_string_lossy(),
+            comm.trim(),
+            String::from_utf8_lossy(&args).replace('\0', " ")
+        ));
+    }
+    out
+}
+
+#[test]
+fn leak_check_finds_a_process_started_after_the_mark_only() {
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    std::thread::sleep(Duration::from_millis(50));
+    let pid = child.id().to_string();
+    let found = started_since(before.saturating_sub(1), &["sleep"]);
+    let later = started_since(before + 3600, &["sleep"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        found.iter().any(|l| l.starts_with(&format!("{pid} "))),
+        "{found:?}"
+    );
+    assert!(
+        !later.iter().any(|l| l.starts_with(&format!("{pid} "))),
+        "{later:?}"
+    );
+}
+
+#[test]
+fn bench_refuses_to_start_beside_a_stray_qemu_img() {
+    // A process the kernel calls `qemu-img` (a copy of sleep under that name).
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = dir.path().join("qemu-img");
+    std::fs::copy("/bin/sleep", &fake).expect("copy sleep");
+    let mut stray = std::process::Command::new(&fake)
+        .arg("60")
+        .spawn()
+        .expect("fake qemu-img");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(repo.join("bench/run.sh"))
+        .env("BENCH_ONLY", "no-such-benchmark")
+        .env_remove("BENCH_ALLOW_STRAYS")
+        .output()
+        .expect("bench/run.sh");
+    let _ = stray.kill();
+    let _ = stray.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("pid {} qemu-img", stray.id())),
+        "the stray is not named: {err}"
     );
 }

@@ -55,6 +55,8 @@ struct TestNode {
     host_veth: String,
     root: tempfile::TempDir,
     agent: Option<Child>,
+    /// Extra environment of the agents started here.
+    env: Vec<(String, String)>,
 }
 
 impl TestNode {
@@ -94,6 +96,7 @@ impl TestNode {
             host_veth,
             root: tempfile::tempdir().expect("tempdir"),
             agent: None,
+            env: Vec::new(),
         }
     }
 
@@ -114,6 +117,7 @@ impl TestNode {
             .arg(format!("--run-root={}", root.join("run").display()))
             .args(["--label-node", "false"])
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         if let Some(d) = tls_dir {
@@ -763,4 +767,389 @@ async fn agents_move_a_stopped_vms_overlay_between_nodes() {
         .filter(|p| !p.to_string_lossy().contains("/overlay/"))
         .collect();
     assert!(left.is_empty(), "files left on node 2: {left:?}");
+}
+
+/// A process seen in /proc: pid, parent, command line.
+#[derive(Debug, Clone)]
+struct Proc {
+    pid: u32,
+    ppid: u32,
+    args: String,
+}
+
+fn processes() -> Vec<Proc> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let (Ok(stat), Ok(cmd)) = (
+            std::fs::read_to_string(e.path().join("stat")),
+            std::fs::read(e.path().join("cmdline")),
+        ) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() == Some(&"Z") {
+            continue;
+        }
+        out.push(Proc {
+            pid,
+            ppid: f.get(1).and_then(|p| p.parse().ok()).unwrap_or(0),
+            args: String::from_utf8_lossy(&cmd).replace('\0', " "),
+        });
+    }
+    out
+}
+
+/// Waits up to `secs` for a child of `parent` whose command line has all of `words`.
+fn wait_child(parent: u32, words: &[&str], secs: u64) -> hvx_child::ProcId {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(p) = processes()
+            .into_iter()
+            .find(|p| p.ppid == parent && words.iter().all(|w| p.args.contains(w)))
+            && let Some(id) = hvx_child::ProcId::of(p.pid)
+        {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no child of {parent} with {words:?} within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_gone(id: &hvx_child::ProcId, what: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while id.is_alive() {
+        if Instant::now() > deadline {
+            let _ = hvx_child::kill_and_wait(id, Duration::from_secs(2));
+            panic!("{what} (pid {}) survived its agent", id.pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wrappers in front of QEMU and qemu-img for the agent: the probe guest never
+/// prints (as on hosts where KVM hangs in the kernel's decompressor), and
+/// conversions are rate-limited, so each is surely running when the agent is killed.
+fn slow_tools(dir: &Path) -> Vec<(String, String)> {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    // Conversions are slow while this file exists.
+    std::fs::write(dir.join("slow"), "").expect("slow");
+    let qemu = which("qemu-system-x86_64");
+    let img = which("qemu-img");
+    for (name, body) in [
+        (
+            "qemu-system-x86_64",
+            format!(
+                "#!/bin/bash\nargs=()\nfor a in \"$@\"; do case \"$a\" in kvm) a=tcg;; host) a=qemu64;; esac; args+=(\"$a\"); done\nexec {qemu} \"${{args[@]}}\"\n"
+            ),
+        ),
+        (
+            "qemu-img",
+            format!(
+                "#!/bin/bash\nif [ \"$1\" = convert ] && [ -e {slow} ]; then shift; exec {img} convert -r 256K \"$@\"; fi\nexec {img} \"$@\"\n",
+                slow = dir.join("slow").display()
+            ),
+        ),
+    ] {
+        let p = bin.join(name);
+        std::fs::write(&p, body).expect("wrapper");
+        sh(&["chmod", "+x", &p.display().to_string()]);
+    }
+    // A multiboot "kernel" that spins without output: the probe waits its full
+    // 10 s for a line that never comes, its vCPU busy all along.
+    let spin = dir.join("spin.mb");
+    let (magic, flags) = (0x1BAD_B002u32, 0x0001_0000u32);
+    let load = 0x0010_0000u32;
+    let mut img_bytes = Vec::new();
+    for v in [
+        magic,
+        flags,
+        0u32.wrapping_sub(magic.wrapping_add(flags)),
+        load,
+        load,
+        0,
+        0,
+        load + 32,
+    ] {
+        img_bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    img_bytes.extend_from_slice(&[0xEB, 0xFE]);
+    img_bytes.resize(4096, 0);
+    std::fs::write(&spin, img_bytes).expect("spin kernel");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    vec![
+        ("PATH".into(), path),
+        ("HVX_PROBE_KERNEL".into(), spin.display().to_string()),
+    ]
+}
+
+fn which(tool: &str) -> String {
+    sh(&["sh", "-c", &format!("command -v {tool}")])
+        .trim()
+        .to_string()
+}
+
+/// The dnsmasq processes serving `conf`.
+fn dnsmasqs(conf: &Path) -> Vec<Proc> {
+    let conf = conf.display().to_string();
+    processes()
+        .into_iter()
+        .filter(|p| p.args.contains("dnsmasq") && p.args.contains(&conf))
+        .collect()
+}
+
+/// Whether a DNS server answers on `ip` inside the node (any reply counts).
+fn dns_answers(netns: &str, ip: &str) -> bool {
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
+         q=b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x03web\\x00\\x00\\x01\\x00\\x01'\n\
+         s.sendto(q,('{ip}',53))\ntry:\n  d=s.recvfrom(512)[0]\n  sys.exit(0 if d[:2]==b'\\x12\\x34' else 1)\n\
+         except Exception:\n  sys.exit(1)\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", &script])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// SIGKILLs the agent (no clean-up code of it runs) and returns its pid.
+fn kill_agent(node: &mut TestNode) -> u32 {
+    let mut c = node.agent.take().expect("agent runs");
+    let pid = c.id();
+    c.kill().expect("SIGKILL the agent");
+    let _ = c.wait();
+    pid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: netns, QEMU, qemu-img, dnsmasq (root)"]
+async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
+    assert!(is_root(), "run as root");
+    assert!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+        "the accelerator probe runs QEMU only where /dev/kvm opens; this host has none"
+    );
+    let guest = guest_dir();
+    let mut node = TestNode::new();
+    node.env = slow_tools(node.root.path());
+    let paths = hvx_api::node::NodePaths::new(
+        &node.root.path().join("lib"),
+        &node.root.path().join("run"),
+        "test-node",
+    );
+
+    // A leftover a previous agent recorded (its owner is dead): the next start kills it.
+    let records = paths.agent_state().join("children");
+    std::fs::create_dir_all(&records).expect("mkdir");
+    let mut cmd = Command::new("sleep");
+    cmd.arg("300");
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut leftover = cmd.spawn().expect("sleep");
+    let mut dead = Command::new("true").spawn().expect("true");
+    let _ = dead.wait();
+    let dead_id = hvx_child::ProcId {
+        pid: dead.id(),
+        start_time: 1,
+        boot_id: String::new(),
+    };
+    let leftover_id = hvx_child::ProcId::of(leftover.id()).expect("alive");
+    std::fs::write(
+        records.join(format!("{}.json", leftover.id())),
+        serde_json::to_vec(&hvx_child::ProcRecord {
+            process: leftover_id.clone(),
+            what: "accelerator probe".into(),
+            owner: hvx_child::Owner {
+                kind: "hvx-node-agent".into(),
+                process: dead_id,
+            },
+        })
+        .expect("json"),
+    )
+    .expect("record");
+
+    // 1. Killed during its accelerator probe: the probe's QEMU dies with it.
+    let port = free_port();
+    node.start_agent(port, None);
+    let agent = node.agent.as_ref().expect("agent").id();
+    let probe = wait_child(agent, &["qemu-system", "spin.mb"], 20);
+    assert_gone(
+        &leftover_id,
+        "the recorded leftover of an earlier agent",
+        10,
+    );
+    let _ = leftover.wait();
+    assert!(
+        !records.join(format!("{}.json", leftover_id.pid)).exists(),
+        "stale record kept"
+    );
+    assert!(
+        records.join(format!("{}.json", probe.pid)).exists(),
+        "the probe is not recorded"
+    );
+    kill_agent(&mut node);
+    assert_gone(&probe, "the accelerator probe's QEMU", 3);
+
+    // 2. Killed with a network up and an import converting: qemu-img dies, dnsmasq
+    // (meant to outlive the agent process) keeps serving.
+    node.start_agent(port, None);
+    let agent = node.agent.as_ref().expect("agent").id();
+    let mut c = connect(port, None).await.expect("agent serves");
+    let net = pb::EnsureNetworkRequest {
+        network_uid: "net-uid".into(),
+        namespace: "ns".into(),
+        name: "app-net".into(),
+        vni: VNI,
+        subnets: vec![pb::Subnet {
+            cidr: "10.77.0.0/24".into(),
+            gateway: "10.77.0.1".into(),
+            dhcp: true,
+            range_start: "10.77.0.100".into(),
+            range_end: "10.77.0.150".into(),
+            lease_seconds: 600,
+        }],
+        firewall_default_allow: true,
+        ..Default::default()
+    };
+    c.ensure_network(net.clone()).await.expect("network");
+    let conf = paths
+        .overlay_state()
+        .join(VNI.to_string())
+        .join("dnsmasq.conf");
+    let first = dnsmasqs(&conf);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let dns = hvx_child::ProcId::of(first[0].pid).expect("dnsmasq");
+    assert!(
+        dns_answers(&node.netns, "10.77.0.1"),
+        "dnsmasq does not answer"
+    );
+    let http = serve_file(guest.join("disk-stream.vmdk"));
+    let mut importing = c.clone();
+    let import = tokio::spawn(async move {
+        let req = pb::PrepareDiskRequest {
+            disk_uid: "0b1c2d3e-0000-4000-8000-000000000003".into(),
+            namespace: "ns".into(),
+            name: "slow-root".into(),
+            source: Some(pb::DiskSource {
+                kind: Some(pb::disk_source::Kind::HttpUrl(format!(
+                    "http://{HOST_IP}:{http}/sample-guest-stream.vmdk"
+                ))),
+            }),
+            format: "vmdk".into(),
+            ..Default::default()
+        };
+        let mut s = importing.prepare_disk(req).await?.into_inner();
+        while s.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    });
+    let convert = wait_child(agent, &["qemu-img", "convert"], 60);
+    let probe = processes()
+        .into_iter()
+        .find(|p| p.ppid == agent && p.args.contains("spin.mb"))
+        .and_then(|p| hvx_child::ProcId::of(p.pid));
+    kill_agent(&mut node);
+    assert_gone(&convert, "qemu-img convert", 3);
+    if let Some(p) = &probe {
+        assert_gone(p, "the second accelerator probe's QEMU", 3);
+    }
+    assert!(
+        matches!(import.await, Ok(Err(_))),
+        "the import outlived its agent"
+    );
+    assert!(dns.is_alive(), "dnsmasq died with the agent process");
+    assert!(
+        dns_answers(&node.netns, "10.77.0.1"),
+        "DNS stopped with the agent process"
+    );
+
+    // 3. The next agent adopts that very dnsmasq and leaves one set of processes.
+    node.start_agent(port, None);
+    let agent = node.agent.as_ref().expect("agent").id();
+    let c = connect(port, None).await.expect("agent serves again");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let owner = loop {
+        let rec: Option<hvx_child::ProcRecord> =
+            std::fs::read(conf.with_file_name("dnsmasq.proc.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(r) = rec.filter(|r| r.owner.process.pid == agent) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "dnsmasq not adopted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(owner.process, dns, "dnsmasq replaced instead of adopted");
+    assert_eq!(dnsmasqs(&conf).len(), 1, "{:?}", dnsmasqs(&conf));
+    let root = node.root.path().display().to_string();
+    let strays: Vec<Proc> = processes()
+        .into_iter()
+        .filter(|p| {
+            (p.args.contains("qemu-img") && p.args.contains(&root))
+                || (p.args.contains("spin.mb") && p.ppid != agent)
+        })
+        .collect();
+    assert!(strays.is_empty(), "left over: {strays:?}");
+    // The import the killed agent left half done succeeds when asked again.
+    std::fs::remove_file(node.root.path().join("slow")).expect("fast conversions");
+    let retried = c
+        .clone()
+        .prepare_disk(pb::PrepareDiskRequest {
+            disk_uid: "0b1c2d3e-0000-4000-8000-000000000003".into(),
+            namespace: "ns".into(),
+            name: "slow-root".into(),
+            source: Some(pb::DiskSource {
+                kind: Some(pb::disk_source::Kind::HttpUrl(format!(
+                    "http://{HOST_IP}:{http}/sample-guest-stream.vmdk"
+                ))),
+            }),
+            format: "vmdk".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("prepare again");
+    let mut stream = retried.into_inner();
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("progress") {
+        last = Some(m);
+    }
+    let last = last.expect("import result");
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Ready as i32,
+        "the interrupted import cannot be redone: {last:?}"
+    );
+
+    // 4. In a pod, containerd kills dnsmasq with the agent container: the next agent
+    // starts it again before it serves anything else (docs: within seconds).
+    kill_agent(&mut node);
+    assert!(hvx_child::kill_and_wait(&dns, Duration::from_secs(5)));
+    assert!(!dns_answers(&node.netns, "10.77.0.1"));
+    let started = Instant::now();
+    node.start_agent(port, None);
+    while !dns_answers(&node.netns, "10.77.0.1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "DNS not back within 10 s of the agent's start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("DNS back {:?} after the agent started", started.elapsed());
+    assert_eq!(dnsmasqs(&conf).len(), 1, "{:?}", dnsmasqs(&conf));
+    node.stop_agent();
 }

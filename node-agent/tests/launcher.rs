@@ -240,3 +240,162 @@ fn launcher_rejects_bad_specs_clearly() {
         "{err}"
     );
 }
+
+/// The live processes whose command line has `needle` (pid, ppid).
+fn procs_with(needle: &str) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains(needle) {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat"))
+            && let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..])
+        {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f.first() != Some(&"Z") {
+                out.push((pid, f.get(1).and_then(|p| p.parse().ok()).unwrap_or(0)));
+            }
+        }
+    }
+    out
+}
+
+/// Starts the launcher on `spec_file` and waits until status.json says Running.
+async fn start_running(spec_file: &Path, run_dir: &Path) -> (LauncherGuard, hvx_child::ProcId) {
+    let child = Command::new(LAUNCHER)
+        .args(["run", "--spec"])
+        .arg(spec_file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start launcher");
+    let guard = LauncherGuard {
+        child,
+        run_dir: run_dir.to_path_buf(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: Option<serde_json::Value> = std::fs::read(run_dir.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(s) = status.filter(|s| s["phase"] == "Running")
+            && let Some(pid) = s["qemu_pid"].as_u64()
+            // A killed launcher's last status names its dead QEMU.
+            && let Some(qemu) = hvx_child::ProcId::of(pid as u32)
+        {
+            return (guard, qemu);
+        }
+        assert!(Instant::now() < deadline, "VM not running within 60s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: make test-integration"]
+async fn launcher_killed_leaves_no_qemu_and_the_next_reaps_leftovers() {
+    if !is_root() {
+        eprintln!("SKIP: privileged test needs root");
+        return;
+    }
+    let guest = guest_dir();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = tmp.path().join("boot.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "vmdk", "-b"])
+        .arg(guest.join("disk-stream.vmdk"))
+        .arg(&disk)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let run_dir = tmp.path().join("run");
+    let spec = serde_json::json!({
+        "name": "orphan-1", "memory_mib": 128, "accelerator": "tcg",
+        "disks": [{"name": "boot", "path": disk, "format": "qcow2", "controller": "ide",
+                   "bus": 0, "unit": 0, "boot_order": 1}],
+        "run_dir": run_dir, "restart_policy": {"policy": "never"}, "shutdown_timeout_s": 5
+    });
+    let spec_file = tmp.path().join("spec.json");
+    std::fs::write(&spec_file, spec.to_string()).expect("write spec");
+    let needle = run_dir.display().to_string();
+
+    // SIGKILL: no clean-up code of the launcher runs, its QEMU dies all the same.
+    let (mut guard, qemu) = start_running(&spec_file, &run_dir).await;
+    let records = run_dir.join(".children");
+    assert!(
+        records.join(format!("{}.json", qemu.pid)).exists(),
+        "QEMU not recorded"
+    );
+    guard.child.kill().expect("SIGKILL the launcher");
+    let _ = guard.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while qemu.is_alive() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {} outlived its launcher",
+            qemu.pid
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A QEMU recorded by an earlier launcher that escaped (here: a stand-in in its
+    // own process group, recorded with a dead owner) is killed by the next launcher
+    // before it starts its own.
+    let mut cmd = Command::new("sleep");
+    cmd.arg("300");
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut leftover = cmd.spawn().expect("sleep");
+    let leftover_id = hvx_child::ProcId::of(leftover.id()).expect("alive");
+    let rec = hvx_child::ProcRecord {
+        process: leftover_id.clone(),
+        what: "qemu".into(),
+        owner: hvx_child::Owner {
+            kind: "hvx-launcher".into(),
+            process: hvx_child::ProcId {
+                start_time: 1,
+                ..leftover_id.clone()
+            },
+        },
+    };
+    std::fs::write(
+        records.join(format!("{}.json", leftover.id())),
+        serde_json::to_vec(&rec).expect("json"),
+    )
+    .expect("record");
+    let (mut guard, qemu) = start_running(&spec_file, &run_dir).await;
+    assert!(!leftover_id.is_alive(), "the recorded leftover still runs");
+    let _ = leftover.wait();
+    let running = procs_with(&needle);
+    let qemus: Vec<_> = running
+        .iter()
+        .filter(|(_, ppid)| *ppid == guard.child.id())
+        .collect();
+    assert_eq!(qemus.len(), 1, "one QEMU for the VM: {running:?}");
+    assert_eq!(qemus[0].0, qemu.pid);
+    let mut names: Vec<String> = std::fs::read_dir(&records)
+        .expect("records")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [format!("{}.json", qemu.pid)], "records");
+
+    // SIGTERM: a clean stop leaves no process and no record.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &guard.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while guard.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "launcher did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!qemu.is_alive(), "QEMU outlived a clean stop");
+    assert!(!records.exists(), "records left after a clean stop");
+    assert!(procs_with(&needle).is_empty(), "{:?}", procs_with(&needle));
+}

@@ -93,7 +93,8 @@ pub fn run(argv: &[String], stdin: Option<&str>) -> Result<String> {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| OverlayError::Spawn {
+    // Dies with the agent like every child hvx starts (hvx-child).
+    let mut child = hvx_child::spawn(cmd).map_err(|source| OverlayError::Spawn {
         program: program.clone(),
         source,
     })?;

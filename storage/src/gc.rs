@@ -181,15 +181,15 @@ impl DiskStore {
 
     /// Size and free bytes of the store's filesystem (`df`; zeros when it cannot say).
     async fn filesystem(&self) -> Result<(u64, u64)> {
-        let out = tokio::process::Command::new("df")
-            .args(["-B1", "--output=size,avail"])
-            .arg(self.root())
-            .output()
-            .await
-            .map_err(|source| crate::StorageError::Spawn {
-                program: "df".into(),
-                source,
-            })?;
+        let mut df = tokio::process::Command::new("df");
+        df.args(["-B1", "--output=size,avail"]).arg(self.root());
+        let out =
+            hvx_child::output_tokio(df)
+                .await
+                .map_err(|source| crate::StorageError::Spawn {
+                    program: "df".into(),
+                    source,
+                })?;
         Ok(parse_df(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default())
     }
 

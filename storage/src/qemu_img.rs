@@ -223,17 +223,25 @@ impl QemuImg {
     ) -> Result<String> {
         let (program, all) = confined(&self.program.to_string_lossy(), args, &self.limits);
         let command = format!("qemu-img {}", args.join(" "));
-        let mut child = tokio::process::Command::new(&program)
-            .args(&all)
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&all)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| StorageError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        // Dies with its starter (a conversion must not outlive a killed agent) and is
+        // recorded for the agent's next start.
+        let mut child =
+            hvx_child::spawn_tokio(cmd)
+                .await
+                .map_err(|source| StorageError::Spawn {
+                    program: program.clone(),
+                    source,
+                })?;
+        let _record = hvx_child::Tracker::track_global(
+            child.id(),
+            &format!("qemu-img {}", args.first().map_or("", String::as_str)),
+        );
         let mut stdout = child
             .stdout
             .take()

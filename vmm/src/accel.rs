@@ -205,9 +205,11 @@ async fn boot_probe(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
+    // Dies with its starter: an agent killed mid-probe must not leave a spinning QEMU.
+    let mut child = hvx_child::spawn_tokio(cmd)
+        .await
         .map_err(|e| format!("cannot run {}: {e}", opts.qemu))?;
+    let _record = hvx_child::Tracker::track_global(child.id(), "accelerator probe");
     let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
     let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
     let seen = async {

@@ -50,26 +50,28 @@ pub async fn probe(qemu: &str) -> std::result::Result<(), String> {
         .tempdir()
         .map_err(|e| format!("cannot create a probe directory: {e}"))?;
     let sock = dir.path().join("qmp.sock");
-    let mut child = Command::new(qemu)
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-machine",
-            "none",
-            "-display",
-            "none",
-            "-S",
-            "-incoming",
-            "defer",
-            "-qmp",
-        ])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-machine",
+        "none",
+        "-display",
+        "none",
+        "-S",
+        "-incoming",
+        "defer",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server=on,wait=off", sock.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = hvx_child::spawn_tokio(cmd)
+        .await
         .map_err(|e| format!("cannot run {qemu}: {e}"))?;
+    let _record = hvx_child::Tracker::track_global(child.id(), "post-copy probe");
     let answer = async {
         let qmp = QmpClient::connect(&sock, Duration::from_secs(10))
             .await

@@ -109,6 +109,8 @@ pub struct Vm {
     last_shutdown: Arc<Mutex<Option<QmpEvent>>>,
     host_requested: bool,
     exit: Option<ExitStatus>,
+    /// On-disk record of this QEMU; dropped with the `Vm` (QEMU is gone by then).
+    _record: hvx_child::Tracked,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,17 +158,22 @@ impl Vm {
             argv.push("-S".to_string());
         }
         tracing::info!(vm = %spec.name, accel = accel.as_str(), "starting QEMU: {} {}", opts.qemu, argv.join(" "));
-        let mut child = Command::new(&opts.qemu)
-            .args(&argv)
+        let mut cmd = Command::new(&opts.qemu);
+        cmd.args(&argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        // Dies with the launcher (by design no QEMU outlives it: a new launcher
+        // starts the VM afresh), and recorded so the next launcher reaps one that
+        // escaped.
+        let mut child = hvx_child::spawn_tokio(cmd)
+            .await
             .map_err(|source| VmmError::Spawn {
                 binary: opts.qemu.clone(),
                 source,
             })?;
+        let record = hvx_child::Tracker::track_global(child.id(), "qemu");
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(err) = child.stderr.take() {
             tokio::spawn(collect_stderr(err, stderr_tail.clone()));
@@ -217,6 +224,7 @@ impl Vm {
             last_shutdown,
             host_requested: false,
             exit: None,
+            _record: record,
         };
         if let Some(file) = &opts.resume_from {
             vm.load_state(file).await?;

@@ -44,9 +44,9 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::NodeCapabilities>, Status> {
         let a = &self.agent;
         let accel = a.accel.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let qemu_version = tokio::process::Command::new(hvx_vmm::argv::QEMU_BINARY)
-            .arg("--version")
-            .output()
+        let mut version = tokio::process::Command::new(hvx_vmm::argv::QEMU_BINARY);
+        version.arg("--version");
+        let qemu_version = hvx_child::output_tokio(version)
             .await
             .ok()
             .and_then(|o| String::from_utf8(o.stdout).ok())

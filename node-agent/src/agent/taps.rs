@@ -16,10 +16,9 @@ pub fn is_hvx_tap(name: &str) -> bool {
 }
 
 fn ip(args: &[&str]) -> Result<(), AgentError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(AgentError::io("running ip"))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    let out = hvx_child::output(cmd).map_err(AgentError::io("running ip"))?;
     if out.status.success() {
         Ok(())
     } else {

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hvx_api::launch::LaunchSpec;
 use hvx_api::node::NodePaths;
+use hvx_child::Tracker;
 use hvx_node_agent::launcher::host::wait_ready;
 use hvx_node_agent::launcher::map::{DirResolver, StoreResolver, vm_spec_from_launch};
 use hvx_node_agent::launcher::supervise::{
@@ -22,6 +23,9 @@ use hvx_vmm::migration::TargetEndpoint;
 use hvx_vmm::vm::{ExitKind, StartOptions};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Records of this launcher's children in the VM's run dir.
+const CHILDREN_DIR: &str = ".children";
 
 #[derive(Parser, Debug)]
 #[command(name = "hvx-launcher", about = "Runs one VMware VM on QEMU")]
@@ -220,6 +224,18 @@ async fn main() -> anyhow::Result<()> {
                         post_copy: inc.post_copy,
                     }
                 });
+            // QEMU (and probe) a killed predecessor of this VM's launcher left go
+            // before this one starts, and this run's are recorded.
+            let children = Tracker::new(spec.run_dir.join(CHILDREN_DIR), "hvx-launcher")?;
+            for r in children.reap_stale()? {
+                if r.killed {
+                    eprintln!(
+                        "hvx-launcher: killed leftover {} (pid {}) of an earlier launcher",
+                        r.record.what, r.record.process.pid
+                    );
+                }
+            }
+            children.install();
             let exit = run(
                 &spec,
                 &StartOptions::default(),
@@ -227,7 +243,10 @@ async fn main() -> anyhow::Result<()> {
                 incoming,
                 terminate(),
             )
-            .await?;
+            .await;
+            // Every child was waited for: the records are gone, so is their dir.
+            let _ = std::fs::remove_dir(spec.run_dir.join(CHILDREN_DIR));
+            let exit = exit?;
             eprintln!("hvx-launcher: {exit}");
             // The pod is going away for good (deleted, drained): its run dir on the
             // node goes with it. After a crash it stays, for the logs.

@@ -51,9 +51,9 @@ struct Cli {
 
 /// MTU of the interface holding `ip` (`ip -o -4 addr`), else 1500.
 fn interface_mtu(ip: Ipv4Addr) -> u32 {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "-4", "addr", "show"])
-        .output()
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["-o", "-4", "addr", "show"]);
+    let out = hvx_child::output(cmd)
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
@@ -102,6 +102,23 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!(?config, "starting");
     let agent = Arc::new(Agent::open(config).context("opening the node's disk store and switch")?);
+    // Before anything is started: probes and conversions a killed predecessor left
+    // (by recorded pid and start time) go, and this run's children are recorded.
+    let children =
+        hvx_child::Tracker::new(agent.paths.agent_state().join("children"), "hvx-node-agent")
+            .context("opening the agent's child records")?;
+    match children.reap_stale() {
+        Ok(reaped) => {
+            let killed = reaped.iter().filter(|r| r.killed).count();
+            tracing::info!(
+                killed,
+                stale_records = reaped.len(),
+                "leftover processes of earlier agents reaped"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "reaping leftover processes of earlier agents"),
+    }
+    children.install();
 
     match network::restore(&agent).await {
         Ok(n) => tracing::info!(networks = n, "persisted networks re-applied"),
