@@ -26,7 +26,9 @@ pub const NODE_LABEL_POST_COPY: &str = "hvx.dev/post-copy";
 /// The label selector of the pod running `vm` now: its launcher pod, not a live
 /// migration's target (which is not the VM until the migration completes).
 pub fn vm_pod_selector(app: &str, vm: &str) -> String {
-    format!("{LABEL_ROLE}={ROLE_LAUNCHER},{LABEL_APP}={app},{LABEL_VM}={vm},!{LABEL_MIGRATION_TARGET}")
+    format!(
+        "{LABEL_ROLE}={ROLE_LAUNCHER},{LABEL_APP}={app},{LABEL_VM}={vm},!{LABEL_MIGRATION_TARGET}"
+    )
 }
 
 /// Like [`vm_pod_selector`] for a VM whose application is not known (any application).
