@@ -75,6 +75,30 @@ pub struct LaunchNic {
     pub tap: String,
 }
 
+/// A launcher's phase, as it writes it in its run dir's `status.json` and the node
+/// agent reads it: one type for both, so neither matches the other's text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LauncherPhase {
+    /// The node lacks something the VM needs (disks, taps): see `waitingFor`.
+    #[default]
+    WaitingForNode,
+    /// QEMU is starting.
+    Starting,
+    /// A live migration's target: QEMU waits for the incoming state.
+    Incoming,
+    /// QEMU runs the guest.
+    Running,
+    /// QEMU exited and is being started again (crash policy).
+    Restarting,
+    /// The guest powered off.
+    Stopped,
+    /// QEMU cannot run the VM (see `lastExit`).
+    Failed,
+    /// A phase this build does not know (a newer launcher).
+    #[serde(other)]
+    Unknown,
+}
+
 /// Deterministic host tap name for a VM NIC: `hvt` + 12 hex digits (15 chars, the
 /// kernel's limit). Agent, launcher and operator compute the same name independently.
 pub fn tap_name(vm_id: &str, nic: &str) -> String {
@@ -106,5 +130,30 @@ mod tests {
         // Pinned: a change would orphan taps of running VMs across an upgrade.
         assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
+
+#[cfg(test)]
+mod launcher_phase_tests {
+    use super::LauncherPhase;
+
+    #[test]
+    fn launcher_phase_reads_what_launchers_write_and_tolerates_new_ones() {
+        for (text, phase) in [
+            ("\"WaitingForNode\"", LauncherPhase::WaitingForNode),
+            ("\"Incoming\"", LauncherPhase::Incoming),
+            ("\"Running\"", LauncherPhase::Running),
+            ("\"Failed\"", LauncherPhase::Failed),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<LauncherPhase>(text).ok(),
+                Some(phase)
+            );
+            assert_eq!(serde_json::to_string(&phase).ok().as_deref(), Some(text));
+        }
+        assert_eq!(
+            serde_json::from_str::<LauncherPhase>("\"Hibernating\"").ok(),
+            Some(LauncherPhase::Unknown)
+        );
     }
 }

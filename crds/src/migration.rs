@@ -97,6 +97,73 @@ pub enum MigrationPhase {
     Cancelled,
 }
 
+impl MigrationPhase {
+    /// Whether nothing follows this phase.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+
+    /// Whether a migration in `self` may go to `next` (staying is always allowed).
+    /// Phases only move forward; a final phase is final; once the guest runs on the
+    /// target with its memory pulled on demand (post-copy), nothing can cancel it
+    /// any more (the source no longer has the whole guest).
+    pub fn can_go_to(self, next: MigrationPhase) -> bool {
+        use MigrationPhase::*;
+        if self == next {
+            return true;
+        }
+        match self {
+            Completed | Failed | Cancelled => false,
+            Pending => matches!(next, Scheduling | Failed | Cancelled),
+            Scheduling => matches!(next, TargetReady | Failed | Cancelled),
+            TargetReady => matches!(
+                next,
+                MirroringDisks | PreCopy | Switchover | Completed | Failed | Cancelled
+            ),
+            MirroringDisks => matches!(next, PreCopy | Switchover | Completed | Failed | Cancelled),
+            PreCopy => matches!(next, PostCopy | Switchover | Completed | Failed | Cancelled),
+            // QEMU may report the switchover before or after post-copy starts.
+            Switchover => matches!(next, PostCopy | Completed | Failed | Cancelled),
+            PostCopy => matches!(next, Switchover | Completed | Failed),
+        }
+    }
+}
+
+/// Checks a migration's move from `from` (`None`: no phase yet) to `to`.
+pub fn migration_transition(
+    from: Option<MigrationPhase>,
+    to: MigrationPhase,
+) -> Result<(), IllegalTransition> {
+    let legal = match from {
+        None => matches!(
+            to,
+            MigrationPhase::Pending | MigrationPhase::Failed | MigrationPhase::Cancelled
+        ),
+        Some(from) => from.can_go_to(to),
+    };
+    if legal {
+        Ok(())
+    } else {
+        Err(IllegalTransition {
+            from: from.map_or_else(|| "none".to_string(), |p| format!("{p:?}")),
+            to: format!("{to:?}"),
+        })
+    }
+}
+
+/// A phase change the state machine refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("illegal phase change {from} -> {to}")]
+pub struct IllegalTransition {
+    /// The phase it was in.
+    pub from: String,
+    /// The phase asked for.
+    pub to: String,
+}
+
 /// Observed state of a migration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -151,4 +218,66 @@ pub struct PhaseTimestamp {
     pub phase: MigrationPhase,
     /// Start time.
     pub time: Time,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MigrationPhase::*;
+    use super::*;
+
+    const ALL: [MigrationPhase; 10] = [
+        Pending,
+        Scheduling,
+        TargetReady,
+        MirroringDisks,
+        PreCopy,
+        PostCopy,
+        Switchover,
+        Completed,
+        Failed,
+        Cancelled,
+    ];
+
+    #[test]
+    fn the_path_a_migration_takes_is_legal() {
+        let path = [
+            Pending,
+            Scheduling,
+            TargetReady,
+            MirroringDisks,
+            PreCopy,
+            Switchover,
+            Completed,
+        ];
+        assert!(migration_transition(None, Pending).is_ok());
+        for w in path.windows(2) {
+            assert!(migration_transition(Some(w[0]), w[1]).is_ok(), "{w:?}");
+        }
+        for p in [PreCopy, Switchover] {
+            assert!(p.can_go_to(PostCopy), "{p:?} -> PostCopy");
+        }
+    }
+
+    #[test]
+    fn final_phases_stay_and_nothing_goes_back() {
+        for from in [Completed, Failed, Cancelled] {
+            for to in ALL.iter().copied().filter(|t| *t != from) {
+                let err = migration_transition(Some(from), to).expect_err("final");
+                assert_eq!(err.from, format!("{from:?}"));
+            }
+        }
+        // Backwards.
+        assert!(!PreCopy.can_go_to(Scheduling));
+        assert!(!TargetReady.can_go_to(Pending));
+        assert!(!Switchover.can_go_to(PreCopy));
+        // Completion needs a running target; a new migration starts Pending.
+        assert!(!Pending.can_go_to(Completed));
+        assert!(migration_transition(None, PreCopy).is_err());
+        // No way back to the source once its memory is on the target.
+        assert!(!PostCopy.can_go_to(Cancelled));
+        // Any live phase may fail.
+        for from in ALL.iter().copied().filter(|p| !p.is_final()) {
+            assert!(from.can_go_to(Failed), "{from:?} -> Failed");
+        }
+    }
 }

@@ -142,7 +142,14 @@ async fn patch_status(
     Ok(())
 }
 
-fn enter(status: &mut VmMigrationStatus, phase: MigrationPhase, generation: Option<i64>) {
+/// Moves the status to `phase` if the state machine allows it (`hvx_api::migration`);
+/// an illegal move is refused and logged, and the status keeps its phase. Returns
+/// whether the status is in `phase` now.
+fn enter(status: &mut VmMigrationStatus, phase: MigrationPhase, generation: Option<i64>) -> bool {
+    if let Err(e) = hvx_api::migration::migration_transition(status.phase, phase) {
+        tracing::warn!(error = %e, "migration phase change refused");
+        return false;
+    }
     if status.phase != Some(phase) {
         status.phase = Some(phase);
         status
@@ -167,6 +174,7 @@ fn enter(status: &mut VmMigrationStatus, phase: MigrationPhase, generation: Opti
             now(),
         ),
     );
+    true
 }
 
 async fn publish(ctx: &Context, mig: &VmMigration, type_: EventType, reason: &str, note: &str) {
@@ -185,7 +193,12 @@ async fn publish(ctx: &Context, mig: &VmMigration, type_: EventType, reason: &st
 async fn fail(ctx: &Context, t: &Target<'_>, reason: String) -> Result<Action, Error> {
     let mut status = t.status.clone();
     status.failure_reason = Some(reason.clone());
-    enter(&mut status, MigrationPhase::Failed, t.mig.meta().generation);
+    if !enter(&mut status, MigrationPhase::Failed, t.mig.meta().generation) {
+        // Completed (or already ended): nothing to roll back; a rollback now would
+        // resume the source beside the running target.
+        tracing::warn!(migration = %t.name(), %reason, "not failing a migration that already ended");
+        return Ok(Action::await_change());
+    }
     patch_status(ctx, t, &status).await?;
     publish(ctx, t.mig, EventType::Warning, "MigrationFailed", &reason).await;
     abort(t.mig, ctx).await?;

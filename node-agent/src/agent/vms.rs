@@ -6,6 +6,7 @@
 use super::error::AgentError;
 use super::{Agent, network};
 use crate::launcher::supervise::{VmIdentity, identity_path, status_path};
+use hvx_api::launch::LauncherPhase;
 use hvx_proto::v1 as pb;
 use pb::vm_state::Phase;
 use serde::Deserialize;
@@ -17,7 +18,7 @@ use std::time::Duration;
 pub struct ReadStatus {
     /// Launcher phase.
     #[serde(default)]
-    pub phase: String,
+    pub phase: LauncherPhase,
     /// Accelerator report.
     #[serde(default)]
     pub accel: Option<serde_json::Value>,
@@ -102,14 +103,17 @@ fn find(agent: &Agent, vm_uid: &str) -> Result<FoundVm, AgentError> {
 /// The contract's view of a found VM.
 pub fn state(agent: &Agent, vm: &FoundVm) -> pb::VmState {
     let alive = live_qemu(&vm.run_dir).is_some();
-    let phase = match (vm.status.phase.as_str(), alive) {
-        ("Running", true) => Phase::Running,
-        ("Running", false) => Phase::Crashed,
-        ("WaitingForNode" | "Starting" | "Restarting", _) => Phase::Starting,
-        ("Incoming", _) => Phase::Migrating,
-        ("Stopped", _) => Phase::Stopped,
-        ("Failed", _) => Phase::Crashed,
-        _ => Phase::Unspecified,
+    let phase = match (vm.status.phase, alive) {
+        (LauncherPhase::Running, true) => Phase::Running,
+        (LauncherPhase::Running, false) => Phase::Crashed,
+        (
+            LauncherPhase::WaitingForNode | LauncherPhase::Starting | LauncherPhase::Restarting,
+            _,
+        ) => Phase::Starting,
+        (LauncherPhase::Incoming, _) => Phase::Migrating,
+        (LauncherPhase::Stopped, _) => Phase::Stopped,
+        (LauncherPhase::Failed, _) => Phase::Crashed,
+        (LauncherPhase::Unknown, _) => Phase::Unspecified,
     };
     let macs: Vec<&str> = vm.id.nics.iter().map(|n| n.mac.as_str()).collect();
     let addresses = network::persisted(agent)

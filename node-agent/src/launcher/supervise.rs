@@ -4,6 +4,7 @@
 use super::LauncherError;
 use super::map::{DiskResolver, vm_spec_from_launch};
 use hvx_api::launch::LaunchSpec;
+use hvx_api::launch::LauncherPhase;
 use hvx_vmm::accel::{AcceleratorReport, ProbeOptions, check_accelerator, probe_accelerator};
 use hvx_vmm::spec::AcceleratorChoice;
 use hvx_vmm::vm::{ExitKind, StartOptions, Vm, should_restart};
@@ -35,8 +36,8 @@ pub fn parse_spec(
 /// What the launcher reports in `<run_dir>/status.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct LauncherStatus {
-    /// WaitingForNode | Starting | Running | Restarting | Stopped | Failed.
-    pub phase: &'static str,
+    /// Where the launcher is.
+    pub phase: LauncherPhase,
     /// Accelerator and why.
     pub accel: Option<AcceleratorReport>,
     /// QEMU restarts so far.
@@ -117,7 +118,7 @@ pub fn write_waiting(run_dir: &Path, missing: &[String]) -> Result<(), LauncherE
     write_status(
         run_dir,
         &LauncherStatus {
-            phase: "WaitingForNode",
+            phase: LauncherPhase::WaitingForNode,
             accel: None,
             restarts: 0,
             last_exit: None,
@@ -196,7 +197,7 @@ pub async fn run(
     let report = choose_accel(spec, probe).await?;
     tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator chosen");
     let mut status = LauncherStatus {
-        phase: "Starting",
+        phase: LauncherPhase::Starting,
         accel: Some(report.clone()),
         restarts: 0,
         last_exit: None,
@@ -214,7 +215,7 @@ pub async fn run(
         let mut vm = match Vm::start(spec, report.accel, &opts).await {
             Ok(vm) => vm,
             Err(e) => {
-                status.phase = "Failed";
+                status.phase = LauncherPhase::Failed;
                 status.last_exit = Some(e.to_string());
                 write_status(&spec.run_dir, &status)?;
                 return Err(e.into());
@@ -235,7 +236,7 @@ pub async fn run(
                 .map_err(|e| e.to_string())?;
                 // The operator starts the source when it reads `Incoming`: only now do
                 // the NBD exports and the memory listener exist for it to connect to.
-                status.phase = "Incoming";
+                status.phase = LauncherPhase::Incoming;
                 write_status(&spec.run_dir, &status).map_err(|e| e.to_string())?;
                 tracing::info!(endpoint = ?inc.endpoint, "waiting for the migrating VM");
                 hvx_vmm::migration::finish_incoming(vm.qmp(), inc.timeout)
@@ -263,7 +264,7 @@ pub async fn run(
                     };
                     tracing::warn!(%why, "incoming migration did not complete");
                     vm.stop_and_cleanup().await?;
-                    status.phase = "Stopped";
+                    status.phase = LauncherPhase::Stopped;
                     status.qemu_pid = None;
                     status.last_exit = Some(format!("incoming migration: {why}"));
                     write_status(&spec.run_dir, &status)?;
@@ -271,7 +272,7 @@ pub async fn run(
                 }
             }
         }
-        status.phase = "Running";
+        status.phase = LauncherPhase::Running;
         status.qemu_pid = vm.pid();
         write_status(&spec.run_dir, &status)?;
         enum Next {
@@ -288,7 +289,7 @@ pub async fn run(
                 let outcome = vm.shutdown(grace).await;
                 tracing::info!(?outcome, "VM stopped on request");
                 vm.stop_and_cleanup().await?;
-                status.phase = "Stopped";
+                status.phase = LauncherPhase::Stopped;
                 status.qemu_pid = None;
                 status.last_exit = Some(ExitKind::HostRequested.to_string());
                 write_status(&spec.run_dir, &status)?;
@@ -301,14 +302,14 @@ pub async fn run(
                 status.qemu_pid = None;
                 if should_restart(&spec.restart_policy, &exit, status.restarts) {
                     status.restarts += 1;
-                    status.phase = "Restarting";
+                    status.phase = LauncherPhase::Restarting;
                     write_status(&spec.run_dir, &status)?;
                     continue;
                 }
                 status.phase = if matches!(exit, ExitKind::Crashed { .. }) {
-                    "Failed"
+                    LauncherPhase::Failed
                 } else {
-                    "Stopped"
+                    LauncherPhase::Stopped
                 };
                 write_status(&spec.run_dir, &status)?;
                 return Ok(exit);
