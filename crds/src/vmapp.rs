@@ -97,8 +97,8 @@ pub struct VirtualMachine {
     #[schemars(length(max = 10))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub nics: Vec<VmNic>,
-    /// Other VMs of this application that must be running (and reachable, when
-    /// `startPolicy.waitFor` says so) before this one starts.
+    /// Other VMs of this application that must be running (their QEMU started; the
+    /// operator does not wait for the guest to boot) before this one starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
