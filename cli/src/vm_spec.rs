@@ -4,8 +4,8 @@ use crate::error::{CliError, Result};
 use crate::names::{dns_label, unique};
 use crate::slots::assign_pci_slots;
 use hvx_api::{
-    ControllerType, CpuTopology, DiskController, Firmware, LocalRef, NicModel, SmbiosIdentity,
-    VirtualMachine, VmDisk, VmNic,
+    ControllerType, CpuTopology, DiskController, Firmware, LocalRef, NicModel, RunStrategy,
+    SmbiosIdentity, VirtualMachine, VmDisk, VmNic,
 };
 use hvx_import::{ControllerKind, ImportedVm};
 use std::collections::BTreeMap;
@@ -64,10 +64,11 @@ pub(crate) fn virtual_machine(
             vm.memory_mib
         )])
     })?;
+    let mut problems = Vec::new();
     if memory_mib < MIN_MEMORY_MIB {
-        return Err(CliError::Invalid(vec![format!(
+        problems.push(format!(
             "{name}: {memory_mib} MiB of memory is below the minimum of {MIN_MEMORY_MIB} MiB"
-        )]));
+        ));
     }
     let (sockets, cores_per_socket) = fit_topology(vm.sockets, vm.cores_per_socket, name, warnings);
     let slots = assign_pci_slots(vm, name, warnings);
@@ -86,7 +87,10 @@ pub(crate) fn virtual_machine(
     for d in &vm.disks {
         let disk_name = unique(dns_label(&d.name, 63, "disk"), &used_disk_names);
         used_disk_names.push(disk_name.clone());
-        let overlay = disk_names.get(&d.file).cloned().unwrap_or_default();
+        let overlay = disk_names
+            .get(&crate::manifests::disk_key(d))
+            .cloned()
+            .unwrap_or_default();
         disks.push(VmDisk {
             name: disk_name,
             overlay_disk: LocalRef { name: overlay },
@@ -113,7 +117,7 @@ pub(crate) fn virtual_machine(
                 hvx_import::NicModel::E1000e => NicModel::E1000e,
             },
             mac_address: n.mac.clone(),
-            ip_address: None,
+            ip_address: n.ip_address.clone(),
             pci_slot: slots.nics.get(i).copied().flatten(),
             connected: n.connected,
         })
@@ -129,6 +133,9 @@ pub(crate) fn virtual_machine(
         .iter()
         .filter_map(|d| renamed.get(d).cloned())
         .collect();
+    if !problems.is_empty() {
+        return Err(CliError::Invalid(problems));
+    }
     Ok(VirtualMachine {
         name: name.to_owned(),
         cpu: CpuTopology {
@@ -147,7 +154,12 @@ pub(crate) fn virtual_machine(
         disks,
         nics,
         depends_on: (!depends_on.is_empty()).then_some(depends_on),
-        run_strategy: Default::default(),
+        // A VM the vApp did not power on stays for the user to start.
+        run_strategy: if vm.manual_start {
+            RunStrategy::Manual
+        } else {
+            RunStrategy::default()
+        },
         eviction_strategy: Default::default(),
         accelerator: Default::default(),
         placement: None,

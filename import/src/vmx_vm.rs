@@ -86,6 +86,7 @@ pub fn application(vmx: &Vmx, fallback_name: &str) -> Result<ImportedApplication
         networks,
         disk_files,
         warnings,
+        ..ImportedApplication::default()
     })
 }
 
@@ -280,6 +281,7 @@ fn disks(
             bus,
             unit,
             boot_order: None,
+            blank: false,
         });
     }
     Ok(())
@@ -364,6 +366,7 @@ fn nics(vmx: &Vmx, vm: &mut ImportedVm, warnings: &mut Vec<String>) -> Result<()
                 .number(&format!("{who}.pciSlotNumber"))?
                 .and_then(|n| u32::try_from(n).ok()),
             connected: vmx.flag(&format!("{who}.startConnected")).unwrap_or(true),
+            ip_address: None,
         });
     }
     Ok(())

@@ -1,0 +1,209 @@
+//! Envelope-level OVF sections that shape the whole application: the deployment
+//! option (`DeploymentOptionSection`) and the vApp start order (`StartupSection`,
+//! nested `VirtualSystemCollection`s included).
+
+use crate::error::ImportError;
+use crate::model::ImportedApplication;
+use crate::ovf::{attr, child, child_text, children};
+use roxmltree::Node;
+
+/// The configuration to deploy: `requested` when the export has it, else the one
+/// marked `ovf:default`, else the first (DSP0243 §9.8). `None` when the export
+/// declares no options.
+pub(crate) fn deployment_option(
+    root: Node,
+    requested: Option<&str>,
+    warnings: &mut Vec<String>,
+    problems: &mut Vec<ImportError>,
+) -> Option<String> {
+    let section = root
+        .descendants()
+        .find(|n| n.is_element() && n.tag_name().name() == "DeploymentOptionSection");
+    let Some(section) = section else {
+        if let Some(r) = requested {
+            problems.push(ImportError::Ovf(format!(
+                "deployment option {r:?} was asked for, but the export declares none"
+            )));
+        } else if root
+            .descendants()
+            .any(|n| n.is_element() && attr(n, "configuration").is_some())
+        {
+            warnings.push(
+                "hardware items name deployment options (ovf:configuration) but the export has no DeploymentOptionSection; every item is kept, the first of each kind wins".into(),
+            );
+        }
+        return None;
+    };
+    let options: Vec<(String, bool)> = children(section, "Configuration")
+        .filter_map(|c| {
+            let id = attr(c, "id")?.trim();
+            let default = attr(c, "default").is_some_and(|d| d.trim() == "true");
+            (!id.is_empty()).then(|| (id.to_owned(), default))
+        })
+        .collect();
+    let ids: Vec<&str> = options.iter().map(|(id, _)| id.as_str()).collect();
+    let chosen = match requested {
+        Some(r) if ids.contains(&r) => r.to_owned(),
+        Some(r) => {
+            problems.push(ImportError::Ovf(format!(
+                "deployment option {r:?} is not in the export (it has: {})",
+                ids.join(", ")
+            )));
+            return None;
+        }
+        None => match options.iter().find(|(_, d)| *d).or(options.first()) {
+            Some((id, _)) => id.clone(),
+            None => return None,
+        },
+    };
+    if ids.len() > 1 {
+        let others: Vec<&str> = ids.iter().copied().filter(|i| *i != chosen).collect();
+        let how = if requested.is_some() {
+            "as asked"
+        } else {
+            "the export's default"
+        };
+        warnings.push(format!(
+            "deployment option {chosen:?} ({how}) sizes the VMs; the export also offers {} (choose with --deployment-option)",
+            others.join(", ")
+        ));
+    }
+    Some(chosen)
+}
+
+/// Whether a hardware item applies to the chosen deployment option: items without
+/// `ovf:configuration` apply to all of them.
+pub(crate) fn applies(item: Node, chosen: Option<&str>) -> bool {
+    match (attr(item, "configuration"), chosen) {
+        (Some(list), Some(c)) => list.split_whitespace().any(|x| x == c),
+        _ => true,
+    }
+}
+
+/// One child of a collection in the start order.
+struct Entry {
+    order: Option<u32>,
+    delay: u32,
+    waits_for_guest: bool,
+    powers_on: bool,
+}
+
+fn entry(section: Option<Node>, id: &str) -> Entry {
+    let item = section.and_then(|s| children(s, "Item").find(|i| attr(*i, "id") == Some(id)));
+    let num = |k: &str| {
+        item.and_then(|i| attr(i, k))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    Entry {
+        order: num("order"),
+        delay: num("startDelay").unwrap_or(0),
+        waits_for_guest: item
+            .and_then(|i| attr(i, "waitingForGuest"))
+            .is_some_and(|v| v.trim() == "true"),
+        powers_on: item
+            .and_then(|i| attr(i, "startAction"))
+            .is_none_or(|a| !a.trim().eq_ignore_ascii_case("none")),
+    }
+}
+
+/// The VM names below a node (itself for a VirtualSystem).
+fn vms_of(node: Node) -> Vec<String> {
+    if node.tag_name().name() == "VirtualSystem" {
+        return vec![system_name(node)];
+    }
+    node.descendants()
+        .filter(|n| n.is_element() && n.tag_name().name() == "VirtualSystem")
+        .map(system_name)
+        .collect()
+}
+
+fn system_name(s: Node) -> String {
+    child_text(s, "Name")
+        .filter(|n| !n.is_empty())
+        .or_else(|| attr(s, "id"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// vApp start order, as vSphere runs it: each collection starts its children group by
+/// group (`ovf:order` ascending; a child collection starts as a whole, its own
+/// StartupSection ordering its members); a VM depends on every VM of the previous
+/// group. Start delays and waiting for the guest have no field in hvx (a VM starts
+/// once the VMs it depends on run) and are reported.
+pub(crate) fn start_order(collection: Node, app: &mut ImportedApplication) {
+    walk(collection, &[], app);
+}
+
+fn walk(collection: Node, before: &[String], app: &mut ImportedApplication) {
+    let section = child(collection, "StartupSection");
+    let mut members: Vec<(Node, Entry)> = collection
+        .children()
+        .filter(|c| {
+            c.is_element()
+                && matches!(
+                    c.tag_name().name(),
+                    "VirtualSystem" | "VirtualSystemCollection"
+                )
+        })
+        .map(|c| (c, entry(section, attr(c, "id").unwrap_or_default())))
+        .collect();
+    // Children the section does not order start with the first group (vSphere puts
+    // unordered entries in their own group; nothing depends on them).
+    members.sort_by_key(|(_, e)| e.order.unwrap_or(0));
+    let last_order = members
+        .iter()
+        .filter_map(|(_, e)| e.order)
+        .max()
+        .unwrap_or(0);
+    let mut previous: Vec<String> = before.to_vec();
+    let mut group: Vec<String> = Vec::new();
+    let mut group_order = None;
+    for (node, e) in &members {
+        if e.order.is_some() && group_order.is_some() && e.order != group_order {
+            previous = std::mem::take(&mut group);
+        }
+        if e.order.is_some() {
+            group_order = e.order;
+        }
+        let deps = if e.order.is_some() {
+            previous.clone()
+        } else {
+            before.to_vec()
+        };
+        let who = system_name(*node);
+        // Delays and waiting only matter when a later group waits for this one.
+        let before_last = e.order.is_some_and(|o| o < last_order);
+        if before_last && e.delay > 0 {
+            app.warnings.push(format!(
+                "{who}: vSphere waited {} s after starting it before the next start group; not carried (hvx starts the next group as soon as this one runs)",
+                e.delay
+            ));
+        }
+        if before_last && e.waits_for_guest {
+            app.warnings.push(format!(
+                "{who}: vSphere waited for its guest (VMware Tools) before the next start group; hvx starts the next group as soon as this one runs"
+            ));
+        }
+        if node.tag_name().name() == "VirtualSystem" {
+            if let Some(vm) = app.vms.iter_mut().find(|v| v.name == who) {
+                vm.depends_on = deps.clone();
+                if !e.powers_on {
+                    vm.manual_start = true;
+                    app.warnings.push(format!(
+                        "{who}: the vApp does not power it on (startAction none); it gets runStrategy Manual"
+                    ));
+                }
+            }
+        } else {
+            if !e.powers_on {
+                app.warnings.push(format!(
+                    "{who}: startAction none on a nested vApp is not carried; its VMs start"
+                ));
+            }
+            walk(*node, &deps, app);
+        }
+        if e.order.is_some() {
+            group.extend(vms_of(*node));
+        }
+    }
+}
