@@ -40,6 +40,18 @@ pub fn application(vmx: &Vmx, fallback_name: &str) -> Result<ImportedApplication
             "{name}: UEFI secure boot has no equivalent; the VM boots with OVMF without enrolled keys"
         ));
     }
+    if vmx.flag("vhv.enable") == Some(true) {
+        warnings.push(format!(
+            "{name}: nested hardware virtualisation (vhv.enable) is not exposed; hypervisors inside the guest will not start"
+        ));
+    }
+    if firmware == Firmware::Efi
+        && let Some(nvram) = vmx.get("nvram")
+    {
+        warnings.push(format!(
+            "{name}: the EFI NVRAM {nvram:?} (boot entries, secure boot keys) is not imported; OVMF starts with default variables and boots the disk's default loader"
+        ));
+    }
     let uuid = match vmx.get("uuid.bios") {
         None => None,
         Some(raw) => Some(
