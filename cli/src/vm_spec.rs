@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 const MIN_MEMORY_MIB: u32 = 16;
 /// Most sockets the API accepts (QEMU's practical limit for the machine types hvx uses).
 const MAX_SOCKETS: u32 = 16;
+/// Most `dependsOn` entries the API accepts.
+const MAX_DEPENDS_ON: usize = 16;
 /// Most cores per socket the API accepts.
 const MAX_CORES: u32 = 128;
 
@@ -128,11 +130,20 @@ pub(crate) fn virtual_machine(
         manufacturer: None,
         product: None,
     });
-    let depends_on: Vec<String> = vm
+    let mut depends_on: Vec<String> = vm
         .depends_on
         .iter()
         .filter_map(|d| renamed.get(d).cloned())
         .collect();
+    if depends_on.len() > MAX_DEPENDS_ON {
+        // The API keeps dependsOn short; the first ones still order most of the start.
+        let dropped = depends_on.split_off(MAX_DEPENDS_ON);
+        warnings.push(format!(
+            "{name}: the vApp starts it after {} VMs, more than the {MAX_DEPENDS_ON} dependsOn allows; it no longer waits for {}",
+            MAX_DEPENDS_ON + dropped.len(),
+            dropped.join(", ")
+        ));
+    }
     if !problems.is_empty() {
         return Err(CliError::Invalid(problems));
     }
@@ -171,6 +182,38 @@ pub(crate) fn virtual_machine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_start_groups_are_cut_to_the_api_limit_with_a_warning() {
+        let others: Vec<String> = (0..20).map(|i| format!("web{i:02}")).collect();
+        let vm = ImportedVm {
+            name: "lb".into(),
+            cpus: 1,
+            sockets: 1,
+            cores_per_socket: 1,
+            memory_mib: 512,
+            depends_on: others.clone(),
+            ..ImportedVm::default()
+        };
+        let renamed: BTreeMap<String, String> =
+            others.iter().map(|o| (o.clone(), o.clone())).collect();
+        let mut w = Vec::new();
+        let spec = virtual_machine(
+            &vm,
+            "lb",
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &renamed,
+            &mut w,
+        )
+        .expect("maps");
+        assert_eq!(spec.depends_on.map(|d| d.len()), Some(16));
+        assert!(
+            w.iter()
+                .any(|w| w.contains("after 20 VMs") && w.contains("web16, web17, web18, web19")),
+            "{w:?}"
+        );
+    }
 
     #[test]
     fn topology_beyond_the_api_limits_is_refolded() {

@@ -102,8 +102,15 @@ impl ImportError {
         match problems.len() {
             0 => Ok(()),
             1 => Err(problems.remove(0)),
+            // The list says "the export has N problems"; each line needs no prefix.
             _ => Err(ImportError::Problems(
-                problems.iter().map(ToString::to_string).collect(),
+                problems
+                    .into_iter()
+                    .map(|p| match p {
+                        ImportError::Ovf(m) => m,
+                        other => other.to_string(),
+                    })
+                    .collect(),
             )),
         }
     }

@@ -106,14 +106,31 @@ fn entry(section: Option<Node>, id: &str) -> Entry {
     }
 }
 
-/// The VM names below a node (itself for a VirtualSystem).
-fn vms_of(node: Node) -> Vec<String> {
+/// The VMs whose running means `node` has started: itself for a VirtualSystem; for a
+/// collection, those of its last start group (which depend on the earlier groups)
+/// plus its unordered members. Keeps `dependsOn` short (the API allows 16) without
+/// changing what a later group waits for.
+fn finishers(node: Node) -> Vec<String> {
     if node.tag_name().name() == "VirtualSystem" {
         return vec![system_name(node)];
     }
-    node.descendants()
-        .filter(|n| n.is_element() && n.tag_name().name() == "VirtualSystem")
-        .map(system_name)
+    let section = child(node, "StartupSection");
+    let members: Vec<(Node, Option<u32>)> = node
+        .children()
+        .filter(|c| {
+            c.is_element()
+                && matches!(
+                    c.tag_name().name(),
+                    "VirtualSystem" | "VirtualSystemCollection"
+                )
+        })
+        .map(|c| (c, entry(section, attr(c, "id").unwrap_or_default()).order))
+        .collect();
+    let last = members.iter().filter_map(|(_, o)| *o).max();
+    members
+        .iter()
+        .filter(|(_, o)| o.is_none() || *o == last)
+        .flat_map(|(c, _)| finishers(*c))
         .collect()
 }
 
@@ -203,7 +220,7 @@ fn walk(collection: Node, before: &[String], app: &mut ImportedApplication) {
             walk(*node, &deps, app);
         }
         if e.order.is_some() {
-            group.extend(vms_of(*node));
+            group.extend(finishers(*node));
         }
     }
 }

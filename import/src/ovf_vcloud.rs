@@ -146,9 +146,40 @@ pub(crate) fn connections(system: Node) -> Vec<Connection> {
         .collect()
 }
 
+/// The static address vCloud writes on a NIC item's `rasd:Connection`
+/// (`vcloud:ipAddressingMode`, `vcloud:ipAddress`), for exports without a
+/// NetworkConnectionSection.
+pub(crate) fn connection_attr_ip(item: Node) -> Option<String> {
+    let connection = child(item, "Connection")?;
+    let mode = attr(connection, "ipAddressingMode")?
+        .trim()
+        .to_ascii_uppercase();
+    if mode != "MANUAL" && mode != "POOL" {
+        return None;
+    }
+    let ip: Ipv4Addr = attr(connection, "ipAddress")?.trim().parse().ok()?;
+    Some(ip.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_addresses_on_the_connection_element() {
+        let xml = r#"<Item xmlns:v="v"><Connection v:ipAddressingMode="POOL" v:ipAddress="10.0.0.7">n</Connection></Item>"#;
+        let doc = roxmltree::Document::parse(xml).expect("xml");
+        assert_eq!(
+            connection_attr_ip(doc.root_element()).as_deref(),
+            Some("10.0.0.7")
+        );
+        let dhcp = r#"<Item xmlns:v="v"><Connection v:ipAddressingMode="DHCP" v:ipAddress="10.0.0.7">n</Connection></Item>"#;
+        let doc = roxmltree::Document::parse(dhcp).expect("xml");
+        assert_eq!(connection_attr_ip(doc.root_element()), None);
+        let junk = r#"<Item xmlns:v="v"><Connection v:ipAddressingMode="MANUAL" v:ipAddress="10.0.0">n</Connection></Item>"#;
+        let doc = roxmltree::Document::parse(junk).expect("xml");
+        assert_eq!(connection_attr_ip(doc.root_element()), None);
+    }
 
     #[test]
     fn netmasks_become_prefixes() {

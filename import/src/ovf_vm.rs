@@ -350,7 +350,9 @@ fn nics(
             connected: item
                 .text("AutomaticAllocation")
                 .is_none_or(|a| a.eq_ignore_ascii_case("true")),
-            ip_address: connection.and_then(|c| c.ip.clone()),
+            ip_address: connection
+                .and_then(|c| c.ip.clone())
+                .or_else(|| ovf_vcloud::connection_attr_ip(item.node)),
         });
     }
     ids
