@@ -164,10 +164,13 @@ pub(crate) fn virtual_machine(
         controllers: (!controllers.is_empty()).then_some(controllers),
         disks,
         nics,
+        start_delay_seconds: vm
+            .start_delay_seconds
+            .filter(|d| *d > 0 && !depends_on.is_empty()),
         depends_on: (!depends_on.is_empty()).then_some(depends_on),
-        // A VM the vApp did not power on stays for the user to start.
-        run_strategy: if vm.manual_start {
-            RunStrategy::Manual
+        // A VM the vApp did not power on stays off until the user starts it.
+        run_strategy: if vm.stays_off {
+            RunStrategy::Halted
         } else {
             RunStrategy::default()
         },

@@ -548,7 +548,9 @@ fn vcloud_vapp_networks_static_ips_and_start_order() {
     );
     assert_eq!(vm("app1").depends_on, Some(vec!["db".to_owned()]));
     assert_eq!(vm("app2").depends_on, Some(vec!["app1".to_owned()]));
-    assert_eq!(vm("app2").run_strategy, hvx_api::RunStrategy::Manual);
+    assert_eq!(vm("app2").start_delay_seconds, Some(30));
+    assert_eq!(vm("app1").start_delay_seconds, None);
+    assert_eq!(vm("app2").run_strategy, hvx_api::RunStrategy::Halted);
     assert_eq!(vm("db").run_strategy, hvx_api::RunStrategy::Always);
 }
 

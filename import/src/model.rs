@@ -80,7 +80,11 @@ pub struct ImportedVm {
     pub depends_on: Vec<String>,
     /// The vApp does not power it on (`startAction="none"`): the user starts it.
     #[serde(default)]
-    pub manual_start: bool,
+    pub stays_off: bool,
+    /// Seconds vSphere waited, after starting the previous start group, before
+    /// starting this VM (the previous group's `ovf:startDelay`).
+    #[serde(default)]
+    pub start_delay_seconds: Option<u32>,
 }
 
 /// What a blank disk's [`ImportedDisk::file`] starts with (then its OVF `diskId`);

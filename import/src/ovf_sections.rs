@@ -145,13 +145,19 @@ fn system_name(s: Node) -> String {
 /// vApp start order, as vSphere runs it: each collection starts its children group by
 /// group (`ovf:order` ascending; a child collection starts as a whole, its own
 /// StartupSection ordering its members); a VM depends on every VM of the previous
-/// group. Start delays and waiting for the guest have no field in hvx (a VM starts
-/// once the VMs it depends on run) and are reported.
+/// group, and waits the longest `ovf:startDelay` of that group after it runs.
+/// Waiting for the guest (VMware Tools) has no hvx equivalent and is reported.
 pub(crate) fn start_order(collection: Node, app: &mut ImportedApplication) {
-    walk(collection, &[], app);
+    walk(collection, (&[], 0), app);
 }
 
-fn walk(collection: Node, before: &[String], app: &mut ImportedApplication) {
+/// Longest start delay carried into `startDelaySeconds` (the API's bound).
+pub const MAX_START_DELAY: u32 = 3600;
+
+/// Orders `collection`'s members; `before` is what its first group waits for and the
+/// delay after it.
+fn walk(collection: Node, before: (&[String], u32), app: &mut ImportedApplication) {
+    let (before, before_delay) = before;
     let section = child(collection, "StartupSection");
     let mut members: Vec<(Node, Entry)> = collection
         .children()
@@ -173,26 +179,29 @@ fn walk(collection: Node, before: &[String], app: &mut ImportedApplication) {
         .max()
         .unwrap_or(0);
     let mut previous: Vec<String> = before.to_vec();
+    let mut previous_delay = before_delay;
     let mut group: Vec<String> = Vec::new();
+    let mut group_delay = 0;
     let mut group_order = None;
     for (node, e) in &members {
         if e.order.is_some() && group_order.is_some() && e.order != group_order {
             previous = std::mem::take(&mut group);
+            previous_delay = std::mem::take(&mut group_delay);
         }
         if e.order.is_some() {
             group_order = e.order;
         }
-        let deps = if e.order.is_some() {
-            previous.clone()
+        let (deps, delay) = if e.order.is_some() {
+            (previous.clone(), previous_delay)
         } else {
-            before.to_vec()
+            (before.to_vec(), before_delay)
         };
         let who = system_name(*node);
         // Delays and waiting only matter when a later group waits for this one.
         let before_last = e.order.is_some_and(|o| o < last_order);
-        if before_last && e.delay > 0 {
+        if before_last && e.delay > MAX_START_DELAY {
             app.warnings.push(format!(
-                "{who}: vSphere waited {} s after starting it before the next start group; not carried (hvx starts the next group as soon as this one runs)",
+                "{who}: vSphere waited {} s after starting it before the next start group; hvx waits {MAX_START_DELAY} s, its longest start delay",
                 e.delay
             ));
         }
@@ -204,10 +213,12 @@ fn walk(collection: Node, before: &[String], app: &mut ImportedApplication) {
         if node.tag_name().name() == "VirtualSystem" {
             if let Some(vm) = app.vms.iter_mut().find(|v| v.name == who) {
                 vm.depends_on = deps.clone();
+                vm.start_delay_seconds =
+                    (delay > 0 && !deps.is_empty()).then_some(delay.min(MAX_START_DELAY));
                 if !e.powers_on {
-                    vm.manual_start = true;
+                    vm.stays_off = true;
                     app.warnings.push(format!(
-                        "{who}: the vApp does not power it on (startAction none); it gets runStrategy Manual"
+                        "{who}: the vApp does not power it on (startAction none); it gets runStrategy Halted (set Always or Manual to start it)"
                     ));
                 }
             }
@@ -217,10 +228,11 @@ fn walk(collection: Node, before: &[String], app: &mut ImportedApplication) {
                     "{who}: startAction none on a nested vApp is not carried; its VMs start"
                 ));
             }
-            walk(*node, &deps, app);
+            walk(*node, (&deps, delay), app);
         }
         if e.order.is_some() {
             group.extend(finishers(*node));
+            group_delay = group_delay.max(e.delay);
         }
     }
 }

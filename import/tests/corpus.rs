@@ -216,14 +216,19 @@ fn vcloud_nested_start_order_and_start_actions() {
     // The child vApp starts after db; inside it app1 (order 0) precedes app2.
     assert_eq!(deps("app1"), ["db"]);
     assert_eq!(deps("app2"), ["app1"]);
-    assert!(vm(&app, "app2").manual_start, "startAction none");
-    assert!(!vm(&app, "app1").manual_start);
+    assert!(vm(&app, "app2").stays_off, "startAction none");
+    assert!(!vm(&app, "app1").stays_off);
     assert!(warned(&app, "app2: the vApp does not power it on"));
     assert!(warned(
         &app,
         "db: vSphere waited for its guest (VMware Tools)"
     ));
-    assert!(warned(&app, "app1: vSphere waited 30 s after starting it"));
+    assert_eq!(vm(&app, "app2").start_delay_seconds, Some(30));
+    assert_eq!(
+        vm(&app, "app1").start_delay_seconds,
+        None,
+        "db's delay is 0"
+    );
 }
 
 #[test]
@@ -236,17 +241,23 @@ fn vcenter_nested_start_order_with_delays() {
     assert_eq!(deps("app2"), ["app1"]);
     // lb waits for the whole app tier: for its last group, which waits for the rest.
     assert_eq!(deps("lb"), ["app2"]);
-    for needle in [
-        "db: vSphere waited 120 s after starting it",
-        "db: vSphere waited for its guest",
-        "app-tier: vSphere waited 60 s after starting it",
-        "app1: vSphere waited 10 s after starting it",
-    ] {
-        assert!(warned(&app, needle), "{needle}: {:?}", app.warnings);
-    }
-    // The last group's delay delays nothing.
-    assert!(!warned(&app, "app2: vSphere waited"), "{:?}", app.warnings);
-    assert!(!warned(&app, "lb: vSphere"), "{:?}", app.warnings);
+    // Each VM waits its previous group's start delay: app1 the 120 s after db, app2
+    // the 10 s after app1, lb the app tier's 60 s; db waits for nothing.
+    let delay = |n: &str| vm(&app, n).start_delay_seconds;
+    assert_eq!(
+        [delay("db"), delay("app1"), delay("app2"), delay("lb")],
+        [None, Some(120), Some(10), Some(60)]
+    );
+    assert!(
+        warned(&app, "db: vSphere waited for its guest"),
+        "{:?}",
+        app.warnings
+    );
+    assert!(
+        !warned(&app, "s after starting it"),
+        "delays are carried: {:?}",
+        app.warnings
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod migplan;
 pub mod migration;
 pub mod network;
 pub mod run;
+pub mod startdelay;
 pub mod status;
 pub mod sweep;
 pub mod uninstall;
