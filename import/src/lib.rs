@@ -13,6 +13,7 @@ pub mod load;
 pub mod model;
 pub mod ova;
 pub mod ovf;
+mod ovf_extras;
 mod ovf_sections;
 mod ovf_storage;
 mod ovf_vcloud;

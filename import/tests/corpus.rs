@@ -124,11 +124,14 @@ fn appliance_losses_are_all_reported() {
         "mgmt-appliance: the EFI NVRAM \"appliance.nvram\"",
         "mgmt-appliance: CD/DVD drive 1 (CD/DVD drive) with image \"appliance-tools.iso\" shipped in the export",
         "mgmt-appliance: 2 vApp properties (ProductSection) are not delivered",
+        "mgmt-appliance: ExtraConfig guestinfo.cis.appliance.net.mode, disk.EnableUUID are not carried",
     ] {
         assert!(warned(&app, needle), "{needle}: {:?}", app.warnings);
     }
-    // The NVRAM and ISO files are named above, so no "file used by no VM" for them.
+    // The NVRAM and ISO files are named above, so no "file used by no VM" for them;
+    // display tuning (svga.autodetect) is not worth a warning.
     assert!(!warned(&app, "used by no VM disk"), "{:?}", app.warnings);
+    assert!(!warned(&app, "svga"), "{:?}", app.warnings);
 }
 
 #[test]
