@@ -117,7 +117,13 @@ pub fn render(loaded: &Loaded, m: &Manifests, upload: bool) -> String {
         );
     }
     if upload {
-        let _ = writeln!(w, "Upload: {} in {} disk(s)", human(total), m.disks.len());
+        // Blank disks have nothing to upload.
+        let _ = writeln!(
+            w,
+            "Upload: {} in {} disk(s)",
+            human(total),
+            m.disk_files.len()
+        );
     }
     if !loaded.verified.is_empty() {
         let _ = writeln!(w, "Manifest: {} member(s) verified", loaded.verified.len());

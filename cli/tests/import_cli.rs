@@ -588,3 +588,56 @@ fn all_problems_are_reported_in_one_error() {
         "{err}"
     );
 }
+
+#[test]
+fn appliance_ova_uploads_only_its_real_disk() {
+    // A VMware appliance OVA: descriptor, manifest, system disk, NVRAM and ISO.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ovf = corpus("appliance-options.ovf");
+    let disk = vec![9u8; 4096];
+    let mf = format!(
+        "SHA256(appliance.ovf)= {}\nSHA256(appliance-system.vmdk)= {}\n",
+        hex(&ovf),
+        hex(&disk)
+    );
+    let mut b = tar::Builder::new(Vec::new());
+    member(&mut b, "appliance.ovf", &ovf);
+    member(&mut b, "appliance.mf", mf.as_bytes());
+    member(&mut b, "appliance-system.vmdk", &disk);
+    member(&mut b, "appliance.nvram", b"nvram");
+    member(&mut b, "appliance-tools.iso", b"iso");
+    let ova = dir.path().join("appliance.ova");
+    std::fs::write(&ova, b.into_inner().expect("tar")).expect("write");
+    let out = run(&[
+        "import",
+        ova.to_str().expect("utf8"),
+        "--dry-run",
+        "--upload",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    assert!(plan.contains("Deployment option: small"), "{plan}");
+    assert!(
+        plan.contains("OverlayDisk mgmt-appliance-data: blank, capacity 100Gi"),
+        "{plan}"
+    );
+    assert!(plan.contains("Upload: 4.0 KiB in 1 disk(s)"), "{plan}");
+    let out = run(&["import", ova.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = objects(&text(&out.stdout));
+    let sources: Vec<(bool, bool)> = o
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.spec.source.upload.is_some(),
+                d.spec.source.blank.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(sources, [(true, false), (false, true), (false, true)]);
+    assert_eq!(
+        o.disks[0].spec.checksum,
+        Some(format!("sha256:{}", hex(&disk)))
+    );
+}
