@@ -173,6 +173,16 @@ fn walk(collection: Node, before: (&[String], u32), app: &mut ImportedApplicatio
     // Children the section does not order start with the first group (vSphere puts
     // unordered entries in their own group; nothing depends on them).
     members.sort_by_key(|(_, e)| e.order.unwrap_or(0));
+    if let Some(section) = section {
+        for id in children(section, "Item").filter_map(|i| attr(i, "id")) {
+            if !members.iter().any(|(m, _)| attr(*m, "id") == Some(id)) {
+                app.warnings.push(format!(
+                    "start order: {id:?} is not a VM or vApp of {:?}; its entry is ignored",
+                    system_name(collection)
+                ));
+            }
+        }
+    }
     let last_order = members
         .iter()
         .filter_map(|(_, e)| e.order)

@@ -257,6 +257,14 @@ fn vcenter_nested_start_order_with_delays() {
         app.warnings
     );
     assert!(
+        warned(
+            &app,
+            "start order: \"decommissioned\" is not a VM or vApp of \"store\"; its entry is ignored"
+        ),
+        "{:?}",
+        app.warnings
+    );
+    assert!(
         !warned(&app, "s after starting it"),
         "delays are carried: {:?}",
         app.warnings
