@@ -216,9 +216,19 @@ fn walk(collection: Node, before: (&[String], u32), app: &mut ImportedApplicatio
             ));
         }
         if before_last && e.waits_for_guest {
-            app.warnings.push(format!(
-                "{who}: vSphere waited for its guest (VMware Tools) before the next start group; hvx starts the next group as soon as this one runs"
-            ));
+            // vSphere moves on when Tools report ready or the delay ends, whichever is
+            // first; hvx cannot see the guest's Tools, so only the delay remains.
+            app.warnings.push(if e.delay > 0 {
+                format!(
+                    "{who}: vSphere started the next start group once its guest (VMware Tools) was ready, at most {} s; hvx waits the full {} s",
+                    e.delay,
+                    e.delay.min(MAX_START_DELAY)
+                )
+            } else {
+                format!(
+                    "{who}: vSphere waited for its guest (VMware Tools) before the next start group; hvx starts the next group as soon as this one runs"
+                )
+            });
         }
         if node.tag_name().name() == "VirtualSystem" {
             if let Some(vm) = app.vms.iter_mut().find(|v| v.name == who) {
