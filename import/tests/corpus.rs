@@ -252,7 +252,10 @@ fn vcenter_nested_start_order_with_delays() {
         [None, Some(120), Some(10), Some(60)]
     );
     assert!(
-        warned(&app, "db: vSphere waited for its guest"),
+        warned(
+            &app,
+            "db: vSphere started the next start group once its guest (VMware Tools) was ready, at most 120 s; hvx waits the full 120 s"
+        ),
         "{:?}",
         app.warnings
     );
