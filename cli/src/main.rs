@@ -105,6 +105,10 @@ struct ImportArgs {
     /// Skip the OVA manifest (.mf) checksum verification.
     #[arg(long)]
     no_verify: bool,
+    /// OVF deployment option (DeploymentOptionSection configuration) to size the VMs
+    /// for (default: the export's default).
+    #[arg(long, value_name = "NAME")]
+    deployment_option: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -217,6 +221,7 @@ async fn import(args: ImportArgs, namespace: Option<String>) -> anyhow::Result<(
         &args.file,
         LoadOptions {
             verify_manifest: !args.no_verify,
+            deployment_option: args.deployment_option.clone(),
         },
     )
     .with_context(|| format!("cannot import {}", args.file.display()))?;

@@ -4,10 +4,11 @@ use crate::error::{CliError, Result};
 use crate::names::{dns_label, unique};
 use crate::vm_spec::virtual_machine;
 use hvx_api::{
-    Dhcp, DiskFormat, DiskSource, HttpSource, OvaSource, OverlayDisk, OverlayDiskSpec, Subnet,
-    UploadSource, VirtualNetwork, VirtualNetworkSpec, VmApplication, VmApplicationSpec,
+    BlankSource, Dhcp, DiskFormat, DiskSource, DnsConfig, HttpSource, OvaSource, OverlayDisk,
+    OverlayDiskSpec, Subnet, UploadSource, VirtualNetwork, VirtualNetworkSpec, VmApplication,
+    VmApplicationSpec,
 };
-use hvx_import::{ImageFormat, Loaded, SourceKind};
+use hvx_import::{ImageFormat, ImportedDisk, Loaded, NetworkConfig, SourceKind};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use std::collections::BTreeMap;
@@ -77,27 +78,39 @@ pub fn build(loaded: &Loaded, options: &MapOptions) -> Result<Manifests> {
         ..ObjectMeta::default()
     };
 
-    // Networks: VMware name -> VirtualNetwork name.
+    // Networks: VMware name -> VirtualNetwork name. The subnet comes from --subnet,
+    // else from the export (vCloud's IP scope), else a placeholder with a warning.
     let mut net_names: BTreeMap<String, String> = BTreeMap::new();
     let mut networks = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
     for (i, vmware) in app.networks.iter().enumerate() {
         let taken: Vec<String> = net_names.values().cloned().collect();
         let name = unique(dns_label(vmware, 63, "network"), &taken);
-        let cidr = match options
+        let config = app.network_configs.iter().find(|c| &c.name == vmware);
+        let flag = options
             .subnets
             .get(vmware)
-            .or_else(|| options.subnets.get(&name))
-        {
-            Some(c) => c.clone(),
-            None => {
+            .or_else(|| options.subnets.get(&name));
+        let spec = match (flag, config) {
+            (Some(c), _) => network_spec(c),
+            (None, Some(config)) if config.cidr.is_some() => {
+                network_from_export(vmware, config, &mut warnings)
+            }
+            (None, _) => {
                 let c = format!("192.168.{}.0/24", 100 + i.min(155));
                 warnings.push(format!(
                     "network {vmware:?}: its subnet is not in the export; VirtualNetwork {name} serves DHCP on {c} (set the real one with --subnet {vmware:?}=CIDR)"
                 ));
-                c
+                network_spec(&c)
             }
         };
-        networks.push(VirtualNetwork::new(&name, network_spec(&cidr)?));
+        match spec {
+            Ok(spec) => networks.push(VirtualNetwork::new(&name, spec)),
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        }
         if let Some(n) = networks.last_mut() {
             n.metadata = meta(&name);
         }
@@ -155,6 +168,46 @@ pub fn build(loaded: &Loaded, options: &MapOptions) -> Result<Manifests> {
         disk_files.insert(name, file.name.clone());
     }
 
+    // Blank disks: one empty OverlayDisk of the declared capacity per OVF Disk; each
+    // VM using it gets its own empty overlay on the cluster.
+    for d in app
+        .vms
+        .iter()
+        .flat_map(|vm| vm.disks.iter())
+        .filter(|d| d.blank)
+    {
+        let key = disk_key(d);
+        if disk_names.contains_key(&key) {
+            continue;
+        }
+        let id = d
+            .file
+            .strip_prefix(hvx_import::BLANK_PREFIX)
+            .unwrap_or(&d.file);
+        let taken: Vec<String> = disk_names.values().cloned().collect();
+        let name = unique(dns_label(&format!("{app_name}-{id}"), 63, "disk"), &taken);
+        let Some(capacity) = d.capacity_bytes.filter(|c| *c > 0) else {
+            problems.push(format!("blank disk {id}: no capacity"));
+            continue;
+        };
+        let mut disk = OverlayDisk::new(
+            &name,
+            OverlayDiskSpec {
+                source: DiskSource {
+                    blank: Some(BlankSource {}),
+                    ..DiskSource::default()
+                },
+                format: DiskFormat::Auto,
+                capacity: Some(quantity(capacity)),
+                checksum: None,
+                snapshots: None,
+            },
+        );
+        disk.metadata = meta(&name);
+        disks.push(disk);
+        disk_names.insert(key, name);
+    }
+
     // VMs.
     let mut vm_names: Vec<String> = Vec::new();
     let mut renamed: BTreeMap<String, String> = BTreeMap::new();
@@ -171,21 +224,23 @@ pub fn build(loaded: &Loaded, options: &MapOptions) -> Result<Manifests> {
     }
     let mut vms = Vec::new();
     for (vm, name) in app.vms.iter().zip(&vm_names) {
-        vms.push(virtual_machine(
-            vm,
-            name,
-            &net_names,
-            &disk_names,
-            &renamed,
-            &mut warnings,
-        )?);
+        // Every VM's problems are collected: the user fixes them all in one go.
+        match virtual_machine(vm, name, &net_names, &disk_names, &renamed, &mut warnings) {
+            Ok(v) => vms.push(v),
+            Err(CliError::Invalid(p)) => problems.extend(p),
+            Err(e) => problems.push(e.to_string()),
+        }
     }
     let spec = VmApplicationSpec { vms };
-    let problems = hvx_api::validate::application(&spec);
+    if problems.is_empty() {
+        problems.extend(
+            hvx_api::validate::application(&spec)
+                .iter()
+                .map(ToString::to_string),
+        );
+    }
     if !problems.is_empty() {
-        return Err(CliError::Invalid(
-            problems.iter().map(ToString::to_string).collect(),
-        ));
+        return Err(CliError::Invalid(problems));
     }
     let mut application = VmApplication::new(&app_name, spec);
     application.metadata = meta(&app_name);
@@ -225,6 +280,98 @@ fn annotations(loaded: &Loaded, vm_names: &[String]) -> BTreeMap<String, String>
         );
     }
     out
+}
+
+/// The key of a VM disk in the disk-name map: its file, or for a blank disk its id
+/// behind a NUL (never in a file name, which the importer checked is plain).
+pub(crate) fn disk_key(d: &ImportedDisk) -> String {
+    if d.blank {
+        format!("\0{}", d.file)
+    } else {
+        d.file.clone()
+    }
+}
+
+/// A VirtualNetwork as vCloud Director had the network: its subnet and gateway, its
+/// DHCP pool (when vCloud served DHCP), its DNS suffix and servers. Static addresses
+/// are on the NICs (`ipAddress`), which reserves them in the network's DHCP.
+fn network_from_export(
+    vmware: &str,
+    config: &NetworkConfig,
+    warnings: &mut Vec<String>,
+) -> Result<VirtualNetworkSpec> {
+    let cidr = config.cidr.as_deref().unwrap_or_default();
+    let mut spec = network_spec(cidr)?;
+    let Some(subnet) = spec.subnets.first_mut() else {
+        return Ok(spec);
+    };
+    if config.gateway.is_some() {
+        subnet.gateway.clone_from(&config.gateway);
+    }
+    subnet.dhcp = Some(match &config.dhcp_range {
+        Some((start, end)) => Dhcp {
+            enabled: true,
+            range_start: Some(start.clone()),
+            range_end: Some(end.clone()),
+            lease_seconds: config
+                .dhcp_lease_seconds
+                .unwrap_or(3600)
+                .clamp(120, 604_800),
+            reservations: None,
+        },
+        // vCloud served no DHCP: the guests have static addresses, and a DHCP pool
+        // over the subnet could hand theirs out to someone else.
+        None => Dhcp {
+            enabled: false,
+            range_start: None,
+            range_end: None,
+            lease_seconds: 3600,
+            reservations: None,
+        },
+    });
+    if config.dhcp_range.is_none() {
+        warnings.push(format!(
+            "network {vmware:?}: vCloud served no DHCP on it, so neither does the VirtualNetwork (its guests keep their static addresses; vCloud static pools: {})",
+            if config.static_ranges.is_empty() {
+                "none".to_string()
+            } else {
+                config
+                    .static_ranges
+                    .iter()
+                    .map(|(a, b)| format!("{a}-{b}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+    }
+    let domain = config
+        .dns_suffix
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .filter(|d| {
+            d.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+        });
+    let upstreams: Vec<String> = config
+        .dns_servers
+        .iter()
+        .filter(|s| Some(*s) != config.gateway.as_ref())
+        .take(4)
+        .cloned()
+        .collect();
+    if domain.is_some() || !upstreams.is_empty() {
+        spec.dns = Some(DnsConfig {
+            domain,
+            records: None,
+            upstreams: (!upstreams.is_empty()).then_some(upstreams),
+        });
+    }
+    Ok(spec)
 }
 
 fn network_spec(cidr: &str) -> Result<VirtualNetworkSpec> {

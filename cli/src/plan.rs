@@ -36,6 +36,9 @@ pub fn render(loaded: &Loaded, m: &Manifests, upload: bool) -> String {
         "Import plan for {:?} ({:?}) into namespace {ns}",
         loaded.app.name, loaded.kind
     );
+    if let Some(option) = &loaded.app.deployment_option {
+        let _ = writeln!(w, "Deployment option: {option}");
+    }
     let _ = writeln!(w, "VmApplication {app}:");
     for vm in &m.app.spec.vms {
         let _ = writeln!(
@@ -65,22 +68,40 @@ pub fn render(loaded: &Loaded, m: &Manifests, upload: bool) -> String {
         for n in &vm.nics {
             let _ = writeln!(
                 w,
-                "    nic {}: {:?} {} -> VirtualNetwork {}",
-                n.name, n.model, n.mac_address, n.network.name
+                "    nic {}: {:?} {}{} -> VirtualNetwork {}",
+                n.name,
+                n.model,
+                n.mac_address,
+                n.ip_address
+                    .as_deref()
+                    .map_or(String::new(), |ip| format!(" {ip}")),
+                n.network.name
             );
         }
     }
     for n in &m.networks {
         let cidr = n.spec.subnets.first().map_or("", |s| s.cidr.as_str());
+        let dhcp = n
+            .spec
+            .subnets
+            .first()
+            .and_then(|s| s.dhcp.as_ref())
+            .is_some_and(|d| d.enabled);
         let _ = writeln!(
             w,
-            "VirtualNetwork {}: {cidr}, DHCP on",
-            n.metadata.name.as_deref().unwrap_or("")
+            "VirtualNetwork {}: {cidr}, DHCP {}",
+            n.metadata.name.as_deref().unwrap_or(""),
+            if dhcp { "on" } else { "off" }
         );
     }
     let mut total = 0u64;
     for d in &m.disks {
         let name = d.metadata.name.as_deref().unwrap_or("");
+        if d.spec.source.blank.is_some() {
+            let capacity = d.spec.capacity.as_ref().map_or("?".into(), |q| q.0.clone());
+            let _ = writeln!(w, "OverlayDisk {name}: blank, capacity {capacity}");
+            continue;
+        }
         let file = m.disk_files.get(name).map_or("", String::as_str);
         let size = loaded
             .disks
@@ -96,7 +117,13 @@ pub fn render(loaded: &Loaded, m: &Manifests, upload: bool) -> String {
         );
     }
     if upload {
-        let _ = writeln!(w, "Upload: {} in {} disk(s)", human(total), m.disks.len());
+        // Blank disks have nothing to upload.
+        let _ = writeln!(
+            w,
+            "Upload: {} in {} disk(s)",
+            human(total),
+            m.disk_files.len()
+        );
     }
     if !loaded.verified.is_empty() {
         let _ = writeln!(w, "Manifest: {} member(s) verified", loaded.verified.len());

@@ -41,6 +41,7 @@ pub fn assign_pci_slots(vm: &ImportedVm, name: &str, warnings: &mut Vec<String>)
         nics: vec![None; vm.nics.len()],
     };
     let mut next = FIRST_SLOT;
+    let mut moved: Vec<(u32, Option<u8>)> = Vec::new();
     for (vmware, is_nic, i) in devices {
         let slot = (next <= LAST_SLOT).then_some(next);
         next = next.saturating_add(1);
@@ -58,7 +59,23 @@ pub fn assign_pci_slots(vm: &ImportedVm, name: &str, warnings: &mut Vec<String>)
             }
         } else {
             slots.controllers[i] = slot;
+            if slot.is_none_or(|s| u32::from(s) != vmware) {
+                moved.push((vmware, slot));
+            }
         }
+    }
+    if !moved.is_empty() {
+        let list: Vec<String> = moved
+            .iter()
+            .map(|(v, s)| match s {
+                Some(s) => format!("{v} -> {s}"),
+                None => format!("{v} -> placed by the VMM"),
+            })
+            .collect();
+        warnings.push(format!(
+            "{name}: disk controllers change PCI slot ({}): names under /dev/disk/by-path change; by-uuid, by-label and LVM do not",
+            list.join(", ")
+        ));
     }
     slots
 }
@@ -105,7 +122,11 @@ mod tests {
         let slots = assign_pci_slots(&vm, "vm", &mut warnings);
         assert_eq!(slots.nics, [Some(18), Some(16), None]);
         assert_eq!(slots.controllers, [Some(17), None]);
-        assert_eq!(warnings.len(), 2);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(warnings[0].contains("ethernet1 was in VMware PCI slot 32"));
+        assert!(
+            warnings[2].contains("disk controllers change PCI slot (160 -> 17)"),
+            "{warnings:?}"
+        );
     }
 }

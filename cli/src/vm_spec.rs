@@ -4,8 +4,8 @@ use crate::error::{CliError, Result};
 use crate::names::{dns_label, unique};
 use crate::slots::assign_pci_slots;
 use hvx_api::{
-    ControllerType, CpuTopology, DiskController, Firmware, LocalRef, NicModel, SmbiosIdentity,
-    VirtualMachine, VmDisk, VmNic,
+    ControllerType, CpuTopology, DiskController, Firmware, LocalRef, NicModel, RunStrategy,
+    SmbiosIdentity, VirtualMachine, VmDisk, VmNic,
 };
 use hvx_import::{ControllerKind, ImportedVm};
 use std::collections::BTreeMap;
@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 const MIN_MEMORY_MIB: u32 = 16;
 /// Most sockets the API accepts (QEMU's practical limit for the machine types hvx uses).
 const MAX_SOCKETS: u32 = 16;
+/// Most `dependsOn` entries the API accepts.
+const MAX_DEPENDS_ON: usize = 16;
 /// Most cores per socket the API accepts.
 const MAX_CORES: u32 = 128;
 
@@ -64,10 +66,11 @@ pub(crate) fn virtual_machine(
             vm.memory_mib
         )])
     })?;
+    let mut problems = Vec::new();
     if memory_mib < MIN_MEMORY_MIB {
-        return Err(CliError::Invalid(vec![format!(
+        problems.push(format!(
             "{name}: {memory_mib} MiB of memory is below the minimum of {MIN_MEMORY_MIB} MiB"
-        )]));
+        ));
     }
     let (sockets, cores_per_socket) = fit_topology(vm.sockets, vm.cores_per_socket, name, warnings);
     let slots = assign_pci_slots(vm, name, warnings);
@@ -86,7 +89,10 @@ pub(crate) fn virtual_machine(
     for d in &vm.disks {
         let disk_name = unique(dns_label(&d.name, 63, "disk"), &used_disk_names);
         used_disk_names.push(disk_name.clone());
-        let overlay = disk_names.get(&d.file).cloned().unwrap_or_default();
+        let overlay = disk_names
+            .get(&crate::manifests::disk_key(d))
+            .cloned()
+            .unwrap_or_default();
         disks.push(VmDisk {
             name: disk_name,
             overlay_disk: LocalRef { name: overlay },
@@ -113,7 +119,7 @@ pub(crate) fn virtual_machine(
                 hvx_import::NicModel::E1000e => NicModel::E1000e,
             },
             mac_address: n.mac.clone(),
-            ip_address: None,
+            ip_address: n.ip_address.clone(),
             pci_slot: slots.nics.get(i).copied().flatten(),
             connected: n.connected,
         })
@@ -124,11 +130,23 @@ pub(crate) fn virtual_machine(
         manufacturer: None,
         product: None,
     });
-    let depends_on: Vec<String> = vm
+    let mut depends_on: Vec<String> = vm
         .depends_on
         .iter()
         .filter_map(|d| renamed.get(d).cloned())
         .collect();
+    if depends_on.len() > MAX_DEPENDS_ON {
+        // The API keeps dependsOn short; the first ones still order most of the start.
+        let dropped = depends_on.split_off(MAX_DEPENDS_ON);
+        warnings.push(format!(
+            "{name}: the vApp starts it after {} VMs, more than the {MAX_DEPENDS_ON} dependsOn allows; it no longer waits for {}",
+            MAX_DEPENDS_ON + dropped.len(),
+            dropped.join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(CliError::Invalid(problems));
+    }
     Ok(VirtualMachine {
         name: name.to_owned(),
         cpu: CpuTopology {
@@ -146,8 +164,16 @@ pub(crate) fn virtual_machine(
         controllers: (!controllers.is_empty()).then_some(controllers),
         disks,
         nics,
+        start_delay_seconds: vm
+            .start_delay_seconds
+            .filter(|d| *d > 0 && !depends_on.is_empty()),
         depends_on: (!depends_on.is_empty()).then_some(depends_on),
-        run_strategy: Default::default(),
+        // A VM the vApp did not power on stays off until the user starts it.
+        run_strategy: if vm.stays_off {
+            RunStrategy::Halted
+        } else {
+            RunStrategy::default()
+        },
         eviction_strategy: Default::default(),
         accelerator: Default::default(),
         placement: None,
@@ -159,6 +185,38 @@ pub(crate) fn virtual_machine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_start_groups_are_cut_to_the_api_limit_with_a_warning() {
+        let others: Vec<String> = (0..20).map(|i| format!("web{i:02}")).collect();
+        let vm = ImportedVm {
+            name: "lb".into(),
+            cpus: 1,
+            sockets: 1,
+            cores_per_socket: 1,
+            memory_mib: 512,
+            depends_on: others.clone(),
+            ..ImportedVm::default()
+        };
+        let renamed: BTreeMap<String, String> =
+            others.iter().map(|o| (o.clone(), o.clone())).collect();
+        let mut w = Vec::new();
+        let spec = virtual_machine(
+            &vm,
+            "lb",
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &renamed,
+            &mut w,
+        )
+        .expect("maps");
+        assert_eq!(spec.depends_on.map(|d| d.len()), Some(16));
+        assert!(
+            w.iter()
+                .any(|w| w.contains("after 20 VMs") && w.contains("web16, web17, web18, web19")),
+            "{w:?}"
+        );
+    }
 
     #[test]
     fn topology_beyond_the_api_limits_is_refolded() {

@@ -399,3 +399,245 @@ fn migrate_print_renders_a_vm_migration() {
     assert_eq!(m.spec.target_node.as_deref(), Some("node-b"));
     assert_eq!(m.metadata.generate_name.as_deref(), Some("shop-shop-db-"));
 }
+
+fn corpus(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../import/tests/corpus/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A corpus OVF in a fresh directory with (fake) disk files beside it.
+fn corpus_dir(name: &str, disks: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ovf = dir.path().join(name);
+    std::fs::write(&ovf, corpus(name)).expect("write");
+    for f in disks {
+        std::fs::write(dir.path().join(f), b"KDMV....").expect("write");
+    }
+    (dir, ovf)
+}
+
+#[test]
+fn appliance_blank_disks_become_blank_overlay_disks_sized_by_the_option() {
+    let (_dir, ovf) = corpus_dir("appliance-options.ovf", &["appliance-system.vmdk"]);
+    let ovf = ovf.to_str().expect("utf8");
+    let out = run(&["import", ovf, "--deployment-option", "large"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = objects(&text(&out.stdout));
+    let vm = &o.apps[0].spec.vms[0];
+    assert_eq!((vm.cpu.sockets, vm.cpu.cores_per_socket), (2, 8));
+    assert_eq!(vm.memory_mib, 37 << 10);
+    let blank: Vec<(&str, &str)> = o
+        .disks
+        .iter()
+        .filter(|d| d.spec.source.blank.is_some())
+        .map(|d| {
+            (
+                d.metadata.name.as_deref().unwrap_or(""),
+                d.spec.capacity.as_ref().map_or("", |q| q.0.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        blank,
+        [
+            ("mgmt-appliance-data", "100Gi"),
+            ("mgmt-appliance-logs", "10Gi")
+        ]
+    );
+    assert!(
+        o.disks
+            .iter()
+            .all(|d| d.spec.checksum.is_none() || d.spec.source.blank.is_none())
+    );
+    let refs: Vec<&str> = vm
+        .disks
+        .iter()
+        .map(|d| d.overlay_disk.name.as_str())
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            "mgmt-appliance-appliance-system",
+            "mgmt-appliance-data",
+            "mgmt-appliance-logs"
+        ]
+    );
+    // The default option without the flag.
+    let out = run(&["import", ovf]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        objects(&text(&out.stdout)).apps[0].spec.vms[0].memory_mib,
+        19 << 10
+    );
+    assert!(text(&out.stderr).contains("deployment option \"small\" (the export's default)"));
+    assert_fails(
+        &["import", ovf, "--deployment-option", "huge"],
+        "deployment option \"huge\" is not in the export (it has: tiny, small, large)",
+    );
+}
+
+#[test]
+fn vcloud_vapp_networks_static_ips_and_start_order() {
+    let (_dir, ovf) = corpus_dir(
+        "vcd-vapp.ovf",
+        &[
+            "vm-db-disk1.vmdk",
+            "vm-app1-disk1.vmdk",
+            "vm-app2-disk1.vmdk",
+        ],
+    );
+    let out = run(&["import", ovf.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("subnet is not in the export"), "{stderr}");
+    let o = objects(&text(&out.stdout));
+    let names: Vec<&str> = o
+        .networks
+        .iter()
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect();
+    assert_eq!(
+        names,
+        ["web-net", "db-net"],
+        "no VirtualNetwork for spare-net"
+    );
+    let web = &o.networks[0].spec;
+    let subnet = &web.subnets[0];
+    assert_eq!(subnet.cidr, "172.16.10.0/24");
+    assert_eq!(subnet.gateway.as_deref(), Some("172.16.10.1"));
+    let dhcp = subnet.dhcp.as_ref().expect("dhcp");
+    assert!(dhcp.enabled);
+    assert_eq!(dhcp.range_start.as_deref(), Some("172.16.10.100"));
+    assert_eq!(dhcp.range_end.as_deref(), Some("172.16.10.199"));
+    assert_eq!(dhcp.lease_seconds, 7200);
+    let dns = web.dns.as_ref().expect("dns");
+    assert_eq!(dns.domain.as_deref(), Some("shop.example"));
+    assert_eq!(dns.upstreams, Some(vec!["10.0.0.53".to_owned()]));
+    let db_net = &o.networks[1].spec.subnets[0];
+    assert_eq!(db_net.cidr, "10.44.0.0/22");
+    assert!(!db_net.dhcp.as_ref().is_some_and(|d| d.enabled));
+
+    let app = &o.apps[0];
+    let vm = |n: &str| {
+        app.spec
+            .vms
+            .iter()
+            .find(|v| v.name == n)
+            .unwrap_or_else(|| panic!("{n}"))
+    };
+    let ips: Vec<(&str, &str, Option<&str>)> = vm("db")
+        .nics
+        .iter()
+        .map(|n| {
+            (
+                n.mac_address.as_str(),
+                n.network.name.as_str(),
+                n.ip_address.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ips,
+        [
+            ("00:50:56:01:01:01", "web-net", Some("172.16.10.5")),
+            ("00:50:56:01:01:02", "db-net", Some("10.44.0.10")),
+        ]
+    );
+    assert_eq!(vm("app1").depends_on, Some(vec!["db".to_owned()]));
+    assert_eq!(vm("app2").depends_on, Some(vec!["app1".to_owned()]));
+    assert_eq!(vm("app2").start_delay_seconds, Some(30));
+    assert_eq!(vm("app1").start_delay_seconds, None);
+    assert_eq!(vm("app2").run_strategy, hvx_api::RunStrategy::Halted);
+    assert_eq!(vm("db").run_strategy, hvx_api::RunStrategy::Always);
+}
+
+#[test]
+fn all_problems_are_reported_in_one_error() {
+    // Memory below the minimum, in two VMs: both named.
+    let (_dir, ovf) = corpus_dir("small-vms.ovf", &[]);
+    let out = run(&["import", ovf.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("t1: 8 MiB of memory is below the minimum"),
+        "{err}"
+    );
+    assert!(
+        err.contains("t2: 4 MiB of memory is below the minimum"),
+        "{err}"
+    );
+    // Descriptor problems, all of them.
+    let (_dir, ovf) = corpus_dir("problems.ovf", &[]);
+    let out = run(&["import", ovf.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("the export has 6 problems"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Every missing disk file, not just the first.
+    let (_dir, ovf) = corpus_dir("vcd-vapp.ovf", &["vm-app1-disk1.vmdk"]);
+    let out = run(&["import", ovf.to_str().expect("utf8")]);
+    let err = text(&out.stderr);
+    assert!(err.contains("the export has 2 problems"), "{err}");
+    assert!(
+        err.contains("\"vm-db-disk1.vmdk\"") && err.contains("\"vm-app2-disk1.vmdk\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn appliance_ova_uploads_only_its_real_disk() {
+    // A VMware appliance OVA: descriptor, manifest, system disk, NVRAM and ISO.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ovf = corpus("appliance-options.ovf");
+    let disk = vec![9u8; 4096];
+    let mf = format!(
+        "SHA256(appliance.ovf)= {}\nSHA256(appliance-system.vmdk)= {}\n",
+        hex(&ovf),
+        hex(&disk)
+    );
+    let mut b = tar::Builder::new(Vec::new());
+    member(&mut b, "appliance.ovf", &ovf);
+    member(&mut b, "appliance.mf", mf.as_bytes());
+    member(&mut b, "appliance-system.vmdk", &disk);
+    member(&mut b, "appliance.nvram", b"nvram");
+    member(&mut b, "appliance-tools.iso", b"iso");
+    let ova = dir.path().join("appliance.ova");
+    std::fs::write(&ova, b.into_inner().expect("tar")).expect("write");
+    let out = run(&[
+        "import",
+        ova.to_str().expect("utf8"),
+        "--dry-run",
+        "--upload",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    assert!(plan.contains("Deployment option: small"), "{plan}");
+    assert!(
+        plan.contains("OverlayDisk mgmt-appliance-data: blank, capacity 100Gi"),
+        "{plan}"
+    );
+    assert!(plan.contains("Upload: 4.0 KiB in 1 disk(s)"), "{plan}");
+    let out = run(&["import", ova.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = objects(&text(&out.stdout));
+    let sources: Vec<(bool, bool)> = o
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.spec.source.upload.is_some(),
+                d.spec.source.blank.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(sources, [(true, false), (false, true), (false, true)]);
+    assert_eq!(
+        o.disks[0].spec.checksum,
+        Some(format!("sha256:{}", hex(&disk)))
+    );
+}

@@ -27,6 +27,10 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.source.blank) || has(self.capacity)", "message": "a blank disk needs capacity (its size)"},
+    {"rule": "!has(self.source.blank) || !has(self.checksum)", "message": "a blank disk has no source bytes to check: remove checksum"}
+]))]
 pub struct OverlayDiskSpec {
     /// Where the image comes from. Immutable: a new image is a new OverlayDisk.
     // Both rules sit here: a field-level `extend` replaces the type's own
@@ -74,7 +78,8 @@ pub struct DiskSource {
     /// Another OverlayDisk (or one of its snapshots), cloned copy-on-write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone: Option<CloneSource>,
-    /// An empty disk of `capacity`.
+    /// An empty disk of `capacity` (required): a zeroed disk of that size on every node
+    /// that runs a VM using it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blank: Option<BlankSource>,
 }

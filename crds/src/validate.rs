@@ -33,6 +33,21 @@ pub fn application(spec: &VmApplicationSpec) -> Vec<Problem> {
         if !names.insert(vm.name.as_str()) {
             push(at.clone(), "duplicate VM name".into());
         }
+        if let Some(delay) = vm.start_delay_seconds {
+            if vm.depends_on.as_ref().is_none_or(Vec::is_empty) {
+                push(
+                    format!("{at}.startDelaySeconds"),
+                    "startDelaySeconds counts from the start of the VMs in dependsOn: set dependsOn"
+                        .into(),
+                );
+            }
+            if !(1..=3600).contains(&delay) {
+                push(
+                    format!("{at}.startDelaySeconds"),
+                    format!("{delay} is out of range 1-3600"),
+                );
+            }
+        }
         if vm.cpu.vcpus() == 0 || vm.cpu.vcpus() > 512 {
             push(
                 format!("{at}.cpu"),
@@ -267,7 +282,10 @@ mod tests {
         let mut b = vm("b");
         b.nics.push(nic("eth0", "00:50:56:00:00:01", None));
         b.depends_on = Some(vec!["a".into(), "zz".into()]);
-        let problems = application(&VmApplicationSpec { vms: vec![a, b] });
+        b.start_delay_seconds = Some(7200);
+        let mut c = vm("c");
+        c.start_delay_seconds = Some(30);
+        let problems = application(&VmApplicationSpec { vms: vec![a, b, c] });
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let has = |s: &str| text.iter().any(|t| t.contains(s));
         assert!(
@@ -280,6 +298,14 @@ mod tests {
         );
         assert!(
             has("spec.vms[a].disks[d0]: SCSI unit 7 is not usable"),
+            "{text:#?}"
+        );
+        assert!(
+            has("spec.vms[b].startDelaySeconds: 7200 is out of range 1-3600"),
+            "{text:#?}"
+        );
+        assert!(
+            has("spec.vms[c].startDelaySeconds: startDelaySeconds counts from the start"),
             "{text:#?}"
         );
         assert!(

@@ -61,7 +61,9 @@ pub struct VmApplicationSpec {
     {"rule": "self.disks.all(d, d.controller != 'sata' || d.unit <= 29)",
      "message": "SATA disks use unit 0-29"},
     {"rule": "self.disks.all(d, !(d.controller in ['pvscsi', 'lsilogic', 'lsisas']) || (d.unit <= 63 && d.unit != 7))",
-     "message": "SCSI disks use unit 0-63 except 7 (the controller's own ID)"}
+     "message": "SCSI disks use unit 0-63 except 7 (the controller's own ID)"},
+    {"rule": "!has(self.startDelaySeconds) || (has(self.dependsOn) && size(self.dependsOn) > 0)",
+     "message": "startDelaySeconds counts from the start of the VMs in dependsOn: set dependsOn"}
 ]))]
 pub struct VirtualMachine {
     /// VM name: a DNS label, used as hostname, DNS record and pod name suffix.
@@ -97,12 +99,17 @@ pub struct VirtualMachine {
     #[schemars(length(max = 10))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub nics: Vec<VmNic>,
-    /// Other VMs of this application that must be running (and reachable, when
-    /// `startPolicy.waitFor` says so) before this one starts.
+    /// Other VMs of this application that must be running (their QEMU started; the
+    /// operator does not wait for the guest to boot) before this one starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub depends_on: Option<Vec<String>>,
+    /// Seconds to wait, once every VM in `dependsOn` is running, before starting this
+    /// one (a VMware vApp's start delay: time for the earlier VMs' services to come up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub start_delay_seconds: Option<u32>,
     /// How and when hvx keeps the VM running.
     #[serde(default)]
     pub run_strategy: RunStrategy,

@@ -140,6 +140,18 @@ async fn crds_install_examples_apply_and_invalid_objects_are_rejected() {
     )
     .await;
 
+    let mut bad = renamed(app.clone(), "delay-no-deps");
+    // vms[0] (db) depends on nothing.
+    bad["spec"]["vms"][0]["startDelaySeconds"] = json!(30);
+    expect_rejected(
+        &client,
+        &ns,
+        "start delay without dependencies",
+        bad,
+        "startDelaySeconds counts from the start of the VMs in dependsOn",
+    )
+    .await;
+
     let mut bad = renamed(app.clone(), "unknown-field");
     bad["spec"]["vms"][0]["nics"][0]["macAdress"] = json!("00:50:56:00:00:09");
     expect_rejected_with(
@@ -193,6 +205,30 @@ async fn crds_install_examples_apply_and_invalid_objects_are_rejected() {
         "two disk sources",
         bad,
         "exactly one of http, pvc, upload, ova, clone, blank",
+    )
+    .await;
+
+    let mut bad = renamed(disk.clone(), "blank-no-size");
+    bad["spec"]["source"] = json!({"blank": {}});
+    expect_rejected(
+        &client,
+        &ns,
+        "blank disk without capacity",
+        bad,
+        "a blank disk needs capacity",
+    )
+    .await;
+
+    let mut bad = renamed(disk.clone(), "blank-checksum");
+    bad["spec"]["source"] = json!({"blank": {}});
+    bad["spec"]["capacity"] = json!("10Gi");
+    bad["spec"]["checksum"] = json!(format!("sha256:{}", "0".repeat(64)));
+    expect_rejected(
+        &client,
+        &ns,
+        "blank disk with a checksum",
+        bad,
+        "a blank disk has no source bytes to check",
     )
     .await;
 

@@ -87,9 +87,33 @@ pub enum ImportError {
         /// Why, and what to do.
         reason: String,
     },
+    /// Several problems in one export, all reported at once.
+    #[error("the export has {} problems:\n  - {}", .0.len(), .0.join("\n  - "))]
+    Problems(Vec<String>),
     /// A file name in the descriptor is not a plain relative name.
     #[error("unsafe file name {0:?} in the descriptor: only plain relative names are accepted")]
     UnsafeName(String),
+}
+
+impl ImportError {
+    /// One error for all of `problems`: none is `Ok`, one is itself, more are
+    /// [`ImportError::Problems`].
+    pub fn collect(mut problems: Vec<ImportError>) -> Result<()> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            // The list says "the export has N problems"; each line needs no prefix.
+            _ => Err(ImportError::Problems(
+                problems
+                    .into_iter()
+                    .map(|p| match p {
+                        ImportError::Ovf(m) => m,
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            )),
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -83,16 +83,27 @@ pub struct Loaded {
 }
 
 /// Options for [`load`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Verify OVA manifest checksums (reads every disk once).
     pub verify_manifest: bool,
+    /// OVF deployment option to deploy (default: the export's default).
+    pub deployment_option: Option<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             verify_manifest: true,
+            deployment_option: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    fn ovf(&self) -> ovf::OvfOptions {
+        ovf::OvfOptions {
+            deployment_option: self.deployment_option.clone(),
         }
     }
 }
@@ -151,7 +162,7 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Loaded> {
             let bytes = read_bounded(path, MAX_DESCRIPTOR_BYTES, "OVF descriptor")?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| ImportError::Ovf(format!("{} is not UTF-8", path.display())))?;
-            let app = ovf::parse(&text, &stem)?;
+            let app = ovf::parse_with(&text, &stem, &options.ovf())?;
             beside(path, SourceKind::Ovf, app)
         }
         SourceKind::Vmx => {
@@ -160,6 +171,14 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Loaded> {
             // not UTF-8, read them as Latin-1, which keeps every byte as one character.
             let text = String::from_utf8(bytes)
                 .unwrap_or_else(|e| e.into_bytes().iter().map(|&b| char::from(b)).collect());
+            if let Some(option) = &options.deployment_option {
+                return Err(ImportError::Vmx {
+                    line: 0,
+                    reason: format!(
+                        "deployment option {option:?}: a VMX has no deployment options (they are an OVF feature)"
+                    ),
+                });
+            }
             let app = vmx_vm::application(&vmx::parse(&text)?, &stem)?;
             beside(path, SourceKind::Vmx, app)
         }
@@ -168,7 +187,7 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Loaded> {
 
 fn load_ova(path: &Path, stem: &str, options: LoadOptions) -> Result<Loaded> {
     let index: OvaIndex = ova::index(path)?;
-    let mut app = ovf::parse(&ova::descriptor_text(&index)?, stem)?;
+    let mut app = ovf::parse_with(&ova::descriptor_text(&index)?, stem, &options.ovf())?;
     let verified = if options.verify_manifest {
         ova::verify_manifest(&index)?
     } else {
@@ -215,19 +234,38 @@ fn beside(descriptor: &Path, kind: SourceKind, mut app: ImportedApplication) -> 
     let mut disks = BTreeMap::new();
     let mut capacities = Vec::new();
     let mut renames = Vec::new();
+    let mut problems = Vec::new();
     for file in &mut app.disk_files {
-        let mut location = regular_file(dir, &file.name)?;
-        let kind = vmdk::inspect(&head(&location)?);
+        // Every missing or unreadable disk is reported, not just the first.
+        let found = regular_file(dir, &file.name).and_then(|l| Ok((head(&l)?, l)));
+        let (head, mut location) = match found {
+            Ok(found) => found,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        let kind = vmdk::inspect(&head);
         file.format = format_of(&kind);
         capacities.push((file.name.clone(), kind.capacity_bytes()));
         if matches!(kind, VmdkKind::Descriptor { .. }) {
             // ESX keeps the data in `<name>-flat.vmdk`: that file is the raw image.
-            let flat =
-                vmdk::single_flat_extent(&kind).map_err(|reason| ImportError::UnsupportedDisk {
+            let flat = vmdk::single_flat_extent(&kind)
+                .map_err(|reason| ImportError::UnsupportedDisk {
                     name: file.name.clone(),
                     reason,
-                })?;
-            location = regular_file(dir, &flat)?;
+                })
+                .and_then(|flat| Ok((regular_file(dir, &flat)?, flat)));
+            let flat = match flat {
+                Ok((flat_location, flat)) => {
+                    location = flat_location;
+                    flat
+                }
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
             app.warnings.push(format!(
                 "{} is a VMDK descriptor; its flat extent {flat} is imported as a raw image",
                 file.name
@@ -240,6 +278,7 @@ fn beside(descriptor: &Path, kind: SourceKind, mut app: ImportedApplication) -> 
         file.size_bytes = Some(location.size());
         disks.insert(file.name.clone(), location);
     }
+    ImportError::collect(problems)?;
     for vm in &mut app.vms {
         for disk in &mut vm.disks {
             if let Some((_, flat)) = renames.iter().find(|(from, _)| *from == disk.file) {

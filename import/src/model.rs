@@ -17,6 +17,34 @@ pub struct ImportedApplication {
     /// Hardware without an hvx equivalent and what was chosen instead, plus other
     /// lossy decisions. One sentence each.
     pub warnings: Vec<String>,
+    /// Network settings the export carries (vCloud Director's `NetworkConfigSection`),
+    /// by network name.
+    #[serde(default)]
+    pub network_configs: Vec<NetworkConfig>,
+    /// The deployment option (OVF `DeploymentOptionSection`) the VMs were sized for.
+    #[serde(default)]
+    pub deployment_option: Option<String>,
+}
+
+/// A network's IP settings as vCloud Director exports them (`NetworkConfig/IpScope`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// Network name (as the NICs' `Connection` names it).
+    pub name: String,
+    /// Subnet in CIDR form (`192.168.10.0/24`), from gateway and netmask.
+    pub cidr: Option<String>,
+    /// Default gateway.
+    pub gateway: Option<String>,
+    /// DNS suffix (domain).
+    pub dns_suffix: Option<String>,
+    /// DNS servers.
+    pub dns_servers: Vec<String>,
+    /// The DHCP service's range, when vCloud served DHCP on the network.
+    pub dhcp_range: Option<(String, String)>,
+    /// DHCP lease time in seconds.
+    pub dhcp_lease_seconds: Option<u32>,
+    /// Static IP pools (vCloud `IpRanges`, used for POOL allocation).
+    pub static_ranges: Vec<(String, String)>,
 }
 
 /// One VM.
@@ -50,7 +78,18 @@ pub struct ImportedVm {
     pub boot_order: Vec<String>,
     /// VMs of the application that start before this one (vApp start order).
     pub depends_on: Vec<String>,
+    /// The vApp does not power it on (`startAction="none"`): the user starts it.
+    #[serde(default)]
+    pub stays_off: bool,
+    /// Seconds vSphere waited, after starting the previous start group, before
+    /// starting this VM (the previous group's `ovf:startDelay`).
+    #[serde(default)]
+    pub start_delay_seconds: Option<u32>,
 }
+
+/// What a blank disk's [`ImportedDisk::file`] starts with (then its OVF `diskId`);
+/// blank disks are told apart by [`ImportedDisk::blank`], not by this prefix.
+pub const BLANK_PREFIX: &str = "blank:";
 
 /// Firmware.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +128,10 @@ pub struct ImportedNic {
     pub pci_slot_number: Option<u32>,
     /// Connected at power-on.
     pub connected: bool,
+    /// The static address the guest had (vCloud `NetworkConnection/IpAddress` for
+    /// MANUAL and POOL allocation).
+    #[serde(default)]
+    pub ip_address: Option<String>,
 }
 
 /// Disk controller kinds hvx emulates.
@@ -137,6 +180,10 @@ pub struct ImportedDisk {
     pub unit: u8,
     /// Boot priority (1 first), when bootable.
     pub boot_order: Option<u32>,
+    /// An empty disk of `capacity_bytes` (an OVF `Disk` without a file); `file` is
+    /// then `blank:<diskId>`.
+    #[serde(default)]
+    pub blank: bool,
 }
 
 /// A disk image file.

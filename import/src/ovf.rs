@@ -6,15 +6,16 @@ use crate::devices;
 use crate::error::{ImportError, Result};
 use crate::limits::{MAX_DESCRIPTOR_BYTES, MAX_VMS, MAX_XML_DEPTH, MAX_XML_NODES};
 use crate::model::{DiskFile, ImportedApplication};
-use crate::ovf_vm;
+use crate::{ovf_sections, ovf_vcloud, ovf_vm};
 use roxmltree::{Document, Node, ParsingOptions};
 use std::collections::BTreeMap;
 
 /// A `DiskSection/Disk`: the virtual disk a hardware item points at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OvfDisk {
-    /// The `References/File` name (plain).
-    pub file: String,
+    /// The `References/File` name (plain); `None` for a blank disk (no `ovf:fileRef`,
+    /// or an empty one), which VMware creates empty at deployment.
+    pub file: Option<String>,
     /// Capacity in bytes.
     pub capacity_bytes: Option<u64>,
 }
@@ -28,11 +29,32 @@ pub struct Envelope {
     pub disks: BTreeMap<String, OvfDisk>,
     /// NetworkSection names, in order.
     pub networks: Vec<String>,
+    /// The deployment option chosen (`DeploymentOptionSection`), which selects the
+    /// hardware items whose `ovf:configuration` names it.
+    pub configuration: Option<String>,
 }
 
-/// Parses an OVF descriptor. `fallback_name` names the application when the
-/// descriptor does not.
+/// Choices the user makes for an OVF.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OvfOptions {
+    /// `DeploymentOptionSection` configuration to deploy (default: the export's).
+    pub deployment_option: Option<String>,
+}
+
+/// Parses an OVF descriptor with the export's default deployment option.
+/// `fallback_name` names the application when the descriptor does not.
 pub fn parse(text: &str, fallback_name: &str) -> Result<ImportedApplication> {
+    parse_with(text, fallback_name, &OvfOptions::default())
+}
+
+/// Parses an OVF descriptor. Every problem of the export is reported in one error
+/// ([`ImportError::Problems`] when there are several); only an unreadable document
+/// stops at the first.
+pub fn parse_with(
+    text: &str,
+    fallback_name: &str,
+    options: &OvfOptions,
+) -> Result<ImportedApplication> {
     if text.len() as u64 > MAX_DESCRIPTOR_BYTES {
         return Err(ImportError::TooLarge {
             what: "OVF descriptor".into(),
@@ -40,12 +62,12 @@ pub fn parse(text: &str, fallback_name: &str) -> Result<ImportedApplication> {
             limit: MAX_DESCRIPTOR_BYTES,
         });
     }
-    let options = ParsingOptions {
+    let parsing = ParsingOptions {
         allow_dtd: false,
         nodes_limit: MAX_XML_NODES,
     };
     let doc =
-        Document::parse_with_options(text, options).map_err(|e| ImportError::Xml(e.to_string()))?;
+        Document::parse_with_options(text, parsing).map_err(|e| ImportError::Xml(e.to_string()))?;
     check_depth(doc.root())?;
     let root = doc.root_element();
     if root.tag_name().name() != "Envelope" {
@@ -54,22 +76,16 @@ pub fn parse(text: &str, fallback_name: &str) -> Result<ImportedApplication> {
             root.tag_name().name()
         )));
     }
-    let envelope = Envelope {
-        files: references(root)?,
-        disks: BTreeMap::new(),
-        networks: Vec::new(),
-    };
-    let envelope = Envelope {
-        disks: disk_section(root, &envelope.files)?,
-        networks: network_section(root),
-        ..envelope
-    };
-
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let files = references(root, &mut problems);
     let systems: Vec<Node> = root
         .descendants()
         .filter(|n| n.is_element() && n.tag_name().name() == "VirtualSystem")
         .collect();
     if systems.is_empty() {
+        problems.push(ImportError::Ovf("no VirtualSystem in the envelope".into()));
+        ImportError::collect(problems)?;
         return Err(ImportError::Ovf("no VirtualSystem in the envelope".into()));
     }
     if systems.len() > MAX_VMS {
@@ -79,6 +95,17 @@ pub fn parse(text: &str, fallback_name: &str) -> Result<ImportedApplication> {
             limit: MAX_VMS,
         });
     }
+    let envelope = Envelope {
+        disks: disk_section(root, &files, &mut problems),
+        files,
+        networks: network_section(root),
+        configuration: ovf_sections::deployment_option(
+            root,
+            options.deployment_option.as_deref(),
+            &mut warnings,
+            &mut problems,
+        ),
+    };
     let collection = child(root, "VirtualSystemCollection");
     let name = collection
         .or_else(|| (systems.len() == 1).then_some(systems[0]))
@@ -88,39 +115,49 @@ pub fn parse(text: &str, fallback_name: &str) -> Result<ImportedApplication> {
         .trim()
         .to_owned();
 
-    let ids: Vec<(String, String)> = systems
-        .iter()
-        .map(|s| {
-            let id = attr(*s, "id").unwrap_or_default().to_owned();
-            let name = child_text(*s, "Name")
-                .filter(|n| !n.is_empty())
-                .unwrap_or(&id)
-                .to_owned();
-            (id, name)
-        })
-        .collect();
     let mut app = ImportedApplication {
         name,
-        networks: envelope.networks.clone(),
+        deployment_option: envelope.configuration.clone(),
+        network_configs: ovf_vcloud::network_configs(root, &mut warnings),
+        warnings,
         ..ImportedApplication::default()
     };
-    for system in systems {
-        let vm = ovf_vm::virtual_system(system, &envelope, &mut app.warnings)?;
-        for nic in &vm.nics {
-            if !app.networks.contains(&nic.network) {
-                app.networks.push(nic.network.clone());
-            }
-        }
+    let mut used_files = Vec::new();
+    for system in &systems {
+        let Some(vm) = ovf_vm::virtual_system(
+            *system,
+            &envelope,
+            &mut app.warnings,
+            &mut problems,
+            &mut used_files,
+        ) else {
+            continue;
+        };
         app.vms.push(vm);
     }
+    ImportError::collect(problems)?;
+    app.networks = used_networks(&envelope.networks, &app.vms, &mut app.warnings);
     if let Some(collection) = collection {
-        start_order(collection, &ids, &mut app);
+        ovf_sections::start_order(collection, &mut app);
     }
     let used: Vec<&str> = app
         .vms
         .iter()
-        .flat_map(|vm| vm.disks.iter().map(|d| d.file.as_str()))
+        .flat_map(|vm| {
+            vm.disks
+                .iter()
+                .filter(|d| !d.blank)
+                .map(|d| d.file.as_str())
+        })
         .collect();
+    for file in envelope.files.values() {
+        let name = file.name.as_str();
+        if !used.contains(&name) && !used_files.iter().any(|u| u == name) {
+            app.warnings.push(format!(
+                "file {name:?} of the export is used by no VM disk; not imported"
+            ));
+        }
+    }
     app.disk_files = envelope
         .files
         .values()
@@ -130,31 +167,35 @@ pub fn parse(text: &str, fallback_name: &str) -> Result<ImportedApplication> {
     Ok(app)
 }
 
-/// vApp `StartupSection`: each VM depends on the VMs of the previous start group
-/// (the greatest `ovf:order` below its own), which is how vSphere sequences them.
-fn start_order(collection: Node, ids: &[(String, String)], app: &mut ImportedApplication) {
-    let Some(section) = child(collection, "StartupSection") else {
-        return;
+/// The networks VirtualNetworks are made for: those a NIC uses, NetworkSection order
+/// first. Declared networks no VM uses are named in a warning and dropped.
+fn used_networks(
+    declared: &[String],
+    vms: &[crate::model::ImportedVm],
+    warnings: &mut Vec<String>,
+) -> Vec<String> {
+    let mut used: Vec<String> = Vec::new();
+    let in_use = |n: &String| {
+        vms.iter()
+            .any(|vm| vm.nics.iter().any(|nic| &nic.network == n))
     };
-    let orders: Vec<(String, u32)> = children(section, "Item")
-        .filter_map(|item| {
-            let id = attr(item, "id")?;
-            let order = attr(item, "order")?.trim().parse().ok()?;
-            let name = ids.iter().find(|(i, _)| i == id).map(|(_, n)| n.clone())?;
-            Some((name, order))
-        })
-        .collect();
-    for vm in &mut app.vms {
-        let Some(&(_, mine)) = orders.iter().find(|(n, _)| n == &vm.name) else {
-            continue;
-        };
-        let previous = orders.iter().map(|(_, o)| *o).filter(|o| *o < mine).max();
-        vm.depends_on = orders
-            .iter()
-            .filter(|(_, o)| Some(*o) == previous)
-            .map(|(n, _)| n.clone())
-            .collect();
+    for n in declared {
+        if in_use(n) {
+            used.push(n.clone());
+        } else {
+            warnings.push(format!(
+                "network {n:?} is declared but no VM is connected to it; no VirtualNetwork is made for it"
+            ));
+        }
     }
+    for vm in vms {
+        for nic in &vm.nics {
+            if !used.contains(&nic.network) {
+                used.push(nic.network.clone());
+            }
+        }
+    }
+    used
 }
 
 /// Refuses documents nested deeper than any OVF needs, before anything walks them.
@@ -204,33 +245,45 @@ pub fn attr<'a>(node: Node<'a, '_>, name: &str) -> Option<&'a str> {
         .map(|a| a.value())
 }
 
-fn references(root: Node) -> Result<BTreeMap<String, DiskFile>> {
+fn references(root: Node, problems: &mut Vec<ImportError>) -> BTreeMap<String, DiskFile> {
     let mut files = BTreeMap::new();
     let Some(refs) = child(root, "References") else {
-        return Ok(files);
+        return files;
     };
     for file in children(refs, "File") {
-        let id = attr(file, "id").ok_or_else(|| ImportError::Ovf("File without ovf:id".into()))?;
-        let href = attr(file, "href")
-            .ok_or_else(|| ImportError::Ovf(format!("File {id} has no ovf:href")))?;
+        let Some(id) = attr(file, "id") else {
+            problems.push(ImportError::Ovf("File without ovf:id".into()));
+            continue;
+        };
+        let Some(href) = attr(file, "href") else {
+            problems.push(ImportError::Ovf(format!("File {id} has no ovf:href")));
+            continue;
+        };
         if !devices::is_plain_name(href) {
-            return Err(ImportError::UnsafeName(href.to_owned()));
+            problems.push(ImportError::UnsafeName(href.to_owned()));
+            continue;
         }
         if attr(file, "compression").is_some_and(|c| c != "identity") {
-            return Err(ImportError::Ovf(format!(
+            problems.push(ImportError::Ovf(format!(
                 "File {href}: compressed references are not supported; re-export without compression"
             )));
         }
         if attr(file, "chunkSize").is_some() {
-            return Err(ImportError::Ovf(format!(
+            problems.push(ImportError::Ovf(format!(
                 "File {href}: chunked files are not supported; re-export without --chunkSize"
             )));
         }
         let size_bytes = match attr(file, "size") {
             None => None,
-            Some(s) => Some(s.trim().parse().map_err(|_| {
-                ImportError::Ovf(format!("File {href}: size {s:?} is not a number"))
-            })?),
+            Some(s) => match s.trim().parse() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    problems.push(ImportError::Ovf(format!(
+                        "File {href}: size {s:?} is not a number"
+                    )));
+                    None
+                }
+            },
         };
         files.insert(
             id.to_owned(),
@@ -241,47 +294,67 @@ fn references(root: Node) -> Result<BTreeMap<String, DiskFile>> {
             },
         );
     }
-    Ok(files)
+    files
 }
 
 fn disk_section(
     root: Node,
     files: &BTreeMap<String, DiskFile>,
-) -> Result<BTreeMap<String, OvfDisk>> {
+    problems: &mut Vec<ImportError>,
+) -> BTreeMap<String, OvfDisk> {
     let mut disks = BTreeMap::new();
     for section in children(root, "DiskSection") {
         for disk in children(section, "Disk") {
-            let id = attr(disk, "diskId")
-                .ok_or_else(|| ImportError::Ovf("Disk without ovf:diskId".into()))?;
-            let file_ref = attr(disk, "fileRef").ok_or_else(|| {
-                ImportError::Ovf(format!(
-                    "Disk {id} has no ovf:fileRef (blank disks are not supported)"
-                ))
-            })?;
-            let file = files.get(file_ref).ok_or_else(|| {
-                ImportError::Ovf(format!("Disk {id} references unknown File {file_ref}"))
-            })?;
+            let Some(id) = attr(disk, "diskId") else {
+                problems.push(ImportError::Ovf("Disk without ovf:diskId".into()));
+                continue;
+            };
             let capacity_bytes = match attr(disk, "capacity") {
                 None => None,
                 Some(c) => {
                     let units = attr(disk, "capacityAllocationUnits").unwrap_or("byte");
-                    Some(scaled(c, units).ok_or_else(|| {
-                        ImportError::Ovf(format!(
+                    let bytes = scaled(c, units);
+                    if bytes.is_none() {
+                        problems.push(ImportError::Ovf(format!(
                             "Disk {id}: capacity {c:?} in {units:?} is not a size"
-                        ))
-                    })?)
+                        )));
+                    }
+                    bytes
                 }
+            };
+            // No fileRef, or an empty one: a blank disk VMware creates at deployment.
+            let file = match attr(disk, "fileRef")
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+            {
+                None => {
+                    if capacity_bytes.is_none_or(|c| c == 0) {
+                        problems.push(ImportError::Ovf(format!(
+                            "Disk {id} is blank (no ovf:fileRef) and declares no capacity"
+                        )));
+                    }
+                    None
+                }
+                Some(file_ref) => match files.get(file_ref) {
+                    Some(f) => Some(f.name.clone()),
+                    None => {
+                        problems.push(ImportError::Ovf(format!(
+                            "Disk {id} references unknown File {file_ref}"
+                        )));
+                        continue;
+                    }
+                },
             };
             disks.insert(
                 id.to_owned(),
                 OvfDisk {
-                    file: file.name.clone(),
+                    file,
                     capacity_bytes,
                 },
             );
         }
     }
-    Ok(disks)
+    disks
 }
 
 fn network_section(root: Node) -> Vec<String> {
@@ -379,6 +452,11 @@ mod tests {
     #[test]
     fn traversal_in_href_is_refused() {
         let text = r#"<Envelope><References><File ovf:id="f" ovf:href="../../etc/shadow" xmlns:ovf="o"/></References></Envelope>"#;
-        assert!(matches!(parse(text, "x"), Err(ImportError::UnsafeName(_))));
+        let e = parse(text, "x").expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("unsafe file name \"../../etc/shadow\""),
+            "{e}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use crate::devices;
 use crate::error::{ImportError, Result};
 use crate::limits::MAX_DISKS;
-use crate::model::{ControllerKind, ImportedController, ImportedDisk, ImportedVm};
+use crate::model::{BLANK_PREFIX, ControllerKind, ImportedController, ImportedDisk, ImportedVm};
 use crate::ovf::Envelope;
 use crate::ovf_vm::{Item, rt};
 use std::collections::BTreeMap;
@@ -113,65 +113,83 @@ pub(crate) fn disks(
     envelope: &Envelope,
     vm: &mut ImportedVm,
     warnings: &mut Vec<String>,
-) -> Result<()> {
+    problems: &mut Vec<ImportError>,
+) {
     for item in items.iter().filter(|i| i.resource_type == rt::DISK) {
-        let who = format!("{}: {}", vm.name, item.name);
-        let host = item
-            .text("HostResource")
-            .ok_or_else(|| ImportError::Ovf(format!("{who}: disk without HostResource")))?;
-        let disk_id = host
-            .strip_prefix("ovf:")
-            .unwrap_or(host)
-            .strip_prefix("/disk/")
-            .ok_or_else(|| {
-                ImportError::Ovf(format!(
-                    "{who}: HostResource {host:?} is not ovf:/disk/<id>"
-                ))
-            })?;
-        let disk = envelope.disks.get(disk_id).ok_or_else(|| {
-            ImportError::Ovf(format!(
-                "{who}: HostResource names unknown disk {disk_id:?}"
-            ))
-        })?;
-        let parent = item.text("Parent").unwrap_or_default();
-        let &(controller, bus) = controllers.get(parent).ok_or_else(|| {
-            ImportError::Ovf(format!("{who}: Parent {parent:?} is not a disk controller"))
-        })?;
-        let unit = match item.text("AddressOnParent") {
-            Some(u) => u.parse::<u8>().map_err(|_| {
-                ImportError::Ovf(format!("{who}: AddressOnParent {u:?} is not a unit number"))
-            })?,
-            None => {
-                let used = vm
-                    .disks
-                    .iter()
-                    .filter(|d| d.controller == controller && d.bus == bus)
-                    .count();
-                let unit = u8::try_from(used).unwrap_or(u8::MAX);
-                warnings.push(format!("{who}: no AddressOnParent; using unit {unit}"));
-                unit
-            }
-        };
         if vm.disks.len() >= MAX_DISKS {
-            return Err(ImportError::TooMany {
+            problems.push(ImportError::TooMany {
                 what: "disks in one VM",
                 count: vm.disks.len() + 1,
                 limit: MAX_DISKS,
             });
+            return;
         }
-        let mut name = item.name.clone();
-        if vm.disks.iter().any(|d| d.name == name) {
-            name = format!("{name} {}", vm.disks.len());
+        match disk(item, controllers, envelope, vm, warnings) {
+            Ok(d) => vm.disks.push(d),
+            Err(e) => problems.push(e),
         }
-        vm.disks.push(ImportedDisk {
-            name,
-            file: disk.file.clone(),
-            capacity_bytes: disk.capacity_bytes,
-            controller,
-            bus,
-            unit,
-            boot_order: None,
-        });
     }
-    Ok(())
+}
+
+fn disk(
+    item: &Item,
+    controllers: &BTreeMap<String, (ControllerKind, u8)>,
+    envelope: &Envelope,
+    vm: &ImportedVm,
+    warnings: &mut Vec<String>,
+) -> Result<ImportedDisk> {
+    let who = format!("{}: {}", vm.name, item.name);
+    let host = item
+        .text("HostResource")
+        .ok_or_else(|| ImportError::Ovf(format!("{who}: disk without HostResource")))?;
+    let disk_id = host
+        .strip_prefix("ovf:")
+        .unwrap_or(host)
+        .strip_prefix("/disk/")
+        .ok_or_else(|| {
+            ImportError::Ovf(format!(
+                "{who}: HostResource {host:?} is not ovf:/disk/<id>"
+            ))
+        })?;
+    let disk = envelope.disks.get(disk_id).ok_or_else(|| {
+        ImportError::Ovf(format!(
+            "{who}: HostResource names unknown disk {disk_id:?}"
+        ))
+    })?;
+    let parent = item.text("Parent").unwrap_or_default();
+    let &(controller, bus) = controllers.get(parent).ok_or_else(|| {
+        ImportError::Ovf(format!("{who}: Parent {parent:?} is not a disk controller"))
+    })?;
+    let unit = match item.text("AddressOnParent") {
+        Some(u) => u.parse::<u8>().map_err(|_| {
+            ImportError::Ovf(format!("{who}: AddressOnParent {u:?} is not a unit number"))
+        })?,
+        None => {
+            let used = vm
+                .disks
+                .iter()
+                .filter(|d| d.controller == controller && d.bus == bus)
+                .count();
+            let unit = u8::try_from(used).unwrap_or(u8::MAX);
+            warnings.push(format!("{who}: no AddressOnParent; using unit {unit}"));
+            unit
+        }
+    };
+    let mut name = item.name.clone();
+    if vm.disks.iter().any(|d| d.name == name) {
+        name = format!("{name} {}", vm.disks.len());
+    }
+    Ok(ImportedDisk {
+        name,
+        file: disk
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("{BLANK_PREFIX}{disk_id}")),
+        capacity_bytes: disk.capacity_bytes,
+        controller,
+        bus,
+        unit,
+        boot_order: None,
+        blank: disk.file.is_none(),
+    })
 }

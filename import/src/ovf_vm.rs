@@ -7,6 +7,7 @@ use crate::model::{Firmware, ImportedNic, ImportedVm};
 use crate::ovf::{Envelope, attr, child, child_text, children, scaled};
 use crate::ovf_storage::{controllers, disks};
 use crate::vm::{number_boot_order, topology, vmware_serial};
+use crate::{ovf_extras, ovf_sections, ovf_vcloud};
 use roxmltree::Node;
 
 /// CIM ResourceType numbers VMware uses.
@@ -47,27 +48,46 @@ impl<'a, 'i> Item<'a, 'i> {
     }
 }
 
-fn config_value<'a>(node: Node<'a, '_>, key: &str) -> Option<&'a str> {
+pub(crate) fn config_value<'a>(node: Node<'a, '_>, key: &str) -> Option<&'a str> {
     node.children()
         .filter(|c| c.is_element() && matches!(c.tag_name().name(), "Config" | "ExtraConfig"))
         .find(|c| attr(*c, "key").is_some_and(|k| k.eq_ignore_ascii_case(key)))
         .and_then(|c| attr(c, "value"))
 }
 
-/// Builds one VM from its VirtualSystem element.
+/// Builds one VM from its VirtualSystem element. Problems go to `problems` (the VM
+/// is still built as far as it can be, so one run reports them all); files the VM
+/// uses other than disks (ISO images, NVRAM) go to `used_files`.
 pub fn virtual_system(
     system: Node,
     envelope: &Envelope,
     warnings: &mut Vec<String>,
-) -> Result<ImportedVm> {
-    let name = child_text(system, "Name")
+    problems: &mut Vec<ImportError>,
+    used_files: &mut Vec<String>,
+) -> Option<ImportedVm> {
+    let Some(name) = child_text(system, "Name")
         .or_else(|| attr(system, "id"))
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| ImportError::Ovf("VirtualSystem without a name or ovf:id".into()))?
-        .to_owned();
-    let hw = child(system, "VirtualHardwareSection")
-        .ok_or_else(|| ImportError::Ovf(format!("{name}: no VirtualHardwareSection")))?;
-    let items = items(hw, &name)?;
+    else {
+        problems.push(ImportError::Ovf(
+            "VirtualSystem without a name or ovf:id".into(),
+        ));
+        return None;
+    };
+    let name = name.to_owned();
+    let Some(hw) = child(system, "VirtualHardwareSection") else {
+        problems.push(ImportError::Ovf(format!(
+            "{name}: no VirtualHardwareSection"
+        )));
+        return None;
+    };
+    let items = match items(hw, &name, envelope.configuration.as_deref(), problems) {
+        Ok(items) => items,
+        Err(e) => {
+            problems.push(e);
+            return None;
+        }
+    };
     let mut vm = ImportedVm {
         name: name.clone(),
         guest_os: child(system, "OperatingSystemSection")
@@ -75,18 +95,40 @@ pub fn virtual_system(
             .map(str::to_owned),
         ..ImportedVm::default()
     };
-    identity(hw, &mut vm, warnings)?;
-    cpu_and_memory(&items, hw, &mut vm, warnings)?;
-    let controllers = controllers(&items, &mut vm, warnings)?;
-    disks(&items, &controllers, envelope, &mut vm, warnings)?;
-    nics(&items, envelope, &mut vm, warnings)?;
-    other_devices(&items, &name, warnings);
-    vm.boot_order = boot_order(system, hw, &items, &vm);
+    let mut step = |r: Result<()>| {
+        if let Err(e) = r {
+            problems.push(e);
+        }
+    };
+    step(identity(hw, &mut vm, warnings));
+    step(cpu_and_memory(&items, hw, &mut vm, warnings));
+    match controllers(&items, &mut vm, warnings) {
+        Ok(controllers) => disks(&items, &controllers, envelope, &mut vm, warnings, problems),
+        Err(e) => problems.push(e),
+    }
+    let nic_ids = nics(system, &items, envelope, &mut vm, warnings, problems);
+    ovf_extras::other_devices(&items, &vm.name, envelope, warnings, used_files);
+    let firmware = vm.firmware;
+    ovf_extras::vmware_extras(
+        system,
+        hw,
+        &items,
+        envelope,
+        (&vm.name, firmware),
+        warnings,
+        used_files,
+    );
+    vm.boot_order = boot_order(system, hw, &items, &vm, &nic_ids);
     number_boot_order(&mut vm);
-    Ok(vm)
+    Some(vm)
 }
 
-fn items<'a, 'i>(hw: Node<'a, 'i>, vm: &str) -> Result<Vec<Item<'a, 'i>>> {
+fn items<'a, 'i>(
+    hw: Node<'a, 'i>,
+    vm: &str,
+    configuration: Option<&str>,
+    problems: &mut Vec<ImportError>,
+) -> Result<Vec<Item<'a, 'i>>> {
     let nodes: Vec<Node> = hw
         .children()
         .filter(|c| {
@@ -104,29 +146,33 @@ fn items<'a, 'i>(hw: Node<'a, 'i>, vm: &str) -> Result<Vec<Item<'a, 'i>>> {
             limit: MAX_ITEMS,
         });
     }
-    nodes
+    let mut out = Vec::new();
+    // Items of other deployment options are not part of this VM at all.
+    for node in nodes
         .into_iter()
-        .map(|node| {
-            let instance_id = child_text(node, "InstanceID")
-                .unwrap_or_default()
-                .to_owned();
-            let raw_type = child_text(node, "ResourceType").unwrap_or_default();
-            let resource_type = raw_type.parse().map_err(|_| {
-                ImportError::Ovf(format!(
-                    "{vm}: item {instance_id:?} has ResourceType {raw_type:?}, not a number"
-                ))
-            })?;
-            let name = child_text(node, "ElementName")
-                .unwrap_or(&instance_id)
-                .to_owned();
-            Ok(Item {
-                node,
-                instance_id,
-                resource_type,
-                name,
-            })
-        })
-        .collect()
+        .filter(|n| ovf_sections::applies(*n, configuration))
+    {
+        let instance_id = child_text(node, "InstanceID")
+            .unwrap_or_default()
+            .to_owned();
+        let raw_type = child_text(node, "ResourceType").unwrap_or_default();
+        let Ok(resource_type) = raw_type.parse() else {
+            problems.push(ImportError::Ovf(format!(
+                "{vm}: item {instance_id:?} has ResourceType {raw_type:?}, not a number"
+            )));
+            continue;
+        };
+        let name = child_text(node, "ElementName")
+            .unwrap_or(&instance_id)
+            .to_owned();
+        out.push(Item {
+            node,
+            instance_id,
+            resource_type,
+            name,
+        });
+    }
+    Ok(out)
 }
 
 fn identity(hw: Node, vm: &mut ImportedVm, warnings: &mut Vec<String>) -> Result<()> {
@@ -216,36 +262,71 @@ fn cpu_and_memory(
     Ok(())
 }
 
+/// NICs in adapter order: VMware numbers them by `AddressOnParent` (vCloud's
+/// `NetworkConnectionIndex`, vSphere's unit on the PCI bus), not by file order.
+/// Returns the items' InstanceIDs in NIC order.
 fn nics(
+    system: Node,
     items: &[Item],
     envelope: &Envelope,
     vm: &mut ImportedVm,
     warnings: &mut Vec<String>,
-) -> Result<()> {
-    for item in items.iter().filter(|i| i.resource_type == rt::ETHERNET) {
-        if vm.nics.len() >= MAX_NICS {
-            return Err(ImportError::TooMany {
-                what: "NICs in one VM",
-                count: vm.nics.len() + 1,
-                limit: MAX_NICS,
-            });
-        }
+    problems: &mut Vec<ImportError>,
+) -> Vec<String> {
+    let mut ethernet: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.resource_type == rt::ETHERNET)
+        .collect();
+    if ethernet.len() > MAX_NICS {
+        problems.push(ImportError::TooMany {
+            what: "NICs in one VM",
+            count: ethernet.len(),
+            limit: MAX_NICS,
+        });
+        return Vec::new();
+    }
+    let adapter = |i: &Item| {
+        i.text("AddressOnParent")
+            .and_then(|a| a.parse::<u32>().ok())
+    };
+    let numbered = |i: &Item| {
+        i.name
+            .strip_prefix("Network adapter ")
+            .and_then(|n| n.trim().parse::<u32>().ok())
+    };
+    if ethernet.iter().all(|i| adapter(i).is_some()) {
+        ethernet.sort_by_key(|i| adapter(i));
+    } else if ethernet.iter().all(|i| numbered(i).is_some()) {
+        ethernet.sort_by_key(|i| numbered(i));
+    }
+    let connections = ovf_vcloud::connections(system);
+    let mut ids = Vec::new();
+    for item in ethernet {
         let index = vm.nics.len();
         let nic_name = format!("ethernet{index}");
         let who = format!("{}: {}", vm.name, item.name);
         let (model, w) = devices::nic_model(item.text("ResourceSubType").unwrap_or("E1000"), &who);
         warnings.extend(w);
-        let mac = match item.text("Address") {
-            Some(raw) => devices::normalize_mac(raw).ok_or_else(|| {
-                ImportError::Ovf(format!("{who}: MAC {raw:?} is not a unicast MAC address"))
-            })?,
+        let connection = adapter(item).and_then(|a| connections.iter().find(|c| c.index == a));
+        let raw_mac = item.text("Address");
+        let mac = match raw_mac.map(|raw| (raw, devices::normalize_mac(raw))) {
+            Some((_, Some(mac))) => mac,
+            Some((raw, None)) => {
+                problems.push(ImportError::Ovf(format!(
+                    "{who}: MAC {raw:?} is not a unicast MAC address"
+                )));
+                continue;
+            }
             None => {
                 let mac = devices::generated_mac(&format!("{}/{nic_name}", vm.name));
                 warnings.push(format!("{who}: no MAC in the descriptor; assigned {mac}"));
                 mac
             }
         };
-        let network = match item.text("Connection") {
+        let network = match item.text("Connection").or(connection
+            .map(|c| c.network.as_str())
+            .filter(|n| !n.is_empty()))
+        {
             Some(n) => n.to_owned(),
             None => {
                 let n = envelope
@@ -257,6 +338,7 @@ fn nics(
                 n
             }
         };
+        ids.push(item.instance_id.clone());
         vm.nics.push(ImportedNic {
             name: nic_name,
             model,
@@ -268,39 +350,23 @@ fn nics(
             connected: item
                 .text("AutomaticAllocation")
                 .is_none_or(|a| a.eq_ignore_ascii_case("true")),
+            ip_address: connection
+                .and_then(|c| c.ip.clone())
+                .or_else(|| ovf_vcloud::connection_attr_ip(item.node)),
         });
     }
-    Ok(())
-}
-
-fn other_devices(items: &[Item], vm: &str, warnings: &mut Vec<String>) {
-    for item in items {
-        let subtype = item
-            .text("ResourceSubType")
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let what = match item.resource_type {
-            rt::FLOPPY => "floppy drive",
-            rt::CD | rt::DVD => "CD/DVD drive",
-            rt::SERIAL => "serial port",
-            rt::PARALLEL => "parallel port",
-            rt::USB => "USB controller",
-            rt::SOUND => "sound card",
-            rt::OTHER if subtype.contains("soundcard") => "sound card",
-            // VMCI, video and the rest are either recreated by the VMM or invisible to
-            // the guest's configuration.
-            _ => continue,
-        };
-        warnings.push(format!(
-            "{vm}: {} ({what}) has no equivalent; not imported",
-            item.name
-        ));
-    }
+    ids
 }
 
 /// `vmw:BootOrderSection` entries in order (each names an item InstanceID), else the
 /// `bios.bootOrder`/`bios.hddOrder` ExtraConfig keys as in a VMX.
-fn boot_order(system: Node, hw: Node, items: &[Item], vm: &ImportedVm) -> Vec<String> {
+fn boot_order(
+    system: Node,
+    hw: Node,
+    items: &[Item],
+    vm: &ImportedVm,
+    nic_ids: &[String],
+) -> Vec<String> {
     let mut order = Vec::new();
     for section in children(system, "BootOrderSection") {
         let Some(id) = attr(section, "instanceId") else {
@@ -316,10 +382,7 @@ fn boot_order(system: Node, hw: Node, items: &[Item], vm: &ImportedVm) -> Vec<St
                 }
             }
             rt::ETHERNET => {
-                let pos = items
-                    .iter()
-                    .filter(|i| i.resource_type == rt::ETHERNET)
-                    .position(|i| i.instance_id == id);
+                let pos = nic_ids.iter().position(|i| i == id);
                 if let Some(nic) = pos.and_then(|p| vm.nics.get(p)) {
                     order.push(nic.name.clone());
                 }

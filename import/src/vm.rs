@@ -108,6 +108,7 @@ mod tests {
             bus,
             unit,
             boot_order: None,
+            blank: false,
         }
     }
 

@@ -40,6 +40,18 @@ pub fn application(vmx: &Vmx, fallback_name: &str) -> Result<ImportedApplication
             "{name}: UEFI secure boot has no equivalent; the VM boots with OVMF without enrolled keys"
         ));
     }
+    if vmx.flag("vhv.enable") == Some(true) {
+        warnings.push(format!(
+            "{name}: nested hardware virtualisation (vhv.enable) is not exposed; hypervisors inside the guest will not start"
+        ));
+    }
+    if firmware == Firmware::Efi
+        && let Some(nvram) = vmx.get("nvram")
+    {
+        warnings.push(format!(
+            "{name}: the EFI NVRAM {nvram:?} (boot entries, secure boot keys) is not imported; OVMF starts with default variables and boots the disk's default loader"
+        ));
+    }
     let uuid = match vmx.get("uuid.bios") {
         None => None,
         Some(raw) => Some(
@@ -86,6 +98,7 @@ pub fn application(vmx: &Vmx, fallback_name: &str) -> Result<ImportedApplication
         networks,
         disk_files,
         warnings,
+        ..ImportedApplication::default()
     })
 }
 
@@ -280,6 +293,7 @@ fn disks(
             bus,
             unit,
             boot_order: None,
+            blank: false,
         });
     }
     Ok(())
@@ -364,6 +378,7 @@ fn nics(vmx: &Vmx, vm: &mut ImportedVm, warnings: &mut Vec<String>) -> Result<()
                 .number(&format!("{who}.pciSlotNumber"))?
                 .and_then(|n| u32::try_from(n).ok()),
             connected: vmx.flag(&format!("{who}.startConnected")).unwrap_or(true),
+            ip_address: None,
         });
     }
     Ok(())

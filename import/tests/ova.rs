@@ -138,6 +138,7 @@ fn manifest_mismatch_is_refused_unless_verification_is_off() {
         &path,
         LoadOptions {
             verify_manifest: false,
+            ..LoadOptions::default()
         },
     )
     .expect("unverified");

@@ -177,7 +177,10 @@ fn vapp_collection_is_one_application_with_start_order() {
     );
     assert_eq!(nics(db)[0].1, NicModel::E1000);
     assert_eq!(app.disk_files.len(), 3);
+    // vSphere's 120 s between the groups is carried.
     assert!(app.warnings.is_empty(), "{:?}", app.warnings);
+    assert_eq!(web.start_delay_seconds, Some(120));
+    assert_eq!(db.start_delay_seconds, None);
 }
 
 #[test]

@@ -1153,3 +1153,86 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     assert_eq!(dnsmasqs(&conf).len(), 1, "{:?}", dnsmasqs(&conf));
     node.stop_agent();
 }
+
+#[tokio::test]
+#[ignore = "privileged: netns, qemu-img (root)"]
+async fn agent_makes_a_blank_disk_of_the_declared_size() {
+    assert!(is_root(), "run as root");
+    let mut node = TestNode::new();
+    let port = free_port();
+    node.start_agent(port, None);
+    let mut c = connect(port, None).await.expect("agent serves");
+    let size: u64 = 2 << 30;
+    let req = pb::PrepareDiskRequest {
+        disk_uid: "0b1c2d3e-0000-4000-8000-0000000000b1".into(),
+        namespace: "ns".into(),
+        name: "app-data".into(),
+        source: Some(pb::DiskSource {
+            kind: Some(pb::disk_source::Kind::BlankBytes(size)),
+        }),
+        format: "auto".into(),
+        ..Default::default()
+    };
+    let mut stream = c
+        .prepare_disk(req.clone())
+        .await
+        .expect("prepare")
+        .into_inner();
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("progress") {
+        last = Some(m);
+    }
+    let last = last.expect("result");
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Ready as i32,
+        "{last:?}"
+    );
+    assert_eq!(last.virtual_bytes, size, "{last:?}");
+    assert_eq!(
+        last.digest,
+        format!("sha256:{}", hvx_storage::blank::BLANK_DIGEST)
+    );
+    let ov = c
+        .ensure_overlay(pb::EnsureOverlayRequest {
+            vm_uid: "app-uid/db".into(),
+            disk_name: "data".into(),
+            base_digest: last.digest.clone(),
+            virtual_bytes: last.virtual_bytes,
+        })
+        .await
+        .expect("overlay")
+        .into_inner();
+    assert_eq!(ov.virtual_bytes, size);
+    let info = sh(&["qemu-img", "info", "--output=json", "-U", &ov.path]);
+    assert!(
+        info.contains(&format!("\"virtual-size\": {size}")),
+        "{info}"
+    );
+    let read = sh(&[
+        "qemu-io",
+        "-r",
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0 0 1M",
+        "-c",
+        &format!("read -P 0 {} 1M", size - (1 << 20)),
+        &ov.path,
+    ]);
+    assert!(!read.contains("verification failed"), "{read}");
+
+    // Without a size there is nothing to make: refused, not retried as a precondition.
+    let e = c
+        .prepare_disk(pb::PrepareDiskRequest {
+            disk_uid: "0b1c2d3e-0000-4000-8000-0000000000b2".into(),
+            source: Some(pb::DiskSource {
+                kind: Some(pb::disk_source::Kind::BlankBytes(0)),
+            }),
+            ..req
+        })
+        .await
+        .expect_err("no size");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    drop(node);
+}

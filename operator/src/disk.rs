@@ -22,6 +22,11 @@ pub fn initial_phase(disk: &OverlayDisk) -> (DiskPhase, &'static str) {
             DiskPhase::WaitingForUpload,
             "waiting for `kubectl hvx import --upload`",
         )
+    } else if disk.spec.source.blank.is_some() {
+        (
+            DiskPhase::Pending,
+            "made empty on the node of each VM using it, when that VM is scheduled",
+        )
     } else {
         (
             DiskPhase::Pending,

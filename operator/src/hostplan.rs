@@ -343,13 +343,17 @@ pub fn prepare_disk_request(disk: &OverlayDisk) -> Result<pb::PrepareDiskRequest
     } else if let Some(c) = &src.clone {
         Kind::CloneOf(c.overlay_disk.clone())
     } else if src.blank.is_some() {
-        Kind::BlankBytes(
-            disk.spec
-                .capacity
-                .as_ref()
-                .and_then(|q| quantity_bytes(&q.0))
-                .unwrap_or(0),
-        )
+        // CEL requires a capacity; one this parser cannot read (decimal units) is a
+        // build error the user sees, never an import the agent refuses every 30 s.
+        let capacity = disk.spec.capacity.as_ref().map(|q| q.0.as_str());
+        match capacity.and_then(quantity_bytes).filter(|b| *b > 0) {
+            Some(bytes) => Kind::BlankBytes(bytes),
+            None => {
+                return Err(format!(
+                    "a blank disk needs a capacity in bytes or binary units (Ki, Mi, Gi, Ti), not {capacity:?}"
+                ));
+            }
+        }
     } else {
         return Err("the OverlayDisk has no source".into());
     };
@@ -485,5 +489,30 @@ mod tests {
         assert!(!r.firewall_rules[0].allow);
         assert_eq!(r.firewall_rules[0].protocol, "tcp");
         assert!(r.firewall_default_allow);
+    }
+
+    #[test]
+    fn blank_disks_ask_for_their_capacity_or_are_refused() {
+        let disk = |capacity: Option<&str>| -> OverlayDisk {
+            let mut spec = json!({"source": {"blank": {}}});
+            if let Some(c) = capacity {
+                spec["capacity"] = json!(c);
+            }
+            serde_json::from_value(json!({
+                "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+                "metadata": {"name": "d", "namespace": "ns", "uid": "u-1"},
+                "spec": spec,
+            }))
+            .expect("disk")
+        };
+        let req = prepare_disk_request(&disk(Some("20Gi"))).expect("request");
+        assert_eq!(
+            req.source.and_then(|s| s.kind),
+            Some(pb::disk_source::Kind::BlankBytes(20 << 30))
+        );
+        for bad in [None, Some("0"), Some("20G")] {
+            let e = prepare_disk_request(&disk(bad)).expect_err("refused");
+            assert!(e.contains("capacity"), "{e}");
+        }
     }
 }

@@ -142,11 +142,23 @@ pub async fn ensure_vm_bases(
                 ));
             }
             _ => {
-                let mut req =
-                    hostplan::prepare_disk_request(&obj).map_err(|reason| Error::Build {
-                        object: obj.name_any(),
-                        reason,
-                    })?;
+                let mut req = match hostplan::prepare_disk_request(&obj) {
+                    Ok(req) => req,
+                    Err(reason) => {
+                        // The spec itself is wrong: say so on the disk and in the VM's
+                        // reason; nothing is sent to the agent until it changes.
+                        let api: Api<OverlayDisk> =
+                            Api::namespaced(ctx.client.clone(), &ls.namespace);
+                        patch_disk(
+                            &api,
+                            &obj.name_any(),
+                            json!({"phase": "Failed", "progress": reason.clone()}),
+                        )
+                        .await;
+                        waiting.push(format!("OverlayDisk {}: {reason}", obj.name_any()));
+                        continue;
+                    }
+                };
                 if obj.spec.source.upload.is_some() {
                     // Uploaded bytes are served by this process; until they are all
                     // here there is nothing to import.

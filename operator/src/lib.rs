@@ -20,6 +20,7 @@ pub mod migplan;
 pub mod migration;
 pub mod network;
 pub mod run;
+pub mod startdelay;
 pub mod status;
 pub mod stores;
 pub mod sweep;

@@ -332,8 +332,10 @@ mod tests {
 
 /// Fields of a VM that a running VM takes without a restart (they steer the operator
 /// and the scheduler, not QEMU).
-const LIVE_FIELDS: [&str; 5] = [
+const LIVE_FIELDS: [&str; 6] = [
     "dependsOn",
+    // Only read before a start.
+    "startDelaySeconds",
     "runStrategy",
     "evictionStrategy",
     "placement",
@@ -413,9 +415,14 @@ mod change_tests {
         let mut steer = vm();
         steer.depends_on = Some(vec!["db".into()]);
         steer.shutdown_grace_seconds = 5;
+        steer.start_delay_seconds = Some(30);
         assert_eq!(
             classify_change(&vm(), &steer),
-            SpecChange::Live(vec!["dependsOn".into(), "shutdownGraceSeconds".into()])
+            SpecChange::Live(vec![
+                "dependsOn".into(),
+                "shutdownGraceSeconds".into(),
+                "startDelaySeconds".into()
+            ])
         );
     }
 }

@@ -158,6 +158,9 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             .iter()
             .flatten()
             .all(|d| phases.get(d) == Some(&VmPhase::Running));
+        // A vApp start delay: the dependencies run, the VM waits a little longer.
+        let delay_left = crate::startdelay::wait_left(vm, &phases, &previous, now.0);
+        let deps_running = deps_running && delay_left.is_none();
         let prev = previous.vms.iter().find(|v| v.name == vm.name);
         let mut restarts = prev.map(|v| v.restarts).unwrap_or(0);
         // The node that holds the VM's disk overlays: a restarted VM comes back there,
@@ -269,7 +272,13 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
             {
                 let waiting: Vec<&str> =
                     vm.depends_on.iter().flatten().map(String::as_str).collect();
-                reason = Some(format!("waiting for {} to be running", waiting.join(", ")));
+                reason = Some(match delay_left {
+                    Some(left) => format!(
+                        "starting in {left} s (start delay after {})",
+                        waiting.join(", ")
+                    ),
+                    None => format!("waiting for {} to be running", waiting.join(", ")),
+                });
             }
             PodAction::Keep if pod.is_none() => {
                 (phase, reason) = (VmPhase::Stopped, Some("runStrategy Halted".into()))

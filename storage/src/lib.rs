@@ -1,6 +1,7 @@
 //! Copy-on-write disk store: safe import of VMware disk formats, overlays, snapshots
 #![forbid(unsafe_code)]
 
+pub mod blank;
 pub mod chain;
 pub mod disks;
 pub mod error;

@@ -125,7 +125,7 @@ impl DiskStore {
             .join(format!("sha256-{digest}.qcow2"))
     }
 
-    fn base_meta_path(&self, digest: &str) -> PathBuf {
+    pub(crate) fn base_meta_path(&self, digest: &str) -> PathBuf {
         self.cfg
             .root
             .join("bases")
@@ -313,7 +313,7 @@ impl DiskStore {
     }
 
     /// Takes the per-digest file lock (blocks while another import of it converts).
-    async fn lock_digest(&self, digest: &str) -> Result<std::fs::File> {
+    pub(crate) async fn lock_digest(&self, digest: &str) -> Result<std::fs::File> {
         let path = self
             .cfg
             .root
@@ -348,7 +348,7 @@ pub(crate) fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     f.sync_all().map_err(io_err(path))
 }
 
-fn sync_file(path: &Path) -> Result<()> {
+pub(crate) fn sync_file(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(io_err(path))

@@ -242,8 +242,10 @@ pub fn import_source(src: &pb::DiskSource) -> Result<ImportSource, AgentError> {
         Some(Kind::CloneOf(d)) => Err(AgentError::Precondition(format!(
             "cloning OverlayDisk {d} is not supported by this agent yet"
         ))),
-        Some(Kind::BlankBytes(_)) => Err(AgentError::Precondition(
-            "blank disks are not supported by this agent yet".into(),
+        // Blank disks have no bytes to import: `disks::prepare` makes them from the
+        // store's empty base without calling this.
+        Some(Kind::BlankBytes(_)) => Err(AgentError::Invalid(
+            "a blank disk has no import source".into(),
         )),
         Some(Kind::UploadToken(_)) => Err(AgentError::Precondition(
             "waiting for the upload to complete".into(),
@@ -394,8 +396,9 @@ mod tests {
         }
         let e = import_source(&src(Kind::HttpUrl("file:///etc/shadow".into()))).expect_err("no");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        let e = import_source(&src(Kind::BlankBytes(1))).expect_err("unsupported");
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        // Blank disks never reach the import path (`disks::prepare` makes them).
+        let e = import_source(&src(Kind::BlankBytes(1))).expect_err("no source");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
     }
 
     #[test]

@@ -90,7 +90,21 @@ pub fn prepare(
         });
         return Ok(rx);
     }
-    let import = import_source(&source)?;
+    // A blank disk has nothing to fetch: its base is the store's empty one and its
+    // size is the declared capacity (see `hvx_storage::blank`).
+    let blank = match source.kind {
+        Some(pb::disk_source::Kind::BlankBytes(0)) => {
+            return Err(AgentError::Invalid(
+                "a blank disk needs spec.capacity (its size)".into(),
+            ));
+        }
+        Some(pb::disk_source::Kind::BlankBytes(n)) => Some(n),
+        _ => None,
+    };
+    let import = match blank {
+        Some(_) => None,
+        None => Some(import_source(&source)?),
+    };
     let mut imports = agent.imports.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(rx) = imports.get(&req.disk_uid) {
         return Ok(rx.clone());
@@ -128,12 +142,16 @@ pub fn prepare(
         let checksum =
             (!req.expected_checksum.is_empty()).then_some(req.expected_checksum.as_str());
         let started = Instant::now();
-        let result = agent.store.import(&import, checksum, Some(progress)).await;
+        let result = match (&import, blank) {
+            (Some(import), _) => agent.store.import(import, checksum, Some(progress)).await,
+            (None, _) => agent.store.blank_base().await,
+        };
         let msg = match result {
             Ok(base) => {
                 let rec = DiskRecord {
                     digest: base.digest.clone(),
-                    virtual_size: base.virtual_size,
+                    // The empty base has size 0; the overlay gets the declared size.
+                    virtual_size: blank.unwrap_or(base.virtual_size),
                     format: format!("{:?}/{}", base.source_format, base.source_subformat)
                         .to_ascii_lowercase(),
                     source_bytes: base.source_bytes,
