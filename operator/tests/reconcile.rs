@@ -212,3 +212,102 @@ async fn deleting_waits_for_launcher_pods_without_an_error_or_removing_the_final
         "the finalizer must stay while pods terminate"
     );
 }
+
+/// Answers every request as a permissive API server would (a patch or post returns
+/// its own body; the application's own paths return `app`), recording method, path
+/// and body, until the pass ends.
+fn serve_all(
+    mut handle: ApiHandle,
+    app: Value,
+) -> tokio::task::JoinHandle<Vec<(Method, String, Value)>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let body = body_json_or_null(req).await;
+            let mut answer = if path.contains("/vmapplications/") {
+                app.clone()
+            } else {
+                body.clone()
+            };
+            if answer.get("metadata").is_none() {
+                answer["metadata"] = json!({"name": "x"});
+            }
+            respond(send, &answer);
+            seen.push((method, path, body));
+        }
+        seen
+    })
+}
+
+async fn body_json_or_null(req: Request<Body>) -> Value {
+    let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_vm_starts_only_once_what_it_depends_on_runs() {
+    let obj: VmApplication = serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+        "metadata": {"name": "shop", "namespace": "prod", "uid": "u-1", "resourceVersion": "7",
+                     "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"vms": [
+            {"name": "web", "memoryMib": 256, "dependsOn": ["db"]},
+            {"name": "db", "memoryMib": 256},
+        ]}
+    }))
+    .expect("app");
+    let (ctx, handle) = context(vec![obj.clone()], vec![]);
+    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let action = tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("reconciled");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let paths: Vec<String> = seen.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    // db's pod (and its disruption budget) is created; web's is not.
+    assert!(
+        paths.contains(&"PATCH /api/v1/namespaces/prod/pods/shop-db".to_string()),
+        "{paths:#?}"
+    );
+    assert!(
+        paths.contains(
+            &"PATCH /apis/policy/v1/namespaces/prod/poddisruptionbudgets/shop-db".to_string()
+        ),
+        "{paths:#?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p.contains("pods/shop-web")),
+        "{paths:#?}"
+    );
+    // No list and no get in the pass.
+    assert!(!seen.iter().any(|(m, _, _)| m == Method::GET), "{paths:#?}");
+    let status = seen
+        .iter()
+        .rev()
+        .find(|(_, p, _)| p.ends_with("/vmapplications/shop/status"))
+        .map(|(_, _, b)| b["status"].clone())
+        .expect("status written");
+    let vm = |name: &str| {
+        status["vms"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(vm("db")["phase"], "Scheduling", "{status}");
+    assert_eq!(vm("web")["phase"], "Pending", "{status}");
+    assert_eq!(
+        vm("web")["reason"],
+        "waiting for db to be running",
+        "{status}"
+    );
+    // Status keeps the spec's order.
+    assert_eq!(status["vms"][0]["name"], "web");
+    // A VM on its way is looked at again soon.
+    assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_BUSY));
+}
