@@ -266,5 +266,5 @@ async fn crds_install_examples_apply_and_invalid_objects_are_rejected() {
     )
     .await;
 
-    delete_namespace(&client, &ns).await;
+    delete_namespace_and_wait(&client, &ns).await;
 }

@@ -9,6 +9,7 @@ use common::*;
 use hvx_api::{DiskPhase, OverlayDisk, VirtualNetwork, VmApplication, VmPhase};
 use hvx_operator::OperatorConfig;
 use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 use std::time::Duration;
@@ -209,6 +210,35 @@ async fn operator_runs_applications_in_dependency_order_and_cleans_up() {
             .is_empty(),
         "launcher pods left behind"
     );
+
+    // Networks and disks the applications used go once the applications are gone
+    // (their finalizers clear while the operator runs, so the namespace can go too).
+    for n in nets.list(&ListParams::default()).await.expect("nets").items {
+        nets.delete(&n.name_any(), &DeleteParams::default())
+            .await
+            .expect("delete network");
+    }
+    for d in disks
+        .list(&ListParams::default())
+        .await
+        .expect("disks")
+        .items
+    {
+        disks
+            .delete(&d.name_any(), &DeleteParams::default())
+            .await
+            .expect("delete disk");
+    }
+    wait_for(
+        "networks and disks gone",
+        Duration::from_secs(60),
+        || async {
+            let n = nets.list(&ListParams::default()).await.ok()?.items.len();
+            let d = disks.list(&ListParams::default()).await.ok()?.items.len();
+            (n + d == 0).then_some(())
+        },
+    )
+    .await;
 
     operator.abort();
     delete_namespace(&client, &ns).await;

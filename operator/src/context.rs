@@ -37,11 +37,29 @@ pub struct MigrationLimits {
     pub total: usize,
 }
 
+/// Defaults of the settings, used by `Default` and by the binary's flags alike.
+pub mod defaults {
+    /// Launcher image.
+    pub const LAUNCHER_IMAGE: &str = "hvx/launcher:dev";
+    /// Launcher image pull policy.
+    pub const IMAGE_PULL_POLICY: &str = "IfNotPresent";
+    /// CPU request per vCPU, millicores.
+    pub const CPU_MILLIS_PER_VCPU: u32 = 1000;
+    /// Live migrations leaving one node at once.
+    pub const MIGRATIONS_PER_NODE: usize = 1;
+    /// Live migrations in the cluster at once.
+    pub const MIGRATIONS_TOTAL: usize = 2;
+    /// Objects of one kind reconciled at once.
+    pub const RECONCILE_CONCURRENCY: u16 = 64;
+    /// Deadline of one agent call (and of a stream's first answer), seconds.
+    pub const AGENT_TIMEOUT_SECONDS: u64 = 60;
+}
+
 impl Default for MigrationLimits {
     fn default() -> Self {
         Self {
-            per_node: 1,
-            total: 2,
+            per_node: defaults::MIGRATIONS_PER_NODE,
+            total: defaults::MIGRATIONS_TOTAL,
         }
     }
 }
@@ -49,14 +67,14 @@ impl Default for MigrationLimits {
 impl Default for OperatorConfig {
     fn default() -> Self {
         Self {
-            launcher_image: "hvx/launcher:dev".into(),
-            image_pull_policy: "IfNotPresent".into(),
-            cpu_millis_per_vcpu: 1000,
+            launcher_image: defaults::LAUNCHER_IMAGE.into(),
+            image_pull_policy: defaults::IMAGE_PULL_POLICY.into(),
+            cpu_millis_per_vcpu: defaults::CPU_MILLIS_PER_VCPU,
             require_agent_label: true,
             agents: AgentSettings::default(),
             upload: None,
             migrations: MigrationLimits::default(),
-            reconcile_concurrency: 64,
+            reconcile_concurrency: defaults::RECONCILE_CONCURRENCY,
         }
     }
 }

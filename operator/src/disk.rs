@@ -84,7 +84,7 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                 // whole manifest deletes disks and applications at once).
                 let users: Vec<String> = ctx
                     .stores
-                    .apps_in(ns)
+                    .apps_using_in(ns)
                     .iter()
                     .filter(|a| uses_disk(a, &disk.name_any()))
                     .map(|a| a.name_any())

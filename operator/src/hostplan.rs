@@ -364,7 +364,6 @@ pub fn prepare_disk_request(disk: &OverlayDisk) -> Result<pb::PrepareDiskRequest
         source: Some(pb::DiskSource { kind: Some(kind) }),
         format: format!("{:?}", disk.spec.format).to_ascii_lowercase(),
         expected_checksum: disk.spec.checksum.clone().unwrap_or_default(),
-        max_virtual_bytes: 0,
     })
 }
 

@@ -461,7 +461,6 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
                     disk_uid: b.disk_uid.clone(),
                 })
                 .collect(),
-            source_agent: String::new(),
             tls_psk: psk_for(ctx, &t.uid()),
         };
         let ep = client.prepare_migration_target(req.clone()).await?;
@@ -601,7 +600,6 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
                 name: spec.vm.clone(),
             }),
             disks: Vec::new(),
-            source_agent: String::new(),
             tls_psk: psk_for(ctx, &uid),
         };
         let c = dst_client.clone();

@@ -94,7 +94,7 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
                 // VMs still attached keep the network until they are gone.
                 let users: Vec<String> = ctx
                     .stores
-                    .apps_in(ns)
+                    .apps_using_in(ns)
                     .iter()
                     .filter(|a| {
                         a.spec

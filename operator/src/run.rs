@@ -124,6 +124,36 @@ fn apps_using(
         .collect()
 }
 
+/// The VirtualNetworks an application's NICs use.
+fn networks_of_app(app: &VmApplication) -> Vec<ObjectRef<VirtualNetwork>> {
+    let ns = app.metadata.namespace.clone().unwrap_or_default();
+    let names: std::collections::BTreeSet<&str> = app
+        .spec
+        .vms
+        .iter()
+        .flat_map(|vm| vm.nics.iter().map(|n| n.network.name.as_str()))
+        .collect();
+    names
+        .into_iter()
+        .map(|n| ObjectRef::new(n).within(&ns))
+        .collect()
+}
+
+/// The OverlayDisks an application's VMs use.
+fn disks_of_app(app: &VmApplication) -> Vec<ObjectRef<OverlayDisk>> {
+    let ns = app.metadata.namespace.clone().unwrap_or_default();
+    let names: std::collections::BTreeSet<&str> = app
+        .spec
+        .vms
+        .iter()
+        .flat_map(|vm| vm.disks.iter().map(|d| d.overlay_disk.name.as_str()))
+        .collect();
+    names
+        .into_iter()
+        .map(|n| ObjectRef::new(n).within(&ns))
+        .collect()
+}
+
 /// `run`, recording into `metrics`.
 pub async fn run_with_metrics(
     client: Client,
@@ -186,6 +216,10 @@ pub async fn run_with_metrics(
         .with_config(controller_config())
         // A VM pod bound, started or gone changes its networks' per-node state.
         .watches_shared_stream(feeds.pods.subscribe(), |p: Arc<Pod>| networks_of_pod(&p))
+        // An application changed or gone: a network waiting for it to be deleted goes.
+        .watches_shared_stream(feeds.apps.subscribe(), |a: Arc<VmApplication>| {
+            networks_of_app(&a)
+        })
         .shutdown_on_signal()
         .run(
             |o, c| async move {
@@ -203,6 +237,10 @@ pub async fn run_with_metrics(
         .for_each(|r| async move { log_result(r) });
     let disks = Controller::for_shared_stream(feeds.disks.subscribe(), stores.disks.clone())
         .with_config(controller_config())
+        // An application gone: a disk waiting for it to be deleted goes.
+        .watches_shared_stream(feeds.apps.subscribe(), |a: Arc<VmApplication>| {
+            disks_of_app(&a)
+        })
         .shutdown_on_signal()
         .run(
             |o, c| async move {

@@ -114,6 +114,18 @@ impl Stores {
             .collect()
     }
 
+    /// The VmApplications of a namespace that may still use what they reference: all
+    /// but those deleted whose cleanup finished (finalizer gone, removal on its way).
+    pub fn apps_using_in(&self, ns: &str) -> Vec<Arc<VmApplication>> {
+        self.apps_in(ns)
+            .into_iter()
+            .filter(|a| {
+                a.metadata.deletion_timestamp.is_none()
+                    || a.finalizers().iter().any(|f| f == crate::FINALIZER)
+            })
+            .collect()
+    }
+
     /// Waits until every store has its first full list (a pass that ran earlier would
     /// take an empty cache for "nothing exists").
     pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {

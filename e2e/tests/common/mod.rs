@@ -154,3 +154,17 @@ pub async fn delete_namespace(client: &Client, ns: &str) {
         .delete(ns, &DeleteParams::default())
         .await;
 }
+
+/// Deletes a namespace and waits until it is gone, so the next test (which may run an
+/// operator cluster-wide) never finds this one's objects half deleted.
+pub async fn delete_namespace_and_wait(client: &Client, ns: &str) {
+    delete_namespace(client, ns).await;
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for _ in 0..240 {
+        if nss.get_opt(ns).await.expect("get ns").is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("namespace {ns} still there 120 s after its deletion");
+}

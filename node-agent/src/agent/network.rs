@@ -1,4 +1,4 @@
-//! EnsureNetwork, DeleteNetwork, UpdateFdb: the overlay switch behind the contract.
+//! EnsureNetwork, DeleteNetwork: the overlay switch behind the contract.
 //! Each request is the complete desired state of one network on this node; it is
 //! persisted (protobuf, `agent/networks/<vni>.pb`) so a restarted agent or a
 //! rebooted node re-applies it before the operator calls again.
@@ -165,42 +165,6 @@ pub async fn delete(agent: &Arc<Agent>, vni: u32, force: bool) -> Result<(), Age
         Ok(())
     })
     .await
-}
-
-/// Re-points MACs at their new nodes (migration switchover) and records it.
-pub async fn update_fdb(agent: &Arc<Agent>, req: &pb::UpdateFdbRequest) -> Result<u32, AgentError> {
-    let _guard = agent.lock(&format!("net/{}", req.vni)).await;
-    let Some(mut net) = load(agent, req.vni) else {
-        return Err(AgentError::Precondition(format!(
-            "network {} is not on this node: EnsureNetwork first",
-            req.vni
-        )));
-    };
-    let moved: BTreeSet<String> = req
-        .moved
-        .iter()
-        .map(|m| m.mac.to_ascii_lowercase())
-        .collect();
-    let now_local: BTreeSet<String> = req
-        .now_local
-        .iter()
-        .map(|m| m.to_ascii_lowercase())
-        .collect();
-    let before = net.remote_macs.clone();
-    net.remote_macs
-        .retain(|m| !moved.contains(&m.mac) && !now_local.contains(&m.mac));
-    for m in &req.moved {
-        let old = before.iter().find(|b| b.mac == m.mac.to_ascii_lowercase());
-        net.remote_macs.push(pb::RemoteMac {
-            mac: m.mac.to_ascii_lowercase(),
-            vtep_ip: m.vtep_ip.clone(),
-            vm: old.map(|o| o.vm.clone()).unwrap_or_else(|| m.vm.clone()),
-            ip: old.map(|o| o.ip.clone()).unwrap_or_else(|| m.ip.clone()),
-        });
-    }
-    let changed = (req.moved.len() + req.now_local.len()) as u32;
-    apply_locked(agent, net).await?;
-    Ok(changed)
 }
 
 /// Re-applies every persisted network (agent start).

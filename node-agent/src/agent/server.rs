@@ -8,7 +8,6 @@ use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::NodeAgent;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// The service.
@@ -199,16 +198,6 @@ impl NodeAgent for AgentService {
         self.done("DeleteNetwork", r)
     }
 
-    async fn update_fdb(
-        &self,
-        req: Request<pb::UpdateFdbRequest>,
-    ) -> Result<Response<pb::UpdateFdbResponse>, Status> {
-        let r = network::update_fdb(&self.agent, &req.into_inner())
-            .await
-            .map(|entries_changed| pb::UpdateFdbResponse { entries_changed });
-        self.done("UpdateFdb", r)
-    }
-
     async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmState>, Status> {
         let r = vms::get(&self.agent, &req.into_inner().vm_uid);
         match r {
@@ -218,48 +207,6 @@ impl NodeAgent for AgentService {
             }
             other => self.done("GetVm", other),
         }
-    }
-
-    async fn power_action(
-        &self,
-        req: Request<pb::PowerActionRequest>,
-    ) -> Result<Response<pb::VmState>, Status> {
-        let r = vms::power(&self.agent, &req.into_inner()).await;
-        self.done("PowerAction", r)
-    }
-
-    type WatchVmsStream = Stream_<pb::VmState>;
-
-    async fn watch_vms(
-        &self,
-        _: Request<pb::WatchVmsRequest>,
-    ) -> Result<Response<Self::WatchVmsStream>, Status> {
-        self.agent.count("WatchVms", tonic::Code::Ok);
-        let agent = self.agent.clone();
-        let stream = async_stream(move |tx| async move {
-            let mut last: std::collections::HashMap<String, pb::VmState> = Default::default();
-            loop {
-                for vm in vms::list(&agent) {
-                    let s = vms::state(&agent, &vm);
-                    if last.get(&s.vm_uid) != Some(&s) {
-                        last.insert(s.vm_uid.clone(), s.clone());
-                        if tx.send(Ok(s)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        });
-        Ok(Response::new(stream))
-    }
-
-    async fn get_vm_metrics(
-        &self,
-        req: Request<pb::VmRef>,
-    ) -> Result<Response<pb::VmMetrics>, Status> {
-        let r = vms::metrics(&self.agent, &req.into_inner().vm_uid).await;
-        self.done("GetVmMetrics", r)
     }
 
     async fn prepare_migration_target(

@@ -1,6 +1,6 @@
 //! The VMs on this node, as their launchers left them in their run dirs
 //! (`vm.json`: identity and NICs; `status.json`: phase, QEMU pid, restarts), with
-//! addresses from the networks' DHCP leases, power actions over QMP, and accounting
+//! addresses from the networks' DHCP leases, and accounting
 //! from /proc, QMP block stats and tap counters.
 
 use super::error::AgentError;
@@ -146,47 +146,6 @@ pub fn get(agent: &Agent, vm_uid: &str) -> Result<pb::VmState, AgentError> {
 async fn qmp(run_dir: &Path) -> Result<hvx_vmm::qmp::QmpClient, AgentError> {
     let paths = hvx_vmm::RunPaths::new(run_dir);
     Ok(hvx_vmm::qmp::QmpClient::connect(&paths.qmp_probe, Duration::from_secs(3)).await?)
-}
-
-/// PowerAction, through the VM's second QMP socket (the launcher keeps the first).
-pub async fn power(agent: &Agent, req: &pb::PowerActionRequest) -> Result<pb::VmState, AgentError> {
-    use pb::power_action_request::Action;
-    let vm_uid = req
-        .vm
-        .as_ref()
-        .map(|v| v.vm_uid.clone())
-        .unwrap_or_default();
-    let vm = find(agent, &vm_uid)?;
-    if live_qemu(&vm.run_dir).is_none() {
-        return Err(AgentError::Precondition(format!(
-            "VM {vm_uid} is not running here"
-        )));
-    }
-    let q = qmp(&vm.run_dir).await?;
-    match Action::try_from(req.action).unwrap_or(Action::Unspecified) {
-        Action::Shutdown => {
-            q.execute("system_powerdown", None).await?;
-        }
-        Action::PowerOff => {
-            q.execute("quit", None).await?;
-        }
-        Action::Reset => {
-            q.execute("system_reset", None).await?;
-        }
-        Action::Pause => {
-            q.execute("stop", None).await?;
-        }
-        Action::Resume => {
-            q.execute("cont", None).await?;
-        }
-        Action::Suspend => {
-            return Err(AgentError::Unimplemented(
-                "suspend to disk is not supported by this agent yet".into(),
-            ));
-        }
-        Action::Unspecified => return Err(AgentError::Invalid("no power action given".into())),
-    }
-    Ok(state(agent, &find(agent, &vm_uid)?))
 }
 
 fn sys_counter(tap: &str, name: &str) -> u64 {

@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use hvx_operator::OperatorConfig;
+use hvx_operator::context::defaults;
 use kube::Client;
 
 #[derive(Debug, Parser)]
@@ -14,13 +15,13 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Launcher image for VM pods.
-    #[arg(long, env = "HVX_LAUNCHER_IMAGE", default_value = "hvx/launcher:dev")]
+    #[arg(long, env = "HVX_LAUNCHER_IMAGE", default_value = defaults::LAUNCHER_IMAGE)]
     launcher_image: String,
     /// Pull policy for the launcher image.
-    #[arg(long, env = "HVX_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    #[arg(long, env = "HVX_IMAGE_PULL_POLICY", default_value = defaults::IMAGE_PULL_POLICY)]
     image_pull_policy: String,
     /// CPU request per vCPU, millicores (lower overcommits).
-    #[arg(long, env = "HVX_CPU_MILLIS_PER_VCPU", default_value_t = 1000)]
+    #[arg(long, env = "HVX_CPU_MILLIS_PER_VCPU", default_value_t = defaults::CPU_MILLIS_PER_VCPU)]
     cpu_millis_per_vcpu: u32,
     /// Schedule VMs only on nodes labelled `hvx.dev/agent=ready`.
     #[arg(long, env = "HVX_REQUIRE_AGENT_LABEL", default_value_t = true, action = clap::ArgAction::Set)]
@@ -28,6 +29,9 @@ struct Args {
     /// Node agents' gRPC port (they listen on the host network).
     #[arg(long, env = "HVX_AGENT_PORT", default_value_t = hvx_api::node::AGENT_PORT)]
     agent_port: u16,
+    /// Deadline of one call to a node agent (and of a stream's first answer), seconds.
+    #[arg(long, env = "HVX_AGENT_TIMEOUT_SECONDS", default_value_t = defaults::AGENT_TIMEOUT_SECONDS)]
+    agent_timeout_seconds: u64,
     /// Directory with ca.crt, tls.crt and tls.key: the client certificate for mutual
     /// TLS with the agents. Without it, agents are called in plaintext (development).
     #[arg(long, env = "HVX_AGENT_TLS_DIR")]
@@ -39,13 +43,13 @@ struct Args {
     #[arg(long, env = "HVX_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: String,
     /// Live migrations leaving one node at once.
-    #[arg(long, env = "HVX_MAX_MIGRATIONS_PER_NODE", default_value_t = 1)]
+    #[arg(long, env = "HVX_MAX_MIGRATIONS_PER_NODE", default_value_t = defaults::MIGRATIONS_PER_NODE)]
     max_migrations_per_node: usize,
     /// Live migrations in the whole cluster at once.
-    #[arg(long, env = "HVX_MAX_MIGRATIONS", default_value_t = 2)]
+    #[arg(long, env = "HVX_MAX_MIGRATIONS", default_value_t = defaults::MIGRATIONS_TOTAL)]
     max_migrations: usize,
     /// Objects of one kind reconciled at once.
-    #[arg(long, env = "HVX_RECONCILE_CONCURRENCY", default_value_t = 64)]
+    #[arg(long, env = "HVX_RECONCILE_CONCURRENCY", default_value_t = defaults::RECONCILE_CONCURRENCY)]
     reconcile_concurrency: u16,
     /// Upload endpoint listen address (the `hvx-upload` Service targets it).
     #[arg(long, env = "HVX_UPLOAD_LISTEN", default_value = "0.0.0.0:8081")]
@@ -112,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         agents: hvx_operator::agents::AgentSettings {
             port: args.agent_port,
             tls_dir: args.agent_tls_dir,
-            ..Default::default()
+            timeout: std::time::Duration::from_secs(args.agent_timeout_seconds.max(1)),
         },
         upload: None,
         migrations: hvx_operator::context::MigrationLimits {

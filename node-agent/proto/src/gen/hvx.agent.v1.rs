@@ -108,8 +108,6 @@ pub struct PrepareDiskRequest {
     /// "sha256:<hex>" of the source bytes, when the user declared one.
     #[prost(string, tag = "6")]
     pub expected_checksum: ::prost::alloc::string::String,
-    #[prost(uint64, tag = "7")]
-    pub max_virtual_bytes: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -482,23 +480,6 @@ pub struct DeleteNetworkRequest {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteNetworkResponse {}
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, ::prost::Message)]
-pub struct UpdateFdbRequest {
-    #[prost(uint32, tag = "1")]
-    pub vni: u32,
-    #[prost(message, repeated, tag = "2")]
-    pub moved: ::prost::alloc::vec::Vec<RemoteMac>,
-    /// MACs now local to this node (remove their remote entries).
-    #[prost(string, repeated, tag = "3")]
-    pub now_local: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-}
-#[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct UpdateFdbResponse {
-    #[prost(uint32, tag = "1")]
-    pub entries_changed: u32,
-}
-#[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VmRef {
     #[prost(string, tag = "1")]
@@ -589,74 +570,6 @@ pub mod vm_state {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct PowerActionRequest {
-    #[prost(message, optional, tag = "1")]
-    pub vm: ::core::option::Option<VmRef>,
-    #[prost(enumeration = "power_action_request::Action", tag = "2")]
-    pub action: i32,
-    #[prost(uint32, tag = "3")]
-    pub grace_seconds: u32,
-}
-/// Nested message and enum types in `PowerActionRequest`.
-pub mod power_action_request {
-    #[allow(clippy::all)]
-    #[derive(
-        Clone,
-        Copy,
-        Debug,
-        PartialEq,
-        Eq,
-        Hash,
-        PartialOrd,
-        Ord,
-        ::prost::Enumeration
-    )]
-    #[repr(i32)]
-    pub enum Action {
-        Unspecified = 0,
-        Shutdown = 1,
-        PowerOff = 2,
-        Reset = 3,
-        Pause = 4,
-        Resume = 5,
-        Suspend = 6,
-    }
-    impl Action {
-        /// String value of the enum field names used in the ProtoBuf definition.
-        ///
-        /// The values are not transformed in any way and thus are considered stable
-        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
-        pub fn as_str_name(&self) -> &'static str {
-            match self {
-                Self::Unspecified => "ACTION_UNSPECIFIED",
-                Self::Shutdown => "ACTION_SHUTDOWN",
-                Self::PowerOff => "ACTION_POWER_OFF",
-                Self::Reset => "ACTION_RESET",
-                Self::Pause => "ACTION_PAUSE",
-                Self::Resume => "ACTION_RESUME",
-                Self::Suspend => "ACTION_SUSPEND",
-            }
-        }
-        /// Creates an enum from field names used in the ProtoBuf definition.
-        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
-            match value {
-                "ACTION_UNSPECIFIED" => Some(Self::Unspecified),
-                "ACTION_SHUTDOWN" => Some(Self::Shutdown),
-                "ACTION_POWER_OFF" => Some(Self::PowerOff),
-                "ACTION_RESET" => Some(Self::Reset),
-                "ACTION_PAUSE" => Some(Self::Pause),
-                "ACTION_RESUME" => Some(Self::Resume),
-                "ACTION_SUSPEND" => Some(Self::Suspend),
-                _ => None,
-            }
-        }
-    }
-}
-#[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct WatchVmsRequest {}
-#[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct VmMetrics {
     #[prost(string, tag = "1")]
     pub vm_uid: ::prost::alloc::string::String,
@@ -703,9 +616,6 @@ pub struct PrepareMigrationTargetRequest {
     pub vm: ::core::option::Option<VmRef>,
     #[prost(message, repeated, tag = "3")]
     pub disks: ::prost::alloc::vec::Vec<MigrationDisk>,
-    /// Unused: bases are imported on the target from the OverlayDisk source (PrepareDisk).
-    #[prost(string, tag = "4")]
-    pub source_agent: ::prost::alloc::string::String,
     /// Pre-shared key (32 random bytes made by the operator for this migration only) for
     /// TLS-PSK on the memory stream and the disk mirror.
     #[prost(bytes = "vec", tag = "5")]
@@ -1161,32 +1071,6 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "DeleteNetwork"));
             self.inner.unary(req, path, codec).await
         }
-        /// Fast path for MAC moves at migration switchover: replaces the FDB entries of the
-        /// given MACs on this node. Legal only after EnsureNetwork; idempotent.
-        pub async fn update_fdb(
-            &mut self,
-            request: impl tonic::IntoRequest<super::UpdateFdbRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::UpdateFdbResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
-            let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/hvx.agent.v1.NodeAgent/UpdateFdb",
-            );
-            let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "UpdateFdb"));
-            self.inner.unary(req, path, codec).await
-        }
         /// State of one VM running on this node (from its launcher). NOT_FOUND if none.
         pub async fn get_vm(
             &mut self,
@@ -1207,78 +1091,6 @@ pub mod node_agent_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "GetVm"));
-            self.inner.unary(req, path, codec).await
-        }
-        /// Power actions on a running VM. Shutdown is ACPI with the VM's grace period, then
-        /// power off. Pause/Resume/Reset/Suspend are idempotent in their end state
-        /// (pausing a paused VM is OK). FAILED_PRECONDITION if the VM is not running here.
-        pub async fn power_action(
-            &mut self,
-            request: impl tonic::IntoRequest<super::PowerActionRequest>,
-        ) -> std::result::Result<tonic::Response<super::VmState>, tonic::Status> {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
-            let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/hvx.agent.v1.NodeAgent/PowerAction",
-            );
-            let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "PowerAction"));
-            self.inner.unary(req, path, codec).await
-        }
-        /// Streams state changes of every VM on this node (phase, crashes, IPs learned from
-        /// DHCP leases). The first messages are the current state of each VM.
-        pub async fn watch_vms(
-            &mut self,
-            request: impl tonic::IntoRequest<super::WatchVmsRequest>,
-        ) -> std::result::Result<
-            tonic::Response<tonic::codec::Streaming<super::VmState>>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
-            let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/hvx.agent.v1.NodeAgent/WatchVms",
-            );
-            let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "WatchVms"));
-            self.inner.server_streaming(req, path, codec).await
-        }
-        /// Per-VM accounting: CPU time, memory, disk and network counters.
-        pub async fn get_vm_metrics(
-            &mut self,
-            request: impl tonic::IntoRequest<super::VmRef>,
-        ) -> std::result::Result<tonic::Response<super::VmMetrics>, tonic::Status> {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
-            let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/hvx.agent.v1.NodeAgent/GetVmMetrics",
-            );
-            let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "GetVmMetrics"));
             self.inner.unary(req, path, codec).await
         }
         /// Migration, target side, step 1: prepare disks (fetch bases by digest, create empty
@@ -1474,44 +1286,11 @@ pub mod node_agent_server {
             tonic::Response<super::DeleteNetworkResponse>,
             tonic::Status,
         >;
-        /// Fast path for MAC moves at migration switchover: replaces the FDB entries of the
-        /// given MACs on this node. Legal only after EnsureNetwork; idempotent.
-        async fn update_fdb(
-            &self,
-            request: tonic::Request<super::UpdateFdbRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::UpdateFdbResponse>,
-            tonic::Status,
-        >;
         /// State of one VM running on this node (from its launcher). NOT_FOUND if none.
         async fn get_vm(
             &self,
             request: tonic::Request<super::VmRef>,
         ) -> std::result::Result<tonic::Response<super::VmState>, tonic::Status>;
-        /// Power actions on a running VM. Shutdown is ACPI with the VM's grace period, then
-        /// power off. Pause/Resume/Reset/Suspend are idempotent in their end state
-        /// (pausing a paused VM is OK). FAILED_PRECONDITION if the VM is not running here.
-        async fn power_action(
-            &self,
-            request: tonic::Request<super::PowerActionRequest>,
-        ) -> std::result::Result<tonic::Response<super::VmState>, tonic::Status>;
-        /// Server streaming response type for the WatchVms method.
-        type WatchVmsStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::VmState, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
-        /// Streams state changes of every VM on this node (phase, crashes, IPs learned from
-        /// DHCP leases). The first messages are the current state of each VM.
-        async fn watch_vms(
-            &self,
-            request: tonic::Request<super::WatchVmsRequest>,
-        ) -> std::result::Result<tonic::Response<Self::WatchVmsStream>, tonic::Status>;
-        /// Per-VM accounting: CPU time, memory, disk and network counters.
-        async fn get_vm_metrics(
-            &self,
-            request: tonic::Request<super::VmRef>,
-        ) -> std::result::Result<tonic::Response<super::VmMetrics>, tonic::Status>;
         /// Migration, target side, step 1: prepare disks (fetch bases by digest, create empty
         /// overlays), start an NBD export for the disk mirror and a QEMU in incoming mode
         /// listening with TLS. Idempotent by migration UID. Returns where the source connects.
@@ -2033,51 +1812,6 @@ pub mod node_agent_server {
                     };
                     Box::pin(fut)
                 }
-                "/hvx.agent.v1.NodeAgent/UpdateFdb" => {
-                    #[allow(non_camel_case_types)]
-                    struct UpdateFdbSvc<T: NodeAgent>(pub Arc<T>);
-                    impl<
-                        T: NodeAgent,
-                    > tonic::server::UnaryService<super::UpdateFdbRequest>
-                    for UpdateFdbSvc<T> {
-                        type Response = super::UpdateFdbResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
-                        fn call(
-                            &mut self,
-                            request: tonic::Request<super::UpdateFdbRequest>,
-                        ) -> Self::Future {
-                            let inner = Arc::clone(&self.0);
-                            let fut = async move {
-                                <T as NodeAgent>::update_fdb(&inner, request).await
-                            };
-                            Box::pin(fut)
-                        }
-                    }
-                    let accept_compression_encodings = self.accept_compression_encodings;
-                    let send_compression_encodings = self.send_compression_encodings;
-                    let max_decoding_message_size = self.max_decoding_message_size;
-                    let max_encoding_message_size = self.max_encoding_message_size;
-                    let inner = self.inner.clone();
-                    let fut = async move {
-                        let method = UpdateFdbSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
-                        let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(
-                                accept_compression_encodings,
-                                send_compression_encodings,
-                            )
-                            .apply_max_message_size_config(
-                                max_decoding_message_size,
-                                max_encoding_message_size,
-                            );
-                        let res = grpc.unary(method, req).await;
-                        Ok(res)
-                    };
-                    Box::pin(fut)
-                }
                 "/hvx.agent.v1.NodeAgent/GetVm" => {
                     #[allow(non_camel_case_types)]
                     struct GetVmSvc<T: NodeAgent>(pub Arc<T>);
@@ -2106,140 +1840,6 @@ pub mod node_agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetVmSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
-                        let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(
-                                accept_compression_encodings,
-                                send_compression_encodings,
-                            )
-                            .apply_max_message_size_config(
-                                max_decoding_message_size,
-                                max_encoding_message_size,
-                            );
-                        let res = grpc.unary(method, req).await;
-                        Ok(res)
-                    };
-                    Box::pin(fut)
-                }
-                "/hvx.agent.v1.NodeAgent/PowerAction" => {
-                    #[allow(non_camel_case_types)]
-                    struct PowerActionSvc<T: NodeAgent>(pub Arc<T>);
-                    impl<
-                        T: NodeAgent,
-                    > tonic::server::UnaryService<super::PowerActionRequest>
-                    for PowerActionSvc<T> {
-                        type Response = super::VmState;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
-                        fn call(
-                            &mut self,
-                            request: tonic::Request<super::PowerActionRequest>,
-                        ) -> Self::Future {
-                            let inner = Arc::clone(&self.0);
-                            let fut = async move {
-                                <T as NodeAgent>::power_action(&inner, request).await
-                            };
-                            Box::pin(fut)
-                        }
-                    }
-                    let accept_compression_encodings = self.accept_compression_encodings;
-                    let send_compression_encodings = self.send_compression_encodings;
-                    let max_decoding_message_size = self.max_decoding_message_size;
-                    let max_encoding_message_size = self.max_encoding_message_size;
-                    let inner = self.inner.clone();
-                    let fut = async move {
-                        let method = PowerActionSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
-                        let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(
-                                accept_compression_encodings,
-                                send_compression_encodings,
-                            )
-                            .apply_max_message_size_config(
-                                max_decoding_message_size,
-                                max_encoding_message_size,
-                            );
-                        let res = grpc.unary(method, req).await;
-                        Ok(res)
-                    };
-                    Box::pin(fut)
-                }
-                "/hvx.agent.v1.NodeAgent/WatchVms" => {
-                    #[allow(non_camel_case_types)]
-                    struct WatchVmsSvc<T: NodeAgent>(pub Arc<T>);
-                    impl<
-                        T: NodeAgent,
-                    > tonic::server::ServerStreamingService<super::WatchVmsRequest>
-                    for WatchVmsSvc<T> {
-                        type Response = super::VmState;
-                        type ResponseStream = T::WatchVmsStream;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::ResponseStream>,
-                            tonic::Status,
-                        >;
-                        fn call(
-                            &mut self,
-                            request: tonic::Request<super::WatchVmsRequest>,
-                        ) -> Self::Future {
-                            let inner = Arc::clone(&self.0);
-                            let fut = async move {
-                                <T as NodeAgent>::watch_vms(&inner, request).await
-                            };
-                            Box::pin(fut)
-                        }
-                    }
-                    let accept_compression_encodings = self.accept_compression_encodings;
-                    let send_compression_encodings = self.send_compression_encodings;
-                    let max_decoding_message_size = self.max_decoding_message_size;
-                    let max_encoding_message_size = self.max_encoding_message_size;
-                    let inner = self.inner.clone();
-                    let fut = async move {
-                        let method = WatchVmsSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
-                        let mut grpc = tonic::server::Grpc::new(codec)
-                            .apply_compression_config(
-                                accept_compression_encodings,
-                                send_compression_encodings,
-                            )
-                            .apply_max_message_size_config(
-                                max_decoding_message_size,
-                                max_encoding_message_size,
-                            );
-                        let res = grpc.server_streaming(method, req).await;
-                        Ok(res)
-                    };
-                    Box::pin(fut)
-                }
-                "/hvx.agent.v1.NodeAgent/GetVmMetrics" => {
-                    #[allow(non_camel_case_types)]
-                    struct GetVmMetricsSvc<T: NodeAgent>(pub Arc<T>);
-                    impl<T: NodeAgent> tonic::server::UnaryService<super::VmRef>
-                    for GetVmMetricsSvc<T> {
-                        type Response = super::VmMetrics;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
-                        fn call(
-                            &mut self,
-                            request: tonic::Request<super::VmRef>,
-                        ) -> Self::Future {
-                            let inner = Arc::clone(&self.0);
-                            let fut = async move {
-                                <T as NodeAgent>::get_vm_metrics(&inner, request).await
-                            };
-                            Box::pin(fut)
-                        }
-                    }
-                    let accept_compression_encodings = self.accept_compression_encodings;
-                    let send_compression_encodings = self.send_compression_encodings;
-                    let max_decoding_message_size = self.max_decoding_message_size;
-                    let max_encoding_message_size = self.max_encoding_message_size;
-                    let inner = self.inner.clone();
-                    let fut = async move {
-                        let method = GetVmMetricsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -1,0 +1,313 @@
+//! VmApplication reconciles against a mocked API server (tower-test): what a pass asks
+//! of the API server, request by request. Reads come from the shared caches, which the
+//! tests fill directly, so any request not scripted here (a list, a get) stalls the
+//! pass and fails the test by its deadline.
+
+use http::{Method, Request, Response};
+use hvx_api::VmApplication;
+use hvx_operator::context::{Context, OperatorConfig};
+use hvx_operator::stores::Stores;
+use k8s_openapi::api::core::v1::Pod;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+/// A store already filled with `objs` (and marked ready).
+fn store_of<K>(objs: Vec<K>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut w: Writer<K> = Writer::default();
+    w.apply_watcher_event(&watcher::Event::Init);
+    for o in objs {
+        w.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    w.as_reader()
+}
+
+fn context(apps: Vec<VmApplication>, pods: Vec<Pod>) -> (Arc<Context>, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let stores = Stores {
+        nodes: store_of(vec![]),
+        pods: store_of(pods),
+        migrations: store_of(vec![]),
+        networks: store_of(vec![]),
+        disks: store_of(vec![]),
+        apps: store_of(apps),
+    };
+    let ctx = Context::with_metrics(
+        client,
+        OperatorConfig::default(),
+        Reporter {
+            controller: "test".into(),
+            instance: None,
+        },
+        Arc::default(),
+        stores,
+    );
+    (Arc::new(ctx), handle)
+}
+
+fn app(finalized: bool, deleting: bool) -> VmApplication {
+    let mut meta = json!({"name": "shop", "namespace": "prod", "uid": "u-1",
+                          "resourceVersion": "7", "generation": 1});
+    if finalized {
+        meta["finalizers"] = json!(["hvx.dev/cleanup"]);
+    }
+    if deleting {
+        meta["deletionTimestamp"] = json!("2026-12-04T10:00:00Z");
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication", "metadata": meta,
+        "spec": {"vms": [{
+            "name": "db", "memoryMib": 256, "runStrategy": "Halted",
+            "disks": [{"name": "root", "overlayDisk": {"name": "db-root"}, "controller": "pvscsi", "unit": 0}],
+        }]}
+    }))
+    .expect("app")
+}
+
+fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(body).expect("json")))
+            .expect("response"),
+    );
+}
+
+async fn body_json(req: Request<Body>) -> Value {
+    let bytes = req.into_body().collect_bytes().await.expect("body");
+    serde_json::from_slice(&bytes).expect("json body")
+}
+
+/// The next request the pass makes, within a deadline.
+async fn next(
+    handle: &mut ApiHandle,
+) -> (
+    Request<Body>,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the pass made no further request")
+        .expect("service dropped")
+}
+
+#[tokio::test]
+async fn a_new_application_gets_its_finalizer_and_first_status_in_one_pass_without_lists() {
+    let obj = app(false, false);
+    let (ctx, mut handle) = context(vec![obj.clone()], vec![]);
+    let pass = tokio::spawn(hvx_operator::vmapp::reconcile(
+        Arc::new(obj.clone()),
+        ctx.clone(),
+    ));
+
+    // 1. The finalizer, conditional on the version the cache had.
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/hvx.dev/v1alpha1/namespaces/prod/vmapplications/shop"
+    );
+    let patch = body_json(req).await;
+    assert_eq!(patch["metadata"]["finalizers"], json!(["hvx.dev/cleanup"]));
+    assert_eq!(patch["metadata"]["resourceVersion"], "7");
+    let mut with_finalizer = serde_json::to_value(app(true, false)).expect("json");
+    with_finalizer["metadata"]["resourceVersion"] = json!("8");
+    respond(send, &with_finalizer);
+
+    // 2. Straight on to the status (no watch round trip, no GET, no list).
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/apis/hvx.dev/v1alpha1/namespaces/prod/vmapplications/shop/status"
+    );
+    assert!(
+        req.uri()
+            .query()
+            .unwrap_or_default()
+            .contains("fieldManager=hvx-operator")
+    );
+    let status = body_json(req).await["status"].clone();
+    assert_eq!(status["phase"], "Stopped", "{status}");
+    assert_eq!(status["vms"][0]["phase"], "Stopped", "{status}");
+    assert_eq!(status["observedGeneration"], 1);
+    respond(send, &with_finalizer);
+
+    let action = tokio::time::timeout(Duration::from_secs(5), pass)
+        .await
+        .expect("pass ends")
+        .expect("task")
+        .expect("reconciled");
+    // Halted and stopped: nothing to poll for.
+    assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_IDLE));
+
+    // 3. The next pass (the finalizer's watch event) finds nothing to write.
+    let again = tokio::time::timeout(
+        Duration::from_secs(5),
+        hvx_operator::vmapp::reconcile(Arc::new(app(true, false)), ctx.clone()),
+    )
+    .await
+    .expect("a pass with nothing to write makes no request")
+    .expect("reconciled");
+    assert_eq!(again, Action::requeue(hvx_operator::status::RESYNC_IDLE));
+}
+
+#[tokio::test]
+async fn deleting_waits_for_launcher_pods_without_an_error_or_removing_the_finalizer() {
+    let obj = app(true, true);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "shop-db", "namespace": "prod",
+                     "labels": {"hvx.dev/app": "shop", "hvx.dev/vm": "db", "hvx.dev/role": "launcher"}},
+        "spec": {"containers": []}
+    }))
+    .expect("pod");
+    let (ctx, mut handle) = context(vec![obj.clone()], vec![pod.clone()]);
+    let pass = tokio::spawn(hvx_operator::vmapp::reconcile(Arc::new(obj), ctx.clone()));
+
+    // Cleanup asks the API server itself (the cache could be behind a pod's creation).
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::GET);
+    assert_eq!(req.uri().path(), "/api/v1/namespaces/prod/pods");
+    assert!(
+        req.uri()
+            .query()
+            .unwrap_or_default()
+            .contains("labelSelector=hvx.dev%2Fapp%3Dshop"),
+        "{:?}",
+        req.uri()
+    );
+    respond(
+        send,
+        &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}),
+    );
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::DELETE);
+    assert_eq!(req.uri().path(), "/api/v1/namespaces/prod/pods/shop-db");
+    respond(send, &serde_json::to_value(&pod).expect("json"));
+
+    let action = tokio::time::timeout(Duration::from_secs(5), pass)
+        .await
+        .expect("pass ends")
+        .expect("task")
+        .expect("waiting is not an error");
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    // No finalizer patch followed.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request())
+            .await
+            .is_err(),
+        "the finalizer must stay while pods terminate"
+    );
+}
+
+/// Answers every request as a permissive API server would (a patch or post returns
+/// its own body; the application's own paths return `app`), recording method, path
+/// and body, until the pass ends.
+fn serve_all(
+    mut handle: ApiHandle,
+    app: Value,
+) -> tokio::task::JoinHandle<Vec<(Method, String, Value)>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let body = body_json_or_null(req).await;
+            let mut answer = if path.contains("/vmapplications/") {
+                app.clone()
+            } else {
+                body.clone()
+            };
+            if answer.get("metadata").is_none() {
+                answer["metadata"] = json!({"name": "x"});
+            }
+            respond(send, &answer);
+            seen.push((method, path, body));
+        }
+        seen
+    })
+}
+
+async fn body_json_or_null(req: Request<Body>) -> Value {
+    let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_vm_starts_only_once_what_it_depends_on_runs() {
+    let obj: VmApplication = serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+        "metadata": {"name": "shop", "namespace": "prod", "uid": "u-1", "resourceVersion": "7",
+                     "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"vms": [
+            {"name": "web", "memoryMib": 256, "dependsOn": ["db"]},
+            {"name": "db", "memoryMib": 256},
+        ]}
+    }))
+    .expect("app");
+    let (ctx, handle) = context(vec![obj.clone()], vec![]);
+    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let action = tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("reconciled");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let paths: Vec<String> = seen.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    // db's pod (and its disruption budget) is created; web's is not.
+    assert!(
+        paths.contains(&"PATCH /api/v1/namespaces/prod/pods/shop-db".to_string()),
+        "{paths:#?}"
+    );
+    assert!(
+        paths.contains(
+            &"PATCH /apis/policy/v1/namespaces/prod/poddisruptionbudgets/shop-db".to_string()
+        ),
+        "{paths:#?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p.contains("pods/shop-web")),
+        "{paths:#?}"
+    );
+    // No list and no get in the pass.
+    assert!(!seen.iter().any(|(m, _, _)| m == Method::GET), "{paths:#?}");
+    let status = seen
+        .iter()
+        .rev()
+        .find(|(_, p, _)| p.ends_with("/vmapplications/shop/status"))
+        .map(|(_, _, b)| b["status"].clone())
+        .expect("status written");
+    let vm = |name: &str| {
+        status["vms"]
+            .as_array()
+            .and_then(|v| v.iter().find(|x| x["name"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(vm("db")["phase"], "Scheduling", "{status}");
+    assert_eq!(vm("web")["phase"], "Pending", "{status}");
+    assert_eq!(
+        vm("web")["reason"],
+        "waiting for db to be running",
+        "{status}"
+    );
+    // Status keeps the spec's order.
+    assert_eq!(status["vms"][0]["name"], "web");
+    // A VM on its way is looked at again soon.
+    assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_BUSY));
+}
