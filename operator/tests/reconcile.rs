@@ -4,7 +4,7 @@
 //! pass and fails the test by its deadline.
 
 use http::{Method, Request, Response};
-use hvx_api::VmApplication;
+use hvx_api::{VirtualNetwork, VmApplication};
 use hvx_operator::context::{Context, OperatorConfig};
 use hvx_operator::stores::Stores;
 use k8s_openapi::api::core::v1::Pod;
@@ -35,13 +35,21 @@ where
 }
 
 fn context(apps: Vec<VmApplication>, pods: Vec<Pod>) -> (Arc<Context>, ApiHandle) {
+    context_with_networks(apps, pods, vec![])
+}
+
+fn context_with_networks(
+    apps: Vec<VmApplication>,
+    pods: Vec<Pod>,
+    networks: Vec<VirtualNetwork>,
+) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let stores = Stores {
         nodes: store_of(vec![]),
         pods: store_of(pods),
         migrations: store_of(vec![]),
-        networks: store_of(vec![]),
+        networks: store_of(networks),
         disks: store_of(vec![]),
         apps: store_of(apps),
     };
@@ -214,18 +222,28 @@ async fn deleting_waits_for_launcher_pods_without_an_error_or_removing_the_final
 }
 
 /// Answers every request as a permissive API server would (a patch or post returns
-/// its own body; the application's own paths return `app`), recording method, path
+/// its own body; `app`'s own paths return `app`; a list is empty), recording method, path
 /// and body, until the pass ends.
 fn serve_all(
     mut handle: ApiHandle,
     app: Value,
 ) -> tokio::task::JoinHandle<Vec<(Method, String, Value)>> {
+    let own = format!(
+        "/{}s/",
+        app["kind"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    );
     tokio::spawn(async move {
         let mut seen = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let body = body_json_or_null(req).await;
-            let mut answer = if path.contains("/vmapplications/") {
+            // A GET here is a list (passes read single objects from the caches).
+            let mut answer = if method == Method::GET {
+                json!({"metadata": {}, "items": []})
+            } else if path.contains(&own) {
                 app.clone()
             } else {
                 body.clone()
@@ -310,4 +328,119 @@ async fn a_vm_starts_only_once_what_it_depends_on_runs() {
     assert_eq!(status["vms"][0]["name"], "web");
     // A VM on its way is looked at again soon.
     assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_BUSY));
+}
+
+fn network(name: &str, uid: &str, created: &str, vni: Option<u32>) -> VirtualNetwork {
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VirtualNetwork",
+        "metadata": {"name": name, "namespace": "prod", "uid": uid, "resourceVersion": "3",
+                     "generation": 1, "creationTimestamp": created,
+                     "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"subnets": [{"name": "s", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1"}]},
+        "status": {"vni": vni},
+    }))
+    .expect("network")
+}
+
+#[tokio::test]
+async fn the_later_of_two_networks_sharing_a_vni_gets_a_new_one() {
+    let first = network("a", "uid-a", "2026-12-01T00:00:00Z", Some(5000));
+    let second = network("b", "uid-b", "2026-12-02T00:00:00Z", Some(5000));
+    let (ctx, mut handle) =
+        context_with_networks(vec![], vec![], vec![first.clone(), second.clone()]);
+
+    // The earlier network keeps its VNI: its pass writes status without allocating.
+    let pass = tokio::spawn(hvx_operator::network::reconcile(
+        Arc::new(first.clone()),
+        ctx.clone(),
+    ));
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(
+        req.method(),
+        Method::PATCH,
+        "no list for a network that keeps its VNI"
+    );
+    let body = body_json(req).await;
+    assert_eq!(body["status"]["vni"], 5000, "{body}");
+    respond(send, &serde_json::to_value(&first).expect("json"));
+    tokio::time::timeout(Duration::from_secs(5), pass)
+        .await
+        .expect("pass ends")
+        .expect("task")
+        .expect("reconciled");
+
+    // The later one allocates again, from a fresh list (never from the cache: a
+    // collision would join two tenants' networks).
+    let pass = tokio::spawn(hvx_operator::network::reconcile(
+        Arc::new(second.clone()),
+        ctx.clone(),
+    ));
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::GET);
+    assert_eq!(req.uri().path(), "/apis/hvx.dev/v1alpha1/virtualnetworks");
+    respond(
+        send,
+        &json!({"apiVersion": "hvx.dev/v1alpha1", "kind": "VirtualNetworkList", "metadata": {},
+                "items": [first, second]}),
+    );
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::PATCH);
+    assert!(req.uri().path().ends_with("/virtualnetworks/b/status"));
+    let body = body_json(req).await;
+    let vni = body["status"]["vni"].as_u64().expect("a VNI");
+    assert_ne!(vni, 5000, "{body}");
+    assert!(
+        (u64::from(hvx_operator::network::VNI_MIN)..=u64::from(hvx_operator::network::VNI_MAX))
+            .contains(&vni)
+    );
+    respond(send, &serde_json::to_value(&second).expect("json"));
+    tokio::time::timeout(Duration::from_secs(5), pass)
+        .await
+        .expect("pass ends")
+        .expect("task")
+        .expect("reconciled");
+}
+
+#[tokio::test]
+async fn a_migration_of_a_missing_application_fails_with_its_reason_and_rolls_nothing_back() {
+    let mig: hvx_api::migration::VmMigration = serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
+        "metadata": {"name": "m1", "namespace": "prod", "uid": "m-uid", "resourceVersion": "2",
+                     "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"application": "gone", "vm": "db"},
+    }))
+    .expect("migration");
+    let (ctx, handle) = context(vec![], vec![]);
+    let server = serve_all(handle, serde_json::to_value(&mig).expect("json"));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::migration::reconcile(Arc::new(mig), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("reconciled");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let status = seen
+        .iter()
+        .find(|(m, p, _)| m == Method::PATCH && p.ends_with("/vmmigrations/m1/status"))
+        .map(|(_, _, b)| b["status"].clone())
+        .expect("status written");
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert!(
+        status["failureReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("VmApplication gone does not exist")),
+        "{status}"
+    );
+    // The phase history records the one legal step (none -> Failed).
+    assert_eq!(status["phaseTimestamps"][0]["phase"], "Failed", "{status}");
+    // Nothing was deleted: there was nothing to roll back.
+    assert!(
+        !seen.iter().any(|(m, _, _)| m == Method::DELETE),
+        "{:?}",
+        seen.iter()
+            .map(|(m, p, _)| format!("{m} {p}"))
+            .collect::<Vec<_>>()
+    );
 }
