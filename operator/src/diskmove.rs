@@ -47,21 +47,7 @@ const RETRY: Duration = Duration::from_secs(20);
 /// Longest wait for the next message of an export.
 const IDLE: Duration = Duration::from_secs(120);
 
-/// A move as this operator last saw it, by move id (the launcher pod's UID).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MoveState {
-    /// Relaying: progress text.
-    Running(String),
-    /// Every disk is installed on the new node.
-    Done,
-    /// It failed; retried after [`RETRY`].
-    Failed {
-        /// Why.
-        message: String,
-        /// When.
-        at: Instant,
-    },
-}
+pub use hvx_operator_core::context::MoveState;
 
 /// What a pass should do about a pod's disks (pure).
 #[derive(Debug, PartialEq, Eq)]
@@ -369,7 +355,7 @@ pub async fn prepare_disks(
         let result = ensure_moved(ctx, cluster, from, node, ls, &move_id).await?;
         if !was_running && matches!(state(ctx, &move_id), Some(MoveState::Running(_))) {
             // Once per attempt: the relay started in this pass.
-            crate::vmapp::publish(
+            hvx_operator_core::events::publish(
                 ctx,
                 app,
                 EventType::Normal,
@@ -390,7 +376,7 @@ pub async fn prepare_disks(
                 )
                 .await?;
                 forget(ctx, &move_id);
-                crate::vmapp::publish(
+                hvx_operator_core::events::publish(
                     ctx,
                     app,
                     EventType::Normal,

@@ -29,18 +29,7 @@ use tokio::io::AsyncWriteExt;
 /// Largest chunk one PUT may carry.
 pub const MAX_CHUNK: u64 = 64 << 20;
 
-/// Upload endpoint settings.
-#[derive(Clone, Debug)]
-pub struct UploadSettings {
-    /// Where partial and complete uploads are kept.
-    pub dir: PathBuf,
-    /// Base URL agents fetch completed uploads from (the Service, in-cluster).
-    pub internal_url: String,
-    /// Largest disk accepted.
-    pub max_bytes: u64,
-    /// Optional bearer token required on top of the API server's authorization.
-    pub token: Option<String>,
-}
+pub use hvx_operator_core::context::UploadSettings;
 
 /// An OverlayDisk that takes uploads.
 #[derive(Clone, Debug, PartialEq, Eq)]

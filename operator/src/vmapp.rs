@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -606,20 +606,5 @@ pub(crate) async fn publish(
     reason: &str,
     note: &str,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    match ctx.recorder().publish(&event, &app.object_ref(&())).await {
-        Ok(()) => {}
-        // A namespace being deleted takes no new events; its objects' last words are
-        // not worth a warning each.
-        Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("being terminated") => {
-            tracing::debug!(error = %e, "event not published: namespace terminating");
-        }
-        Err(e) => tracing::warn!(error = %e, "publishing event"),
-    }
+    hvx_operator_core::events::publish(ctx, app, type_, reason, note).await;
 }

@@ -3,8 +3,6 @@
 //! declarative: anything left out is removed), and the import request of an
 //! OverlayDisk. No I/O here.
 
-use crate::build::ANNOTATION_LAUNCH_SPEC;
-use hvx_api::launch::LaunchSpec;
 use hvx_api::{Endpoints, FirewallAction, OverlayDisk, VirtualNetwork};
 use hvx_proto::v1 as pb;
 use k8s_openapi::api::core::v1::Pod;
@@ -35,27 +33,7 @@ pub struct PlacedNic {
     pub active: bool,
 }
 
-/// The launch spec a launcher pod carries, if it has a readable one.
-pub fn pod_launch_spec(pod: &Pod) -> Option<LaunchSpec> {
-    let text = pod
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(ANNOTATION_LAUNCH_SPEC)?;
-    serde_json::from_str(text).ok()
-}
-
-/// Whether a pod's VM may hold host resources (bound, not finished). A terminating
-/// pod still does: QEMU may be shutting down and still own its taps and overlays.
-pub fn pod_is_live(pod: &Pod) -> bool {
-    let bound = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.as_ref())
-        .is_some();
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    bound && !matches!(phase, Some("Succeeded" | "Failed"))
-}
+pub use crate::pods::{pod_is_live, pod_launch_spec};
 
 /// Every NIC of the live launcher pods, with the node it is on.
 pub fn placed_nics(pods: &[Pod]) -> Vec<PlacedNic> {
@@ -83,7 +61,7 @@ pub fn placed_nics(pods: &[Pod]) -> Vec<PlacedNic> {
                     .map(|a| a.split('/').next().unwrap_or(a).to_string()),
                 node: node.clone(),
                 network_uid: n.network_uid.clone(),
-                active: crate::migplan::target_of(pod).is_none(),
+                active: crate::pods::target_of(pod).is_none(),
             });
         }
     }

@@ -4,7 +4,9 @@ use crate::agents::{AgentPool, AgentSettings};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Instant;
 
 /// Settings from flags and the Helm chart.
 #[derive(Clone, Debug)]
@@ -21,7 +23,7 @@ pub struct OperatorConfig {
     /// How node agents are reached.
     pub agents: AgentSettings,
     /// The disk upload endpoint this process serves, if enabled.
-    pub upload: Option<crate::upload::UploadSettings>,
+    pub upload: Option<UploadSettings>,
     /// Parallel live migrations.
     pub migrations: MigrationLimits,
     /// Objects of one kind reconciled at once.
@@ -37,23 +39,7 @@ pub struct MigrationLimits {
     pub total: usize,
 }
 
-/// Defaults of the settings, used by `Default` and by the binary's flags alike.
-pub mod defaults {
-    /// Launcher image.
-    pub const LAUNCHER_IMAGE: &str = "hvx/launcher:dev";
-    /// Launcher image pull policy.
-    pub const IMAGE_PULL_POLICY: &str = "IfNotPresent";
-    /// CPU request per vCPU, millicores.
-    pub const CPU_MILLIS_PER_VCPU: u32 = 1000;
-    /// Live migrations leaving one node at once.
-    pub const MIGRATIONS_PER_NODE: usize = 1;
-    /// Live migrations in the cluster at once.
-    pub const MIGRATIONS_TOTAL: usize = 2;
-    /// Objects of one kind reconciled at once.
-    pub const RECONCILE_CONCURRENCY: u16 = 64;
-    /// Deadline of one agent call (and of a stream's first answer), seconds.
-    pub const AGENT_TIMEOUT_SECONDS: u64 = 60;
-}
+pub use crate::defaults;
 
 impl Default for MigrationLimits {
     fn default() -> Self {
@@ -98,8 +84,8 @@ pub struct Context {
     pub migration_keys: Mutex<HashMap<String, Vec<u8>>>,
     /// Migrations whose progress stream a task of this process follows.
     pub migrations_followed: Mutex<std::collections::HashSet<String>>,
-    /// Cold disk moves this operator runs, by move id (`crate::diskmove`).
-    pub disk_moves: Mutex<HashMap<String, crate::diskmove::MoveState>>,
+    /// Cold disk moves this operator runs, by move id (`hvx_operator::diskmove`).
+    pub disk_moves: Mutex<HashMap<String, MoveState>>,
     /// Prometheus counters.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// The shared watch caches every pass reads instead of the API server.
@@ -171,4 +157,33 @@ impl Context {
     pub fn recorder(&self) -> Recorder {
         Recorder::new(self.client.clone(), self.reporter.clone())
     }
+}
+
+/// Upload endpoint settings.
+#[derive(Clone, Debug)]
+pub struct UploadSettings {
+    /// Where partial and complete uploads are kept.
+    pub dir: PathBuf,
+    /// Base URL agents fetch completed uploads from (the Service, in-cluster).
+    pub internal_url: String,
+    /// Largest disk accepted.
+    pub max_bytes: u64,
+    /// Optional bearer token required on top of the API server's authorization.
+    pub token: Option<String>,
+}
+
+/// A move as this operator last saw it, by move id (the launcher pod's UID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MoveState {
+    /// Relaying: progress text.
+    Running(String),
+    /// Every disk is installed on the new node.
+    Done,
+    /// It failed; retried after a while (`diskmove`).
+    Failed {
+        /// Why.
+        message: String,
+        /// When.
+        at: Instant,
+    },
 }

@@ -38,7 +38,7 @@ impl Default for AgentSettings {
         Self {
             port: hvx_api::node::AGENT_PORT,
             tls_dir: None,
-            timeout: Duration::from_secs(crate::context::defaults::AGENT_TIMEOUT_SECONDS),
+            timeout: Duration::from_secs(crate::defaults::AGENT_TIMEOUT_SECONDS),
         }
     }
 }

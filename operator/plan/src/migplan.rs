@@ -2,7 +2,7 @@
 //! slot is free, and how agent progress maps to VmMigration phases.
 
 use crate::build::{LABEL_APP, LABEL_VM};
-use crate::hostplan::pod_is_live;
+use crate::pods::pod_is_live;
 use hvx_api::migration::MigrationPhase;
 use hvx_proto::v1::migration_progress::Phase;
 use k8s_openapi::api::core::v1::Pod;
@@ -37,10 +37,7 @@ pub fn is_final(phase: Option<MigrationPhase>) -> bool {
     )
 }
 
-/// The migration a pod is the target of.
-pub fn target_of(pod: &Pod) -> Option<&str> {
-    pod.labels().get(LABEL_MIGRATION_TARGET).map(String::as_str)
-}
+pub use crate::pods::target_of;
 
 /// A VM's pods, split.
 #[derive(Debug, Default)]
