@@ -273,13 +273,16 @@ async fn import_upload_migrate_snapshot_against_the_api_server() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no VmApplication in namespace"));
 }
 
-/// A stand-in launcher pod: `hvx-launcher console` is `cat`, so what is typed comes
-/// back through the exec session (plus the remote tty's echo).
-fn fake_launcher_pod(vm: &str) -> k8s_openapi::api::core::v1::Pod {
+/// A stand-in launcher pod, labelled as the operator labels launcher pods (the shared
+/// `hvx_api::labels`): `hvx-launcher console` is `cat`, so what is typed comes back
+/// through the exec session (plus the remote tty's echo).
+fn fake_launcher_pod(app: &str, vm: &str) -> k8s_openapi::api::core::v1::Pod {
+    use hvx_api::labels::{LABEL_APP, LABEL_ROLE, LABEL_VM, ROLE_LAUNCHER};
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": format!("launcher-{vm}"), "labels": {"hvx.dev/vm": vm}},
+        "metadata": {"name": format!("launcher-{vm}"),
+                     "labels": {LABEL_ROLE: ROLE_LAUNCHER, LABEL_APP: app, LABEL_VM: vm}},
         "spec": {
             "terminationGracePeriodSeconds": 0,
             "containers": [{
@@ -318,7 +321,7 @@ async fn console_attaches_to_the_launcher_container() {
     let mut created = false;
     for _ in 0..30 {
         if pods
-            .create(&PostParams::default(), &fake_launcher_pod("vm1"))
+            .create(&PostParams::default(), &fake_launcher_pod("shop", "vm1"))
             .await
             .is_ok()
         {
@@ -340,7 +343,9 @@ async fn console_attaches_to_the_launcher_container() {
     assert!(running, "launcher pod never ran");
 
     let mut child = Command::new(BIN)
-        .args(["console", "vm1", "-n", &ns])
+        // `--app` selects by the application label the operator sets (it once looked
+        // for a label no launcher pod carries and never found the pod).
+        .args(["console", "vm1", "--app", "shop", "-n", &ns])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
