@@ -162,10 +162,9 @@ async fn boot_probe(
     accel: Accel,
     kernel: Option<&Path>,
 ) -> std::result::Result<(), String> {
-    let dir = tempfile::Builder::new()
-        .prefix("hvx-probe-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a probe directory: {e}"))?;
+    // Only the boot-sector probe needs a file; a directory made for every probe was
+    // left in /tmp each time the agent was killed mid-probe.
+    let mut _dir = None;
     let mut cmd = Command::new(&opts.qemu);
     cmd.args([
         "-nodefaults",
@@ -193,11 +192,16 @@ async fn boot_probe(
             KERNEL_MARK
         }
         None => {
+            let dir = tempfile::Builder::new()
+                .prefix("hvx-probe-")
+                .tempdir()
+                .map_err(|e| format!("cannot create a probe directory: {e}"))?;
             let img = dir.path().join("probe.img");
             std::fs::write(&img, probe_boot_sector())
                 .map_err(|e| format!("cannot write probe image: {e}"))?;
             cmd.arg("-drive")
                 .arg(format!("file={},format=raw,if=ide", img.display()));
+            _dir = Some(dir);
             SECTOR_MARK
         }
     };
