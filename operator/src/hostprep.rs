@@ -147,14 +147,22 @@ pub async fn ensure_vm_bases(
                     Err(reason) => {
                         // The spec itself is wrong: say so on the disk and in the VM's
                         // reason; nothing is sent to the agent until it changes.
-                        let api: Api<OverlayDisk> =
-                            Api::namespaced(ctx.client.clone(), &ls.namespace);
-                        patch_disk(
-                            &api,
-                            &obj.name_any(),
-                            json!({"phase": "Failed", "progress": reason.clone()}),
-                        )
-                        .await;
+                        // Written once: the disk's watch event would otherwise bring
+                        // the same patch back with every pass.
+                        let said = obj.status.as_ref().is_some_and(|st| {
+                            st.phase == Some(hvx_api::DiskPhase::Failed)
+                                && st.progress.as_deref() == Some(reason.as_str())
+                        });
+                        if !said {
+                            let api: Api<OverlayDisk> =
+                                Api::namespaced(ctx.client.clone(), &ls.namespace);
+                            patch_disk(
+                                &api,
+                                &obj.name_any(),
+                                json!({"phase": "Failed", "progress": reason.clone()}),
+                            )
+                            .await;
+                        }
                         waiting.push(format!("OverlayDisk {}: {reason}", obj.name_any()));
                         continue;
                     }
