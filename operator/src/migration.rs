@@ -15,6 +15,7 @@
 use crate::build;
 use crate::context::Context;
 use crate::error::Error;
+use crate::context::FollowedMigration;
 use crate::finalize::Cleanup;
 use crate::hostprep::{self, BasesState};
 use crate::migplan::{self, LABEL_MIGRATION_TARGET, NodeInfo};
@@ -27,6 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
@@ -544,13 +546,14 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
 
 async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
     let uid = t.uid();
-    let following = ctx
+    let followed = ctx
         .migrations_followed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(uid.clone());
-    if !following {
-        return Ok(Action::requeue(Duration::from_secs(10)));
+        .get(&uid)
+        .cloned();
+    if let Some(f) = followed {
+        return report(t, ctx, f).await;
     }
     let spec = &t.mig.spec;
     let source = t.status.source_node.clone().unwrap_or_default();
@@ -626,138 +629,88 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
         tls_psk: psk_for(ctx, &uid),
         disk_names: target_ls.disks.iter().map(|d| d.name.clone()).collect(),
     };
-    let mig = t.mig.clone();
-    let ctx2 = ctx.clone();
-    tokio::spawn(async move {
-        follow(
-            ctx2.clone(),
-            mig,
-            src_client,
-            dst_client,
-            req,
-            source,
-            target,
-        )
-        .await;
-        forget(&ctx2, &uid);
-    });
-    Ok(Action::requeue(Duration::from_secs(10)))
-}
-
-fn forget(ctx: &Context, uid: &str) {
     ctx.migrations_followed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(uid);
+        .insert(uid, FollowedMigration::default());
+    let mig = t.mig.clone();
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        follow(ctx2, mig, src_client, dst_client, req, source).await;
+    });
+    Ok(Action::requeue(REPORT_EVERY))
 }
 
-/// Follows the source agent's progress stream into status until the end.
-async fn follow(
-    ctx: Arc<Context>,
-    mig: VmMigration,
-    src: crate::agents::AgentClient,
-    dst: crate::agents::AgentClient,
-    req: pb::StartMigrationRequest,
-    source: String,
-    target: String,
-) {
-    let t = Target {
-        ns: mig.namespace().unwrap_or_default(),
-        status: mig.status.clone().unwrap_or_default(),
-        mig: &mig,
-    };
-    let vm_ref = req.vm.clone().unwrap_or_default();
-    let mut status = t.status.clone();
-    let stream = src.start_migration(req).await;
-    let mut last: Option<pb::MigrationProgress> = None;
-    match stream {
-        Ok(resp) => {
-            let mut s = resp;
-            let mut last_write = std::time::Instant::now() - Duration::from_secs(10);
-            loop {
-                match s.message().await {
-                    Ok(Some(p)) => {
-                        let phase = pb::migration_progress::Phase::try_from(p.phase)
-                            .ok()
-                            .and_then(migplan::phase_of);
-                        let changed = phase.is_some() && phase != status.phase;
-                        if let Some(ph) = phase {
-                            enter(&mut status, ph, mig.meta().generation);
-                        }
-                        status.memory_bytes = Some(p.memory_bytes);
-                        status.disk_bytes = Some(p.disk_bytes);
-                        let done = migplan::is_final(phase);
-                        if done {
-                            status.downtime_ms = Some(p.downtime_ms);
-                            status.total_ms = Some(p.total_ms);
-                            if phase == Some(MigrationPhase::Completed) {
-                                status.post_copy = Some(p.post_copy);
-                            }
-                            if phase == Some(MigrationPhase::Failed) {
-                                status.failure_reason = Some(p.message.clone());
-                            }
-                        }
-                        if changed || done || last_write.elapsed() > Duration::from_secs(2) {
-                            if let Err(e) = patch_status(&ctx, &t, &status).await {
-                                tracing::warn!(error = %e, "migration status");
-                            }
-                            last_write = std::time::Instant::now();
-                        }
-                        last = Some(p);
-                        if done {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "migration progress stream broke; will re-attach");
-                        return;
-                    }
-                }
-            }
+/// How often a migration in flight has its progress written.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes what the progress task heard into the status (this reconcile is the status'
+/// one writer); once the migration ended, its event and metrics, and for a completed
+/// one the switchover's cleanup right away (every node's FDB must point at the target
+/// as soon as possible).
+async fn report(t: Target<'_>, ctx: &Arc<Context>, f: FollowedMigration) -> Result<Action, Error> {
+    let uid = t.uid();
+    let generation = t.mig.meta().generation;
+    let base = f.written.clone().unwrap_or_else(|| t.status.clone());
+    let mut status = base.clone();
+    if let Some(ph) = f.phase {
+        enter(&mut status, ph, generation);
+    }
+    status.memory_bytes = Some(f.memory_bytes);
+    status.disk_bytes = Some(f.disk_bytes);
+    if f.ended {
+        status.downtime_ms = Some(f.downtime_ms);
+        status.total_ms = Some(f.total_ms);
+        if status.phase == Some(MigrationPhase::Completed) {
+            status.post_copy = Some(f.post_copy);
         }
-        Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
-            // The source no longer runs the VM: either it completed (and the source
-            // agent restarted, forgetting the result) or it is really gone.
-            let there = dst.get_vm(vm_ref.clone()).await.ok().map(|r| r.phase);
-            if there == Some(pb::vm_state::Phase::Running as i32) {
-                enter(
-                    &mut status,
-                    MigrationPhase::Completed,
-                    mig.meta().generation,
-                );
-                let _ = patch_status(&ctx, &t, &status).await;
-                let _ = finish(&t, &ctx).await;
-                return;
-            }
-            status.failure_reason = Some(format!("source on {source}: {}", e.message()));
-            enter(&mut status, MigrationPhase::Failed, mig.meta().generation);
-            let _ = patch_status(&ctx, &t, &status).await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "StartMigration on {source}; will retry");
-            return;
+        if status.phase == Some(MigrationPhase::Failed) {
+            status.failure_reason = f.failure.clone();
         }
     }
+    if status != base || f.written.is_none() {
+        patch_status(ctx, &t, &status).await?;
+        if let Some(entry) = ctx
+            .migrations_followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&uid)
+        {
+            entry.written = Some(status.clone());
+        }
+    }
+    if !f.ended {
+        return Ok(Action::requeue(REPORT_EVERY));
+    }
+    forget(ctx, &uid);
+    let mig = t.mig;
+    let (source, target) = (
+        status.source_node.clone().unwrap_or_default(),
+        status.target_node.clone().unwrap_or_default(),
+    );
     match status.phase {
         Some(MigrationPhase::Completed) => {
-            let p = last.unwrap_or_default();
-            ctx.metrics.migration(true, p.downtime_ms, p.total_ms);
-            publish(&ctx, &mig, EventType::Normal, "Migrated", &format!(
+            ctx.metrics.migration(true, f.downtime_ms, f.total_ms);
+            publish(ctx, mig, EventType::Normal, "Migrated", &format!(
                 "VM {} now runs on {target}: {} ms total, {} ms downtime, {} MiB memory, {} KiB disk{}",
-                mig.spec.vm, p.total_ms, p.downtime_ms, p.memory_bytes >> 20, p.disk_bytes >> 10,
-                if p.post_copy { ", ended in post-copy" } else { "" }
+                mig.spec.vm, f.total_ms, f.downtime_ms, f.memory_bytes >> 20, f.disk_bytes >> 10,
+                if f.post_copy { ", ended in post-copy" } else { "" }
             ))
             .await;
-            if let Err(e) = finish(&t, &ctx).await {
+            let done = Target {
+                mig,
+                ns: t.ns.clone(),
+                status,
+            };
+            if let Err(e) = finish(&done, ctx).await {
                 tracing::warn!(error = %e, "finishing migration; the next reconcile retries");
             }
         }
         Some(MigrationPhase::Failed) => {
             ctx.metrics.migration(false, 0, 0);
             publish(
-                &ctx,
-                &mig,
+                ctx,
+                mig,
                 EventType::Warning,
                 "MigrationFailed",
                 &format!(
@@ -767,11 +720,102 @@ async fn follow(
                 ),
             )
             .await;
-            if let Err(e) = abort(&mig, &ctx).await {
-                tracing::warn!(error = %e, "cleaning up a failed migration");
-            }
+            abort(mig, ctx).await?;
         }
         _ => {}
+    }
+    Ok(Action::requeue(REPORT_EVERY))
+}
+
+fn forget(ctx: &Context, uid: &str) {
+    ctx.migrations_followed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(uid);
+}
+
+/// Follows the source agent's progress stream to its end, recording what it hears in
+/// `ctx.migrations_followed` and waking the reconcile, which writes the status. A
+/// stream that breaks drops the record, so the next reconcile attaches again.
+async fn follow(
+    ctx: Arc<Context>,
+    mig: VmMigration,
+    src: crate::agents::AgentClient,
+    dst: crate::agents::AgentClient,
+    req: pb::StartMigrationRequest,
+    source: String,
+) {
+    let uid = mig.uid().unwrap_or_default();
+    let me = ObjectRef::from_obj(&mig);
+    let record = |f: &dyn Fn(&mut FollowedMigration)| {
+        if let Some(entry) = ctx
+            .migrations_followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&uid)
+        {
+            f(entry);
+        }
+        let _ = ctx.migration_wakeups.send(me.clone());
+    };
+    let vm_ref = req.vm.clone().unwrap_or_default();
+    match src.start_migration(req).await {
+        Ok(mut s) => loop {
+            match s.message().await {
+                Ok(Some(p)) => {
+                    let phase = pb::migration_progress::Phase::try_from(p.phase)
+                        .ok()
+                        .and_then(migplan::phase_of);
+                    let done = migplan::is_final(phase);
+                    record(&|e: &mut FollowedMigration| {
+                        if phase.is_some() {
+                            e.phase = phase;
+                        }
+                        e.memory_bytes = p.memory_bytes;
+                        e.disk_bytes = p.disk_bytes;
+                        if done {
+                            e.downtime_ms = p.downtime_ms;
+                            e.total_ms = p.total_ms;
+                            e.post_copy = p.post_copy;
+                            if phase == Some(MigrationPhase::Failed) {
+                                e.failure = Some(p.message.clone());
+                            }
+                            e.ended = true;
+                        }
+                    });
+                    if done {
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::warn!("migration progress stream ended early; will re-attach");
+                    forget(&ctx, &uid);
+                    let _ = ctx.migration_wakeups.send(me.clone());
+                    return;
+                }
+            }
+        },
+        Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
+            // The source no longer runs the VM: either it completed (and the source
+            // agent restarted, forgetting the result) or it is really gone.
+            let there = dst.get_vm(vm_ref.clone()).await.ok().map(|r| r.phase);
+            let completed = there == Some(pb::vm_state::Phase::Running as i32);
+            let message = format!("source on {source}: {}", e.message());
+            record(&|f: &mut FollowedMigration| {
+                if completed {
+                    f.phase = Some(MigrationPhase::Completed);
+                } else {
+                    f.phase = Some(MigrationPhase::Failed);
+                    f.failure = Some(message.clone());
+                }
+                f.ended = true;
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "StartMigration on {source}; will retry");
+            forget(&ctx, &uid);
+            let _ = ctx.migration_wakeups.send(me);
+        }
     }
 }
 

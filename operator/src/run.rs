@@ -256,9 +256,18 @@ pub async fn run_with_metrics(
             ctx.clone(),
         )
         .for_each(|r| async move { log_result(r) });
+    // The progress tasks of live migrations wake their migration's reconcile, which
+    // writes what they heard (one writer of the status).
+    let wakeups = ctx
+        .migration_wakeups_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(tokio_stream::wrappers::UnboundedReceiverStream::new);
     let migrations =
         Controller::for_shared_stream(feeds.migrations.subscribe(), stores.migrations.clone())
             .with_config(controller_config())
+            .reconcile_on(futures::stream::iter(wakeups).flatten())
             .shutdown_on_signal()
             .run(
                 |o, c| async move {

@@ -444,3 +444,64 @@ async fn a_migration_of_a_missing_application_fails_with_its_reason_and_rolls_no
             .collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
+    let mig: hvx_api::migration::VmMigration = serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
+        "metadata": {"name": "m1", "namespace": "prod", "uid": "m-uid", "resourceVersion": "2",
+                     "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"application": "shop", "vm": "db"},
+        "status": {"phase": "PreCopy", "sourceNode": "n1", "targetNode": "n2",
+                   "phaseTimestamps": [{"phase": "PreCopy", "time": "2026-12-04T10:00:00Z"}]},
+    }))
+    .expect("migration");
+    let (ctx, handle) = context(vec![], vec![]);
+    // The task heard the end: completed, with its figures.
+    ctx.migrations_followed
+        .lock()
+        .expect("lock")
+        .insert(
+            "m-uid".into(),
+            hvx_operator::context::FollowedMigration {
+                phase: Some(hvx_api::migration::MigrationPhase::Completed),
+                memory_bytes: 64 << 20,
+                disk_bytes: 4096,
+                downtime_ms: 42,
+                total_ms: 900,
+                ended: true,
+                ..Default::default()
+            },
+        );
+    let server = serve_all(handle, serde_json::to_value(&mig).expect("json"));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::migration::reconcile(Arc::new(mig), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("reconciled");
+    assert!(
+        ctx.migrations_followed.lock().expect("lock").is_empty(),
+        "the ended record is consumed"
+    );
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let writes: Vec<&Value> = seen
+        .iter()
+        .filter(|(m, p, _)| m == Method::PATCH && p.ends_with("/vmmigrations/m1/status"))
+        .map(|(_, _, b)| &b["status"])
+        .collect();
+    assert_eq!(writes.len(), 1, "one status write: {writes:?}");
+    let status = writes[0];
+    assert_eq!(status["phase"], "Completed", "{status}");
+    assert_eq!(status["downtimeMs"], 42, "{status}");
+    assert_eq!(status["totalMs"], 900, "{status}");
+    assert_eq!(status["postCopy"], false, "{status}");
+    // PreCopy -> Completed is legal, and recorded once.
+    assert_eq!(status["phaseTimestamps"].as_array().map(Vec::len), Some(2), "{status}");
+    let migrated = seen
+        .iter()
+        .any(|(m, p, b)| m == Method::POST && p.contains("/events") && b["reason"] == "Migrated");
+    assert!(migrated, "a Migrated event");
+}

@@ -4,6 +4,8 @@ use crate::agents::{AgentPool, AgentSettings};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use std::collections::HashMap;
+use hvx_api::migration::VmMigration;
+use kube::runtime::reflector::ObjectRef;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -83,7 +85,13 @@ pub struct Context {
     /// TLS pre-shared keys of migrations in flight, by VmMigration UID (memory only).
     pub migration_keys: Mutex<HashMap<String, Vec<u8>>>,
     /// Migrations whose progress stream a task of this process follows.
-    pub migrations_followed: Mutex<std::collections::HashSet<String>>,
+    pub migrations_followed: Mutex<HashMap<String, FollowedMigration>>,
+    /// Wakes the migration controller for one migration (its progress task heard
+    /// something); the controller takes the receiver at start.
+    pub migration_wakeups: tokio::sync::mpsc::UnboundedSender<ObjectRef<VmMigration>>,
+    /// The receiving end of `migration_wakeups`, until the controller takes it.
+    pub migration_wakeups_rx:
+        Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<VmMigration>>>>,
     /// Cold disk moves this operator runs, by move id (`hvx_operator::diskmove`).
     pub disk_moves: Mutex<HashMap<String, MoveState>>,
     /// Prometheus counters.
@@ -136,6 +144,7 @@ impl Context {
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         stores: crate::stores::Stores,
     ) -> Self {
+        let (wakeups, wakeups_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             agents: AgentPool::new(config.agents.clone()),
             client,
@@ -145,6 +154,8 @@ impl Context {
             leases: Mutex::default(),
             migration_keys: Mutex::default(),
             migrations_followed: Mutex::default(),
+            migration_wakeups: wakeups,
+            migration_wakeups_rx: Mutex::new(Some(wakeups_rx)),
             disk_moves: Mutex::default(),
             metrics,
             stores,
@@ -186,4 +197,30 @@ pub enum MoveState {
         /// When.
         at: Instant,
     },
+}
+
+/// What the task following a live migration's progress stream last heard. The task
+/// only records here (and wakes the controller); the migration's reconcile is the one
+/// writer of its status.
+#[derive(Clone, Debug, Default)]
+pub struct FollowedMigration {
+    /// The phase the source agent reported last.
+    pub phase: Option<hvx_api::migration::MigrationPhase>,
+    /// Memory and disk bytes sent so far.
+    pub memory_bytes: u64,
+    /// Disk bytes mirrored so far.
+    pub disk_bytes: u64,
+    /// Downtime and total time, once ended.
+    pub downtime_ms: u64,
+    /// Total time, once ended.
+    pub total_ms: u64,
+    /// Whether it ended in post-copy.
+    pub post_copy: bool,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
+    /// The stream reached a final phase (the task is done).
+    pub ended: bool,
+    /// The status the reconcile last wrote while following (the cached object can lag
+    /// behind it).
+    pub written: Option<hvx_api::migration::VmMigrationStatus>,
 }
