@@ -14,8 +14,8 @@
 
 use crate::build;
 use crate::context::Context;
-use crate::error::Error;
 use crate::context::FollowedMigration;
+use crate::error::Error;
 use crate::finalize::Cleanup;
 use crate::hostprep::{self, BasesState};
 use crate::migplan::{self, LABEL_MIGRATION_TARGET, NodeInfo};

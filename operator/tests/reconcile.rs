@@ -458,21 +458,18 @@ async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
     .expect("migration");
     let (ctx, handle) = context(vec![], vec![]);
     // The task heard the end: completed, with its figures.
-    ctx.migrations_followed
-        .lock()
-        .expect("lock")
-        .insert(
-            "m-uid".into(),
-            hvx_operator::context::FollowedMigration {
-                phase: Some(hvx_api::migration::MigrationPhase::Completed),
-                memory_bytes: 64 << 20,
-                disk_bytes: 4096,
-                downtime_ms: 42,
-                total_ms: 900,
-                ended: true,
-                ..Default::default()
-            },
-        );
+    ctx.migrations_followed.lock().expect("lock").insert(
+        "m-uid".into(),
+        hvx_operator::context::FollowedMigration {
+            phase: Some(hvx_api::migration::MigrationPhase::Completed),
+            memory_bytes: 64 << 20,
+            disk_bytes: 4096,
+            downtime_ms: 42,
+            total_ms: 900,
+            ended: true,
+            ..Default::default()
+        },
+    );
     let server = serve_all(handle, serde_json::to_value(&mig).expect("json"));
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -499,7 +496,11 @@ async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
     assert_eq!(status["totalMs"], 900, "{status}");
     assert_eq!(status["postCopy"], false, "{status}");
     // PreCopy -> Completed is legal, and recorded once.
-    assert_eq!(status["phaseTimestamps"].as_array().map(Vec::len), Some(2), "{status}");
+    assert_eq!(
+        status["phaseTimestamps"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
     let migrated = seen
         .iter()
         .any(|(m, p, b)| m == Method::POST && p.contains("/events") && b["reason"] == "Migrated");

@@ -1,11 +1,11 @@
 //! Shared state of the controllers.
 
 use crate::agents::{AgentPool, AgentSettings};
+use hvx_api::migration::VmMigration;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
-use std::collections::HashMap;
-use hvx_api::migration::VmMigration;
 use kube::runtime::reflector::ObjectRef;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
