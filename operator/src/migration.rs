@@ -668,7 +668,11 @@ async fn report(t: Target<'_>, ctx: &Arc<Context>, f: FollowedMigration) -> Resu
             status.failure_reason = f.failure.clone();
         }
     }
-    if status != base || f.written.is_none() {
+    // A new phase or the end is written at once; byte counters at most every second.
+    let due = f.ended
+        || status.phase != base.phase
+        || f.written_at.is_none_or(|at| at.elapsed() >= REPORT_EVERY);
+    if due && (status != base || f.written.is_none()) {
         patch_status(ctx, &t, &status).await?;
         if let Some(entry) = ctx
             .migrations_followed
@@ -677,6 +681,7 @@ async fn report(t: Target<'_>, ctx: &Arc<Context>, f: FollowedMigration) -> Resu
             .get_mut(&uid)
         {
             entry.written = Some(status.clone());
+            entry.written_at = Some(std::time::Instant::now());
         }
     }
     if !f.ended {

@@ -223,4 +223,6 @@ pub struct FollowedMigration {
     /// The status the reconcile last wrote while following (the cached object can lag
     /// behind it).
     pub written: Option<hvx_api::migration::VmMigrationStatus>,
+    /// When it wrote it (progress alone is written at most once a second).
+    pub written_at: Option<Instant>,
 }
