@@ -124,7 +124,12 @@ impl MigrationPhase {
                 MirroringDisks | PreCopy | Switchover | Completed | Failed | Cancelled
             ),
             MirroringDisks => matches!(next, PreCopy | Switchover | Completed | Failed | Cancelled),
-            PreCopy => matches!(next, PostCopy | Switchover | Completed | Failed | Cancelled),
+            // The source agent reports mirroring and pre-copy as it polls them; the
+            // disk mirror and the first memory pass overlap, so either may come first.
+            PreCopy => matches!(
+                next,
+                MirroringDisks | PostCopy | Switchover | Completed | Failed | Cancelled
+            ),
             // QEMU may report the switchover before or after post-copy starts.
             Switchover => matches!(next, PostCopy | Completed | Failed | Cancelled),
             PostCopy => matches!(next, Switchover | Completed | Failed),
@@ -138,9 +143,13 @@ pub fn migration_transition(
     to: MigrationPhase,
 ) -> Result<(), IllegalTransition> {
     let legal = match from {
+        // A new migration that finds a free slot right away goes straight to Scheduling.
         None => matches!(
             to,
-            MigrationPhase::Pending | MigrationPhase::Failed | MigrationPhase::Cancelled
+            MigrationPhase::Pending
+                | MigrationPhase::Scheduling
+                | MigrationPhase::Failed
+                | MigrationPhase::Cancelled
         ),
         Some(from) => from.can_go_to(to),
     };
@@ -250,6 +259,12 @@ mod tests {
             Completed,
         ];
         assert!(migration_transition(None, Pending).is_ok());
+        // A free slot at the first pass (the drain e2e's path).
+        assert!(migration_transition(None, Scheduling).is_ok());
+        assert!(
+            PreCopy.can_go_to(MirroringDisks),
+            "mirror and pre-copy overlap"
+        );
         for w in path.windows(2) {
             assert!(migration_transition(Some(w[0]), w[1]).is_ok(), "{w:?}");
         }
