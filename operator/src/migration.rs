@@ -343,11 +343,14 @@ async fn pending(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
     status.source_node = Some(source.clone());
     status.target_node = Some(target.clone());
     status.failure_reason = None;
-    enter(
+    if !enter(
         &mut status,
         MigrationPhase::Scheduling,
         t.mig.meta().generation,
-    );
+    ) {
+        // A bug, not a state to poll in a tight loop: logged by `enter`.
+        return Ok(Action::requeue(REFUSED_RETRY));
+    }
     patch_status(ctx, &t, &status).await?;
     publish(
         ctx,
@@ -535,11 +538,14 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
         return wait(ctx, t, format!("target launcher on {target} starting")).await;
     }
     let mut status = t.status.clone();
-    enter(
+    if !enter(
         &mut status,
         MigrationPhase::TargetReady,
         t.mig.meta().generation,
-    );
+    ) {
+        // A bug, not a state to poll in a tight loop: logged by `enter`.
+        return Ok(Action::requeue(REFUSED_RETRY));
+    }
     patch_status(ctx, &t, &status).await?;
     Ok(Action::requeue(Duration::from_millis(100)))
 }
@@ -640,6 +646,9 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
     });
     Ok(Action::requeue(REPORT_EVERY))
 }
+
+/// When a pass whose phase change the state machine refused looks again.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// How often a migration in flight has its progress written.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
