@@ -13,7 +13,7 @@ use hvx_api::EvictionStrategy;
 use hvx_api::migration::{MigrationPhase, MigrationReason, VmMigration, VmMigrationSpec};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,8 +61,8 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false);
-    let all_migs = ctx.stores.migrations.state();
     if !cordoned {
+        let all_migs = ctx.stores.migrations.state();
         for m in all_migs.iter().filter(|m| cancelled_by_uncordon(m, &name)) {
             let api: Api<VmMigration> =
                 Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
@@ -71,6 +71,11 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Err
         }
         return Ok(Action::await_change());
     }
+    // Whether a VM already has a migration decides whether one is created: read fresh
+    // (a cache a moment behind the last pass's creation would make a second one). Only
+    // cordoned nodes get here.
+    let migs: Api<VmMigration> = Api::all(ctx.client.clone());
+    let all_migs = migs.list(&ListParams::default()).await?.items;
     let here: Vec<Arc<Pod>> = ctx
         .stores
         .launcher_pods(None)
