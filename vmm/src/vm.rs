@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+
+/// How often `shutdown` presses the ACPI power button again during its grace period.
+const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(5);
 /// How to start QEMU.
 #[derive(Clone, Debug)]
 pub struct StartOptions {
@@ -315,15 +318,32 @@ impl Vm {
 
     /// ACPI power button, then power-off if the guest has not stopped within `grace`.
     pub async fn shutdown(&mut self, grace: Duration) -> Result<ShutdownOutcome> {
+        // The power button is pressed again every few seconds of the grace period: a
+        // guest that was still starting its ACPI handler when the first press came
+        // (a guest just booted, a busy node) drops that press and would otherwise be
+        // powered off at the end of the grace period without having shut down.
+        let deadline = tokio::time::Instant::now() + grace;
         self.qmp.execute("system_powerdown", None).await?;
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => {
-                self.exit = status.ok();
-                Ok(ShutdownOutcome::Graceful)
-            }
-            Err(_) => {
-                self.power_off().await?;
-                Ok(ShutdownOutcome::PoweredOff)
+        loop {
+            let until = (tokio::time::Instant::now() + POWER_BUTTON_REPEAT).min(deadline);
+            match tokio::time::timeout_at(until, self.child.wait()).await {
+                Ok(status) => {
+                    self.exit = status.ok();
+                    return Ok(ShutdownOutcome::Graceful);
+                }
+                Err(_) if until < deadline => {
+                    // QEMU may be exiting already: its exit is what counts.
+                    if !self.qmp.is_closed() {
+                        let _ = self
+                            .qmp
+                            .execute_timeout("system_powerdown", None, Duration::from_secs(2))
+                            .await;
+                    }
+                }
+                Err(_) => {
+                    self.power_off().await?;
+                    return Ok(ShutdownOutcome::PoweredOff);
+                }
             }
         }
     }

@@ -189,3 +189,41 @@ async fn crash_is_reported_and_timeouts_power_off() {
     );
     assert!(!run_dir.join("qmp.sock").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: make test-integration"]
+async fn a_shutdown_requested_while_the_guest_boots_still_ends_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let guest = guest_dir();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = overlay_on_qcow2_base(&guest, tmp.path());
+    let run_dir = tmp.path().join("run");
+    let spec = vm_spec("early", &disk, &run_dir);
+    let mut vm = Vm::start(&spec, Accel::Tcg, &StartOptions::default())
+        .await
+        .expect("start");
+    vm.wait_running(Duration::from_secs(10))
+        .await
+        .expect("running");
+    // The boot scripts run but the guest's ACPI handler (acpid, started after them)
+    // does not yet: a single power-button press now is dropped by the guest.
+    let mut log = SerialLog::new(&vm.paths().serial_log);
+    log.wait_for("HVX-GUEST dmi", BOOT)
+        .await
+        .expect("boot scripts started");
+    let outcome = vm
+        .shutdown(Duration::from_secs(60))
+        .await
+        .expect("shutdown");
+    assert_eq!(
+        outcome,
+        ShutdownOutcome::Graceful,
+        "the guest was powered off instead of shutting down"
+    );
+    log.wait_for("HVX-GUEST halted", Duration::from_secs(5))
+        .await
+        .expect("guest halted cleanly");
+    vm.stop_and_cleanup().await.expect("cleanup");
+}
