@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-
 /// How often `shutdown` presses the ACPI power button again during its grace period.
 const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(5);
 /// How to start QEMU.
