@@ -89,11 +89,8 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                     .filter(|a| uses_disk(a, &disk.name_any()))
                     .map(|a| a.name_any())
                     .collect();
-                if !users.is_empty() {
-                    return Ok(Cleanup::waiting(format!(
-                        "in use by VmApplication {}; deleting after it",
-                        users.join(", ")
-                    )));
+                if let Some(waiting) = Cleanup::wait_for_users(&users) {
+                    return Ok(waiting);
                 }
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.

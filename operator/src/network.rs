@@ -104,11 +104,8 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
                     })
                     .map(|a| a.name_any())
                     .collect();
-                if !users.is_empty() {
-                    return Ok(Cleanup::waiting(format!(
-                        "in use by VmApplication {}; deleting after it",
-                        users.join(", ")
-                    )));
+                if let Some(waiting) = Cleanup::wait_for_users(&users) {
+                    return Ok(waiting);
                 }
                 if let Some(vni) = net.status.as_ref().and_then(|s| s.vni) {
                     hostprep::delete_network_everywhere(ctx, &net.uid().unwrap_or_default(), vni)

@@ -401,16 +401,25 @@ async fn the_later_of_two_networks_sharing_a_vni_gets_a_new_one() {
         .expect("reconciled");
 }
 
-#[tokio::test]
-async fn a_migration_of_a_missing_application_fails_with_its_reason_and_rolls_nothing_back() {
-    let mig: hvx_api::migration::VmMigration = serde_json::from_value(json!({
+/// A VmMigration of VM db in prod (`status` may be null).
+fn migration(app: &str, status: Value) -> hvx_api::migration::VmMigration {
+    serde_json::from_value(json!({
         "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
         "metadata": {"name": "m1", "namespace": "prod", "uid": "m-uid", "resourceVersion": "2",
                      "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
-        "spec": {"application": "gone", "vm": "db"},
+        "spec": {"application": app, "vm": "db"},
+        "status": status,
     }))
-    .expect("migration");
-    let (ctx, handle) = context(vec![], vec![]);
+    .expect("migration")
+}
+
+/// One migration pass against the permissive server: the requests it made, and how
+/// many progress records are left afterwards.
+async fn migration_pass(
+    ctx: Arc<Context>,
+    handle: ApiHandle,
+    mig: hvx_api::migration::VmMigration,
+) -> (Vec<(Method, String, Value)>, usize) {
     let server = serve_all(handle, serde_json::to_value(&mig).expect("json"));
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -419,8 +428,16 @@ async fn a_migration_of_a_missing_application_fails_with_its_reason_and_rolls_no
     .await
     .expect("pass ends")
     .expect("reconciled");
+    let followed = ctx.migrations_followed.lock().expect("lock").len();
+    // The server ends when the last client (in the context) is gone.
     drop(ctx);
-    let seen = server.await.expect("server");
+    (server.await.expect("server"), followed)
+}
+
+#[tokio::test]
+async fn a_migration_of_a_missing_application_fails_with_its_reason_and_rolls_nothing_back() {
+    let (ctx, handle) = context(vec![], vec![]);
+    let (seen, _) = migration_pass(ctx, handle, migration("gone", Value::Null)).await;
     let status = seen
         .iter()
         .find(|(m, p, _)| m == Method::PATCH && p.ends_with("/vmmigrations/m1/status"))
@@ -447,15 +464,11 @@ async fn a_migration_of_a_missing_application_fails_with_its_reason_and_rolls_no
 
 #[tokio::test]
 async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
-    let mig: hvx_api::migration::VmMigration = serde_json::from_value(json!({
-        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmMigration",
-        "metadata": {"name": "m1", "namespace": "prod", "uid": "m-uid", "resourceVersion": "2",
-                     "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
-        "spec": {"application": "shop", "vm": "db"},
-        "status": {"phase": "PreCopy", "sourceNode": "n1", "targetNode": "n2",
-                   "phaseTimestamps": [{"phase": "PreCopy", "time": "2026-12-04T10:00:00Z"}]},
-    }))
-    .expect("migration");
+    let mig = migration(
+        "shop",
+        json!({"phase": "PreCopy", "sourceNode": "n1", "targetNode": "n2",
+               "phaseTimestamps": [{"phase": "PreCopy", "time": "2026-12-04T10:00:00Z"}]}),
+    );
     let (ctx, handle) = context(vec![], vec![]);
     // The task heard the end: completed, with its figures.
     ctx.migrations_followed.lock().expect("lock").insert(
@@ -470,20 +483,8 @@ async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
             ..Default::default()
         },
     );
-    let server = serve_all(handle, serde_json::to_value(&mig).expect("json"));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        hvx_operator::migration::reconcile(Arc::new(mig), ctx.clone()),
-    )
-    .await
-    .expect("pass ends")
-    .expect("reconciled");
-    assert!(
-        ctx.migrations_followed.lock().expect("lock").is_empty(),
-        "the ended record is consumed"
-    );
-    drop(ctx);
-    let seen = server.await.expect("server");
+    let (seen, followed) = migration_pass(ctx, handle, mig).await;
+    assert_eq!(followed, 0, "the ended record is consumed");
     let writes: Vec<&Value> = seen
         .iter()
         .filter(|(m, p, _)| m == Method::PATCH && p.ends_with("/vmmigrations/m1/status"))

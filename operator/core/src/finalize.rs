@@ -37,6 +37,17 @@ pub enum Cleanup {
 }
 
 impl Cleanup {
+    /// Waiting while any of `users` (VmApplications that still reference the object)
+    /// exists; `None` when there is none.
+    pub fn wait_for_users(users: &[String]) -> Option<Self> {
+        (!users.is_empty()).then(|| {
+            Cleanup::waiting(format!(
+                "in use by VmApplication {}; deleting after it",
+                users.join(", ")
+            ))
+        })
+    }
+
     /// Waiting for `reason`, looked at again in 2 s.
     pub fn waiting(reason: impl Into<String>) -> Self {
         Cleanup::Waiting {
