@@ -12,6 +12,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,10 +64,16 @@ pub fn snapshots_condition(disk: &OverlayDisk) -> (bool, &'static str, String) {
 /// Whether an application (deleting or not: its VMs may still run) has a VM disk on
 /// this OverlayDisk.
 pub fn uses_disk(app: &VmApplication, disk: &str) -> bool {
+    disk_names(app).contains(disk)
+}
+
+/// The OverlayDisks an application's VMs use.
+pub fn disk_names(app: &VmApplication) -> BTreeSet<String> {
     app.spec
         .vms
         .iter()
-        .any(|vm| vm.disks.iter().any(|d| d.overlay_disk.name == disk))
+        .flat_map(|vm| vm.disks.iter().map(|d| d.overlay_disk.name.clone()))
+        .collect()
 }
 
 /// Reconciles one OverlayDisk.

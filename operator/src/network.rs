@@ -80,6 +80,12 @@ pub fn validate(net: &VirtualNetwork) -> Vec<String> {
     problems
 }
 
+/// Whether an application (deleting or not: its VMs may still run) has a NIC on this
+/// VirtualNetwork.
+pub fn uses_network(app: &hvx_api::VmApplication, network: &str) -> bool {
+    crate::vmapp::network_names(app).contains(network)
+}
+
 /// Reconciles one VirtualNetwork.
 pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = net.namespace().unwrap_or_default();
@@ -96,12 +102,7 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
                     .stores
                     .apps_using_in(ns)
                     .iter()
-                    .filter(|a| {
-                        a.spec
-                            .vms
-                            .iter()
-                            .any(|vm| vm.nics.iter().any(|n| n.network.name == net.name_any()))
-                    })
+                    .filter(|a| uses_network(a, &net.name_any()))
                     .map(|a| a.name_any())
                     .collect();
                 if let Some(waiting) = Cleanup::wait_for_users(&users) {

@@ -124,32 +124,15 @@ fn apps_using(
         .collect()
 }
 
-/// The VirtualNetworks an application's NICs use.
-fn networks_of_app(app: &VmApplication) -> Vec<ObjectRef<VirtualNetwork>> {
+/// References to the named objects of an application's namespace (its networks or
+/// disks, which wait for its deletion).
+fn in_namespace_of<K: Resource<DynamicType = ()>>(
+    app: &VmApplication,
+    names: std::collections::BTreeSet<String>,
+) -> Vec<ObjectRef<K>> {
     let ns = app.metadata.namespace.clone().unwrap_or_default();
-    let names: std::collections::BTreeSet<&str> = app
-        .spec
-        .vms
-        .iter()
-        .flat_map(|vm| vm.nics.iter().map(|n| n.network.name.as_str()))
-        .collect();
     names
-        .into_iter()
-        .map(|n| ObjectRef::new(n).within(&ns))
-        .collect()
-}
-
-/// The OverlayDisks an application's VMs use.
-fn disks_of_app(app: &VmApplication) -> Vec<ObjectRef<OverlayDisk>> {
-    let ns = app.metadata.namespace.clone().unwrap_or_default();
-    let names: std::collections::BTreeSet<&str> = app
-        .spec
-        .vms
         .iter()
-        .flat_map(|vm| vm.disks.iter().map(|d| d.overlay_disk.name.as_str()))
-        .collect();
-    names
-        .into_iter()
         .map(|n| ObjectRef::new(n).within(&ns))
         .collect()
 }
@@ -191,10 +174,7 @@ pub async fn run_with_metrics(
         .watches_shared_stream(feeds.networks.subscribe(), move |n: Arc<VirtualNetwork>| {
             let name = n.name_any();
             apps_using(&apps_for_nets, n.metadata.namespace.as_deref(), |a| {
-                a.spec
-                    .vms
-                    .iter()
-                    .any(|vm| vm.nics.iter().any(|nic| nic.network.name == name))
+                crate::network::uses_network(a, &name)
             })
         })
         .shutdown_on_signal()
@@ -218,7 +198,7 @@ pub async fn run_with_metrics(
         .watches_shared_stream(feeds.pods.subscribe(), |p: Arc<Pod>| networks_of_pod(&p))
         // An application changed or gone: a network waiting for it to be deleted goes.
         .watches_shared_stream(feeds.apps.subscribe(), |a: Arc<VmApplication>| {
-            networks_of_app(&a)
+            in_namespace_of::<VirtualNetwork>(&a, crate::vmapp::network_names(&a))
         })
         .shutdown_on_signal()
         .run(
@@ -239,7 +219,7 @@ pub async fn run_with_metrics(
         .with_config(controller_config())
         // An application gone: a disk waiting for it to be deleted goes.
         .watches_shared_stream(feeds.apps.subscribe(), |a: Arc<VmApplication>| {
-            disks_of_app(&a)
+            in_namespace_of::<OverlayDisk>(&a, crate::disk::disk_names(&a))
         })
         .shutdown_on_signal()
         .run(

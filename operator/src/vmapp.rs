@@ -528,7 +528,7 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Cleanup, Error> {
 }
 
 /// The VirtualNetworks the application's NICs use.
-fn network_names(app: &VmApplication) -> BTreeSet<String> {
+pub(crate) fn network_names(app: &VmApplication) -> BTreeSet<String> {
     app.spec
         .vms
         .iter()
