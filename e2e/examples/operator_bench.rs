@@ -111,7 +111,12 @@ async fn main() -> anyhow::Result<()> {
             // it (the operator would lose leadership with the finalizers still on).
             .env("POD_NAMESPACE", "default")
             .env("RUST_LOG", "warn")
-            .args(["--cpu-millis-per-vcpu", "10", "--metrics-listen", ""])
+            .args([
+                "--cpu-millis-per-vcpu",
+                "10",
+                "--metrics-listen",
+                &std::env::var("HVX_BENCH_METRICS").unwrap_or_default(),
+            ])
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {bin}: {e} (cargo build -p hvx-operator)"))
     };

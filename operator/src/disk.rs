@@ -2,7 +2,7 @@
 //! the agent of each node that runs a VM using the disk imports it (PrepareDisk) and
 //! reports progress, which the operator copies here.
 
-use crate::context::Context;
+use crate::context::{Context, ImportDone, ImportState};
 use crate::error::Error;
 use crate::finalize::Cleanup;
 use crate::hostprep;
@@ -84,7 +84,8 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
     crate::finalize::reconcile(
         &api,
         disk,
-        |disk| async move { apply(&disk, disks).await },
+        crate::finalize::FirstApply::AfterFinalizer,
+        |disk| async move { apply(&disk, disks, ctx).await },
         |disk| async move {
             {
                 // A disk a VM still uses stays until that VM is gone (deleting a
@@ -112,24 +113,112 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
     .await
 }
 
-/// Sets the initial phase and the conditions. A merge patch of only these fields:
-/// phase, progress, digest and nodes are written by the import followers
-/// (`hostprep`) while a node imports, and must not be overwritten with a stale copy.
-async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Error> {
+/// What this process knows of the imports of one disk: (node, state), by node.
+fn imports_of(ctx: &Context, uid: &str) -> Vec<(String, ImportState)> {
+    let mut found: Vec<(String, ImportState)> = ctx
+        .imports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|((_, u), _)| u == uid)
+        .map(|((node, _), state)| (node.clone(), state.clone()))
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+/// The status fields the disk's imports decide (phase, progress, bytes, format,
+/// digest, sizes, nodes), from its spec and the imports this process follows (pure).
+/// Empty when nothing is known: an operator that just started follows no import, and
+/// what the last one wrote stays. A spec the agents would refuse is Failed with the
+/// reason; then a running import, a failed one, a finished one, in that order.
+pub fn import_fields(
+    disk: &OverlayDisk,
+    imports: &[(String, ImportState)],
+) -> serde_json::Map<String, serde_json::Value> {
+    let fields = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let Err(reason) = crate::hostplan::prepare_disk_request(disk) {
+        return fields(json!({"phase": DiskPhase::Failed, "progress": reason}));
+    }
+    if let Some((node, p)) = imports.iter().find_map(|(n, s)| match s {
+        ImportState::Running(p) => Some((n, p)),
+        _ => None,
+    }) {
+        let phase = if p.waiting_for_upload {
+            DiskPhase::WaitingForUpload
+        } else {
+            DiskPhase::Importing
+        };
+        return fields(json!({
+            "phase": phase, "progress": format!("{node}: {}", p.text),
+            "bytesDone": p.bytes_done, "bytesTotal": p.bytes_total,
+        }));
+    }
+    if let Some((node, message)) = imports.iter().find_map(|(n, s)| match s {
+        ImportState::Failed { message, .. } => Some((n, message)),
+        _ => None,
+    }) {
+        return fields(
+            json!({"phase": DiskPhase::Failed, "progress": format!("{node}: {message}")}),
+        );
+    }
+    let ready: Vec<(&String, &ImportDone)> = imports
+        .iter()
+        .filter_map(|(n, s)| match s {
+            ImportState::Ready(d) => Some((n, d)),
+            _ => None,
+        })
+        .collect();
+    let Some((node, done)) = ready.last() else {
+        return serde_json::Map::new();
+    };
+    let mut nodes: BTreeSet<String> = disk
+        .status
+        .as_ref()
+        .map(|s| s.nodes.iter().cloned().collect())
+        .unwrap_or_default();
+    nodes.extend(ready.iter().map(|(n, _)| (*n).clone()));
+    fields(json!({
+        "phase": DiskPhase::Ready,
+        "progress": format!("imported on {node} in {}s", done.seconds),
+        "bytesDone": done.bytes_total, "bytesTotal": done.bytes_total,
+        "format": done.format, "digest": done.digest,
+        "virtualSize": done.virtual_bytes.to_string(), "actualSize": done.actual_bytes.to_string(),
+        "nodes": nodes,
+    }))
+}
+
+/// Writes the disk's status: the import fields (`import_fields`), the initial phase of
+/// a new disk, and the conditions. This controller is the only writer of those fields
+/// once an import runs (the upload endpoint writes progress while bytes arrive, before
+/// any import); a merge patch of only what changed, so fields nobody decided keep the
+/// last written values.
+async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>, ctx: &Context) -> Result<Action, Error> {
     let status = disk.status.clone().unwrap_or_default();
     let generation = disk.meta().generation;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut conditions = status.conditions.clone();
-    let mut patch = serde_json::Map::new();
-    let phase = match status.phase {
-        None => {
-            let (phase, message) = initial_phase(disk);
-            patch.insert("phase".into(), json!(phase));
-            patch.insert("progress".into(), json!(message));
-            phase
-        }
-        Some(p) => p,
-    };
+    let current = serde_json::to_value(&status).unwrap_or_default();
+    let mut patch = import_fields(disk, &imports_of(ctx, &disk.uid().unwrap_or_default()));
+    patch.retain(|k, v| current.get(k) != Some(v));
+    if status.phase.is_none() && !patch.contains_key("phase") {
+        let (phase, message) = initial_phase(disk);
+        patch.insert("phase".into(), json!(phase));
+        patch.insert("progress".into(), json!(message));
+    }
+    let phase = patch
+        .get("phase")
+        .and_then(|p| serde_json::from_value(p.clone()).ok())
+        .or(status.phase)
+        .unwrap_or(DiskPhase::Pending);
+    let progress = patch
+        .get("progress")
+        .and_then(|p| p.as_str().map(str::to_string))
+        .or(status.progress.clone())
+        .unwrap_or_else(|| initial_phase(disk).1.to_string());
     let ready = phase == DiskPhase::Ready;
     set_condition(
         &mut conditions,
@@ -137,7 +226,7 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Err
             condition::READY,
             ready,
             &format!("{phase:?}"),
-            status.progress.as_deref().unwrap_or(initial_phase(disk).1),
+            &progress,
             generation,
             now.clone(),
         ),
@@ -181,6 +270,89 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>) -> Result<Action, Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn http_disk(nodes: &[&str]) -> OverlayDisk {
+        serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+            "metadata": {"name": "web-root", "namespace": "shop", "uid": "d-1"},
+            "spec": {"source": {"http": {"url": "http://disks.example/web.vmdk"}}},
+            "status": {"phase": "Ready", "nodes": nodes},
+        }))
+        .expect("disk")
+    }
+
+    fn running(text: &str) -> ImportState {
+        ImportState::Running(crate::context::ImportProgress {
+            waiting_for_upload: false,
+            text: text.into(),
+            bytes_done: 10,
+            bytes_total: 100,
+        })
+    }
+
+    fn ready(digest: &str) -> ImportState {
+        ImportState::Ready(ImportDone {
+            digest: digest.into(),
+            virtual_bytes: 1 << 30,
+            actual_bytes: 1 << 20,
+            bytes_total: 100,
+            format: "vmdk".into(),
+            seconds: 3,
+        })
+    }
+
+    #[test]
+    fn an_operator_that_follows_no_import_decides_no_import_field() {
+        assert!(import_fields(&http_disk(&["n1"]), &[]).is_empty());
+    }
+
+    #[test]
+    fn a_running_import_wins_over_a_finished_one_and_names_its_node() {
+        let f = import_fields(
+            &http_disk(&[]),
+            &[
+                ("n1".into(), ready("sha256:aa")),
+                ("n2".into(), running("downloading 10%")),
+            ],
+        );
+        assert_eq!(f["phase"], "Importing");
+        assert_eq!(f["progress"], "n2: downloading 10%");
+        assert_eq!(f["bytesTotal"], 100);
+    }
+
+    #[test]
+    fn a_finished_import_adds_its_node_to_those_already_recorded() {
+        let f = import_fields(&http_disk(&["n0"]), &[("n2".into(), ready("sha256:aa"))]);
+        assert_eq!(f["phase"], "Ready");
+        assert_eq!(f["digest"], "sha256:aa");
+        assert_eq!(f["nodes"], json!(["n0", "n2"]));
+        assert_eq!(f["virtualSize"], (1u64 << 30).to_string());
+    }
+
+    #[test]
+    fn a_failure_is_reported_with_its_node_and_a_spec_the_agents_refuse_without_one() {
+        let failed = ImportState::Failed {
+            message: "not a VMDK".into(),
+            at: std::time::Instant::now(),
+        };
+        let f = import_fields(
+            &http_disk(&[]),
+            &[("n1".into(), failed), ("n2".into(), ready("x"))],
+        );
+        assert_eq!(f["phase"], "Failed");
+        assert_eq!(f["progress"], "n1: not a VMDK");
+        let mut blank = http_disk(&[]);
+        blank.spec.source = serde_json::from_value(json!({"blank": {}})).expect("source");
+        let f = import_fields(&blank, &[("n1".into(), running("x"))]);
+        assert_eq!(f["phase"], "Failed");
+        assert!(
+            f["progress"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("capacity"),
+            "{f:?}"
+        );
+    }
 
     #[test]
     fn requested_snapshots_are_reported_as_not_taken() {

@@ -5,7 +5,7 @@
 //! mirrors it. Every call is idempotent, so a restarted operator just does it again.
 
 use crate::agents::AgentClient;
-use crate::context::{Context, ImportState};
+use crate::context::{Context, ImportDone, ImportProgress, ImportState};
 use crate::error::Error;
 use crate::hostplan::{self, Cluster, PlacedNic};
 use hvx_api::launch::LaunchSpec;
@@ -13,8 +13,7 @@ use hvx_api::{OverlayDisk, VirtualNetwork};
 use hvx_proto::v1 as pb;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::runtime::reflector::ObjectRef;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,18 +121,15 @@ pub async fn ensure_vm_bases(
             .get(&key)
             .cloned();
         match state {
-            Some(ImportState::Ready {
-                digest,
-                virtual_bytes,
-            }) => ready.push(ReadyBase {
+            Some(ImportState::Ready(done)) => ready.push(ReadyBase {
                 disk_name: vd.name.clone(),
                 disk_uid: uid.clone(),
-                digest,
-                virtual_bytes,
+                digest: done.digest,
+                virtual_bytes: done.virtual_bytes,
             }),
             Some(ImportState::Running(progress)) => waiting.push(format!(
-                "importing {} on {node}: {progress}",
-                vd.overlay_disk.name
+                "importing {} on {node}: {}",
+                vd.overlay_disk.name, progress.text
             )),
             Some(ImportState::Failed { message, at }) if at.elapsed() < IMPORT_RETRY => {
                 waiting.push(format!(
@@ -145,24 +141,9 @@ pub async fn ensure_vm_bases(
                 let mut req = match hostplan::prepare_disk_request(&obj) {
                     Ok(req) => req,
                     Err(reason) => {
-                        // The spec itself is wrong: say so on the disk and in the VM's
-                        // reason; nothing is sent to the agent until it changes.
-                        // Written once: the disk's watch event would otherwise bring
-                        // the same patch back with every pass.
-                        let said = obj.status.as_ref().is_some_and(|st| {
-                            st.phase == Some(hvx_api::DiskPhase::Failed)
-                                && st.progress.as_deref() == Some(reason.as_str())
-                        });
-                        if !said {
-                            let api: Api<OverlayDisk> =
-                                Api::namespaced(ctx.client.clone(), &ls.namespace);
-                            patch_disk(
-                                &api,
-                                &obj.name_any(),
-                                json!({"phase": "Failed", "progress": reason.clone()}),
-                            )
-                            .await;
-                        }
+                        // The spec itself is wrong: the OverlayDisk controller says so
+                        // in the disk's status (`disk::status_fields`); nothing is sent
+                        // to the agent until it changes.
                         waiting.push(format!("OverlayDisk {}: {reason}", obj.name_any()));
                         continue;
                     }
@@ -198,7 +179,14 @@ pub async fn ensure_vm_bases(
                 ctx.imports
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone(), ImportState::Running("starting".into()));
+                    .insert(
+                        key.clone(),
+                        ImportState::Running(ImportProgress {
+                            text: "starting".into(),
+                            ..Default::default()
+                        }),
+                    );
+                let _ = ctx.disk_wakeups.send(ObjectRef::from_obj(&*obj));
                 tokio::spawn(follow_import(ctx.clone(), client, key, (*obj).clone(), req));
                 waiting.push(format!("importing {} on {node}", vd.overlay_disk.name));
             }
@@ -238,7 +226,9 @@ fn progress_text(p: &pb::DiskProgress) -> String {
     }
 }
 
-/// Follows one PrepareDisk stream to its end, mirroring it into the OverlayDisk.
+/// Follows one PrepareDisk stream to its end, recording it in `ctx.imports` and waking
+/// the OverlayDisk controller, which writes the disk's status from it: at most every
+/// 2 s while it runs, and at the end.
 async fn follow_import(
     ctx: Arc<Context>,
     client: AgentClient,
@@ -248,9 +238,8 @@ async fn follow_import(
 ) {
     use pb::disk_progress::Phase;
     let node = key.0.clone();
-    let api: Api<OverlayDisk> =
-        Api::namespaced(ctx.client.clone(), &disk.namespace().unwrap_or_default());
     let name = disk.name_any();
+    let me = ObjectRef::from_obj(&disk);
     let set = |s: ImportState| {
         ctx.imports
             .lock()
@@ -263,7 +252,7 @@ async fn follow_import(
             .prepare_disk(req.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let mut last_patch = Instant::now() - Duration::from_secs(10);
+        let mut last_wake = Instant::now() - PROGRESS_EVERY;
         while let Some(msg) = stream
             .message()
             .await
@@ -274,24 +263,15 @@ async fn follow_import(
                 Phase::Failed => return Err(msg.message),
                 _ => {}
             }
-            let text = progress_text(&msg);
-            set(ImportState::Running(text.clone()));
-            if last_patch.elapsed() >= Duration::from_secs(2) {
-                last_patch = Instant::now();
-                let phase = if msg.phase == Phase::WaitingForUpload as i32 {
-                    "WaitingForUpload"
-                } else {
-                    "Importing"
-                };
-                patch_disk(
-                    &api,
-                    &name,
-                    json!({
-                        "phase": phase, "progress": format!("{node}: {text}"),
-                        "bytesDone": msg.bytes_done, "bytesTotal": msg.bytes_total,
-                    }),
-                )
-                .await;
+            set(ImportState::Running(ImportProgress {
+                waiting_for_upload: msg.phase == Phase::WaitingForUpload as i32,
+                text: progress_text(&msg),
+                bytes_done: msg.bytes_done,
+                bytes_total: msg.bytes_total,
+            }));
+            if last_wake.elapsed() >= PROGRESS_EVERY {
+                last_wake = Instant::now();
+                let _ = ctx.disk_wakeups.send(me.clone());
             }
         }
         Err("the agent ended the import stream without a result".into())
@@ -300,57 +280,28 @@ async fn follow_import(
     match outcome {
         Ok(done) => {
             tracing::info!(disk = %name, %node, digest = %done.digest, secs = started.elapsed().as_secs(), "disk imported");
-            set(ImportState::Ready {
+            set(ImportState::Ready(ImportDone {
                 digest: done.digest.clone(),
                 virtual_bytes: done.virtual_bytes,
-            });
-            let mut nodes = api
-                .get_opt(&name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|d| d.status)
-                .map(|s| s.nodes)
-                .unwrap_or_default();
-            if !nodes.contains(&node) {
-                nodes.push(node.clone());
-                nodes.sort();
-            }
-            patch_disk(&api, &name, json!({
-                "phase": "Ready",
-                "progress": format!("imported on {node} in {}s", started.elapsed().as_secs()),
-                "bytesDone": done.bytes_total.max(done.bytes_done), "bytesTotal": done.bytes_total,
-                "format": done.detected_format, "digest": done.digest,
-                "virtualSize": done.virtual_bytes.to_string(), "actualSize": done.actual_bytes.to_string(),
-                "nodes": nodes,
-            }))
-            .await;
+                actual_bytes: done.actual_bytes,
+                bytes_total: done.bytes_total.max(done.bytes_done),
+                format: done.detected_format.clone(),
+                seconds: started.elapsed().as_secs(),
+            }));
         }
         Err(message) => {
             tracing::warn!(disk = %name, %node, %message, "disk import failed");
             set(ImportState::Failed {
-                message: message.clone(),
+                message,
                 at: Instant::now(),
             });
-            patch_disk(
-                &api,
-                &name,
-                json!({"phase": "Failed", "progress": format!("{node}: {message}")}),
-            )
-            .await;
         }
     }
+    let _ = ctx.disk_wakeups.send(me);
 }
 
-async fn patch_disk(api: &Api<OverlayDisk>, name: &str, status: serde_json::Value) {
-    let patch = json!({ "status": status });
-    if let Err(e) = api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        tracing::warn!(disk = name, error = %e, "updating OverlayDisk status");
-    }
-}
+/// How often a running import's progress reaches the OverlayDisk's status.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Launcher pods of a namespace (from the pod cache).
 pub async fn launcher_pods(ctx: &Context, ns: &str) -> Result<Vec<Pod>, Error> {

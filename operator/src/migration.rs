@@ -45,6 +45,7 @@ pub async fn reconcile(mig: Arc<VmMigration>, ctx: Arc<Context>) -> Result<Actio
     crate::finalize::reconcile(
         &api,
         mig,
+        crate::finalize::FirstApply::AfterFinalizer,
         |m| async move { apply(&m, ctx).await },
         |m| async move {
             {

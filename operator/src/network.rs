@@ -94,6 +94,7 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
     crate::finalize::reconcile(
         &api,
         net,
+        crate::finalize::FirstApply::AfterFinalizer,
         |net| async move { apply(&net, ctx).await },
         |net| async move {
             {

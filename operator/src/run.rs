@@ -162,7 +162,10 @@ pub async fn run_with_metrics(
 
     let apps_for_disks = stores.apps.clone();
     let apps_for_nets = stores.apps.clone();
-    let apps = Controller::for_shared_stream(feeds.apps.subscribe(), stores.apps.clone())
+    // Status writes of its own do not wake the application controller (it is their only
+    // writer; see `own_changes_only`).
+    let app_changes = crate::stores::own_changes_only(feeds.apps.subscribe(), stores.apps.clone());
+    let apps = Controller::for_shared_stream(app_changes, stores.apps.clone())
         .with_config(controller_config())
         .owns_shared_stream(feeds.pods.subscribe())
         .watches_shared_stream(feeds.disks.subscribe(), move |d: Arc<OverlayDisk>| {
@@ -215,8 +218,17 @@ pub async fn run_with_metrics(
             ctx.clone(),
         )
         .for_each(|r| async move { log_result(r) });
+    // The tasks following imports wake their disk's reconcile, which writes what they
+    // heard (one writer of the status).
+    let disk_wakeups = ctx
+        .disk_wakeups_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(tokio_stream::wrappers::UnboundedReceiverStream::new);
     let disks = Controller::for_shared_stream(feeds.disks.subscribe(), stores.disks.clone())
         .with_config(controller_config())
+        .reconcile_on(futures::stream::iter(disk_wakeups).flatten())
         // An application gone: a disk waiting for it to be deleted goes.
         .watches_shared_stream(feeds.apps.subscribe(), |a: Arc<VmApplication>| {
             in_namespace_of::<OverlayDisk>(&a, crate::disk::disk_names(&a))

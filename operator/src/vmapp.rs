@@ -28,9 +28,18 @@ pub async fn reconcile(app: Arc<VmApplication>, ctx: Arc<Context>) -> Result<Act
     let ns = app.namespace().unwrap_or_default();
     let api: Api<VmApplication> = Api::namespaced(ctx.client.clone(), &ns);
     let ctx = &ctx;
+    // A new application's first pass creates only owned objects (launcher pods,
+    // disruption budgets) and its status: it need not wait for the finalizer. Disks
+    // are prepared on nodes only for bound pods, which a new application has none of.
+    let first = if app.status.is_none() {
+        crate::finalize::FirstApply::WithFinalizer
+    } else {
+        crate::finalize::FirstApply::AfterFinalizer
+    };
     crate::finalize::reconcile(
         &api,
         app,
+        first,
         |app| async move { apply(&app, ctx).await },
         |app| async move { cleanup(&app, ctx).await },
     )

@@ -112,47 +112,78 @@ async fn next(
         .expect("service dropped")
 }
 
+/// Whether `req` is the finalizer's JSON patch (tested against the cached finalizers
+/// and uid, no resourceVersion) and not the status write.
+async fn is_finalizer_patch(req: Request<Body>, cached: Value) -> Result<(), Value> {
+    let path = req.uri().path().to_string();
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = body_json(req).await;
+    if path == "/apis/hvx.dev/v1alpha1/namespaces/prod/vmapplications/shop"
+        && content_type == "application/json-patch+json"
+        && body
+            == json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u-1"},
+                {"op": "test", "path": "/metadata/finalizers", "value": cached},
+                {"op": "add", "path": "/metadata/finalizers", "value": ["hvx.dev/cleanup"]},
+            ])
+    {
+        Ok(())
+    } else {
+        Err(body)
+    }
+}
+
 #[tokio::test]
-async fn a_new_application_gets_its_finalizer_and_first_status_in_one_pass_without_lists() {
+async fn a_new_application_gets_its_finalizer_and_first_status_at_once_without_lists() {
     let obj = app(false, false);
     let (ctx, mut handle) = context(vec![obj.clone()], vec![]);
     let pass = tokio::spawn(hvx_operator::vmapp::reconcile(
         Arc::new(obj.clone()),
         ctx.clone(),
     ));
-
-    // 1. The finalizer, conditional on the version the cache had.
-    let (req, send) = next(&mut handle).await;
-    assert_eq!(req.method(), Method::PATCH);
-    assert_eq!(
-        req.uri().path(),
-        "/apis/hvx.dev/v1alpha1/namespaces/prod/vmapplications/shop"
-    );
-    let patch = body_json(req).await;
-    assert_eq!(patch["metadata"]["finalizers"], json!(["hvx.dev/cleanup"]));
-    assert_eq!(patch["metadata"]["resourceVersion"], "7");
     let mut with_finalizer = serde_json::to_value(app(true, false)).expect("json");
     with_finalizer["metadata"]["resourceVersion"] = json!("8");
-    respond(send, &with_finalizer);
 
-    // 2. Straight on to the status (no watch round trip, no GET, no list).
-    let (req, send) = next(&mut handle).await;
-    assert_eq!(req.method(), Method::PATCH);
+    // Both requests are in flight before either is answered: the finalizer (a JSON
+    // patch with tests, so the status written meanwhile cannot fail it) and the status.
+    let first = next(&mut handle).await;
+    let second = next(&mut handle).await;
+    let (status_req, status_send, fin_send) = if first.0.uri().path().ends_with("/status") {
+        let (req, send) = second;
+        is_finalizer_patch(req, Value::Null)
+            .await
+            .expect("finalizer patch");
+        (first.0, first.1, send)
+    } else {
+        let (req, send) = first;
+        is_finalizer_patch(req, Value::Null)
+            .await
+            .expect("finalizer patch");
+        (second.0, second.1, send)
+    };
+    assert_eq!(status_req.method(), Method::PATCH);
     assert_eq!(
-        req.uri().path(),
+        status_req.uri().path(),
         "/apis/hvx.dev/v1alpha1/namespaces/prod/vmapplications/shop/status"
     );
     assert!(
-        req.uri()
+        status_req
+            .uri()
             .query()
             .unwrap_or_default()
             .contains("fieldManager=hvx-operator")
     );
-    let status = body_json(req).await["status"].clone();
+    let status = body_json(status_req).await["status"].clone();
     assert_eq!(status["phase"], "Stopped", "{status}");
     assert_eq!(status["vms"][0]["phase"], "Stopped", "{status}");
     assert_eq!(status["observedGeneration"], 1);
-    respond(send, &with_finalizer);
+    respond(status_send, &with_finalizer);
+    respond(fin_send, &with_finalizer);
 
     let action = tokio::time::timeout(Duration::from_secs(5), pass)
         .await
@@ -162,7 +193,7 @@ async fn a_new_application_gets_its_finalizer_and_first_status_in_one_pass_witho
     // Halted and stopped: nothing to poll for.
     assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_IDLE));
 
-    // 3. The next pass (the finalizer's watch event) finds nothing to write.
+    // The next pass (the finalizer's watch event) finds nothing to write.
     let again = tokio::time::timeout(
         Duration::from_secs(5),
         hvx_operator::vmapp::reconcile(Arc::new(app(true, false)), ctx.clone()),
@@ -171,6 +202,54 @@ async fn a_new_application_gets_its_finalizer_and_first_status_in_one_pass_witho
     .expect("a pass with nothing to write makes no request")
     .expect("reconciled");
     assert_eq!(again, Action::requeue(hvx_operator::status::RESYNC_IDLE));
+}
+
+#[tokio::test]
+async fn an_application_that_lost_its_finalizer_gets_it_back_before_anything_else() {
+    // Not new (it has a status): its pass may act on nodes, which only the finalizer's
+    // cleanup undoes, so the finalizer comes first and the pass waits for it.
+    let mut obj = app(false, false);
+    obj.metadata.finalizers = Some(vec!["example.com/keep".into()]);
+    obj.status = serde_json::from_value(json!({"phase": "Stopped"})).expect("status");
+    let (ctx, mut handle) = context(vec![obj.clone()], vec![]);
+    let pass = tokio::spawn(hvx_operator::vmapp::reconcile(
+        Arc::new(obj.clone()),
+        ctx.clone(),
+    ));
+    let (req, send) = next(&mut handle).await;
+    let body = body_json(req).await;
+    assert_eq!(
+        body,
+        json!([
+            {"op": "test", "path": "/metadata/uid", "value": "u-1"},
+            {"op": "test", "path": "/metadata/finalizers", "value": ["example.com/keep"]},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": "hvx.dev/cleanup"},
+        ])
+    );
+    // Nothing else is asked before the finalizer is answered.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+            .await
+            .is_err(),
+        "a request went out before the finalizer landed"
+    );
+    // The cache was stale (the test failed: 422): looked at again soon, no error.
+    send.send_response(
+        Response::builder()
+            .status(422)
+            .body(Body::from(
+                serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "testing value /metadata/finalizers failed", "reason": "Invalid", "code": 422}))
+                .expect("json"),
+            ))
+            .expect("response"),
+    );
+    let action = tokio::time::timeout(Duration::from_secs(5), pass)
+        .await
+        .expect("pass ends")
+        .expect("task")
+        .expect("a stale cache is not an error");
+    assert_eq!(action, Action::requeue(Duration::from_millis(500)));
 }
 
 #[tokio::test]

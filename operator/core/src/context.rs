@@ -1,6 +1,7 @@
 //! Shared state of the controllers.
 
 use crate::agents::{AgentPool, AgentSettings};
+use hvx_api::OverlayDisk;
 use hvx_api::migration::VmMigration;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
@@ -92,6 +93,12 @@ pub struct Context {
     /// The receiving end of `migration_wakeups`, until the controller takes it.
     pub migration_wakeups_rx:
         Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<VmMigration>>>>,
+    /// Wakes the OverlayDisk controller for one disk (an import it follows moved on);
+    /// the controller takes the receiver at start.
+    pub disk_wakeups: tokio::sync::mpsc::UnboundedSender<ObjectRef<OverlayDisk>>,
+    /// The receiving end of `disk_wakeups`, until the controller takes it.
+    pub disk_wakeups_rx:
+        Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<OverlayDisk>>>>,
     /// Cold disk moves this operator runs, by move id (`hvx_operator::diskmove`).
     pub disk_moves: Mutex<HashMap<String, MoveState>>,
     /// Prometheus counters.
@@ -104,18 +111,15 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
 }
 
-/// A disk import on one node, as this operator last saw it.
+/// A disk import on one node, as this operator last saw it. The task following the
+/// agent's PrepareDisk stream records here and wakes the OverlayDisk controller, which
+/// writes the disk's status from it (one writer; `hvx_operator::disk`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImportState {
-    /// The PrepareDisk stream is open; last progress text.
-    Running(String),
+    /// The PrepareDisk stream is open.
+    Running(ImportProgress),
     /// The base is on the node.
-    Ready {
-        /// "sha256:<hex>" of the base.
-        digest: String,
-        /// Guest-visible size.
-        virtual_bytes: u64,
-    },
+    Ready(ImportDone),
     /// It failed; retried after a while (the agent validates before any tool runs,
     /// so a hostile image fails the same way every time, cheaply).
     Failed {
@@ -124,6 +128,36 @@ pub enum ImportState {
         /// When.
         at: std::time::Instant,
     },
+}
+
+/// The last progress an import reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportProgress {
+    /// The agent waits for uploaded bytes (not yet importing).
+    pub waiting_for_upload: bool,
+    /// For people: "downloading 40% (400/1000 MiB)".
+    pub text: String,
+    /// Bytes read so far.
+    pub bytes_done: u64,
+    /// Bytes to read, when known.
+    pub bytes_total: u64,
+}
+
+/// What a finished import made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportDone {
+    /// "sha256:<hex>" of the base.
+    pub digest: String,
+    /// Guest-visible size.
+    pub virtual_bytes: u64,
+    /// Bytes the base takes on the node.
+    pub actual_bytes: u64,
+    /// Bytes read from the source.
+    pub bytes_total: u64,
+    /// The source's format as detected.
+    pub format: String,
+    /// How long it took.
+    pub seconds: u64,
 }
 
 impl std::fmt::Debug for Context {
@@ -145,6 +179,7 @@ impl Context {
         stores: crate::stores::Stores,
     ) -> Self {
         let (wakeups, wakeups_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (disk_wakeups, disk_wakeups_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             agents: AgentPool::new(config.agents.clone()),
             client,
@@ -156,6 +191,8 @@ impl Context {
             migrations_followed: Mutex::default(),
             migration_wakeups: wakeups,
             migration_wakeups_rx: Mutex::new(Some(wakeups_rx)),
+            disk_wakeups,
+            disk_wakeups_rx: Mutex::new(Some(disk_wakeups_rx)),
             disk_moves: Mutex::default(),
             metrics,
             stores,

@@ -57,11 +57,27 @@ impl Cleanup {
     }
 }
 
-/// Runs `apply` for a live object (once it carries the finalizer) and `cleanup` for a
-/// deleted one, removing the finalizer once `cleanup` is done.
+/// When a live object without the finalizer gets its first `apply`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstApply {
+    /// After the finalizer is on the object: for controllers whose first pass makes
+    /// state outside Kubernetes (agents' networks, disk bases, migrations), which
+    /// only the finalizer's cleanup would remove.
+    AfterFinalizer,
+    /// While the finalizer is being added, both requests in flight at once: for a
+    /// pass that makes nothing but objects owned through ownerReferences (garbage
+    /// collected should the object go before the finalizer lands) and its status.
+    /// A new object then gets its first status one API round trip sooner.
+    WithFinalizer,
+}
+
+/// Runs `apply` for a live object (once it carries the finalizer, or alongside adding
+/// it: `first`) and `cleanup` for a deleted one, removing the finalizer once `cleanup`
+/// is done.
 pub async fn reconcile<K, ApplyFut, CleanupFut>(
     api: &Api<K>,
     obj: Arc<K>,
+    first: FirstApply,
     apply: impl FnOnce(Arc<K>) -> ApplyFut,
     cleanup: impl FnOnce(Arc<K>) -> CleanupFut,
 ) -> Result<Action, Error>
@@ -91,28 +107,86 @@ where
     if ours {
         return apply(obj).await;
     }
-    let mut finalizers = obj.finalizers().to_vec();
-    finalizers.push(crate::FINALIZER.to_string());
-    // The resourceVersion makes the patch conditional: a list replaced from a stale
-    // cache cannot drop a finalizer someone else added meanwhile.
-    let patch = json!({"metadata": {
-        "finalizers": finalizers,
-        "resourceVersion": obj.resource_version(),
-    }});
-    match api
-        .patch(
-            &obj.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(updated) => apply(Arc::new(updated)).await,
-        // The cache was behind; the newer object is on its way through the watch.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(STALE_RETRY)),
-        Err(e) => Err(e.into()),
+    let (name, params) = (obj.name_any(), PatchParams::default());
+    let patch = Patch::<()>::Json(add_finalizer_patch(&*obj));
+    let add = api.patch(&name, &params, &patch);
+    let added = match first {
+        FirstApply::AfterFinalizer => match add.await {
+            Ok(updated) => return apply(Arc::new(updated)).await,
+            Err(e) => e,
+        },
+        FirstApply::WithFinalizer => match futures::join!(add, apply(obj)) {
+            (Ok(_), applied) => return applied,
+            (Err(e), _) => e,
+        },
+    };
+    match added {
+        // The cache was behind (the finalizers differ from what it holds: a failed
+        // `test` is 422), or the object went: the newer state comes through the watch.
+        kube::Error::Api(e) if matches!(e.code, 404 | 409 | 422) => {
+            Ok(Action::requeue(STALE_RETRY))
+        }
+        e => Err(e.into()),
     }
+}
+
+/// A JSON patch adding the finalizer to `obj` as the cache holds it. Its tests make
+/// it conditional without a resourceVersion (a status written meanwhile, by this same
+/// pass, must not fail it): the same object (uid), and the finalizers as cached, so a
+/// list from a stale cache never replaces one someone else added to meanwhile. A
+/// `test` for null passes where the field is absent.
+pub fn add_finalizer_patch<K: Resource>(obj: &K) -> json_patch::Patch {
+    let current = obj.finalizers();
+    let mut ops = vec![json!({"op": "test", "path": "/metadata/uid", "value": obj.meta().uid})];
+    if current.is_empty() {
+        ops.push(json!({"op": "test", "path": "/metadata/finalizers", "value": null}));
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [crate::FINALIZER]}));
+    } else {
+        ops.push(json!({"op": "test", "path": "/metadata/finalizers", "value": current}));
+        ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": crate::FINALIZER}));
+    }
+    // Every op above is well-formed, so this never falls back to the empty patch.
+    serde_json::from_value(serde_json::Value::Array(ops)).unwrap_or_default()
 }
 
 /// When an object whose cached copy was stale is looked at again.
 const STALE_RETRY: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hvx_api::VmApplication;
+
+    fn app(finalizers: &[&str]) -> VmApplication {
+        let spec = serde_json::from_value(json!({"vms": []})).unwrap_or_else(|e| panic!("{e}"));
+        let mut a = VmApplication::new("a", spec);
+        a.metadata.uid = Some("u-1".into());
+        if !finalizers.is_empty() {
+            a.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
+        }
+        a
+    }
+
+    #[test]
+    fn the_finalizer_patch_tests_the_uid_and_the_cached_finalizers() {
+        let p = serde_json::to_value(add_finalizer_patch(&app(&[]))).unwrap_or_default();
+        assert_eq!(
+            p,
+            json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u-1"},
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [crate::FINALIZER]},
+            ])
+        );
+        let p =
+            serde_json::to_value(add_finalizer_patch(&app(&["x.dev/keep"]))).unwrap_or_default();
+        assert_eq!(
+            p,
+            json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u-1"},
+                {"op": "test", "path": "/metadata/finalizers", "value": ["x.dev/keep"]},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": crate::FINALIZER},
+            ])
+        );
+    }
+}

@@ -272,3 +272,43 @@ impl Feeds {
         }
     }
 }
+
+/// What of an object can make its own controller act: a new generation (spec), a
+/// deletion, the finalizers (ours added or removed). A status write, which only that
+/// controller makes, is not in it: waking the controller for its own write would cost
+/// a second pass (and, for a new object, a request) per write.
+fn trigger_hash<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    h.finish()
+}
+
+/// `stream` without the changes that cannot make its controller act (`trigger_hash`):
+/// for a kind whose status only its controller writes. The first sight of every object
+/// (uid) passes, so a new leader still looks at everything once.
+pub fn own_changes_only<K, S>(stream: S, store: Store<K>) -> impl Stream<Item = Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    S: Stream<Item = Arc<K>>,
+{
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    stream.filter(move |obj| {
+        let key = obj.meta().uid.clone().unwrap_or_default();
+        let hash = trigger_hash(obj.as_ref());
+        let changed = seen.insert(key, hash) != Some(hash);
+        // Deleted objects' entries go once the table is twice the live count.
+        if seen.len() > 2 * store.state().len() + 64 {
+            let live: std::collections::HashSet<String> = store
+                .state()
+                .iter()
+                .filter_map(|o| o.meta().uid.clone())
+                .collect();
+            seen.retain(|uid, _| live.contains(uid));
+        }
+        futures::future::ready(changed)
+    })
+}
