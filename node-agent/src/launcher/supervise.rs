@@ -170,12 +170,27 @@ pub async fn choose_accel(
 pub struct Incoming {
     /// Where QEMU listens.
     pub endpoint: hvx_vmm::migration::TargetEndpoint,
-    /// Directory with the migration's TLS-PSK key (None: plain TCP, tests only).
+    /// Directory with the migration's TLS-PSK key (None: plain TCP, tests only;
+    /// `hvx-launcher` refuses to start a target without a key).
     pub tls_dir: Option<PathBuf>,
     /// Longest wait for the source to send the VM.
     pub timeout: Duration,
     /// The source may switch to post-copy (QEMU needs `postcopy-ram` before it starts).
     pub post_copy: bool,
+}
+
+/// The directory holding a migration target's key (`keys.psk`, written by the agent
+/// before the operator starts the target pod). A missing key is an error: listening
+/// anyway would accept a VM's memory and disks in plaintext from anyone who reaches
+/// the port.
+pub fn migration_tls_dir(run_dir: &Path) -> Result<PathBuf, LauncherError> {
+    let dir = run_dir.join(hvx_api::node::MIGRATION_TLS_DIR);
+    let key = dir.join("keys.psk");
+    if key.is_file() {
+        Ok(dir)
+    } else {
+        Err(LauncherError::NoMigrationKey { key })
+    }
 }
 
 /// Runs the VM until it stops for good; returns why it last exited. `stop` resolves
@@ -323,4 +338,19 @@ pub async fn probe_running(run_dir: &Path, timeout: Duration) -> Result<bool, La
     let paths = hvx_vmm::RunPaths::new(run_dir);
     let qmp = hvx_vmm::qmp::QmpClient::connect(&paths.qmp_probe, timeout).await?;
     Ok(qmp.run_state().await? == "running")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_target_without_a_key_refuses_to_listen() {
+        let run_dir = tempfile::tempdir().expect("tempdir");
+        let err = migration_tls_dir(run_dir.path()).expect_err("no key");
+        assert!(err.to_string().contains("refusing to listen"), "{err}");
+        let dir = run_dir.path().join(hvx_api::node::MIGRATION_TLS_DIR);
+        hvx_vmm::migration::write_psk(&dir, &[7u8; 32]).expect("write key");
+        assert_eq!(migration_tls_dir(run_dir.path()).expect("key"), dir);
+    }
 }
