@@ -190,6 +190,19 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
+    // dnsmasq logs live in tmpfs: rotate the ones that outgrew their cap.
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || a.switch.cap_logs()).await;
+            }
+        });
+    }
+
     let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_listen)
         .await
         .with_context(|| format!("binding {}", cli.metrics_listen))?;

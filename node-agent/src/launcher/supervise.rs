@@ -236,6 +236,7 @@ pub async fn run(
                 return Err(e.into());
             }
         };
+        let _serial_cap = cap_serial_log(&spec.run_dir);
         if let Some(inc) = incoming.take() {
             status.qemu_pid = vm.pid();
             let received = async {
@@ -331,6 +332,37 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Largest serial log kept in the VM's run dir (tmpfs) before it is rotated to
+/// `serial.log.1`: a guest printing to its console all day would fill `/run`.
+pub const SERIAL_LOG_MAX_BYTES: u64 = 8 << 20;
+
+/// Aborts its task when dropped: the serial log capper lives as long as one QEMU.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Checks the serial log every 30 s and rotates it past [`SERIAL_LOG_MAX_BYTES`].
+fn cap_serial_log(run_dir: &Path) -> AbortOnDrop {
+    let log = hvx_vmm::RunPaths::new(run_dir).serial_log;
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            match hvx_child::cap_log(&log, SERIAL_LOG_MAX_BYTES) {
+                Ok(true) => tracing::info!(log = %log.display(), "serial log rotated"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(log = %log.display(), error = %e, "rotating the serial log")
+                }
+            }
+        }
+    }))
 }
 
 /// Readiness: exit 0 iff QEMU answers `running` on the probe QMP socket.
