@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use hvx_overlay::DhcpRange;
 use hvx_overlay::lab::{Lab, wait_until};
 
 /// Sends `hvx-echo` over TCP from namespace `ns`; true when it comes back.
@@ -182,6 +183,13 @@ fn spoofed_frames_reach_nobody() {
         net.ips.insert(name.into(), ip);
         set_ip(&lab, name, ip);
     }
+    // `d` has no known address: it leases one from node 1's dynamic range.
+    lab.add_vm("d", 0, mac("00:50:56:00:0b:04")).unwrap();
+    net.subnet.dhcp = Some(DhcpRange {
+        start: "10.77.0.100".parse().unwrap(),
+        end: "10.77.0.150".parse().unwrap(),
+        lease_secs: 600,
+    });
     net.apply_all(&lab);
     assert!(ping(&lab, "a", net.ips["b"]) && ping(&lab, "a", net.ips["c"]));
     let script = l2frame();
@@ -284,6 +292,44 @@ fn spoofed_frames_reach_nobody() {
     assert!(spoofed["b"].is_empty(), "ARP spoof reached b: {spoofed:?}");
     assert_eq!(honest["b"].len(), 1, "honest ARP at b: {honest:?}");
     assert!(ping(&lab, "b", net.ips["a"]), "traffic still flows");
+
+    // The dynamic guest: its lease works, but it can impersonate neither the
+    // gateway nor a VM with a known address.
+    let out = dhcp(&lab, "d");
+    let leased = out
+        .split("lease of ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no DHCP lease for d: {out}"))
+        .to_string();
+    let d_ns = lab.vm("d").ns.clone();
+    lab.exec(
+        &d_ns,
+        &["ip", "addr", "add", &format!("{leased}/24"), "dev", "eth0"],
+    )
+    .unwrap();
+    assert!(
+        ping(&lab, "d", net.ips["c"]),
+        "d reaches c from its lease {leased}"
+    );
+    let d_arp = |claim: &str, marker: &str| {
+        lab.exec(
+            &d_ns,
+            &["python3", &script, "arp", "eth0", claim, claim, marker],
+        )
+        .unwrap();
+    };
+    for claim in ["10.77.0.1", "10.77.0.11"] {
+        let spoofed = capture(&lab, &["b"], "hvx-darp", || d_arp(claim, "hvx-darp"));
+        assert!(
+            spoofed["b"].is_empty(),
+            "d claiming {claim} reached b: {spoofed:?}"
+        );
+    }
+    let honest = capture(&lab, &["b"], "hvx-darpown", || {
+        d_arp(&leased, "hvx-darpown")
+    });
+    assert_eq!(honest["b"].len(), 1, "d announcing its lease: {honest:?}");
 }
 
 #[test]
