@@ -17,11 +17,13 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod logcap;
 mod procfs;
 mod record;
 mod spawn;
 
 pub use error::ChildError;
+pub use logcap::{cap_log, rotated_log};
 pub use procfs::{ProcId, group_members, kill_and_wait, kill_orphaned_group, pgid};
 pub use record::{Owner, ProcRecord, Reaped, Tracked, Tracker};
 pub use spawn::{die_with_parent, output, output_tokio, spawn, spawn_tokio};

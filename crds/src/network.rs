@@ -133,9 +133,13 @@ pub struct DhcpReservation {
     #[schemars(length(max = 15))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "isIP(self)", "message": "ipAddress must be an IPv4 address"}]))]
     pub ip_address: String,
-    /// Hostname option.
+    /// Hostname option: one RFC 1123 label (letters, digits, '-' inside). It is
+    /// written into dnsmasq's host files, so nothing else may pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 63))]
+    #[schemars(
+        length(max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
+    )]
     pub hostname: Option<String>,
 }
 

@@ -386,17 +386,31 @@ async fn wait(ctx: &Context, t: Target<'_>, why: String) -> Result<Action, Error
     Ok(Action::requeue(Duration::from_secs(5)))
 }
 
-fn psk_for(ctx: &Context, uid: &str) -> Vec<u8> {
+fn psk_for(ctx: &Context, uid: &str) -> Result<Vec<u8>, Error> {
     let mut keys = ctx.migration_keys.lock().unwrap_or_else(|p| p.into_inner());
-    keys.entry(uid.to_string())
-        .or_insert_with(|| {
-            let mut key = vec![0u8; 32];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                let _ = std::io::Read::read_exact(&mut f, &mut key);
-            }
-            key
-        })
-        .clone()
+    if let Some(key) = keys.get(uid) {
+        return Ok(key.clone());
+    }
+    let key = random_key()?;
+    keys.insert(uid.to_string(), key.clone());
+    Ok(key)
+}
+
+/// 32 bytes from the kernel's CSPRNG. A failed read is an error, never a key of
+/// zeros (which anyone could guess).
+fn random_key() -> Result<Vec<u8>, Error> {
+    read_key_from(std::path::Path::new("/dev/urandom"))
+}
+
+fn read_key_from(source: &std::path::Path) -> Result<Vec<u8>, Error> {
+    let mut key = vec![0u8; 32];
+    std::fs::File::open(source)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .map_err(|e| Error::Random {
+            source_path: source.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(key)
 }
 
 async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
@@ -467,7 +481,7 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
                     disk_uid: b.disk_uid.clone(),
                 })
                 .collect(),
-            tls_psk: psk_for(ctx, &t.uid()),
+            tls_psk: psk_for(ctx, &t.uid())?,
         };
         let ep = client.prepare_migration_target(req.clone()).await?;
         let port = |p: u32| u16::try_from(p).unwrap_or(0);
@@ -610,7 +624,7 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
                 name: spec.vm.clone(),
             }),
             disks: Vec::new(),
-            tls_psk: psk_for(ctx, &uid),
+            tls_psk: psk_for(ctx, &uid)?,
         };
         let c = dst_client.clone();
         if let Err(e) = c.prepare_migration_target(req).await {
@@ -633,7 +647,7 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
         // The target pod says whether its QEMU was readied for post-copy.
         allow_post_copy: inc.post_copy,
         bandwidth_bytes_per_second: u64::from(spec.bandwidth_mib_per_second) << 20,
-        tls_psk: psk_for(ctx, &uid),
+        tls_psk: psk_for(ctx, &uid)?,
         disk_names: target_ls.disks.iter().map(|d| d.name.clone()).collect(),
     };
     ctx.migrations_followed
@@ -1004,4 +1018,22 @@ async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
         .unwrap_or_else(|p| p.into_inner())
         .remove(&uid);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_random_or_an_error_never_zeros() {
+        let key = random_key().expect("the kernel's random source");
+        assert_eq!(key.len(), 32);
+        assert!(key.iter().any(|&b| b != 0));
+        // A short read (empty file) and a missing device are errors.
+        for source in ["/dev/null", "/nonexistent/hvx-urandom"] {
+            let err = read_key_from(std::path::Path::new(source)).expect_err(source);
+            assert!(matches!(err, Error::Random { .. }), "{err}");
+            assert!(err.to_string().contains(source), "{err}");
+        }
+    }
 }

@@ -59,6 +59,8 @@ fn spec_for(lab: &Lab, ips: &BTreeMap<String, Ipv4Addr>, node: usize) -> Network
         egress_nat: false,
         routed_peers: vec![],
         exposed: vec![],
+        egress_denied: vec![],
+        egress_allowed: vec![],
     }
 }
 

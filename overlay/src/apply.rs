@@ -427,6 +427,21 @@ impl Switch {
         Ok(vnis)
     }
 
+    /// Rotates every network's dnsmasq log that outgrew its cap (the agent calls this
+    /// periodically: between applies dnsmasq keeps writing).
+    pub fn cap_logs(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.host.state_root) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_str()
+                    .is_some_and(|s| s.parse::<u32>().is_ok())
+                {
+                    daemon::cap_log(&DnsmasqPaths::new(&e.path()));
+                }
+            }
+        }
+    }
+
     /// The agent's startup and periodic resync: converge every wanted network, then
     /// remove networks that are no longer wanted. Errors of one network do not stop
     /// the others; they are all returned.

@@ -107,12 +107,29 @@ fn replace_if_changed(path: &Path, contents: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// Largest `dnsmasq.log` kept in the state directory (tmpfs) before it is rotated to
+/// `dnsmasq.log.1`; dnsmasq logs every DHCP transaction.
+pub const DNSMASQ_LOG_MAX_BYTES: u64 = 4 << 20;
+
+/// Rotates the dnsmasq log of `paths` when it outgrew [`DNSMASQ_LOG_MAX_BYTES`]
+/// (the agent calls this on every apply and periodically).
+pub fn cap_log(paths: &DnsmasqPaths) {
+    match hvx_child::cap_log(&paths.log, DNSMASQ_LOG_MAX_BYTES) {
+        Ok(true) => tracing::info!(log = %paths.log.display(), "dnsmasq log rotated"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(log = %paths.log.display(), error = %e, "rotating the dnsmasq log")
+        }
+    }
+}
+
 pub fn ensure(host: &Host, network: &str, cfg: &DnsmasqConfig) -> Result<DaemonAction> {
     let p = &cfg.paths;
     std::fs::create_dir_all(&p.dir).map_err(|source| OverlayError::WriteFile {
         path: p.dir.clone(),
         source,
     })?;
+    cap_log(p);
     let main_changed = replace_if_changed(&p.conf, &cfg.main)?;
     let hosts_changed = replace_if_changed(&p.hosts, &cfg.hosts)?;
     let dhcp_changed = replace_if_changed(&p.dhcp_hosts, &cfg.dhcp_hosts)?;

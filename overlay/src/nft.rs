@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::names;
 use crate::plan::MtuPlan;
-use crate::spec::{Action, FirewallRule, Location, NetworkSpec, Peers, Protocol};
+use crate::spec::{Action, FirewallRule, LINK_LOCAL, Location, NetworkSpec, Peers, Protocol};
 
 #[derive(Debug, Clone)]
 pub struct Rendered {
@@ -124,6 +124,23 @@ fn render_fw_body(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -
         );
     }
     let _ = writeln!(b, "  }}");
+    render_anti_spoofing(&mut b, spec);
+    // Frames the bridge delivers to the node itself. IPv4 is judged by the `ip`
+    // table's input chain (it knows the gateway addresses and conntrack); the
+    // overlay carries no IPv6 for the node, so guests get no IPv6 path to its
+    // listeners (link-local addresses of the bridge included). A network without
+    // subnets has no gateway at all: nothing from its ports is for the node.
+    let _ = writeln!(
+        b,
+        "  chain input {{\n    type filter hook input priority -200; policy accept;"
+    );
+    let _ = writeln!(b, "    iifname != @ports accept");
+    if spec.subnets.is_empty() {
+        let _ = writeln!(b, "    drop");
+    } else {
+        let _ = writeln!(b, "    ether type ip6 drop");
+    }
+    let _ = writeln!(b, "  }}");
     let _ = writeln!(b, "  chain segment {{");
     for rule in &spec.firewall.rules {
         for line in render_rule(rule) {
@@ -137,6 +154,86 @@ fn render_fw_body(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -
     }
     let _ = writeln!(b, "  }}");
     b
+}
+
+/// Per-port anti-spoofing, before the bridge forwards or delivers anything: a local
+/// VM port sends only from its member's MAC (Ethernet source and ARP sender), and
+/// IPv4 (IP source and ARP sender address) only from addresses it may hold:
+///
+/// - a member with a known address (declared `ip` or a reservation for its MAC):
+///   that address, plus 0.0.0.0 (DHCP discovery, ARP probes);
+/// - a member without one (dynamic DHCP, or a static address configured only inside
+///   the guest): any address of the network's subnets except the gateways and the
+///   addresses known to belong to other members. Pinning such a guest to its current
+///   DHCP lease would break guests whose address the control plane does not know and
+///   would need a rules update on every lease; this way the gateway and every VM
+///   with a known address cannot be impersonated, while dynamic guests of one
+///   network can still take each other's addresses (documented tradeoff).
+///
+/// Networks without subnets are pure L2: only the MAC is checked. Frames with a VLAN
+/// tag are checked by MAC only (the IP and ARP matches need an untagged ethertype).
+fn render_anti_spoofing(b: &mut String, spec: &NetworkSpec) {
+    let _ = writeln!(
+        b,
+        "  chain prerouting {{\n    type filter hook prerouting priority -200; policy accept;"
+    );
+    let known_ip = |mac: crate::addr::Mac| -> Option<std::net::Ipv4Addr> {
+        spec.members
+            .iter()
+            .find(|m| m.mac == mac)
+            .and_then(|m| m.ip)
+            .or_else(|| {
+                spec.subnets
+                    .iter()
+                    .flat_map(|s| &s.reservations)
+                    .find(|r| r.mac == mac)
+                    .map(|r| r.ip)
+            })
+    };
+    for m in &spec.members {
+        let Location::Local { port } = &m.location else {
+            continue;
+        };
+        let mac = m.mac;
+        let _ = writeln!(b, "    iifname \"{port}\" ether saddr != {mac} drop");
+        let _ = writeln!(b, "    iifname \"{port}\" arp saddr ether != {mac} drop");
+        if spec.subnets.is_empty() {
+            continue;
+        }
+        match known_ip(mac) {
+            Some(ip) => {
+                let own = format!("{{ 0.0.0.0, {ip} }}");
+                let _ = writeln!(b, "    iifname \"{port}\" ip saddr != {own} drop");
+                let _ = writeln!(b, "    iifname \"{port}\" arp saddr ip != {own} drop");
+            }
+            None => {
+                let mut subnets: Vec<String> = vec!["0.0.0.0".into()];
+                subnets.extend(spec.subnets.iter().map(|s| s.cidr.network().to_string()));
+                let subnets = quoted_set(subnets);
+                let mut taken: BTreeSet<std::net::Ipv4Addr> =
+                    spec.subnets.iter().map(|s| s.gateway).collect();
+                taken.extend(
+                    spec.members
+                        .iter()
+                        .filter(|o| o.mac != mac)
+                        .filter_map(|o| known_ip(o.mac)),
+                );
+                taken.extend(
+                    spec.subnets
+                        .iter()
+                        .flat_map(|s| &s.reservations)
+                        .filter(|r| r.mac != mac)
+                        .map(|r| r.ip),
+                );
+                let taken = quoted_set(taken.iter().map(|ip| ip.to_string()));
+                for field in ["ip saddr", "arp saddr ip"] {
+                    let _ = writeln!(b, "    iifname \"{port}\" {field} != {subnets} drop");
+                    let _ = writeln!(b, "    iifname \"{port}\" {field} {taken} drop");
+                }
+            }
+        }
+    }
+    let _ = writeln!(b, "  }}");
 }
 
 fn peers_match(p: &Peers, src: bool) -> Option<String> {
@@ -217,12 +314,49 @@ pub(crate) fn render_rule(rule: &FirewallRule) -> Vec<String> {
     out
 }
 
-fn render_rt_body(spec: &NetworkSpec, mtu: &MtuPlan) -> Option<String> {
-    if spec.subnets.is_empty() {
-        return None;
+/// The node's own listeners seen from the overlay (IPv4; IPv6 is dropped in the
+/// bridge table). Guests reach the gateway for DHCP (udp 67, any destination: a
+/// DISCOVER is a broadcast), DNS (udp/tcp 53) and ICMP echo (guests and operators
+/// ping their default gateway to check the path; an echo reply discloses nothing a
+/// DHCP answer does not). Everything else addressed to the node from a guest port
+/// is dropped: the agent's gRPC and metrics ports, kubelet, sshd, and the node's
+/// other addresses (which the weak host model would otherwise answer on any
+/// interface). Replies to connections the node opened itself still pass.
+///
+/// VXLAN: frames of this VNI are accepted only from the network's peer VTEPs, so a
+/// host elsewhere on the underlay cannot inject frames into the overlay. The VNI
+/// sits in bits 32..56 of the VXLAN header, after the 8-byte UDP header.
+fn render_input(b: &mut String, spec: &NetworkSpec, br: &str) {
+    let _ = writeln!(
+        b,
+        "  chain input {{\n    type filter hook input priority 0; policy accept;"
+    );
+    let vni_match = format!("udp dport {} @th,96,24 {}", names::VXLAN_PORT, spec.vni);
+    if spec.remote_vteps.is_empty() {
+        let _ = writeln!(b, "    {vni_match} drop");
+    } else {
+        let peers = quoted_set(spec.remote_vteps.iter().map(|v| v.to_string()));
+        let _ = writeln!(b, "    {vni_match} ip saddr != {peers} drop");
     }
+    let _ = writeln!(b, "    iifname != \"{br}\" accept");
+    let _ = writeln!(b, "    ct state established,related accept");
+    if !spec.subnets.is_empty() {
+        let gws = quoted_set(spec.subnets.iter().map(|s| s.gateway.to_string()));
+        let _ = writeln!(b, "    udp dport 67 accept");
+        let _ = writeln!(b, "    ip daddr {gws} udp dport 53 accept");
+        let _ = writeln!(b, "    ip daddr {gws} tcp dport 53 accept");
+        let _ = writeln!(b, "    ip daddr {gws} icmp type echo-request accept");
+    }
+    let _ = writeln!(b, "    drop\n  }}");
+}
+
+fn render_rt_body(spec: &NetworkSpec, mtu: &MtuPlan) -> Option<String> {
     let br = names::bridge(spec.vni);
     let mut b = String::new();
+    render_input(&mut b, spec, &br);
+    if spec.subnets.is_empty() {
+        return Some(b);
+    }
     let _ = writeln!(
         b,
         "  chain forward {{\n    type filter hook forward priority 0; policy accept;"
@@ -253,6 +387,22 @@ fn render_rt_body(spec: &NetworkSpec, mtu: &MtuPlan) -> Option<String> {
         );
     }
     let _ = writeln!(b, "    iifname \"{br}\" oifname \"hvb*\" drop");
+    if spec.egress_nat {
+        // Egress never reaches cloud metadata or the cluster's own ranges (a guest
+        // is a tenant, not a pod); explicit exceptions first. Matching after DNAT
+        // also stops Service addresses: kube-proxy rewrites them to pod addresses.
+        if !spec.egress_allowed.is_empty() {
+            let allowed = quoted_set(spec.egress_allowed.iter().map(|n| n.network().to_string()));
+            let _ = writeln!(b, "    iifname \"{br}\" ip daddr {allowed} accept");
+        }
+        let mut denied: BTreeSet<String> = [LINK_LOCAL.to_string()].into();
+        denied.extend(spec.egress_denied.iter().map(|n| n.network().to_string()));
+        let _ = writeln!(
+            b,
+            "    iifname \"{br}\" ip daddr {} drop",
+            quoted_set(denied)
+        );
+    }
     let _ = writeln!(
         b,
         "    iifname \"{br}\" {}",
@@ -394,6 +544,117 @@ mod tests {
             !s.contains("30432"),
             "remote VMs are published by their own node"
         );
+    }
+
+    #[test]
+    fn guests_reach_only_dhcp_dns_and_ping_on_the_node() {
+        let s = render(&sample(), &ports(), &plan_mtu(1600)).script;
+        let input = s.split("chain input {").nth(2).expect("ip input chain");
+        let input = input.split("  }").next().unwrap();
+        for want in [
+            "iifname != \"hvb4242\" accept",
+            "ct state established,related accept",
+            "udp dport 67 accept",
+            "ip daddr { 10.50.0.1 } udp dport 53 accept",
+            "ip daddr { 10.50.0.1 } tcp dport 53 accept",
+            "ip daddr { 10.50.0.1 } icmp type echo-request accept",
+        ] {
+            assert!(input.contains(want), "{want} in {input}");
+        }
+        assert!(input.trim_end().ends_with("drop"), "{input}");
+        // IPv6 from the ports never reaches the node.
+        let bridge_input = s.split("chain input {").nth(1).unwrap();
+        assert!(bridge_input.contains("iifname != @ports accept\n    ether type ip6 drop"));
+    }
+
+    #[test]
+    fn vxlan_of_this_vni_only_from_peer_vteps() {
+        let s = render(&sample(), &ports(), &plan_mtu(1600)).script;
+        assert!(s.contains(
+            "udp dport 4789 @th,96,24 4242 ip saddr != { 192.168.77.2, 192.168.77.3 } drop"
+        ));
+        let mut alone = sample();
+        alone.remote_vteps.clear();
+        alone
+            .members
+            .retain(|m| matches!(m.location, Location::Local { .. }));
+        let s = render(&alone, &ports(), &plan_mtu(1600)).script;
+        assert!(s.contains("udp dport 4789 @th,96,24 4242 drop"));
+    }
+
+    #[test]
+    fn l2_only_networks_still_get_input_isolation() {
+        let mut spec = sample();
+        spec.subnets.clear();
+        for m in &mut spec.members {
+            m.ip = None;
+        }
+        let r = render(&spec, &ports(), &plan_mtu(1600));
+        assert!(r.has_rt_table);
+        assert!(r.script.contains("iifname != @ports accept\n    drop"));
+        assert!(!r.script.contains("udp dport 67 accept"));
+        assert!(!r.script.contains("hvp1\" ip saddr"), "no addresses to pin");
+        assert!(
+            r.script
+                .contains("iifname \"hvp1\" ether saddr != 00:50:56:00:00:01 drop")
+        );
+    }
+
+    #[test]
+    fn ports_send_only_from_their_own_mac_and_addresses() {
+        let mut spec = sample();
+        spec.members.push(Member {
+            vm: "dyn".into(),
+            mac: "00:50:56:00:00:09".parse().unwrap(),
+            ip: None,
+            location: Location::Local {
+                port: "hvp9".into(),
+            },
+        });
+        spec.subnets[0].reservations.push(Reservation {
+            mac: "00:50:56:00:00:0a".parse().unwrap(),
+            ip: "10.50.0.60".parse().unwrap(),
+            hostname: None,
+        });
+        let ports = ["hvp1".to_string(), "hvp9".to_string()].into();
+        let s = render(&spec, &ports, &plan_mtu(1600)).script;
+        for want in [
+            // Known address: exactly it (and 0.0.0.0 for DHCP).
+            "iifname \"hvp1\" ether saddr != 00:50:56:00:00:01 drop",
+            "iifname \"hvp1\" arp saddr ether != 00:50:56:00:00:01 drop",
+            "iifname \"hvp1\" ip saddr != { 0.0.0.0, 10.50.0.11 } drop",
+            "iifname \"hvp1\" arp saddr ip != { 0.0.0.0, 10.50.0.11 } drop",
+            // Unknown address: the subnet minus gateway and everyone else's.
+            "iifname \"hvp9\" ip saddr != { 0.0.0.0, 10.50.0.0/24 } drop",
+            "iifname \"hvp9\" ip saddr { 10.50.0.1, 10.50.0.11, 10.50.0.12, 10.50.0.60 } drop",
+            "iifname \"hvp9\" arp saddr ip { 10.50.0.1, 10.50.0.11, 10.50.0.12, 10.50.0.60 } drop",
+        ] {
+            assert!(s.contains(want), "missing {want}:\n{s}");
+        }
+        assert!(
+            !s.contains("00:50:56:00:00:02 drop"),
+            "remote members are their node's job"
+        );
+    }
+
+    #[test]
+    fn egress_nat_never_reaches_metadata_or_cluster_ranges_unless_allowed() {
+        let mut spec = sample();
+        spec.egress_nat = true;
+        let s = render(&spec, &ports(), &plan_mtu(1600)).script;
+        let deny = "iifname \"hvb4242\" ip daddr { 169.254.0.0/16 } drop";
+        let accept = "    iifname \"hvb4242\" accept";
+        assert!(s.find(deny).unwrap() < s.find(accept).unwrap(), "{s}");
+        spec.egress_denied = vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        ];
+        spec.egress_allowed = vec!["10.96.0.10/32".parse().unwrap()];
+        let s = render(&spec, &ports(), &plan_mtu(1600)).script;
+        let allow = "iifname \"hvb4242\" ip daddr { 10.96.0.10/32 } accept";
+        let deny =
+            "iifname \"hvb4242\" ip daddr { 10.244.0.0/16, 10.96.0.0/12, 169.254.0.0/16 } drop";
+        assert!(s.find(allow).unwrap() < s.find(deny).unwrap(), "{s}");
     }
 
     #[test]

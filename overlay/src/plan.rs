@@ -243,6 +243,8 @@ pub(crate) mod tests {
             egress_nat: false,
             routed_peers: vec![],
             exposed: vec![],
+            egress_denied: vec![],
+            egress_allowed: vec![],
         }
     }
 
@@ -343,6 +345,26 @@ pub(crate) mod tests {
                 "not in remote_vteps",
             ),
             (|s| s.underlay_mtu = 100, "MTU"),
+            (
+                |s| {
+                    s.subnets[0].reservations.push(Reservation {
+                        mac: "00:50:56:00:00:33".parse().unwrap(),
+                        ip: "10.50.0.33".parse().unwrap(),
+                        hostname: Some("x\n00:50:56:00:00:01,10.50.0.99,evil".into()),
+                    })
+                },
+                "not an RFC 1123 label",
+            ),
+            (
+                |s| {
+                    s.subnets[0].reservations.push(Reservation {
+                        mac: "00:50:56:00:00:33".parse().unwrap(),
+                        ip: "10.50.0.33".parse().unwrap(),
+                        hostname: Some("trailing-".into()),
+                    })
+                },
+                "not an RFC 1123 label",
+            ),
             (
                 |s| s.members[0].mac = "01:00:5e:00:00:01".parse().unwrap(),
                 "non-unicast",

@@ -43,7 +43,25 @@ pub struct NetworkSpec {
     /// VM ports published on the node (the operator points a Service at them).
     #[serde(default)]
     pub exposed: Vec<ExposedPort>,
+    /// Destinations egress NAT never reaches, besides the always-denied link-local
+    /// range [`LINK_LOCAL`] (cloud metadata): the node agent puts the cluster's pod
+    /// and service CIDRs here. The node's own addresses need no entry: traffic to
+    /// them is input, not forwarding, and the input chain drops it.
+    #[serde(default)]
+    pub egress_denied: Vec<Ipv4Net>,
+    /// Exceptions to `egress_denied` and [`LINK_LOCAL`] (e.g. one service address
+    /// guests are meant to use); checked first.
+    #[serde(default)]
+    pub egress_allowed: Vec<Ipv4Net>,
 }
+
+/// 169.254.0.0/16: cloud metadata services (169.254.169.254) and other link-local
+/// endpoints of the node; guests never reach it through egress NAT unless a
+/// prefix of `egress_allowed` covers it.
+pub const LINK_LOCAL: Ipv4Net = Ipv4Net {
+    addr: Ipv4Addr::new(169, 254, 0, 0),
+    prefix: 16,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubnetSpec {
@@ -240,6 +258,16 @@ impl NetworkSpec {
                         r.mac, r.ip, s.cidr
                     )));
                 }
+                // The name ends up in dnsmasq's dhcp-hosts and hosts files, one
+                // entry per line: a ',' or newline would forge other entries.
+                if let Some(h) = &r.hostname {
+                    check_dns_label(h).map_err(|e| {
+                        bad(format!(
+                            "reservation {} hostname {h:?} is not an RFC 1123 label: {e}",
+                            r.mac
+                        ))
+                    })?;
+                }
             }
         }
         let mut macs = BTreeSet::new();
@@ -329,8 +357,11 @@ fn check_dns_label(s: &str) -> std::result::Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err("must be 1..=63 characters".into());
     }
-    if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || s.starts_with('-') {
-        return Err("may hold only letters, digits and '-' (not leading)".into());
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        || s.starts_with('-')
+        || s.ends_with('-')
+    {
+        return Err("may hold only letters, digits and '-' (not first or last)".into());
     }
     Ok(())
 }

@@ -4,13 +4,18 @@
 send IFACE DST_MAC ETHERTYPE MARKER [VLAN_ID]   one frame, payload = MARKER
 recv IFACE MARKER SECONDS                       prints one line per frame carrying
                                                 MARKER: "got dst=.. type=.. vlan=.."
+arp IFACE SENDER_IP TARGET_IP MARKER             one broadcast ARP request (a
+                                                gratuitous one when both IPs are
+                                                equal), MARKER in the padding
 tap TAP SRC_MAC DST_MAC MARKER_OUT MARKER_IN SECONDS
                                                 be the guest behind an existing tap:
                                                 write one frame when a line arrives on
                                                 stdin, print frames carrying MARKER_IN
 Received VLAN tags are reported whether they stay in the data or arrive in the
-kernel's PACKET_AUXDATA (rx VLAN offload)."""
-import socket, struct, sys, time
+kernel's PACKET_AUXDATA (rx VLAN offload).
+send and arp use the interface's MAC as source unless HVX_SRC_MAC is set (spoofing
+tests)."""
+import os, socket, struct, sys, time
 
 ETH_P_ALL = 0x0003
 SOL_PACKET, PACKET_AUXDATA = 263, 8
@@ -24,11 +29,28 @@ def mac_bytes(s):
 def send(iface, dst, ethertype, marker, vlan=None):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
-    src = s.getsockname()[4][:6]
+    src = source_mac(s)
     hdr = mac_bytes(dst) + src
     if vlan is not None:
         hdr += struct.pack("!HH", 0x8100, int(vlan))
     frame = hdr + struct.pack("!H", int(ethertype, 16)) + marker.encode()
+    frame += b"\0" * max(0, 60 - len(frame))
+    s.send(frame)
+
+
+def source_mac(sock):
+    if os.environ.get("HVX_SRC_MAC"):
+        return mac_bytes(os.environ["HVX_SRC_MAC"])
+    return sock.getsockname()[4][:6]
+
+
+def arp(iface, sender_ip, target_ip, marker):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    src = source_mac(s)
+    ip = lambda a: socket.inet_aton(a)
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + src + ip(sender_ip) + b"\0" * 6 + ip(target_ip)
+    frame = b"\xff" * 6 + src + struct.pack("!H", 0x0806) + body + marker.encode()
     frame += b"\0" * max(0, 60 - len(frame))
     s.send(frame)
 
@@ -91,6 +113,8 @@ def tap(name, src, dst, marker_out, marker_in, seconds):
 if __name__ == "__main__":
     if sys.argv[1] == "send":
         send(*sys.argv[2:])
+    elif sys.argv[1] == "arp":
+        arp(*sys.argv[2:])
     elif sys.argv[1] == "tap":
         tap(*sys.argv[2:])
     else:

@@ -203,6 +203,14 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
         &format!("guest={},debug-threads=on", esc(&spec.name)),
     ]);
     push(&["-nodefaults", "-no-user-config", "-msg", "timestamp=on"]);
+    // seccomp: a guest that breaks out of QEMU's device emulation cannot use obsolete
+    // syscalls, setuid/setgid, fork/exec or scheduler/resource controls. QEMU needs
+    // none of them after start-up here: taps are opened by name (no helper scripts),
+    // and live and post-copy migration run inside QEMU (privileged tests boot with it).
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     push(&["-machine", &format!("{machine},vmport={vmport}")]);
     push(&["-accel", &accel_opt]);
     push(&["-cpu", accel.cpu_model()]);

@@ -46,6 +46,8 @@ fn golden_command_line() {
         "-no-user-config",
         "-msg",
         "timestamp=on",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-machine",
         "pc,vmport=on",
         "-accel",

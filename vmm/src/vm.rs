@@ -457,6 +457,8 @@ impl Vm {
         self.power_off().await?;
         cleanup_files(&self.paths);
         let _ = std::fs::remove_file(&self.paths.serial_log);
+        // The launcher's size cap keeps one rotated generation beside it.
+        let _ = std::fs::remove_file(hvx_child::rotated_log(&self.paths.serial_log));
         let _ = std::fs::remove_file(&self.paths.efi_vars);
         // Only removes the dir when nothing else lives there.
         let _ = std::fs::remove_dir(&self.run_dir);

@@ -194,6 +194,9 @@ pub fn network_spec(
         egress_nat: req.egress_nat,
         routed_peers: Vec::new(),
         exposed: Vec::new(),
+        // The node's policy, not the request's: see AgentConfig::with_egress_policy.
+        egress_denied: Vec::new(),
+        egress_allowed: Vec::new(),
     };
     spec.validate().map_err(AgentError::from)?;
     Ok(spec)

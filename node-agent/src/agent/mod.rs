@@ -46,6 +46,23 @@ pub struct AgentConfig {
     pub run_root: PathBuf,
     /// MTU of the underlay between nodes.
     pub underlay_mtu: u32,
+    /// Destinations guests never reach through egress NAT (the cluster's pod and
+    /// service CIDRs); link-local 169.254.0.0/16 is always denied by the overlay.
+    pub egress_denied: Vec<hvx_overlay::Ipv4Net>,
+    /// Exceptions to the denied ranges, checked first.
+    pub egress_allowed: Vec<hvx_overlay::Ipv4Net>,
+}
+
+impl AgentConfig {
+    /// Adds this node's egress policy to a network spec built from a request.
+    pub fn with_egress_policy(
+        &self,
+        mut spec: hvx_overlay::NetworkSpec,
+    ) -> hvx_overlay::NetworkSpec {
+        spec.egress_denied = self.egress_denied.clone();
+        spec.egress_allowed = self.egress_allowed.clone();
+        spec
+    }
 }
 
 /// Shared state of the agent.

@@ -105,7 +105,11 @@ async fn apply_locked(
     agent: &Arc<Agent>,
     req: pb::EnsureNetworkRequest,
 ) -> Result<pb::NetworkState, AgentError> {
-    let mut spec = network_spec(&req, agent.config.node_ip, agent.config.underlay_mtu)?;
+    let mut spec = agent.config.with_egress_policy(network_spec(
+        &req,
+        agent.config.node_ip,
+        agent.config.underlay_mtu,
+    )?);
     refuse_overlaps(agent, &req, &spec)?;
     if req.mtu > 0 {
         // The guest MTU the user asked for caps what the underlay allows.
@@ -173,7 +177,7 @@ pub async fn restore(agent: &Arc<Agent>) -> Result<usize, AgentError> {
     let mut specs = Vec::new();
     for r in &reqs {
         match network_spec(r, agent.config.node_ip, agent.config.underlay_mtu) {
-            Ok(s) => specs.push(s),
+            Ok(s) => specs.push(agent.config.with_egress_policy(s)),
             Err(e) => tracing::warn!(vni = r.vni, error = %e, "persisted network unusable"),
         }
     }

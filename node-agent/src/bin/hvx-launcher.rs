@@ -16,7 +16,8 @@ use hvx_child::Tracker;
 use hvx_node_agent::launcher::host::wait_ready;
 use hvx_node_agent::launcher::map::{DirResolver, StoreResolver, vm_spec_from_launch};
 use hvx_node_agent::launcher::supervise::{
-    Incoming, choose_accel, parse_spec, probe_running, run, write_identity, write_waiting,
+    Incoming, choose_accel, migration_tls_dir, parse_spec, probe_running, run, write_identity,
+    write_waiting,
 };
 use hvx_vmm::accel::ProbeOptions;
 use hvx_vmm::migration::TargetEndpoint;
@@ -212,18 +213,20 @@ async fn main() -> anyhow::Result<()> {
                 .as_ref()
                 .and_then(|(ls, _)| ls.incoming.as_ref())
                 .map(|inc| {
-                    let tls = spec.run_dir.join(hvx_api::node::MIGRATION_TLS_DIR);
-                    Incoming {
+                    // Never plaintext: a missing key stops the target here.
+                    let tls = migration_tls_dir(&spec.run_dir)?;
+                    Ok::<_, anyhow::Error>(Incoming {
                         endpoint: TargetEndpoint {
                             host: inc.host.clone(),
                             migration_port: inc.migration_port,
                             nbd_port: inc.nbd_port,
                         },
-                        tls_dir: tls.join("keys.psk").exists().then_some(tls),
+                        tls_dir: Some(tls),
                         timeout: Duration::from_secs(a.node_wait_seconds),
                         post_copy: inc.post_copy,
-                    }
-                });
+                    })
+                })
+                .transpose()?;
             // QEMU (and probe) a killed predecessor of this VM's launcher left go
             // before this one starts, and this run's are recorded.
             let children = Tracker::new(spec.run_dir.join(CHILDREN_DIR), "hvx-launcher")?;

@@ -44,6 +44,18 @@ struct Cli {
     /// holds --node-ip).
     #[arg(long)]
     underlay_mtu: Option<u32>,
+    /// The cluster's pod CIDR(s), comma-separated: guests' egress NAT never reaches
+    /// them (a VM is a tenant, not a pod). Default: kubeadm/flannel's 10.244.0.0/16.
+    #[arg(long, value_delimiter = ',', default_value = "10.244.0.0/16")]
+    pod_cidr: Vec<hvx_overlay::Ipv4Net>,
+    /// The cluster's service CIDR(s), comma-separated: denied to guests' egress
+    /// like the pod CIDR. Default: kubeadm's 10.96.0.0/12.
+    #[arg(long, value_delimiter = ',', default_value = "10.96.0.0/12")]
+    service_cidr: Vec<hvx_overlay::Ipv4Net>,
+    /// Exceptions, comma-separated: destinations inside the denied ranges (pod,
+    /// service, link-local 169.254.0.0/16) that guests may reach. Default: none.
+    #[arg(long, value_delimiter = ',')]
+    egress_allowed_cidr: Vec<hvx_overlay::Ipv4Net>,
     /// Label this node `hvx.dev/agent=ready` (needs API access).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     label_node: bool,
@@ -99,6 +111,13 @@ async fn main() -> anyhow::Result<()> {
         node_ip: cli.node_ip,
         store_root: cli.store_root.clone(),
         run_root: cli.run_root.clone(),
+        egress_denied: cli
+            .pod_cidr
+            .iter()
+            .chain(&cli.service_cidr)
+            .copied()
+            .collect(),
+        egress_allowed: cli.egress_allowed_cidr.clone(),
     };
     tracing::info!(?config, "starting");
     let agent = Arc::new(Agent::open(config).context("opening the node's disk store and switch")?);
@@ -167,6 +186,19 @@ async fn main() -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "base garbage collection"),
                 }
+            }
+        });
+    }
+
+    // dnsmasq logs live in tmpfs: rotate the ones that outgrew their cap.
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || a.switch.cap_logs()).await;
             }
         });
     }

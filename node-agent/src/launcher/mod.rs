@@ -34,6 +34,15 @@ pub enum LauncherError {
     /// The VMM failed.
     #[error(transparent)]
     Vmm(#[from] hvx_vmm::VmmError),
+    /// A migration target has no TLS pre-shared key: it refuses to listen in
+    /// plaintext.
+    #[error(
+        "migration target: no TLS pre-shared key at {key}; refusing to listen for the VM in plaintext"
+    )]
+    NoMigrationKey {
+        /// The key file the agent should have written.
+        key: PathBuf,
+    },
     /// The status file could not be written.
     #[error("cannot write status {path}: {source}")]
     Status {

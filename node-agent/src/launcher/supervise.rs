@@ -170,12 +170,27 @@ pub async fn choose_accel(
 pub struct Incoming {
     /// Where QEMU listens.
     pub endpoint: hvx_vmm::migration::TargetEndpoint,
-    /// Directory with the migration's TLS-PSK key (None: plain TCP, tests only).
+    /// Directory with the migration's TLS-PSK key (None: plain TCP, tests only;
+    /// `hvx-launcher` refuses to start a target without a key).
     pub tls_dir: Option<PathBuf>,
     /// Longest wait for the source to send the VM.
     pub timeout: Duration,
     /// The source may switch to post-copy (QEMU needs `postcopy-ram` before it starts).
     pub post_copy: bool,
+}
+
+/// The directory holding a migration target's key (`keys.psk`, written by the agent
+/// before the operator starts the target pod). A missing key is an error: listening
+/// anyway would accept a VM's memory and disks in plaintext from anyone who reaches
+/// the port.
+pub fn migration_tls_dir(run_dir: &Path) -> Result<PathBuf, LauncherError> {
+    let dir = run_dir.join(hvx_api::node::MIGRATION_TLS_DIR);
+    let key = dir.join("keys.psk");
+    if key.is_file() {
+        Ok(dir)
+    } else {
+        Err(LauncherError::NoMigrationKey { key })
+    }
 }
 
 /// Runs the VM until it stops for good; returns why it last exited. `stop` resolves
@@ -221,6 +236,7 @@ pub async fn run(
                 return Err(e.into());
             }
         };
+        let _serial_cap = cap_serial_log(&spec.run_dir);
         if let Some(inc) = incoming.take() {
             status.qemu_pid = vm.pid();
             let received = async {
@@ -318,9 +334,55 @@ pub async fn run(
     }
 }
 
+/// Largest serial log kept in the VM's run dir (tmpfs) before it is rotated to
+/// `serial.log.1`: a guest printing to its console all day would fill `/run`.
+pub const SERIAL_LOG_MAX_BYTES: u64 = 8 << 20;
+
+/// Aborts its task when dropped: the serial log capper lives as long as one QEMU.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Checks the serial log every 30 s and rotates it past [`SERIAL_LOG_MAX_BYTES`].
+fn cap_serial_log(run_dir: &Path) -> AbortOnDrop {
+    let log = hvx_vmm::RunPaths::new(run_dir).serial_log;
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            match hvx_child::cap_log(&log, SERIAL_LOG_MAX_BYTES) {
+                Ok(true) => tracing::info!(log = %log.display(), "serial log rotated"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(log = %log.display(), error = %e, "rotating the serial log")
+                }
+            }
+        }
+    }))
+}
+
 /// Readiness: exit 0 iff QEMU answers `running` on the probe QMP socket.
 pub async fn probe_running(run_dir: &Path, timeout: Duration) -> Result<bool, LauncherError> {
     let paths = hvx_vmm::RunPaths::new(run_dir);
     let qmp = hvx_vmm::qmp::QmpClient::connect(&paths.qmp_probe, timeout).await?;
     Ok(qmp.run_state().await? == "running")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_target_without_a_key_refuses_to_listen() {
+        let run_dir = tempfile::tempdir().expect("tempdir");
+        let err = migration_tls_dir(run_dir.path()).expect_err("no key");
+        assert!(err.to_string().contains("refusing to listen"), "{err}");
+        let dir = run_dir.path().join(hvx_api::node::MIGRATION_TLS_DIR);
+        hvx_vmm::migration::write_psk(&dir, &[7u8; 32]).expect("write key");
+        assert_eq!(migration_tls_dir(run_dir.path()).expect("key"), dir);
+    }
 }

@@ -41,6 +41,14 @@ pub enum Error {
         /// The agent's message.
         message: String,
     },
+    /// The kernel's random source could not be read (a key is never made without it).
+    #[error("random source {source_path}: {reason}")]
+    Random {
+        /// The device read.
+        source_path: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// No free VXLAN network identifier is left.
     #[error("no free VNI in {min}..={max}")]
     VniExhausted {
@@ -77,6 +85,7 @@ impl Error {
             Error::Build { .. } => "build",
             Error::Serialize { .. } => "serialize",
             Error::VniExhausted { .. } => "vni_exhausted",
+            Error::Random { .. } => "random",
             Error::Agent { .. } => "agent",
         }
     }

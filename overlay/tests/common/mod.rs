@@ -38,6 +38,8 @@ pub struct Net {
     pub egress_nat: bool,
     pub routed_peers: Vec<RoutedPeer>,
     pub exposed: Vec<ExposedPort>,
+    pub egress_denied: Vec<Ipv4Net>,
+    pub egress_allowed: Vec<Ipv4Net>,
 }
 
 impl Net {
@@ -61,6 +63,8 @@ impl Net {
             egress_nat: false,
             routed_peers: vec![],
             exposed: vec![],
+            egress_denied: vec![],
+            egress_allowed: vec![],
         }
     }
 
@@ -104,6 +108,8 @@ impl Net {
             egress_nat: self.egress_nat,
             routed_peers: self.routed_peers.clone(),
             exposed: self.exposed.clone(),
+            egress_denied: self.egress_denied.clone(),
+            egress_allowed: self.egress_allowed.clone(),
         }
     }
 
