@@ -22,11 +22,14 @@ for crd in $("$KUBECTL" get crd -o name | grep '\.hvx\.dev$' || true); do
     "$KUBECTL" annotate --overwrite "$crd" meta.helm.sh/release-name=hvx "meta.helm.sh/release-namespace=${NS}" >/dev/null
   fi
 done
+# Guests' egress NAT refuses the cluster's pod and service ranges: the local harness's
+# (e2e/harness/lib/common.sh CLUSTER_CIDR, SERVICE_CIDR) unless the caller says others.
 log "helm upgrade --install hvx charts/hvx -n ${NS}"
 "$HELM" upgrade --install hvx charts/hvx -n "${NS}" --create-namespace \
   --set images.registry=localhost --set images.tag="${TAG}" --set images.pullPolicy=Never \
   --set images.operator=hvx-operator --set images.agent=hvx-agent --set images.launcher=hvx-launcher \
   --set operator.cpuMillisPerVcpu=10 --set operator.logLevel=info \
+  --set agent.podCIDR="${HVX_POD_CIDR:-10.251.0.0/16}" --set agent.serviceCIDR="${HVX_SERVICE_CIDR:-10.252.0.0/24}" \
   --wait --timeout 5m "$@"
 # Pods of an upgrade with the same tag keep the old image: restart them.
 "$KUBECTL" -n "${NS}" rollout restart deployment/hvx-operator daemonset/hvx-agent >/dev/null
