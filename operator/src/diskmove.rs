@@ -20,7 +20,7 @@
 //! restarted operator simply moves again (ImportOverlay is idempotent by move id).
 
 use crate::agents::AgentClient;
-use crate::context::Context;
+use crate::context::{Context, Timings};
 use crate::error::Error;
 use crate::hostplan::Cluster;
 use crate::hostprep::{self, BasesState, DisksState};
@@ -41,11 +41,6 @@ pub const ANNOTATION_DISKS_ON: &str = "hvx.dev/disks-on";
 /// On a launcher pod: the node its disks were moved from, whose copy is deleted once
 /// the VM runs.
 pub const ANNOTATION_DISKS_MOVED_FROM: &str = "hvx.dev/disks-moved-from";
-
-/// Failed moves are retried after this long.
-const RETRY: Duration = Duration::from_secs(20);
-/// Longest wait for the next message of an export.
-const IDLE: Duration = Duration::from_secs(120);
 
 pub use hvx_operator_core::context::MoveState;
 
@@ -102,7 +97,9 @@ pub async fn ensure_moved(
     match state(ctx, move_id) {
         Some(MoveState::Done) => return Ok(DisksState::Ready),
         Some(MoveState::Running(p)) => return Ok(DisksState::Waiting(p)),
-        Some(MoveState::Failed { message, at }) if at.elapsed() < RETRY => {
+        Some(MoveState::Failed { message, at })
+            if at.elapsed() < Timings::secs(ctx.config.timings.disk_move_retry_seconds) =>
+        {
             return Ok(DisksState::Waiting(format!(
                 "moving disks from {from} to {to} failed: {message}; retrying"
             )));
@@ -139,6 +136,7 @@ pub async fn ensure_moved(
             vm_uid: ls.vm_id.clone(),
             vm: ls.vm.name.clone(),
             move_id: move_id.to_string(),
+            idle: Timings::secs(ctx.config.timings.disk_move_idle_seconds),
         },
         disks,
     ));
@@ -155,6 +153,8 @@ struct Route {
     vm_uid: String,
     vm: String,
     move_id: String,
+    /// Longest wait for the next message of the export.
+    idle: Duration,
 }
 
 async fn run(
@@ -213,9 +213,10 @@ async fn run(
 
 async fn next_chunk(
     export: &mut tonic::Streaming<pb::OverlayChunk>,
+    idle: Duration,
 ) -> Result<Option<pb::OverlayChunk>, String> {
-    match tokio::time::timeout(IDLE, export.message()).await {
-        Err(_) => Err(format!("no data from the source for {}s", IDLE.as_secs())),
+    match tokio::time::timeout(idle, export.message()).await {
+        Err(_) => Err(format!("no data from the source for {}s", idle.as_secs())),
         Ok(r) => r.map_err(|s| status_text(&s)),
     }
 }
@@ -248,7 +249,7 @@ async fn relay(
         })
         .await
         .map_err(|e| format!("ExportOverlay on {}: {}", route.from, agent_text(&e)))?;
-    let mut header = match next_chunk(&mut export).await? {
+    let mut header = match next_chunk(&mut export, route.idle).await? {
         Some(pb::OverlayChunk {
             part: Some(Part::Header(h)),
         }) => h,
@@ -272,7 +273,7 @@ async fn relay(
     let mut done = 0u64;
     let mut last_report = Instant::now();
     let forwarded: Result<(), String> = loop {
-        match next_chunk(&mut export).await {
+        match next_chunk(&mut export, route.idle).await {
             Ok(Some(chunk)) => {
                 if let Some(Part::Data(d)) = &chunk.part {
                     done += d.bytes.len() as u64;

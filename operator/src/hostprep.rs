@@ -5,7 +5,7 @@
 //! mirrors it. Every call is idempotent, so a restarted operator just does it again.
 
 use crate::agents::AgentClient;
-use crate::context::{Context, ImportDone, ImportProgress, ImportState};
+use crate::context::{Context, ImportDone, ImportProgress, ImportState, Timings};
 use crate::error::Error;
 use crate::hostplan::{self, Cluster, PlacedNic};
 use hvx_api::launch::LaunchSpec;
@@ -17,9 +17,6 @@ use kube::runtime::reflector::ObjectRef;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Failed imports are retried after this long.
-const IMPORT_RETRY: Duration = Duration::from_secs(30);
 
 /// Whether a VM's disks are ready on its node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +128,9 @@ pub async fn ensure_vm_bases(
                 "importing {} on {node}: {}",
                 vd.overlay_disk.name, progress.text
             )),
-            Some(ImportState::Failed { message, at }) if at.elapsed() < IMPORT_RETRY => {
+            Some(ImportState::Failed { message, at })
+                if at.elapsed() < Timings::secs(ctx.config.timings.import_retry_seconds) =>
+            {
                 waiting.push(format!(
                     "import of {} on {node} failed: {message}",
                     vd.overlay_disk.name

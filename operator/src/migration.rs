@@ -34,9 +34,6 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Longest a migration may wait for its target to listen.
-const SCHEDULING_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// Reconciles one VmMigration.
 pub async fn reconcile(mig: Arc<VmMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = mig.namespace().unwrap_or_default();
@@ -426,14 +423,14 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
         && k8s_openapi::jiff::Timestamp::now()
             .duration_since(at)
             .as_secs()
-            > SCHEDULING_TIMEOUT.as_secs() as i64
+            > ctx.config.timings.migration_scheduling_timeout_seconds as i64
     {
         return fail(
             ctx,
             &t,
             format!(
                 "the target did not get ready within {}s",
-                SCHEDULING_TIMEOUT.as_secs()
+                ctx.config.timings.migration_scheduling_timeout_seconds
             ),
         )
         .await;

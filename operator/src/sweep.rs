@@ -5,7 +5,7 @@
 //! whose VirtualNetwork went away while its node was unreachable (or whose finalizer
 //! was removed by hand) would come back with every agent restart, holding its bridge,
 //! its gateway address and its DHCP server, and clash with a new network reusing the
-//! subnet. Every minute the leader compares what each agent carries
+//! subnet. Every minute (`--orphan-sweep-seconds`) the leader compares what each agent carries
 //! (`GetCapabilities.networks`) with the VirtualNetworks that exist and deletes, with
 //! `DeleteNetwork`, what it found orphaned twice in a row: a network being created
 //! between the list and the agent's answer is never taken for an orphan.
@@ -18,10 +18,6 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How often the leader looks.
-pub const INTERVAL: Duration = Duration::from_secs(60);
 
 /// A network on a node: (node, network UID, VNI).
 pub type Carried = (String, String, u32);
@@ -43,11 +39,14 @@ pub fn orphans(
     (delete, now)
 }
 
-/// Runs forever: one round every `INTERVAL`.
+/// Runs forever: one round every `timings.orphan_sweep_seconds`.
 pub async fn run(ctx: Arc<Context>) {
     let mut previous = BTreeSet::new();
     loop {
-        tokio::time::sleep(INTERVAL).await;
+        tokio::time::sleep(crate::context::Timings::secs(
+            ctx.config.timings.orphan_sweep_seconds,
+        ))
+        .await;
         match round(&ctx, &previous).await {
             Ok(next) => previous = next,
             Err(e) => tracing::warn!(error = %e, "network sweep skipped"),

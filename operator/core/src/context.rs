@@ -31,6 +31,51 @@ pub struct OperatorConfig {
     pub migrations: MigrationLimits,
     /// Objects of one kind reconciled at once.
     pub reconcile_concurrency: u16,
+    /// Retry intervals and deadlines.
+    pub timings: Timings,
+}
+
+/// Retry intervals and deadlines of the controllers, in seconds (flags of the binary,
+/// values of the Helm chart's `operator.extraArgs`; defaults in `defaults`).
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct Timings {
+    /// Seconds before a failed disk import is tried again (the agent refuses a hostile
+    /// image before any tool runs, so retrying is cheap).
+    #[arg(long, env = "HVX_IMPORT_RETRY_SECONDS", default_value_t = defaults::IMPORT_RETRY_SECONDS)]
+    pub import_retry_seconds: u64,
+    /// Seconds a live migration's target may take to listen before the migration
+    /// fails (no node has room, an image cannot be pulled).
+    #[arg(long, env = "HVX_MIGRATION_SCHEDULING_TIMEOUT_SECONDS", default_value_t = defaults::MIGRATION_SCHEDULING_TIMEOUT_SECONDS)]
+    pub migration_scheduling_timeout_seconds: u64,
+    /// Seconds before a failed cold disk move is tried again.
+    #[arg(long, env = "HVX_DISK_MOVE_RETRY_SECONDS", default_value_t = defaults::DISK_MOVE_RETRY_SECONDS)]
+    pub disk_move_retry_seconds: u64,
+    /// Seconds without data from the source node after which a cold disk move fails.
+    #[arg(long, env = "HVX_DISK_MOVE_IDLE_SECONDS", default_value_t = defaults::DISK_MOVE_IDLE_SECONDS)]
+    pub disk_move_idle_seconds: u64,
+    /// Seconds between two looks for networks left on nodes that no VirtualNetwork
+    /// owns (one is deleted when two looks in a row find it).
+    #[arg(long, env = "HVX_ORPHAN_SWEEP_SECONDS", default_value_t = defaults::ORPHAN_SWEEP_SECONDS)]
+    pub orphan_sweep_seconds: u64,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            import_retry_seconds: defaults::IMPORT_RETRY_SECONDS,
+            migration_scheduling_timeout_seconds: defaults::MIGRATION_SCHEDULING_TIMEOUT_SECONDS,
+            disk_move_retry_seconds: defaults::DISK_MOVE_RETRY_SECONDS,
+            disk_move_idle_seconds: defaults::DISK_MOVE_IDLE_SECONDS,
+            orphan_sweep_seconds: defaults::ORPHAN_SWEEP_SECONDS,
+        }
+    }
+}
+
+impl Timings {
+    /// `seconds` as a Duration, at least a second (0 would spin).
+    pub fn secs(seconds: u64) -> std::time::Duration {
+        std::time::Duration::from_secs(seconds.max(1))
+    }
 }
 
 /// How many live migrations may run at once.
@@ -64,6 +109,7 @@ impl Default for OperatorConfig {
             upload: None,
             migrations: MigrationLimits::default(),
             reconcile_concurrency: defaults::RECONCILE_CONCURRENCY,
+            timings: Timings::default(),
         }
     }
 }

@@ -15,3 +15,13 @@ pub const MIGRATIONS_TOTAL: usize = 2;
 pub const RECONCILE_CONCURRENCY: u16 = 64;
 /// Deadline of one agent call (and of a stream's first answer), seconds.
 pub const AGENT_TIMEOUT_SECONDS: u64 = 60;
+/// A failed disk import is tried again after this long, seconds (`Timings`).
+pub const IMPORT_RETRY_SECONDS: u64 = 30;
+/// A migration target pod not running after this long fails the migration, seconds.
+pub const MIGRATION_SCHEDULING_TIMEOUT_SECONDS: u64 = 600;
+/// A failed cold disk move is tried again after this long, seconds.
+pub const DISK_MOVE_RETRY_SECONDS: u64 = 20;
+/// A cold disk move whose source sends nothing for this long fails, seconds.
+pub const DISK_MOVE_IDLE_SECONDS: u64 = 120;
+/// How often the leader looks for networks left on nodes, seconds.
+pub const ORPHAN_SWEEP_SECONDS: u64 = 60;

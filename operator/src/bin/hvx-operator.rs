@@ -67,6 +67,8 @@ struct Args {
     /// File holding a bearer token uploads must present (besides API server RBAC).
     #[arg(long, env = "HVX_UPLOAD_TOKEN_FILE")]
     upload_token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    timings: hvx_operator::context::Timings,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -124,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
             total: args.max_migrations.max(1),
         },
         reconcile_concurrency: args.reconcile_concurrency.max(1),
+        timings: args.timings.clone(),
     };
     if let Some(dir) = &args.upload_dir {
         let token = match &args.upload_token_file {
