@@ -38,7 +38,7 @@ async fn nics_at_vmware_slot_numbers_get_their_ens_names() {
         "ip.ens160=10.1.0.5/24\nip.ens192=10.2.0.6/24\n".into(),
     );
 
-    let mut vm = Vm::start(&spec, Accel::Tcg, &StartOptions::default())
+    let vm = Vm::start(&spec, Accel::Tcg, &StartOptions::default())
         .await
         .expect("start");
     let mut log = SerialLog::new(&vm.paths().serial_log);
