@@ -179,6 +179,7 @@ mod tests {
             unit: 0,
             boot_order: None,
             blank: false,
+            cdrom: false,
         });
         let mut warnings = Vec::new();
         let slots = assign_pci_slots(&vm, "vm", &mut warnings);

@@ -101,7 +101,9 @@ pub(crate) fn virtual_machine(
             bus: d.bus,
             unit: d.unit,
             boot_order: d.boot_order.map(|b| b.min(64)),
-            read_only: false,
+            // An ISO in a CD/DVD drive: a read-only CD-ROM, as on VMware.
+            read_only: d.cdrom,
+            cdrom: d.cdrom,
             throttle: None,
         });
     }

@@ -108,6 +108,12 @@ pub fn application(spec: &VmApplicationSpec) -> Vec<Problem> {
             if !disk_names.insert(d.name.as_str()) {
                 push(dat.clone(), "duplicate disk name".into());
             }
+            if d.cdrom && !d.read_only {
+                push(
+                    format!("{dat}.readOnly"),
+                    "a CD-ROM is read-only: set readOnly".into(),
+                );
+            }
             if let Some(msg) = address_problem(d.controller, d.bus, d.unit) {
                 push(dat.clone(), msg);
             }
@@ -299,6 +305,7 @@ mod tests {
             unit,
             boot_order: None,
             read_only: false,
+            cdrom: false,
             throttle: None,
         }
     }
@@ -395,6 +402,7 @@ mod tests {
             pci_slot_number: Some(9000),
         }]);
         a.disks.push(disk("cd", ControllerType::Ide, 1, 0));
+        a.disks[1].cdrom = true;
         let text: Vec<String> = application(&VmApplicationSpec { vms: vec![a] })
             .iter()
             .map(ToString::to_string)
@@ -405,6 +413,7 @@ mod tests {
                 "spec.vms[a].nics[eth1].pciSlotNumber: PCI slot number 160 is already used by spec.vms[a].nics[eth0]",
                 "spec.vms[a].controllers[Pvscsi0].pciSlotNumber: 9000 is out of range 32-8191",
                 "spec.vms[a]: pciSlotNumber needs the q35 chipset, which has no IDE controller: move the IDE disks to sata or drop pciSlotNumber",
+                "spec.vms[a].disks[cd].readOnly: a CD-ROM is read-only: set readOnly",
             ]
         );
     }

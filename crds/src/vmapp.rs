@@ -272,6 +272,10 @@ pub struct DiskController {
 /// A VM disk at its controller address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.cdrom) || !self.cdrom || (has(self.readOnly) && self.readOnly)",
+     "message": "a CD-ROM is read-only: set readOnly"}
+]))]
 pub struct VmDisk {
     /// Disk name (unique in the VM).
     #[schemars(
@@ -297,6 +301,10 @@ pub struct VmDisk {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// A CD/DVD drive holding the image (an ISO the export shipped) instead of a hard
+    /// disk; needs `readOnly`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cdrom: bool,
     /// Per-disk I/O limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle: Option<IoThrottle>,

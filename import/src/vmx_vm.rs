@@ -82,7 +82,7 @@ pub fn application(vmx: &Vmx, fallback_name: &str) -> Result<ImportedApplication
     controllers(vmx, &mut vm, &mut warnings)?;
     disks(vmx, &mut vm, &mut disk_files, &mut warnings)?;
     nics(vmx, &mut vm, &mut warnings)?;
-    other_devices(vmx, &name, &mut warnings);
+    other_devices(vmx, &mut vm, &mut warnings);
     vm.boot_order = boot_order(vmx, &vm);
     number_boot_order(&mut vm);
 
@@ -294,6 +294,7 @@ fn disks(
             unit,
             boot_order: None,
             blank: false,
+            cdrom: false,
         });
     }
     Ok(())
@@ -384,10 +385,24 @@ fn nics(vmx: &Vmx, vm: &mut ImportedVm, warnings: &mut Vec<String>) -> Result<()
     Ok(())
 }
 
-fn other_devices(vmx: &Vmx, name: &str, warnings: &mut Vec<String>) {
+/// Devices without an equivalent, named in warnings; `serial0` becomes the console.
+fn other_devices(vmx: &Vmx, vm: &mut ImportedVm, warnings: &mut Vec<String>) {
+    let name = vm.name.as_str();
+    if vmx.flag("serial0.present") == Some(true) {
+        // COM1 (ttyS0) is the hvx console; where VMware sent it is not kept.
+        let was = vmx
+            .get("serial0.fileName")
+            .map_or(String::new(), |f| format!(" (VMware sent it to {f:?})"));
+        warnings.push(format!(
+            "{name}: serial0 is the VM's console: COM1 (ttyS0) goes to the hvx console and serial log{was}"
+        ));
+        vm.console_serial_port = Some("serial0".into());
+    }
     for (prefix, what) in [
         ("floppy0", "floppy drive"),
-        ("serial0", "serial port"),
+        ("serial1", "serial port (hvx gives a VM one, its console)"),
+        ("serial2", "serial port (hvx gives a VM one, its console)"),
+        ("serial3", "serial port (hvx gives a VM one, its console)"),
         ("parallel0", "parallel port"),
         ("sound", "sound card"),
         ("usb", "USB controller"),

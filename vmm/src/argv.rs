@@ -482,17 +482,22 @@ fn blockdev_json(d: &Disk) -> String {
 fn disk_device(d: &Disk) -> String {
     let node = format!("disk-{}", d.name);
     let ctl = format!("{}{}", d.controller.as_str(), d.bus);
+    let (scsi, ata) = if d.cdrom {
+        ("scsi-cd", "ide-cd")
+    } else {
+        ("scsi-hd", "ide-hd")
+    };
     let mut dev = match d.controller {
         ControllerKind::Pvscsi
         | ControllerKind::Lsilogic
         | ControllerKind::Lsisas
         | ControllerKind::Virtio => {
-            format!("scsi-hd,bus={ctl}.0,channel=0,scsi-id={},lun=0", d.unit)
+            format!("{scsi},bus={ctl}.0,channel=0,scsi-id={},lun=0", d.unit)
         }
-        ControllerKind::Sata => format!("ide-hd,bus={ctl}.{}", d.unit),
+        ControllerKind::Sata => format!("{ata},bus={ctl}.{}", d.unit),
         ControllerKind::Ide => {
             // The chipset's IDE: ide.0 primary, ide.1 secondary (pc machine only).
-            format!("ide-hd,bus=ide.{},unit={}", d.bus, d.unit)
+            format!("{ata},bus=ide.{},unit={}", d.bus, d.unit)
         }
     };
     dev.push_str(&format!(",drive={node},id=dev-{}", d.name));

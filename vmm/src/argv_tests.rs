@@ -167,8 +167,51 @@ fn disk(name: &str, controller: ControllerKind, bus: u8, unit: u8) -> Disk {
         bus,
         unit,
         readonly: false,
+        cdrom: false,
         boot_order: None,
     }
+}
+
+#[test]
+fn cdroms_are_cd_devices_on_their_controller_and_read_only() {
+    let mut s = sample();
+    let cd = |name: &str, controller, bus, unit| Disk {
+        readonly: true,
+        cdrom: true,
+        format: DiskFormat::Raw,
+        ..disk(name, controller, bus, unit)
+    };
+    s.disks = vec![
+        disk("boot", ControllerKind::Pvscsi, 0, 0),
+        cd("iso1", ControllerKind::Ide, 1, 0),
+        cd("iso2", ControllerKind::Sata, 0, 1),
+        cd("iso3", ControllerKind::Pvscsi, 0, 2),
+    ];
+    crate::validate::validate(&s).expect("valid");
+    let a = argv(&s);
+    let devs = values(&a, "-device");
+    for want in [
+        "scsi-hd,bus=pvscsi0.0,channel=0,scsi-id=0,lun=0,drive=disk-boot,id=dev-boot",
+        "ide-cd,bus=ide.1,unit=0,drive=disk-iso1,id=dev-iso1",
+        "ide-cd,bus=sata0.1,drive=disk-iso2,id=dev-iso2",
+        "scsi-cd,bus=pvscsi0.0,channel=0,scsi-id=2,lun=0,drive=disk-iso3,id=dev-iso3",
+    ] {
+        assert!(devs.contains(&want), "{want} not in {devs:#?}");
+    }
+    let blockdevs = values(&a, "-blockdev");
+    assert!(
+        blockdevs
+            .iter()
+            .any(|b| b.contains(r#""node-name":"disk-iso1","read-only":true"#)),
+        "{blockdevs:#?}"
+    );
+    // A writable CD-ROM is refused.
+    s.disks[1].readonly = false;
+    let err = crate::validate::validate(&s).expect_err("writable cdrom");
+    assert!(
+        err.to_string().contains("disk iso1: a CD-ROM is read-only"),
+        "{err}"
+    );
 }
 
 #[test]

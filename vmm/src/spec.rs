@@ -15,7 +15,7 @@
 //!   "controllers": [{"type": "pvscsi", "bus": 0, "pci_slot": 16}],
 //!   "disks": [{"name": "disk0", "path": "/var/lib/hvx/d0.qcow2", "format": "qcow2",
 //!              "controller": "pvscsi", "bus": 0, "unit": 0,
-//!              "readonly": false, "boot_order": 1}],
+//!              "readonly": false, "boot_order": 1}],     // "cdrom": true: a CD-ROM drive
 //!   "nics": [{"name": "ethernet0", "model": "vmxnet3", "mac": "00:50:56:01:02:03",
 //!             "pci_slot": 17, "slot_number": 192,                // slot_number: q35 only
 //!             "backend": {"tap": {"name": "hvt0123456789ab"}}}],
@@ -274,6 +274,10 @@ pub struct Disk {
     /// Read-only disk.
     #[serde(default)]
     pub readonly: bool,
+    /// A CD/DVD drive holding the image (an ISO), not a hard disk: `scsi-cd` / `ide-cd`.
+    /// Must be read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cdrom: bool,
     /// Boot priority (1 first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_order: Option<u32>,

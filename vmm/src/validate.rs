@@ -125,6 +125,12 @@ fn check_disks(spec: &VmSpec, errs: &mut Vec<String>) {
                 d.path.display()
             ));
         }
+        if d.cdrom && !d.readonly {
+            errs.push(format!(
+                "disk {}: a CD-ROM is read-only: set readonly",
+                d.name
+            ));
+        }
         let kind = d.controller;
         if kind == ControllerKind::Ide && spec.machine == MachineType::Q35 {
             errs.push(format!(

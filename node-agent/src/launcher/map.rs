@@ -117,6 +117,7 @@ pub fn vm_spec_from_launch(
             bus: d.bus,
             unit: d.unit,
             readonly: d.read_only,
+            cdrom: d.cdrom,
             boot_order: d.boot_order,
         });
     }
