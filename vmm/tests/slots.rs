@@ -1,7 +1,8 @@
 //! Privileged: VMware's PCI slot numbers reach the guest. Boots the test guest on q35
 //! with two vmxnet3 NICs at physical slots 160 and 192 and a network configuration that
 //! names `ens160` and `ens192` (as a guest imported from VMware would have), and checks
-//! the guest derived those names the way systemd-udev does and configured them.
+//! the guest derived those names the way systemd-udev does and configured them. The
+//! VM also has an ISO in a SATA CD-ROM drive, which the guest must see as `sr0`.
 
 mod common;
 
@@ -16,7 +17,7 @@ const BOOT: Duration = Duration::from_secs(240);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "privileged: make test-integration"]
-async fn nics_at_vmware_slot_numbers_get_their_ens_names() {
+async fn nics_at_vmware_slot_numbers_get_their_ens_names_and_isos_are_cdroms() {
     if !require_root() {
         return;
     }
@@ -33,6 +34,13 @@ async fn nics_at_vmware_slot_numbers_get_their_ens_names() {
         .push(serde_json::from_value(second).expect("nic parses"));
     spec.nics[0].slot_number = Some(160);
     spec.nics[1].slot_number = Some(192);
+    // An ISO in a CD/DVD drive on SATA (q35 has no IDE): a read-only CD-ROM.
+    let iso = tmp.path().join("media.iso");
+    std::fs::write(&iso, vec![0x5a_u8; 2048 * 64]).expect("write iso");
+    let cd = serde_json::json!({"name": "cd0", "path": iso, "format": "raw",
+        "controller": "sata", "bus": 0, "unit": 1, "readonly": true, "cdrom": true});
+    spec.disks
+        .push(serde_json::from_value(cd).expect("cd parses"));
     spec.fw_cfg.insert(
         "opt/hvx/config".into(),
         "ip.ens160=10.1.0.5/24\nip.ens192=10.2.0.6/24\n".into(),
@@ -42,6 +50,14 @@ async fn nics_at_vmware_slot_numbers_get_their_ens_names() {
         .await
         .expect("start");
     let mut log = SerialLog::new(&vm.paths().serial_log);
+    let mut disks = Vec::new();
+    for _ in 0..2 {
+        disks.push(
+            log.wait_for("HVX-GUEST disk ", BOOT)
+                .await
+                .expect("disk line"),
+        );
+    }
     let mut nics = Vec::new();
     for _ in 0..2 {
         nics.push(
@@ -57,6 +73,14 @@ async fn nics_at_vmware_slot_numbers_get_their_ens_names() {
     log.wait_for("HVX-GUEST ready", BOOT).await.expect("ready");
     vm.stop_and_cleanup().await.expect("stop");
 
+    let cd = disks
+        .iter()
+        .find(|l| l.contains("name=sr0"))
+        .unwrap_or_else(|| panic!("no CD-ROM among {disks:?}"));
+    assert!(
+        cd.contains("driver=ahci") && cd.contains("sectors=256"),
+        "{cd}"
+    );
     let nic_of = |mac: &str| {
         nics.iter()
             .find(|l| l.contains(&format!("mac={mac}")))
