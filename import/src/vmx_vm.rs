@@ -225,16 +225,28 @@ fn disks(
             .get(&format!("{dev}.deviceType"))
             .unwrap_or("disk")
             .to_ascii_lowercase();
-        if device_type.contains("cdrom") {
-            warnings.push(format!(
-                "{dev}: CD-ROM drive has no equivalent; not imported (attach an ISO as a disk if the guest needs it)"
-            ));
+        // A drive holding an ISO beside the VMX is a read-only CD-ROM; ISOs elsewhere
+        // (a datastore's ISO library) and host or client drives are not part of the VM.
+        let iso = vmx
+            .get(&format!("{dev}.fileName"))
+            .filter(|f| devices::is_plain_name(f) && f.to_ascii_lowercase().ends_with(".iso"));
+        let cdrom = device_type.contains("cdrom");
+        if cdrom && (device_type != "cdrom-image" || iso.is_none()) {
+            let what = match vmx.get(&format!("{dev}.fileName")) {
+                Some(f) if device_type == "cdrom-image" => {
+                    format!("its image {f:?} is not an ISO beside the VMX")
+                }
+                _ => "it holds no image file".to_string(),
+            };
+            warnings.push(format!("{dev}: CD-ROM drive not imported: {what}"));
             continue;
         }
-        if !matches!(
-            device_type.as_str(),
-            "disk" | "scsi-harddisk" | "ata-harddisk" | "plaindisk" | "sparse2gb"
-        ) {
+        if !cdrom
+            && !matches!(
+                device_type.as_str(),
+                "disk" | "scsi-harddisk" | "ata-harddisk" | "plaindisk" | "sparse2gb"
+            )
+        {
             warnings.push(format!(
                 "{dev}: device type {device_type:?} has no equivalent; not imported"
             ));
@@ -294,7 +306,7 @@ fn disks(
             unit,
             boot_order: None,
             blank: false,
-            cdrom: false,
+            cdrom,
         });
     }
     Ok(())
@@ -432,7 +444,9 @@ fn boot_order(vmx: &Vmx, vm: &ImportedVm) -> Vec<String> {
         let item = item.trim().to_ascii_lowercase();
         if item == "hdd" {
             order.extend(hdd_order.iter().cloned());
-            order.extend(vm.disks.iter().map(|d| d.name.clone()));
+            order.extend(vm.disks.iter().filter(|d| !d.cdrom).map(|d| d.name.clone()));
+        } else if item == "cdrom" {
+            order.extend(vm.disks.iter().filter(|d| d.cdrom).map(|d| d.name.clone()));
         } else if vm.nics.iter().any(|n| n.name == item) {
             order.push(item);
         }
