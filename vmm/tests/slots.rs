@@ -2,7 +2,8 @@
 //! with two vmxnet3 NICs at physical slots 160 and 192 and a network configuration that
 //! names `ens160` and `ens192` (as a guest imported from VMware would have), and checks
 //! the guest derived those names the way systemd-udev does and configured them. The
-//! VM also has an ISO in a SATA CD-ROM drive, which the guest must see as `sr0`.
+//! VM boots from a pvscsi controller behind its own root port (slot number 224) and has
+//! an ISO in a SATA CD-ROM drive, which the guest must see as `sr0`.
 
 mod common;
 
@@ -34,6 +35,9 @@ async fn nics_at_vmware_slot_numbers_get_their_ens_names_and_isos_are_cdroms() {
         .push(serde_json::from_value(second).expect("nic parses"));
     spec.nics[0].slot_number = Some(160);
     spec.nics[1].slot_number = Some(192);
+    // The boot disk's controller behind a root port too (VMware puts scsi0 at 160 or
+    // 224): SeaBIOS must find and boot it there.
+    spec.controllers[0].slot_number = Some(224);
     // An ISO in a CD/DVD drive on SATA (q35 has no IDE): a read-only CD-ROM.
     let iso = tmp.path().join("media.iso");
     std::fs::write(&iso, vec![0x5a_u8; 2048 * 64]).expect("write iso");
@@ -80,6 +84,14 @@ async fn nics_at_vmware_slot_numbers_get_their_ens_names_and_isos_are_cdroms() {
     assert!(
         cd.contains("driver=ahci") && cd.contains("sectors=256"),
         "{cd}"
+    );
+    let boot = disks
+        .iter()
+        .find(|l| l.contains("driver=vmw_pvscsi"))
+        .unwrap_or_else(|| panic!("no pvscsi disk among {disks:?}"));
+    assert!(
+        !boot.contains("pci=0000:00:"),
+        "not behind its root port: {boot}"
     );
     let nic_of = |mac: &str| {
         nics.iter()
