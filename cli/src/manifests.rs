@@ -244,7 +244,7 @@ pub fn build(loaded: &Loaded, options: &MapOptions) -> Result<Manifests> {
     }
     let mut application = VmApplication::new(&app_name, spec);
     application.metadata = meta(&app_name);
-    application.metadata.annotations = Some(annotations(loaded, &vm_names));
+    application.metadata.annotations = Some(annotations(loaded));
     Ok(Manifests {
         networks,
         disks,
@@ -254,32 +254,15 @@ pub fn build(loaded: &Loaded, options: &MapOptions) -> Result<Manifests> {
     })
 }
 
-/// Annotation with VMware's PCI slot numbers of the NICs (`{"web/ethernet0": 192}`):
-/// guests name interfaces after them (`ens192`) and the API has no field for them yet.
-pub const VMWARE_SLOTS_ANNOTATION: &str = "import.hvx.dev/vmware-pci-slots";
 /// Annotation naming the export the application was imported from.
 pub const SOURCE_ANNOTATION: &str = "import.hvx.dev/source";
 
-fn annotations(loaded: &Loaded, vm_names: &[String]) -> BTreeMap<String, String> {
-    let mut slots = serde_json::Map::new();
-    for (vm, name) in loaded.app.vms.iter().zip(vm_names) {
-        for nic in &vm.nics {
-            if let Some(n) = nic.pci_slot_number {
-                slots.insert(format!("{name}/{}", nic.name), n.into());
-            }
-        }
-    }
-    let mut out = BTreeMap::from([(
+fn annotations(loaded: &Loaded) -> BTreeMap<String, String> {
+    // VMware's PCI slot numbers are in the spec (`pciSlotNumber`), not annotations.
+    BTreeMap::from([(
         SOURCE_ANNOTATION.to_owned(),
         format!("{:?} {}", loaded.kind, loaded.app.name),
-    )]);
-    if !slots.is_empty() {
-        out.insert(
-            VMWARE_SLOTS_ANNOTATION.to_owned(),
-            serde_json::Value::Object(slots).to_string(),
-        );
-    }
-    out
+    )])
 }
 
 /// The key of a VM disk in the disk-name map: its file, or for a blank disk its id

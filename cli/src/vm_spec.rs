@@ -82,6 +82,7 @@ pub(crate) fn virtual_machine(
             type_: controller_type(c.kind),
             bus: c.bus,
             pci_slot: slots.controllers.get(i).copied().flatten(),
+            pci_slot_number: slots.controller_numbers.get(i).copied().flatten(),
         })
         .collect();
     let mut used_disk_names: Vec<String> = Vec::new();
@@ -100,7 +101,9 @@ pub(crate) fn virtual_machine(
             bus: d.bus,
             unit: d.unit,
             boot_order: d.boot_order.map(|b| b.min(64)),
-            read_only: false,
+            // An ISO in a CD/DVD drive: a read-only CD-ROM, as on VMware.
+            read_only: d.cdrom,
+            cdrom: d.cdrom,
             throttle: None,
         });
     }
@@ -121,6 +124,7 @@ pub(crate) fn virtual_machine(
             mac_address: n.mac.clone(),
             ip_address: n.ip_address.clone(),
             pci_slot: slots.nics.get(i).copied().flatten(),
+            pci_slot_number: slots.nic_numbers.get(i).copied().flatten(),
             connected: n.connected,
         })
         .collect();

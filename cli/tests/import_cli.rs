@@ -261,15 +261,16 @@ fn vmx_with_disks_beside_it() {
     assert_eq!(vm.nics[0].pci_slot, Some(17));
     assert_eq!(controllers[1].pci_slot, Some(18));
     assert_eq!(vm.nics[1].pci_slot, Some(19));
-    assert!(text(&out.stderr).contains("ethernet0 was in VMware PCI slot 192"));
-    let annotations = o.apps[0]
-        .metadata
-        .annotations
-        .as_ref()
-        .expect("annotations");
-    assert_eq!(
-        annotations["import.hvx.dev/vmware-pci-slots"],
-        r#"{"app-01/ethernet0":192,"app-01/ethernet1":1184}"#
+    // The slot numbers themselves are kept: Linux in the guest names the NICs
+    // ens192 and ens1184 as on VMware.
+    assert_eq!(controllers[0].pci_slot_number, Some(160));
+    assert_eq!(vm.nics[0].pci_slot_number, Some(192));
+    assert_eq!(controllers[1].pci_slot_number, Some(224));
+    assert_eq!(vm.nics[1].pci_slot_number, Some(1184));
+    assert!(
+        !text(&out.stderr).contains("was in VMware PCI slot"),
+        "{}",
+        text(&out.stderr)
     );
 }
 
@@ -421,7 +422,10 @@ fn corpus_dir(name: &str, disks: &[&str]) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn appliance_blank_disks_become_blank_overlay_disks_sized_by_the_option() {
-    let (_dir, ovf) = corpus_dir("appliance-options.ovf", &["appliance-system.vmdk"]);
+    let (_dir, ovf) = corpus_dir(
+        "appliance-options.ovf",
+        &["appliance-system.vmdk", "appliance-tools.iso"],
+    );
     let ovf = ovf.to_str().expect("utf8");
     let out = run(&["import", ovf, "--deployment-option", "large"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -462,9 +466,21 @@ fn appliance_blank_disks_become_blank_overlay_disks_sized_by_the_option() {
         [
             "mgmt-appliance-appliance-system",
             "mgmt-appliance-data",
-            "mgmt-appliance-logs"
+            "mgmt-appliance-logs",
+            "mgmt-appliance-appliance-tools"
         ]
     );
+    // The shipped ISO is a read-only CD-ROM at the drive's SATA address.
+    let cd = &vm.disks[3];
+    assert!(cd.cdrom && cd.read_only, "{cd:?}");
+    assert_eq!(
+        (cd.controller, cd.bus, cd.unit),
+        (hvx_api::ControllerType::Sata, 0, 0)
+    );
+    assert!(vm.disks[..3].iter().all(|d| !d.cdrom && !d.read_only));
+    // No IDE disks: VMware's slot numbers are kept, so the NICs keep their names.
+    let numbers: Vec<Option<u16>> = vm.nics.iter().map(|n| n.pci_slot_number).collect();
+    assert_eq!(numbers, [Some(192), Some(224)]);
     // The default option without the flag.
     let out = run(&["import", ovf]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -590,7 +606,7 @@ fn all_problems_are_reported_in_one_error() {
 }
 
 #[test]
-fn appliance_ova_uploads_only_its_real_disk() {
+fn appliance_ova_uploads_its_disk_and_iso_but_no_blank_disk() {
     // A VMware appliance OVA: descriptor, manifest, system disk, NVRAM and ISO.
     let dir = tempfile::tempdir().expect("tempdir");
     let ovf = corpus("appliance-options.ovf");
@@ -621,7 +637,13 @@ fn appliance_ova_uploads_only_its_real_disk() {
         plan.contains("OverlayDisk mgmt-appliance-data: blank, capacity 100Gi"),
         "{plan}"
     );
-    assert!(plan.contains("Upload: 4.0 KiB in 1 disk(s)"), "{plan}");
+    assert!(plan.contains("Upload: 4.0 KiB in 2 disk(s)"), "{plan}");
+    assert!(
+        plan.contains(
+            "disk cd-dvd-drive-1: Sata 0:0 boot=4 -> OverlayDisk mgmt-appliance-appliance-tools"
+        ),
+        "{plan}"
+    );
     let out = run(&["import", ova.to_str().expect("utf8")]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let o = objects(&text(&out.stdout));
@@ -635,9 +657,16 @@ fn appliance_ova_uploads_only_its_real_disk() {
             )
         })
         .collect();
-    assert_eq!(sources, [(true, false), (false, true), (false, true)]);
     assert_eq!(
-        o.disks[0].spec.checksum,
+        sources,
+        [(true, false), (true, false), (false, true), (false, true)]
+    );
+    assert_eq!(
+        o.disks[1].metadata.name.as_deref(),
+        Some("mgmt-appliance-appliance-system")
+    );
+    assert_eq!(
+        o.disks[1].spec.checksum,
         Some(format!("sha256:{}", hex(&disk)))
     );
 }

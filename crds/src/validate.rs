@@ -100,12 +100,19 @@ pub fn application(spec: &VmApplicationSpec) -> Vec<Problem> {
                 &mut push,
             );
         }
+        slot_number_problems(vm, &at, &mut push);
         let mut addrs: BTreeMap<(ControllerType, u8, u8), &str> = BTreeMap::new();
         let mut disk_names = BTreeSet::new();
         for d in &vm.disks {
             let dat = format!("{at}.disks[{}]", d.name);
             if !disk_names.insert(d.name.as_str()) {
                 push(dat.clone(), "duplicate disk name".into());
+            }
+            if d.cdrom && !d.read_only {
+                push(
+                    format!("{dat}.readOnly"),
+                    "a CD-ROM is read-only: set readOnly".into(),
+                );
             }
             if let Some(msg) = address_problem(d.controller, d.bus, d.unit) {
                 push(dat.clone(), msg);
@@ -141,6 +148,53 @@ pub fn application(spec: &VmApplicationSpec) -> Vec<Problem> {
         );
     }
     problems
+}
+
+/// VMware slot numbers: in range, unique, and not on a VM with IDE disks or an IDE
+/// controller (they need the q35 chipset, which has no IDE).
+fn slot_number_problems(
+    vm: &crate::vmapp::VirtualMachine,
+    at: &str,
+    push: &mut dyn FnMut(String, String),
+) {
+    use crate::vmapp::{PCI_SLOT_NUMBER_MAX, PCI_SLOT_NUMBER_MIN};
+    let nics = vm
+        .nics
+        .iter()
+        .map(|n| (n.pci_slot_number, format!("{at}.nics[{}]", n.name)));
+    let controllers = vm.controllers.iter().flatten().map(|c| {
+        (
+            c.pci_slot_number,
+            format!("{at}.controllers[{:?}{}]", c.type_, c.bus),
+        )
+    });
+    let mut numbers: BTreeMap<u16, String> = BTreeMap::new();
+    for (number, who) in nics.chain(controllers) {
+        let Some(number) = number else { continue };
+        if !(PCI_SLOT_NUMBER_MIN..=PCI_SLOT_NUMBER_MAX).contains(&number) {
+            push(
+                format!("{who}.pciSlotNumber"),
+                format!("{number} is out of range {PCI_SLOT_NUMBER_MIN}-{PCI_SLOT_NUMBER_MAX}"),
+            );
+        } else if let Some(other) = numbers.insert(number, who.clone()) {
+            push(
+                format!("{who}.pciSlotNumber"),
+                format!("PCI slot number {number} is already used by {other}"),
+            );
+        }
+    }
+    let ide = vm.disks.iter().any(|d| d.controller == ControllerType::Ide)
+        || vm
+            .controllers
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == ControllerType::Ide && c.pci_slot_number.is_some());
+    if !numbers.is_empty() && ide {
+        push(
+            at.to_string(),
+            "pciSlotNumber needs the q35 chipset, which has no IDE controller: move the IDE disks to sata or drop pciSlotNumber".into(),
+        );
+    }
 }
 
 /// Whether a controller can address `bus:unit`.
@@ -237,6 +291,7 @@ mod tests {
             mac_address: mac.into(),
             ip_address: None,
             pci_slot: slot,
+            pci_slot_number: None,
             connected: true,
         }
     }
@@ -250,6 +305,7 @@ mod tests {
             unit,
             boot_order: None,
             read_only: false,
+            cdrom: false,
             throttle: None,
         }
     }
@@ -323,5 +379,42 @@ mod tests {
             "{text:#?}"
         );
         assert!(has("dependsOn has a cycle: a -> b -> a"), "{text:#?}");
+    }
+
+    #[test]
+    fn pci_slot_numbers_are_unique_in_range_and_exclude_ide() {
+        let mut a = vm("a");
+        a.nics.push(nic("eth0", "00:50:56:00:00:01", Some(16)));
+        a.nics.push(nic("eth1", "00:50:56:00:00:02", Some(17)));
+        a.nics[0].pci_slot_number = Some(160);
+        a.nics[1].pci_slot_number = Some(192);
+        a.disks.push(disk("d0", ControllerType::Pvscsi, 0, 0));
+        let ok = VmApplicationSpec {
+            vms: vec![a.clone()],
+        };
+        assert_eq!(application(&ok), vec![]);
+
+        a.nics[1].pci_slot_number = Some(160);
+        a.controllers = Some(vec![DiskController {
+            type_: ControllerType::Pvscsi,
+            bus: 0,
+            pci_slot: None,
+            pci_slot_number: Some(9000),
+        }]);
+        a.disks.push(disk("cd", ControllerType::Ide, 1, 0));
+        a.disks[1].cdrom = true;
+        let text: Vec<String> = application(&VmApplicationSpec { vms: vec![a] })
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "spec.vms[a].nics[eth1].pciSlotNumber: PCI slot number 160 is already used by spec.vms[a].nics[eth0]",
+                "spec.vms[a].controllers[Pvscsi0].pciSlotNumber: 9000 is out of range 32-8191",
+                "spec.vms[a]: pciSlotNumber needs the q35 chipset, which has no IDE controller: move the IDE disks to sata or drop pciSlotNumber",
+                "spec.vms[a].disks[cd].readOnly: a CD-ROM is read-only: set readOnly",
+            ]
+        );
     }
 }

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 /// Lower-case only, unicast only (the low bit of the first octet clear): the import CLI
 /// normalises what VMware wrote.
 pub const MAC_PATTERN: &str = "^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$";
+/// Lowest VMware `pciSlotNumber` the API takes: smaller numbers are bus-0 slots (`pciSlot`).
+pub const PCI_SLOT_NUMBER_MIN: u16 = 32;
+/// Highest: the PCIe Physical Slot Number has 13 bits.
+pub const PCI_SLOT_NUMBER_MAX: u16 = 8191;
 /// A PCI slot on bus 0 in QEMU's `addr=` form (`0x10` or `16`, 1..31; slot 0 is the host bridge).
 pub const PCI_SLOT_MAX: u8 = 31;
 /// DNS-1123 label: VM, NIC and disk names become pod names, hostnames and DNS records.
@@ -52,6 +56,10 @@ pub struct VmApplicationSpec {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.nics.all(n, !has(n.pciSlot) || self.nics.exists_one(m, has(m.pciSlot) && m.pciSlot == n.pciSlot)) && (!has(self.controllers) || self.controllers.all(c, !has(c.pciSlot) || (!self.nics.exists(n, has(n.pciSlot) && n.pciSlot == c.pciSlot) && self.controllers.exists_one(d, has(d.pciSlot) && d.pciSlot == c.pciSlot))))",
      "message": "PCI slots must be unique across NICs and controllers"},
+    {"rule": "self.nics.all(n, !has(n.pciSlotNumber) || self.nics.exists_one(m, has(m.pciSlotNumber) && m.pciSlotNumber == n.pciSlotNumber)) && (!has(self.controllers) || self.controllers.all(c, !has(c.pciSlotNumber) || (!self.nics.exists(n, has(n.pciSlotNumber) && n.pciSlotNumber == c.pciSlotNumber) && self.controllers.exists_one(d, has(d.pciSlotNumber) && d.pciSlotNumber == c.pciSlotNumber))))",
+     "message": "PCI slot numbers must be unique across NICs and controllers"},
+    {"rule": "!(self.nics.exists(n, has(n.pciSlotNumber)) || (has(self.controllers) && self.controllers.exists(c, has(c.pciSlotNumber)))) || !self.disks.exists(d, d.controller == 'ide')",
+     "message": "pciSlotNumber needs the q35 chipset, which has no IDE controller: move the IDE disks to sata or drop pciSlotNumber"},
     {"rule": "self.nics.all(n, self.nics.exists_one(m, m.macAddress == n.macAddress))",
      "message": "MAC addresses must be unique (across VMs too: checked by the operator)"},
     {"rule": "self.disks.all(d, self.disks.exists_one(e, e.controller == d.controller && e.bus == d.bus && e.unit == d.unit))",
@@ -238,6 +246,10 @@ pub enum ControllerType {
 /// A disk controller with an explicit PCI slot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.type != 'ide' || !has(self.pciSlotNumber)",
+     "message": "the IDE controller is part of the chipset and takes no pciSlotNumber"}
+]))]
 pub struct DiskController {
     /// Controller type.
     #[serde(rename = "type")]
@@ -245,15 +257,25 @@ pub struct DiskController {
     /// Bus number (`scsi0` is bus 0).
     #[schemars(range(min = 0, max = 3))]
     pub bus: u8,
-    /// PCI slot on bus 0.
+    /// PCI slot on bus 0 (with `pciSlotNumber`: of the controller's root port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31))]
     pub pci_slot: Option<u8>,
+    /// VMware's `pciSlotNumber` (160, 192, ...), reproduced as the physical slot number
+    /// of a PCIe root port the controller sits behind. The VM then runs on the q35
+    /// chipset (QEMU's i440fx cannot show slot numbers), so no IDE disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 32, max = 8191))]
+    pub pci_slot_number: Option<u16>,
 }
 
 /// A VM disk at its controller address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.cdrom) || !self.cdrom || (has(self.readOnly) && self.readOnly)",
+     "message": "a CD-ROM is read-only: set readOnly"}
+]))]
 pub struct VmDisk {
     /// Disk name (unique in the VM).
     #[schemars(
@@ -279,6 +301,10 @@ pub struct VmDisk {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// A CD/DVD drive holding the image (an ISO the export shipped) instead of a hard
+    /// disk; needs `readOnly`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cdrom: bool,
     /// Per-disk I/O limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle: Option<IoThrottle>,
@@ -345,6 +371,14 @@ pub struct VmNic {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31))]
     pub pci_slot: Option<u8>,
+    /// VMware's `pciSlotNumber` (160, 192, ...): Linux names the NIC `ens<N>` after it
+    /// and guests' network configuration names that. Reproduced as the physical slot
+    /// number of a PCIe root port the NIC sits behind (`pciSlot` is then the port's
+    /// slot). The VM then runs on the q35 chipset (QEMU's i440fx cannot show slot
+    /// numbers), so no IDE disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 32, max = 8191))]
+    pub pci_slot_number: Option<u16>,
     /// Plugged at boot (VMware's `startConnected`).
     #[serde(default = "yes")]
     pub connected: bool,

@@ -129,6 +129,52 @@ async fn crds_install_examples_apply_and_invalid_objects_are_rejected() {
     )
     .await;
 
+    let mut bad = renamed(app.clone(), "dup-slot-number");
+    bad["spec"]["vms"][0]["nics"][0]["pciSlotNumber"] = json!(160);
+    bad["spec"]["vms"][0]["controllers"][0]["pciSlotNumber"] = json!(160);
+    expect_rejected(
+        &client,
+        &ns,
+        "PCI slot number clash",
+        bad,
+        "PCI slot numbers must be unique",
+    )
+    .await;
+
+    let mut bad = renamed(app.clone(), "slot-number-range");
+    bad["spec"]["vms"][0]["nics"][0]["pciSlotNumber"] = json!(31);
+    expect_rejected(
+        &client,
+        &ns,
+        "PCI slot number below 32",
+        bad,
+        "pciSlotNumber",
+    )
+    .await;
+
+    let mut bad = renamed(app.clone(), "slot-number-ide");
+    bad["spec"]["vms"][0]["nics"][0]["pciSlotNumber"] = json!(192);
+    bad["spec"]["vms"][0]["disks"][0]["controller"] = json!("ide");
+    expect_rejected(
+        &client,
+        &ns,
+        "PCI slot numbers with IDE disks",
+        bad,
+        "pciSlotNumber needs the q35 chipset, which has no IDE controller",
+    )
+    .await;
+
+    let mut bad = renamed(app.clone(), "writable-cdrom");
+    bad["spec"]["vms"][0]["disks"][0]["cdrom"] = json!(true);
+    expect_rejected(
+        &client,
+        &ns,
+        "writable CD-ROM",
+        bad,
+        "a CD-ROM is read-only: set readOnly",
+    )
+    .await;
+
     let mut bad = renamed(app.clone(), "self-dep");
     bad["spec"]["vms"][1]["dependsOn"] = json!(["web"]);
     expect_rejected(

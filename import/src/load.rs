@@ -188,6 +188,31 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Loaded> {
 fn load_ova(path: &Path, stem: &str, options: LoadOptions) -> Result<Loaded> {
     let index: OvaIndex = ova::index(path)?;
     let mut app = ovf::parse_with(&ova::descriptor_text(&index)?, stem, &options.ovf())?;
+    // Every member the descriptor or the manifest names and the archive lacks, in one
+    // error: a partial download or a hand-built OVA usually misses several.
+    let mut missing: Vec<ImportError> = Vec::new();
+    let mut missing_names: Vec<&str> = Vec::new();
+    for file in &app.disk_files {
+        if index.member(&file.name).is_none() && !missing_names.contains(&file.name.as_str()) {
+            missing_names.push(&file.name);
+            missing.push(ImportError::MissingDisk {
+                name: file.name.clone(),
+                looked_in: format!("members of {}", path.display()),
+            });
+        }
+    }
+    let listed = if options.verify_manifest {
+        ova::manifest_entries(&index)?
+    } else {
+        Vec::new()
+    };
+    for entry in &listed {
+        if index.member(&entry.name).is_none() && !missing_names.contains(&entry.name.as_str()) {
+            missing_names.push(&entry.name);
+            missing.push(ova::not_in_archive(&index, &entry.name));
+        }
+    }
+    ImportError::collect(missing)?;
     let verified = if options.verify_manifest {
         ova::verify_manifest(&index)?
     } else {

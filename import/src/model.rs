@@ -85,6 +85,10 @@ pub struct ImportedVm {
     /// starting this VM (the previous group's `ovf:startDelay`).
     #[serde(default)]
     pub start_delay_seconds: Option<u32>,
+    /// The VMware serial port that becomes the VM's console (COM1 / ttyS0: the hvx
+    /// console socket and serial log), by its name. Further ports have no equivalent.
+    #[serde(default)]
+    pub console_serial_port: Option<String>,
 }
 
 /// What a blank disk's [`ImportedDisk::file`] starts with (then its OVF `diskId`);
@@ -184,6 +188,10 @@ pub struct ImportedDisk {
     /// then `blank:<diskId>`.
     #[serde(default)]
     pub blank: bool,
+    /// A CD/DVD drive holding `file`, an ISO image the export ships: attached
+    /// read-only as a CD-ROM at the drive's address.
+    #[serde(default)]
+    pub cdrom: bool,
 }
 
 /// A disk image file.

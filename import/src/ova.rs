@@ -262,22 +262,40 @@ pub fn parse_manifest(text: &str) -> Result<Vec<ManifestEntry>> {
         .collect()
 }
 
-/// Verifies every manifest entry against the archive. Returns the entries checked.
-pub fn verify_manifest(index: &OvaIndex) -> Result<Vec<ManifestEntry>> {
+/// The archive's manifest entries (none without a `.mf` member).
+pub fn manifest_entries(index: &OvaIndex) -> Result<Vec<ManifestEntry>> {
     let Some(mf) = index.manifest() else {
         return Ok(Vec::new());
     };
     let text = String::from_utf8(index.read_small(mf, MAX_MANIFEST_BYTES)?)
         .map_err(|_| ImportError::Ovf("manifest is not UTF-8".into()))?;
+    parse_manifest(&text)
+}
+
+/// The error for a manifest entry naming a file the archive lacks.
+pub fn not_in_archive(index: &OvaIndex, name: &str) -> ImportError {
+    ImportError::Ova {
+        path: index.path.clone(),
+        reason: format!("manifest lists {name:?}, which is not in the archive"),
+    }
+}
+
+/// Verifies every manifest entry against the archive. Returns the entries checked.
+/// Entries naming absent members are all reported in one error.
+pub fn verify_manifest(index: &OvaIndex) -> Result<Vec<ManifestEntry>> {
+    let entries = manifest_entries(index)?;
+    ImportError::collect(
+        entries
+            .iter()
+            .filter(|e| index.member(&e.name).is_none())
+            .map(|e| not_in_archive(index, &e.name))
+            .collect(),
+    )?;
     let mut checked = Vec::new();
-    for entry in parse_manifest(&text)? {
-        let member = index.member(&entry.name).ok_or_else(|| ImportError::Ova {
-            path: index.path.clone(),
-            reason: format!(
-                "manifest lists {:?}, which is not in the archive",
-                entry.name
-            ),
-        })?;
+    for entry in entries {
+        let member = index
+            .member(&entry.name)
+            .ok_or_else(|| not_in_archive(index, &entry.name))?;
         let reader = index.open(member, 0)?;
         let actual = match entry.algorithm.as_str() {
             "SHA1" => hex_digest::<Sha1>(reader),

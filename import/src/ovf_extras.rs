@@ -2,20 +2,24 @@
 //! does not emulate and VMware settings the guest sees. None of it is carried; all of
 //! it is named in a warning, so nothing is dropped without a word.
 
-use crate::model::Firmware;
+use crate::model::{Firmware, ImportedVm};
 use crate::ovf::{Envelope, attr, child, child_text};
+use crate::ovf_storage::iso_of;
 use crate::ovf_vm::{Item, config_value, rt};
 use roxmltree::Node;
 
-/// Devices hvx does not emulate. A CD/DVD drive holding an ISO image of the export
-/// names it, so the image is not lost without a word.
+/// Devices hvx does not emulate, and the first serial port, which becomes the VM's
+/// console. A drive holding an image of the export names it, so the image is not lost
+/// without a word (CD/DVD drives with an ISO image are imported as CD-ROMs).
 pub(crate) fn other_devices(
     items: &[Item],
-    vm: &str,
+    vm: &mut ImportedVm,
     envelope: &Envelope,
     warnings: &mut Vec<String>,
     used_files: &mut Vec<String>,
 ) {
+    let name = vm.name.clone();
+    let vm_name = name.as_str();
     for item in items {
         let subtype = item
             .text("ResourceSubType")
@@ -23,8 +27,13 @@ pub(crate) fn other_devices(
             .to_ascii_lowercase();
         let what = match item.resource_type {
             rt::FLOPPY => "floppy drive",
+            rt::CD | rt::DVD if iso_of(item, envelope).is_some() => continue,
             rt::CD | rt::DVD => "CD/DVD drive",
-            rt::SERIAL => "serial port",
+            rt::SERIAL if vm.console_serial_port.is_none() => {
+                serial_console(item, vm, warnings);
+                continue;
+            }
+            rt::SERIAL => "serial port (hvx gives a VM one, its console)",
             rt::PARALLEL => "parallel port",
             rt::USB => "USB controller",
             rt::SOUND => "sound card",
@@ -41,16 +50,35 @@ pub(crate) fn other_devices(
             Some(f) => {
                 used_files.push(f.name.clone());
                 warnings.push(format!(
-                    "{vm}: {} ({what}) with image {:?} shipped in the export has no equivalent; neither is imported",
+                    "{vm_name}: {} ({what}) with image {:?} shipped in the export has no equivalent; neither is imported",
                     item.name, f.name
                 ));
             }
             None => warnings.push(format!(
-                "{vm}: {} ({what}) has no equivalent; not imported",
+                "{vm_name}: {} ({what}) has no equivalent; not imported",
                 item.name
             )),
         }
     }
+}
+
+/// The first serial port is the guest's COM1 (ttyS0) here too: hvx connects it to the
+/// VM's console socket and serial log. Where VMware sent it (a file, a named pipe, a
+/// network URI, a host device) is not kept, and the warning says so.
+fn serial_console(item: &Item, vm: &mut ImportedVm, warnings: &mut Vec<String>) {
+    vm.console_serial_port = Some(item.name.clone());
+    let backing = item
+        .config("backing.fileName")
+        .or_else(|| item.config("backing.serviceURI"))
+        .or_else(|| item.config("backing.pipeName"))
+        .or_else(|| item.config("backing.deviceName"))
+        .or_else(|| item.text("HostResource"))
+        .or_else(|| item.text("Connection"));
+    let was = backing.map_or(String::new(), |b| format!(" (VMware sent it to {b:?})"));
+    warnings.push(format!(
+        "{}: {} is the VM's console: COM1 (ttyS0) goes to the hvx console and serial log{was}",
+        vm.name, item.name
+    ));
 }
 
 /// VMware settings outside the device list that change what the guest sees.

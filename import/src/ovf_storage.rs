@@ -156,6 +156,32 @@ fn disk(
             "{who}: HostResource names unknown disk {disk_id:?}"
         ))
     })?;
+    let (controller, bus, unit) = address(item, &who, controllers, vm, warnings)?;
+    let name = unique_name(item, vm);
+    Ok(ImportedDisk {
+        name,
+        file: disk
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("{BLANK_PREFIX}{disk_id}")),
+        capacity_bytes: disk.capacity_bytes,
+        controller,
+        bus,
+        unit,
+        boot_order: None,
+        blank: disk.file.is_none(),
+        cdrom: false,
+    })
+}
+
+/// The controller, bus and unit a disk or CD/DVD item sits at.
+fn address(
+    item: &Item,
+    who: &str,
+    controllers: &BTreeMap<String, (ControllerKind, u8)>,
+    vm: &ImportedVm,
+    warnings: &mut Vec<String>,
+) -> Result<(ControllerKind, u8, u8)> {
     let parent = item.text("Parent").unwrap_or_default();
     let &(controller, bus) = controllers.get(parent).ok_or_else(|| {
         ImportError::Ovf(format!("{who}: Parent {parent:?} is not a disk controller"))
@@ -175,21 +201,70 @@ fn disk(
             unit
         }
     };
-    let mut name = item.name.clone();
-    if vm.disks.iter().any(|d| d.name == name) {
-        name = format!("{name} {}", vm.disks.len());
+    Ok((controller, bus, unit))
+}
+
+fn unique_name(item: &Item, vm: &ImportedVm) -> String {
+    if vm.disks.iter().any(|d| d.name == item.name) {
+        format!("{} {}", item.name, vm.disks.len())
+    } else {
+        item.name.clone()
     }
-    Ok(ImportedDisk {
-        name,
-        file: disk
-            .file
-            .clone()
-            .unwrap_or_else(|| format!("{BLANK_PREFIX}{disk_id}")),
-        capacity_bytes: disk.capacity_bytes,
-        controller,
-        bus,
-        unit,
-        boot_order: None,
-        blank: disk.file.is_none(),
-    })
+}
+
+/// The ISO image file a CD/DVD item holds (`HostResource` `ovf:/file/<id>` naming a
+/// `.iso` of the export), if any.
+pub(crate) fn iso_of<'e>(item: &Item, envelope: &'e Envelope) -> Option<&'e str> {
+    item.text("HostResource")
+        .and_then(|h| h.strip_prefix("ovf:").unwrap_or(h).strip_prefix("/file/"))
+        .and_then(|id| envelope.files.get(id))
+        .map(|f| f.name.as_str())
+        .filter(|name| name.to_ascii_lowercase().ends_with(".iso"))
+}
+
+/// CD/DVD drives holding an ISO image of the export become read-only CD-ROMs at the
+/// drive's address; empty drives and host or client devices are left to
+/// `ovf_extras::other_devices`, which names them in a warning.
+pub(crate) fn cdroms(
+    items: &[Item],
+    controllers: &BTreeMap<String, (ControllerKind, u8)>,
+    envelope: &Envelope,
+    vm: &mut ImportedVm,
+    warnings: &mut Vec<String>,
+    problems: &mut Vec<ImportError>,
+) {
+    let drives = items
+        .iter()
+        .filter(|i| matches!(i.resource_type, rt::CD | rt::DVD));
+    for item in drives {
+        let Some(iso) = iso_of(item, envelope) else {
+            continue;
+        };
+        if vm.disks.len() >= MAX_DISKS {
+            problems.push(ImportError::TooMany {
+                what: "disks in one VM",
+                count: vm.disks.len() + 1,
+                limit: MAX_DISKS,
+            });
+            return;
+        }
+        let who = format!("{}: {}", vm.name, item.name);
+        match address(item, &who, controllers, vm, warnings) {
+            Ok((controller, bus, unit)) => {
+                let name = unique_name(item, vm);
+                vm.disks.push(ImportedDisk {
+                    name,
+                    file: iso.to_owned(),
+                    capacity_bytes: None,
+                    controller,
+                    bus,
+                    unit,
+                    boot_order: None,
+                    blank: false,
+                    cdrom: true,
+                });
+            }
+            Err(e) => problems.push(e),
+        }
+    }
 }

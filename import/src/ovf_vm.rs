@@ -5,7 +5,7 @@ use crate::error::{ImportError, Result};
 use crate::limits::{MAX_ITEMS, MAX_NICS};
 use crate::model::{Firmware, ImportedNic, ImportedVm};
 use crate::ovf::{Envelope, attr, child, child_text, children, scaled};
-use crate::ovf_storage::{controllers, disks};
+use crate::ovf_storage::{cdroms, controllers, disks};
 use crate::vm::{number_boot_order, topology, vmware_serial};
 use crate::{ovf_extras, ovf_sections, ovf_vcloud};
 use roxmltree::Node;
@@ -103,11 +103,14 @@ pub fn virtual_system(
     step(identity(hw, &mut vm, warnings));
     step(cpu_and_memory(&items, hw, &mut vm, warnings));
     match controllers(&items, &mut vm, warnings) {
-        Ok(controllers) => disks(&items, &controllers, envelope, &mut vm, warnings, problems),
+        Ok(controllers) => {
+            disks(&items, &controllers, envelope, &mut vm, warnings, problems);
+            cdroms(&items, &controllers, envelope, &mut vm, warnings, problems);
+        }
         Err(e) => problems.push(e),
     }
     let nic_ids = nics(system, &items, envelope, &mut vm, warnings, problems);
-    ovf_extras::other_devices(&items, &vm.name, envelope, warnings, used_files);
+    ovf_extras::other_devices(&items, &mut vm, envelope, warnings, used_files);
     let firmware = vm.firmware;
     ovf_extras::vmware_extras(
         system,

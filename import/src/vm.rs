@@ -36,7 +36,9 @@ pub fn vmware_serial(uuid: &str) -> String {
 
 /// Numbers the disks' boot priorities from `vm.boot_order` (names of disks and NICs);
 /// disks not named follow in address order, so every disk stays bootable as it was on
-/// VMware (whose BIOS tries all disks) while the named ones keep priority.
+/// VMware (whose BIOS tries all disks) while the named ones keep priority. CD-ROMs not
+/// named come after the hard disks, as in VMware's default BIOS order (hard drive,
+/// then CD-ROM): an installer ISO left in the drive does not take over the boot.
 pub fn number_boot_order(vm: &mut ImportedVm) {
     vm.disks.sort_by_key(|d| (d.controller, d.bus, d.unit));
     let mut order = Vec::new();
@@ -45,9 +47,11 @@ pub fn number_boot_order(vm: &mut ImportedVm) {
             order.push(name.clone());
         }
     }
-    for d in &vm.disks {
-        if !order.contains(&d.name) {
-            order.push(d.name.clone());
+    for cdroms in [false, true] {
+        for d in vm.disks.iter().filter(|d| d.cdrom == cdroms) {
+            if !order.contains(&d.name) {
+                order.push(d.name.clone());
+            }
         }
     }
     for d in &mut vm.disks {
@@ -109,6 +113,7 @@ mod tests {
             unit,
             boot_order: None,
             blank: false,
+            cdrom: false,
         }
     }
 

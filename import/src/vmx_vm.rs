@@ -82,7 +82,7 @@ pub fn application(vmx: &Vmx, fallback_name: &str) -> Result<ImportedApplication
     controllers(vmx, &mut vm, &mut warnings)?;
     disks(vmx, &mut vm, &mut disk_files, &mut warnings)?;
     nics(vmx, &mut vm, &mut warnings)?;
-    other_devices(vmx, &name, &mut warnings);
+    other_devices(vmx, &mut vm, &mut warnings);
     vm.boot_order = boot_order(vmx, &vm);
     number_boot_order(&mut vm);
 
@@ -225,16 +225,28 @@ fn disks(
             .get(&format!("{dev}.deviceType"))
             .unwrap_or("disk")
             .to_ascii_lowercase();
-        if device_type.contains("cdrom") {
-            warnings.push(format!(
-                "{dev}: CD-ROM drive has no equivalent; not imported (attach an ISO as a disk if the guest needs it)"
-            ));
+        // A drive holding an ISO beside the VMX is a read-only CD-ROM; ISOs elsewhere
+        // (a datastore's ISO library) and host or client drives are not part of the VM.
+        let iso = vmx
+            .get(&format!("{dev}.fileName"))
+            .filter(|f| devices::is_plain_name(f) && f.to_ascii_lowercase().ends_with(".iso"));
+        let cdrom = device_type.contains("cdrom");
+        if cdrom && (device_type != "cdrom-image" || iso.is_none()) {
+            let what = match vmx.get(&format!("{dev}.fileName")) {
+                Some(f) if device_type == "cdrom-image" => {
+                    format!("its image {f:?} is not an ISO beside the VMX")
+                }
+                _ => "it holds no image file".to_string(),
+            };
+            warnings.push(format!("{dev}: CD-ROM drive not imported: {what}"));
             continue;
         }
-        if !matches!(
-            device_type.as_str(),
-            "disk" | "scsi-harddisk" | "ata-harddisk" | "plaindisk" | "sparse2gb"
-        ) {
+        if !cdrom
+            && !matches!(
+                device_type.as_str(),
+                "disk" | "scsi-harddisk" | "ata-harddisk" | "plaindisk" | "sparse2gb"
+            )
+        {
             warnings.push(format!(
                 "{dev}: device type {device_type:?} has no equivalent; not imported"
             ));
@@ -294,6 +306,7 @@ fn disks(
             unit,
             boot_order: None,
             blank: false,
+            cdrom,
         });
     }
     Ok(())
@@ -384,10 +397,24 @@ fn nics(vmx: &Vmx, vm: &mut ImportedVm, warnings: &mut Vec<String>) -> Result<()
     Ok(())
 }
 
-fn other_devices(vmx: &Vmx, name: &str, warnings: &mut Vec<String>) {
+/// Devices without an equivalent, named in warnings; `serial0` becomes the console.
+fn other_devices(vmx: &Vmx, vm: &mut ImportedVm, warnings: &mut Vec<String>) {
+    let name = vm.name.as_str();
+    if vmx.flag("serial0.present") == Some(true) {
+        // COM1 (ttyS0) is the hvx console; where VMware sent it is not kept.
+        let was = vmx
+            .get("serial0.fileName")
+            .map_or(String::new(), |f| format!(" (VMware sent it to {f:?})"));
+        warnings.push(format!(
+            "{name}: serial0 is the VM's console: COM1 (ttyS0) goes to the hvx console and serial log{was}"
+        ));
+        vm.console_serial_port = Some("serial0".into());
+    }
     for (prefix, what) in [
         ("floppy0", "floppy drive"),
-        ("serial0", "serial port"),
+        ("serial1", "serial port (hvx gives a VM one, its console)"),
+        ("serial2", "serial port (hvx gives a VM one, its console)"),
+        ("serial3", "serial port (hvx gives a VM one, its console)"),
         ("parallel0", "parallel port"),
         ("sound", "sound card"),
         ("usb", "USB controller"),
@@ -417,7 +444,9 @@ fn boot_order(vmx: &Vmx, vm: &ImportedVm) -> Vec<String> {
         let item = item.trim().to_ascii_lowercase();
         if item == "hdd" {
             order.extend(hdd_order.iter().cloned());
-            order.extend(vm.disks.iter().map(|d| d.name.clone()));
+            order.extend(vm.disks.iter().filter(|d| !d.cdrom).map(|d| d.name.clone()));
+        } else if item == "cdrom" {
+            order.extend(vm.disks.iter().filter(|d| d.cdrom).map(|d| d.name.clone()));
         } else if vm.nics.iter().any(|n| n.name == item) {
             order.push(item);
         }

@@ -98,17 +98,23 @@ fn appliance_blank_disks_have_their_declared_capacity() {
             ),
             ("Hard disk 2", "blank:data", true, Some(100 << 30), 1),
             ("Hard disk 3", "blank:logs", true, Some(10 << 30), 2),
+            // The shipped ISO in the SATA CD/DVD drive is a read-only CD-ROM.
+            ("CD/DVD drive 1", "appliance-tools.iso", false, None, 0),
         ]
     );
+    let cd = &vm.disks[3];
+    assert!(cd.cdrom && !vm.disks[..3].iter().any(|d| d.cdrom));
+    assert_eq!((cd.controller, cd.bus), (ControllerKind::Sata, 0));
     assert!(vm.disks[1].file.starts_with(BLANK_PREFIX));
     assert!(
-        vm.disks
+        vm.disks[..3]
             .iter()
             .all(|d| d.controller == ControllerKind::Pvscsi)
     );
-    // Only the real image is a disk file to upload.
-    let files: Vec<&str> = app.disk_files.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(files, ["appliance-system.vmdk"]);
+    // Only the real image and the ISO are files to upload.
+    let mut files: Vec<&str> = app.disk_files.iter().map(|f| f.name.as_str()).collect();
+    files.sort_unstable();
+    assert_eq!(files, ["appliance-system.vmdk", "appliance-tools.iso"]);
 }
 
 #[test]
@@ -122,7 +128,6 @@ fn appliance_losses_are_all_reported() {
     for needle in [
         "mgmt-appliance: nested hardware virtualisation (nestedHVEnabled) is not exposed",
         "mgmt-appliance: the EFI NVRAM \"appliance.nvram\"",
-        "mgmt-appliance: CD/DVD drive 1 (CD/DVD drive) with image \"appliance-tools.iso\" shipped in the export",
         "mgmt-appliance: 2 vApp properties (ProductSection) are not delivered",
         "mgmt-appliance: ExtraConfig guestinfo.cis.appliance.net.mode, disk.EnableUUID are not carried",
     ] {
@@ -132,6 +137,86 @@ fn appliance_losses_are_all_reported() {
     // display tuning (svga.autodetect) is not worth a warning.
     assert!(!warned(&app, "used by no VM disk"), "{:?}", app.warnings);
     assert!(!warned(&app, "svga"), "{:?}", app.warnings);
+    assert!(!warned(&app, "appliance-tools.iso"), "{:?}", app.warnings);
+}
+
+#[test]
+fn iso_media_become_cdroms_and_the_first_serial_port_the_console() {
+    let app = app("media-serial.ovf");
+    let vm = vm(&app, "build-01");
+    let rows: Vec<(&str, &str, bool, ControllerKind, u8, u8)> = vm
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.name.as_str(),
+                d.file.as_str(),
+                d.cdrom,
+                d.controller,
+                d.bus,
+                d.unit,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (
+                "Hard disk 1",
+                "build-01-disk1.vmdk",
+                false,
+                ControllerKind::Pvscsi,
+                0,
+                0
+            ),
+            // At VMware's address (disks are listed by address): SATA port 1 (".ISO"
+            // counts), IDE secondary master.
+            (
+                "CD/DVD drive 2",
+                "VMware-tools-windows.ISO",
+                true,
+                ControllerKind::Sata,
+                0,
+                1
+            ),
+            (
+                "CD/DVD drive 1",
+                "build-01-file1.iso",
+                true,
+                ControllerKind::Ide,
+                1,
+                0
+            ),
+        ]
+    );
+    // Hard disk first, CD-ROMs after it (VMware's default BIOS order).
+    let boot: Vec<Option<u32>> = vm.disks.iter().map(|d| d.boot_order).collect();
+    assert_eq!(boot, [Some(1), Some(2), Some(3)]);
+    assert_eq!(
+        vm.boot_order,
+        ["Hard disk 1", "CD/DVD drive 2", "CD/DVD drive 1"]
+    );
+    let mut files: Vec<&str> = app.disk_files.iter().map(|f| f.name.as_str()).collect();
+    files.sort_unstable();
+    assert_eq!(
+        files,
+        [
+            "VMware-tools-windows.ISO",
+            "build-01-disk1.vmdk",
+            "build-01-file1.iso"
+        ]
+    );
+    assert_eq!(vm.console_serial_port.as_deref(), Some("Serial port 1"));
+    for needle in [
+        // An empty drive and a drive with a floppy-style image are not CD-ROMs.
+        "build-01: CD/DVD drive 3 (CD/DVD drive) has no equivalent; not imported",
+        "build-01: CD/DVD drive 4 (CD/DVD drive) with image \"build-01-file2.img\" shipped in the export has no equivalent",
+        "build-01: Serial port 1 is the VM's console: COM1 (ttyS0) goes to the hvx console and serial log (VMware sent it to \"telnet://:7001\")",
+        "build-01: Serial port 2 (serial port (hvx gives a VM one, its console)) has no equivalent; not imported",
+    ] {
+        assert!(warned(&app, needle), "{needle}: {:#?}", app.warnings);
+    }
+    assert!(!warned(&app, "CD/DVD drive 1"), "{:#?}", app.warnings);
 }
 
 #[test]
@@ -334,5 +419,5 @@ fn every_corpus_export_imports_or_fails_with_one_error() {
             Err(e) => assert_eq!(name, "problems.ovf", "{name}: {e}"),
         }
     }
-    assert_eq!(seen, 6);
+    assert_eq!(seen, 7);
 }

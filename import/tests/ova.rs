@@ -158,6 +158,35 @@ fn missing_disk_member_is_an_error() {
 }
 
 #[test]
+fn every_missing_member_is_listed_in_one_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A three-disk vApp whose OVA lost its disks, and a manifest naming one more file.
+    let mf = "SHA256(shop-db-1.vmdk)= 00\nSHA256(notes.txt)= 00\n";
+    let path = ova(
+        dir.path(),
+        &[
+            ("shop.ovf", fixture("vapp-collection.ovf")),
+            ("shop.mf", mf.as_bytes().to_vec()),
+        ],
+    );
+    let err = load(&path, LoadOptions::default()).expect_err("members missing");
+    let ImportError::Problems(problems) = &err else {
+        panic!("one error per member instead of a list: {err}");
+    };
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    for disk in ["shop-db-1.vmdk", "shop-db-2.vmdk", "shop-web-1.vmdk"] {
+        assert!(
+            problems.iter().filter(|p| p.contains(disk)).count() == 1,
+            "{disk} once: {problems:#?}"
+        );
+    }
+    assert!(
+        problems[3].contains(r#"manifest lists "notes.txt", which is not in the archive"#),
+        "{problems:#?}"
+    );
+}
+
+#[test]
 fn oversize_descriptor_is_refused_before_parsing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let big = vec![b' '; (hvx_import::limits::MAX_DESCRIPTOR_BYTES + 1) as usize];

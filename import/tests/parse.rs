@@ -273,7 +273,7 @@ fn many_nics_and_disks_on_different_controllers() {
         "Floppy drive 1 (floppy drive) has no equivalent",
         "USB controller (USB controller) has no equivalent",
         "Sound card (sound card) has no equivalent",
-        "Serial port 1 (serial port) has no equivalent",
+        "Serial port 1 is the VM's console: COM1 (ttyS0) goes to the hvx console",
         "CD/DVD drive 1 (CD/DVD drive)",
     ] {
         assert!(has_warning(&app, needle), "{needle}: {:?}", app.warnings);
@@ -407,7 +407,12 @@ fn esx_vmx() {
         &app,
         "looked for beside the VMX as \"app-01_1.vmdk\""
     ));
-    assert!(has_warning(&app, "ide1:0: CD-ROM drive has no equivalent"));
+    // A host CD drive is not part of the VM.
+    assert!(has_warning(
+        &app,
+        "ide1:0: CD-ROM drive not imported: it holds no image file"
+    ));
+    assert!(app.vms[0].disks.iter().all(|d| !d.cdrom));
     assert!(has_warning(&app, "scsi1:2: independent-nonpersistent mode"));
 }
 
@@ -415,6 +420,7 @@ fn esx_vmx() {
 fn workstation_efi_vmx() {
     let app = vmx_app("workstation-efi.vmx");
     let vm = &app.vms[0];
+    assert_eq!(vm.console_serial_port.as_deref(), Some("serial0"));
     assert_eq!(vm.name, "Windows Server 2019");
     assert_eq!(vm.firmware, Firmware::Efi);
     assert_eq!((vm.cpus, vm.sockets, vm.cores_per_socket), (6, 2, 3));
@@ -463,9 +469,11 @@ fn workstation_efi_vmx() {
     for needle in [
         "\"vlance\" has no equivalent; using e1000",
         "nvme0: NVMe controller has no equivalent; using SATA bus 1",
-        "sata0:1: CD-ROM drive",
+        // The ISO lives on the host's C: drive, not beside the VMX.
+        "sata0:1: CD-ROM drive not imported: its image \"C:",
+        "en_windows_server_2019.iso\" is not an ISO beside the VMX",
         "sound card (sound) has no equivalent",
-        "serial port (serial0)",
+        "serial0 is the VM's console: COM1 (ttyS0) goes to the hvx console and serial log (VMware sent it to \"thinprint\")",
         "USB controller (usb)",
     ] {
         assert!(has_warning(&app, needle), "{needle}: {:?}", app.warnings);
@@ -562,4 +570,41 @@ fn ovf2_port_and_storage_items_are_read() {
     );
     assert_eq!(nics(vm)[0].2, "00:50:56:12:34:56");
     assert_eq!(app.networks, ["lan"]);
+}
+
+#[test]
+fn vmx_iso_beside_the_vmx_is_a_read_only_cdrom_after_the_disks() {
+    let text = r#"
+displayName = "cd"
+memSize = "512"
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "cd.vmdk"
+ide1:0.present = "TRUE"
+ide1:0.deviceType = "cdrom-image"
+ide1:0.fileName = "install.ISO"
+ide0:0.present = "TRUE"
+ide0:0.deviceType = "atapi-cdrom"
+ide0:0.fileName = "auto detect"
+"#;
+    let vmx = vmx::parse(text).expect("vmx");
+    let app = vmx_vm::application(&vmx, "fallback").expect("app");
+    let vm = &app.vms[0];
+    assert_eq!(
+        disks(vm),
+        [
+            ("scsi0-0", "cd.vmdk", ControllerKind::Pvscsi, 0, 0, Some(1)),
+            ("ide1-0", "install.ISO", ControllerKind::Ide, 1, 0, Some(2)),
+        ]
+    );
+    let cdrom: Vec<bool> = vm.disks.iter().map(|d| d.cdrom).collect();
+    assert_eq!(cdrom, [false, true]);
+    let mut files: Vec<&str> = app.disk_files.iter().map(|f| f.name.as_str()).collect();
+    files.sort_unstable();
+    assert_eq!(files, ["cd.vmdk", "install.ISO"]);
+    assert!(has_warning(
+        &app,
+        "ide0:0: CD-ROM drive not imported: it holds no image file"
+    ));
 }

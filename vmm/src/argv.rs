@@ -1,5 +1,31 @@
 //! The QEMU command line for a `VmSpec`: a pure function, unit-tested against golden
 //! expectations. Everything VMware-specific about the machine is decided here.
+//!
+//! # PCI slot numbers (`ens160`, `ens192`)
+//!
+//! Linux names a NIC after the *physical slot number* of the PCI slot it sits in
+//! (systemd-udev's `ID_NET_NAME_SLOT`: `ens<N>` when `/sys/bus/pci/slots/<N>/address`
+//! is the NIC's address), and guests' network configuration names the interface.
+//! VMware puts NICs behind PCIe root ports whose slots it numbers 160, 192, 224, 256,
+//! ... (`ethernetN.pciSlotNumber`). A device without a `slot_number` sits on bus 0 at
+//! its `pci_slot`; on the `pc` machine QEMU's ACPI tables give that slot `_SUN` = the
+//! device number, so Linux sees slot 16..31 there (`ens17`).
+//!
+//! A device with a `slot_number` gets its own `pcie-root-port` (at the device's bus-0
+//! `pci_slot`, `slot=<N>`), the device behind it. Checked with the test guest booted
+//! on both machines (`/sys/bus/pci/slots`):
+//!
+//! - `q35` + root port + `ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off`: the
+//!   kernel's pciehp drives the port natively and creates slot `160` with the address
+//!   of the device behind it: `ens160`, as on VMware. (With ACPI hotplug of bridges on,
+//!   QEMU's default since 6.1, acpiphp names the port's slot `0` instead.)
+//! - `pc` (i440fx) + root port: the i440fx host bridge is conventional PCI, so the
+//!   kernel is never granted native PCIe hotplug (no `_OSC`) and pciehp leaves the
+//!   port alone; acpiphp names bridge slots after the device number (`0`), and QEMU
+//!   offers no way to set `_SUN`. No slot `160` appears whatever the options.
+//!
+//! So slot numbers need the `q35` machine (validation refuses them on `pc`); VMs
+//! without them keep the i440fx `pc` machine and the bus-0 layout unchanged.
 
 use crate::spec::{ControllerKind, Disk, Firmware, MachineType, NicBackend, VmSpec};
 use crate::validate::{SVGA_SLOT, reserved_slots};
@@ -104,8 +130,10 @@ pub struct PlacedController {
     pub kind: ControllerKind,
     /// Bus number within its kind.
     pub bus: u8,
-    /// PCI slot (None for IDE: chipset function).
+    /// PCI slot (None for IDE: chipset function); the root port's with `slot_number`.
     pub slot: Option<u8>,
+    /// Physical slot number of the controller's own root port.
+    pub slot_number: Option<u16>,
 }
 
 impl PlacedController {
@@ -143,21 +171,26 @@ pub fn pci_layout(spec: &VmSpec) -> PciLayout {
     let mut next = move || free.next();
 
     let mut controllers: Vec<PlacedController> = Vec::new();
-    let declared: Vec<(ControllerKind, u8, Option<u8>)> = spec
+    let declared: Vec<(ControllerKind, u8, Option<u8>, Option<u16>)> = spec
         .controllers
         .iter()
-        .map(|c| (c.kind, c.bus, c.pci_slot))
+        .map(|c| (c.kind, c.bus, c.pci_slot, c.slot_number))
         .collect();
-    let implicit = spec.disks.iter().map(|d| (d.controller, d.bus, None));
-    for (kind, bus, slot) in declared.into_iter().chain(implicit) {
+    let implicit = spec.disks.iter().map(|d| (d.controller, d.bus, None, None));
+    for (kind, bus, slot, slot_number) in declared.into_iter().chain(implicit) {
         if controllers.iter().any(|c| c.kind == kind && c.bus == bus) {
             continue;
         }
-        let slot = match kind {
-            ControllerKind::Ide => None,
-            _ => slot.or_else(&mut next),
+        let (slot, slot_number) = match kind {
+            ControllerKind::Ide => (None, None),
+            _ => (slot.or_else(&mut next), slot_number),
         };
-        controllers.push(PlacedController { kind, bus, slot });
+        controllers.push(PlacedController {
+            kind,
+            bus,
+            slot,
+            slot_number,
+        });
     }
     let nic_slots = spec
         .nics
@@ -169,6 +202,37 @@ pub fn pci_layout(spec: &VmSpec) -> PciLayout {
         controllers,
         nic_slots,
         balloon_slot,
+    }
+}
+
+/// The machine's root bus: conventional PCI on i440fx, PCI Express on q35.
+pub fn root_bus(machine: MachineType) -> &'static str {
+    match machine {
+        MachineType::Pc => "pci.0",
+        MachineType::Q35 => "pcie.0",
+    }
+}
+
+/// True if any device announces a physical slot number (and so has a root port).
+pub fn uses_slot_numbers(spec: &VmSpec) -> bool {
+    spec.controllers.iter().any(|c| c.slot_number.is_some())
+        || spec.nics.iter().any(|n| n.slot_number.is_some())
+}
+
+/// Where a device goes: bus 0 at `slot`, or, with a physical slot number, behind a
+/// `pcie-root-port` at `slot` announcing it (pushed onto `a` first). Returns the
+/// device's `bus=...` option.
+fn place(a: &mut Vec<String>, root: &str, slot: u8, slot_number: Option<u16>) -> String {
+    match slot_number {
+        None => format!("bus={root},addr={slot:#x}"),
+        Some(n) => {
+            // The (chassis, slot) pair must be unique; slot numbers are.
+            a.extend([
+                "-device".to_string(),
+                format!("pcie-root-port,id=slot{n},bus={root},addr={slot:#x},chassis=1,slot={n}"),
+            ]);
+            format!("bus=slot{n}")
+        }
     }
 }
 
@@ -184,11 +248,12 @@ fn p(path: &Path) -> String {
 /// Builds QEMU's argv (without the binary) for a validated spec.
 pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
-    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    let push = |a: &mut Vec<String>, args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
     let machine = match spec.machine {
         MachineType::Pc => "pc",
         MachineType::Q35 => "q35",
     };
+    let root = root_bus(spec.machine);
     let vmport = if spec.vmport { "on" } else { "off" };
     let accel_opt = match accel {
         Accel::Kvm => "kvm".to_string(),
@@ -198,45 +263,74 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
         Accel::Tcg => format!("tcg,thread=multi,tb-size={TCG_TB_MIB}"),
     };
     let c = spec.cpu;
-    push(&[
-        "-name",
-        &format!("guest={},debug-threads=on", esc(&spec.name)),
-    ]);
-    push(&["-nodefaults", "-no-user-config", "-msg", "timestamp=on"]);
+    push(
+        &mut a,
+        &[
+            "-name",
+            &format!("guest={},debug-threads=on", esc(&spec.name)),
+        ],
+    );
+    push(
+        &mut a,
+        &["-nodefaults", "-no-user-config", "-msg", "timestamp=on"],
+    );
     // seccomp: a guest that breaks out of QEMU's device emulation cannot use obsolete
     // syscalls, setuid/setgid, fork/exec or scheduler/resource controls. QEMU needs
     // none of them after start-up here: taps are opened by name (no helper scripts),
     // and live and post-copy migration run inside QEMU (privileged tests boot with it).
-    push(&[
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-    ]);
-    push(&["-machine", &format!("{machine},vmport={vmport}")]);
-    push(&["-accel", &accel_opt]);
-    push(&["-cpu", accel.cpu_model()]);
-    push(&[
-        "-smp",
-        &format!(
-            "{},sockets={},cores={},threads={}",
-            c.vcpus(),
-            c.sockets,
-            c.cores,
-            c.threads
-        ),
-    ]);
-    push(&["-m", &format!("{}M", spec.memory_mib)]);
-    if spec.firmware == Firmware::Efi {
-        push(&[
-            "-drive",
+    push(
+        &mut a,
+        &[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ],
+    );
+    push(&mut a, &["-machine", &format!("{machine},vmport={vmport}")]);
+    if spec.machine == MachineType::Q35 && uses_slot_numbers(spec) {
+        // Native PCIe hotplug on the root ports, so the guest's pciehp names their slots
+        // by the physical slot number (module doc).
+        push(
+            &mut a,
+            &[
+                "-global",
+                "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+            ],
+        );
+    }
+    push(&mut a, &["-accel", &accel_opt]);
+    push(&mut a, &["-cpu", accel.cpu_model()]);
+    push(
+        &mut a,
+        &[
+            "-smp",
             &format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={}",
-                esc(OVMF_CODE)
+                "{},sockets={},cores={},threads={}",
+                c.vcpus(),
+                c.sockets,
+                c.cores,
+                c.threads
             ),
-        ]);
-        push(&[
-            "-drive",
-            &format!("if=pflash,format=raw,unit=1,file={}", p(&paths.efi_vars)),
-        ]);
+        ],
+    );
+    push(&mut a, &["-m", &format!("{}M", spec.memory_mib)]);
+    if spec.firmware == Firmware::Efi {
+        push(
+            &mut a,
+            &[
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    esc(OVMF_CODE)
+                ),
+            ],
+        );
+        push(
+            &mut a,
+            &[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", p(&paths.efi_vars)),
+            ],
+        );
     }
     // SMBIOS as VMware writes it: guests and licence checks look for these strings.
     let mut smbios1 =
@@ -246,22 +340,28 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
         smbios1.push_str(&format!(",serial={}", esc(serial)));
     }
     if let Some(uuid) = &spec.uuid {
-        push(&["-uuid", uuid]);
+        push(&mut a, &["-uuid", uuid]);
         smbios1.push_str(&format!(",uuid={uuid}"));
     }
-    push(&[
-        "-smbios",
-        "type=0,vendor=Phoenix Technologies LTD,version=6.00",
-    ]);
-    push(&["-smbios", &smbios1]);
-    push(&["-rtc", "base=utc", "-boot", "strict=on"]);
+    push(
+        &mut a,
+        &[
+            "-smbios",
+            "type=0,vendor=Phoenix Technologies LTD,version=6.00",
+        ],
+    );
+    push(&mut a, &["-smbios", &smbios1]);
+    push(&mut a, &["-rtc", "base=utc", "-boot", "strict=on"]);
 
     let layout = pci_layout(spec);
     if spec.svga {
-        push(&[
-            "-device",
-            &format!("vmware-svga,id=video0,bus=pci.0,addr={SVGA_SLOT:#x}"),
-        ]);
+        push(
+            &mut a,
+            &[
+                "-device",
+                &format!("vmware-svga,id=video0,bus={root},addr={SVGA_SLOT:#x}"),
+            ],
+        );
     }
     for ctl in &layout.controllers {
         let model = match ctl.kind {
@@ -272,14 +372,15 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
             ControllerKind::Ide => continue,
         };
         let slot = ctl.slot.unwrap_or(0);
-        push(&[
-            "-device",
-            &format!("{model},id={},bus=pci.0,addr={slot:#x}", ctl.id()),
+        let at = place(&mut a, root, slot, ctl.slot_number);
+        a.extend([
+            "-device".to_string(),
+            format!("{model},id={},{at}", ctl.id()),
         ]);
     }
     for d in &spec.disks {
-        push(&["-blockdev", &blockdev_json(d)]);
-        push(&["-device", &disk_device(d)]);
+        push(&mut a, &["-blockdev", &blockdev_json(d)]);
+        push(&mut a, &["-device", &disk_device(d)]);
     }
     for (n, slot) in spec.nics.iter().zip(&layout.nic_slots) {
         let id = format!("net-{}", n.name);
@@ -298,11 +399,12 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
             }
             NicBackend::User {} => format!("user,id={id}"),
         };
-        push(&["-netdev", &netdev]);
-        push(&[
-            "-device",
-            &format!(
-                "{},id=nic-{},netdev={id},mac={},bus=pci.0,addr={slot:#x}",
+        a.extend(["-netdev".to_string(), netdev]);
+        let at = place(&mut a, root, *slot, n.slot_number);
+        a.extend([
+            "-device".to_string(),
+            format!(
+                "{},id=nic-{},netdev={id},mac={},{at}",
                 n.model.device(),
                 n.name,
                 n.mac.to_ascii_lowercase()
@@ -310,50 +412,68 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
         ]);
     }
     if let Some(slot) = layout.balloon_slot {
-        push(&[
-            "-device",
-            &format!("virtio-balloon-pci,id=balloon0,bus=pci.0,addr={slot:#x}"),
-        ]);
+        push(
+            &mut a,
+            &[
+                "-device",
+                &format!("virtio-balloon-pci,id=balloon0,bus={root},addr={slot:#x}"),
+            ],
+        );
     }
     for (name, content) in &spec.fw_cfg {
-        push(&["-fw_cfg", &format!("name={name},string={}", esc(content))]);
+        push(
+            &mut a,
+            &["-fw_cfg", &format!("name={name},string={}", esc(content))],
+        );
     }
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
-            p(&paths.serial),
-            p(&paths.serial_log)
-        ),
-    ]);
-    push(&["-serial", "chardev:serial0"]);
-    push(&[
-        "-chardev",
-        &format!("socket,id=qmp,path={},server=on,wait=off", p(&paths.qmp)),
-    ]);
-    push(&["-mon", "chardev=qmp,mode=control"]);
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=qmp-probe,path={},server=on,wait=off",
-            p(&paths.qmp_probe)
-        ),
-    ]);
-    push(&["-mon", "chardev=qmp-probe,mode=control"]);
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=qmp-agent,path={},server=on,wait=off",
-            p(&paths.qmp_agent)
-        ),
-    ]);
-    push(&["-mon", "chardev=qmp-agent,mode=control"]);
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+                p(&paths.serial),
+                p(&paths.serial_log)
+            ),
+        ],
+    );
+    push(&mut a, &["-serial", "chardev:serial0"]);
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!("socket,id=qmp,path={},server=on,wait=off", p(&paths.qmp)),
+        ],
+    );
+    push(&mut a, &["-mon", "chardev=qmp,mode=control"]);
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!(
+                "socket,id=qmp-probe,path={},server=on,wait=off",
+                p(&paths.qmp_probe)
+            ),
+        ],
+    );
+    push(&mut a, &["-mon", "chardev=qmp-probe,mode=control"]);
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!(
+                "socket,id=qmp-agent,path={},server=on,wait=off",
+                p(&paths.qmp_agent)
+            ),
+        ],
+    );
+    push(&mut a, &["-mon", "chardev=qmp-agent,mode=control"]);
     if spec.vnc {
-        push(&["-vnc", &format!("unix:{}", p(&paths.vnc))]);
+        push(&mut a, &["-vnc", &format!("unix:{}", p(&paths.vnc))]);
     } else {
-        push(&["-display", "none"]);
+        push(&mut a, &["-display", "none"]);
     }
-    push(&["-pidfile", &paths.pidfile.to_string_lossy()]);
+    push(&mut a, &["-pidfile", &paths.pidfile.to_string_lossy()]);
     a
 }
 
@@ -373,17 +493,22 @@ fn blockdev_json(d: &Disk) -> String {
 fn disk_device(d: &Disk) -> String {
     let node = format!("disk-{}", d.name);
     let ctl = format!("{}{}", d.controller.as_str(), d.bus);
+    let (scsi, ata) = if d.cdrom {
+        ("scsi-cd", "ide-cd")
+    } else {
+        ("scsi-hd", "ide-hd")
+    };
     let mut dev = match d.controller {
         ControllerKind::Pvscsi
         | ControllerKind::Lsilogic
         | ControllerKind::Lsisas
         | ControllerKind::Virtio => {
-            format!("scsi-hd,bus={ctl}.0,channel=0,scsi-id={},lun=0", d.unit)
+            format!("{scsi},bus={ctl}.0,channel=0,scsi-id={},lun=0", d.unit)
         }
-        ControllerKind::Sata => format!("ide-hd,bus={ctl}.{}", d.unit),
+        ControllerKind::Sata => format!("{ata},bus={ctl}.{}", d.unit),
         ControllerKind::Ide => {
             // The chipset's IDE: ide.0 primary, ide.1 secondary (pc machine only).
-            format!("ide-hd,bus=ide.{},unit={}", d.bus, d.unit)
+            format!("{ata},bus=ide.{},unit={}", d.bus, d.unit)
         }
     };
     dev.push_str(&format!(",drive={node},id=dev-{}", d.name));

@@ -169,8 +169,51 @@ fn disk(name: &str, controller: ControllerKind, bus: u8, unit: u8) -> Disk {
         bus,
         unit,
         readonly: false,
+        cdrom: false,
         boot_order: None,
     }
+}
+
+#[test]
+fn cdroms_are_cd_devices_on_their_controller_and_read_only() {
+    let mut s = sample();
+    let cd = |name: &str, controller, bus, unit| Disk {
+        readonly: true,
+        cdrom: true,
+        format: DiskFormat::Raw,
+        ..disk(name, controller, bus, unit)
+    };
+    s.disks = vec![
+        disk("boot", ControllerKind::Pvscsi, 0, 0),
+        cd("iso1", ControllerKind::Ide, 1, 0),
+        cd("iso2", ControllerKind::Sata, 0, 1),
+        cd("iso3", ControllerKind::Pvscsi, 0, 2),
+    ];
+    crate::validate::validate(&s).expect("valid");
+    let a = argv(&s);
+    let devs = values(&a, "-device");
+    for want in [
+        "scsi-hd,bus=pvscsi0.0,channel=0,scsi-id=0,lun=0,drive=disk-boot,id=dev-boot",
+        "ide-cd,bus=ide.1,unit=0,drive=disk-iso1,id=dev-iso1",
+        "ide-cd,bus=sata0.1,drive=disk-iso2,id=dev-iso2",
+        "scsi-cd,bus=pvscsi0.0,channel=0,scsi-id=2,lun=0,drive=disk-iso3,id=dev-iso3",
+    ] {
+        assert!(devs.contains(&want), "{want} not in {devs:#?}");
+    }
+    let blockdevs = values(&a, "-blockdev");
+    assert!(
+        blockdevs
+            .iter()
+            .any(|b| b.contains(r#""node-name":"disk-iso1","read-only":true"#)),
+        "{blockdevs:#?}"
+    );
+    // A writable CD-ROM is refused.
+    s.disks[1].readonly = false;
+    let err = crate::validate::validate(&s).expect_err("writable cdrom");
+    assert!(
+        err.to_string().contains("disk iso1: a CD-ROM is read-only"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -180,6 +223,7 @@ fn declared_controller_slot_is_kept_and_adding_a_nic_moves_nothing() {
         kind: ControllerKind::Pvscsi,
         bus: 0,
         pci_slot: Some(5),
+        slot_number: None,
     }];
     let before = pci_layout(&s);
     assert_eq!(before.controllers[0].slot, Some(5));
@@ -188,6 +232,53 @@ fn declared_controller_slot_is_kept_and_adding_a_nic_moves_nothing() {
     let after = pci_layout(&s);
     assert_eq!(after.nic_slots, before.nic_slots);
     assert_eq!(after.balloon_slot, Some(17));
+}
+
+#[test]
+fn slot_numbers_put_devices_behind_root_ports_announcing_them() {
+    let mut s = sample();
+    s.machine = MachineType::Q35;
+    s.nics[0].slot_number = Some(160);
+    s.nics[1].slot_number = Some(192);
+    s.controllers = vec![Controller {
+        kind: ControllerKind::Pvscsi,
+        bus: 0,
+        pci_slot: None,
+        slot_number: Some(224),
+    }];
+    crate::validate::validate(&s).expect("valid");
+    let a = argv(&s);
+    assert_eq!(
+        values(&a, "-global"),
+        ["ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+    );
+    let devices = values(&a, "-device");
+    let expected = [
+        "pcie-root-port,id=slot224,bus=pcie.0,addr=0x10,chassis=1,slot=224",
+        "pvscsi,id=pvscsi0,bus=slot224",
+        "pcie-root-port,id=slot160,bus=pcie.0,addr=0x11,chassis=1,slot=160",
+        "vmxnet3,id=nic-ethernet0,netdev=net-ethernet0,mac=00:50:56:aa:bb:01,bus=slot160",
+        "pcie-root-port,id=slot192,bus=pcie.0,addr=0x14,chassis=1,slot=192",
+        "e1000,id=nic-ethernet1,netdev=net-ethernet1,mac=00:50:56:aa:bb:02,bus=slot192",
+    ];
+    for e in expected {
+        assert!(devices.contains(&e), "{e} not in {devices:#?}");
+    }
+    // Each root port comes right before the device behind it.
+    let at = |x: &str| devices.iter().position(|d| *d == x).expect("present");
+    assert_eq!(at(expected[0]) + 1, at(expected[1]));
+    assert_eq!(at(expected[4]) + 1, at(expected[5]));
+
+    // Without slot numbers, q35 keeps ACPI hotplug and bus-0 placement.
+    s.nics.iter_mut().for_each(|n| n.slot_number = None);
+    s.controllers[0].slot_number = None;
+    let a = argv(&s);
+    assert!(values(&a, "-global").is_empty());
+    assert!(!a.iter().any(|x| x.contains("pcie-root-port")), "{a:?}");
+    assert!(
+        values(&a, "-device").contains(&"pvscsi,id=pvscsi0,bus=pcie.0,addr=0x10"),
+        "{a:?}"
+    );
 }
 
 #[test]

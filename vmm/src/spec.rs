@@ -15,9 +15,10 @@
 //!   "controllers": [{"type": "pvscsi", "bus": 0, "pci_slot": 16}],
 //!   "disks": [{"name": "disk0", "path": "/var/lib/hvx/d0.qcow2", "format": "qcow2",
 //!              "controller": "pvscsi", "bus": 0, "unit": 0,
-//!              "readonly": false, "boot_order": 1}],
+//!              "readonly": false, "boot_order": 1}],     // "cdrom": true: a CD-ROM drive
 //!   "nics": [{"name": "ethernet0", "model": "vmxnet3", "mac": "00:50:56:01:02:03",
-//!             "pci_slot": 17, "backend": {"tap": {"name": "hvt0123456789ab"}}}],
+//!             "pci_slot": 17, "slot_number": 192,                // slot_number: q35 only
+//!             "backend": {"tap": {"name": "hvt0123456789ab"}}}],
 //!   "run_dir": "/run/hvx/web-1",                        // QMP, serial, VNC sockets, logs
 //!   "vnc": true, "balloon": false, "vmport": true, "svga": true,
 //!   "fw_cfg": {"opt/hvx/config": "ip.eth0=10.1.0.5/24\n"},
@@ -217,9 +218,14 @@ pub struct Controller {
     /// Bus number within its kind (scsi0, scsi1 ...).
     #[serde(default)]
     pub bus: u8,
-    /// PCI slot on bus 0 (ignored for IDE, which is part of the chipset).
+    /// PCI slot on bus 0 (ignored for IDE, which is part of the chipset). With
+    /// `slot_number`, the slot of the root port the controller sits behind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_slot: Option<u8>,
+    /// Guest-visible physical slot number (VMware's `pciSlotNumber`, 32 and up): the
+    /// controller sits behind its own PCIe root port announcing this number (q35 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_number: Option<u16>,
 }
 
 /// Disk image format.
@@ -268,6 +274,10 @@ pub struct Disk {
     /// Read-only disk.
     #[serde(default)]
     pub readonly: bool,
+    /// A CD/DVD drive holding the image (an ISO), not a hard disk: `scsi-cd` / `ide-cd`.
+    /// Must be read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cdrom: bool,
     /// Boot priority (1 first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_order: Option<u32>,
@@ -331,9 +341,14 @@ pub struct Nic {
     pub model: NicModel,
     /// MAC address, `xx:xx:xx:xx:xx:xx`.
     pub mac: String,
-    /// PCI slot on bus 0.
+    /// PCI slot on bus 0. With `slot_number`, the slot of the NIC's root port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_slot: Option<u8>,
+    /// Guest-visible physical slot number (VMware's `pciSlotNumber`, 32 and up; Linux
+    /// names the NIC `ens<N>` after it): the NIC sits behind its own PCIe root port
+    /// announcing this number (q35 only; see `argv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_number: Option<u16>,
     /// Host backend.
     pub backend: NicBackend,
 }

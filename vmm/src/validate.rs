@@ -78,6 +78,7 @@ pub fn validate(spec: &VmSpec) -> Result<()> {
     check_disks(spec, &mut errs);
     check_nics(spec, &mut errs);
     check_pci_slots(spec, &mut errs);
+    check_slot_numbers(spec, &mut errs);
     if errs.is_empty() {
         Ok(())
     } else {
@@ -122,6 +123,12 @@ fn check_disks(spec: &VmSpec, errs: &mut Vec<String>) {
                 "disk {}: path {} must be absolute",
                 d.name,
                 d.path.display()
+            ));
+        }
+        if d.cdrom && !d.readonly {
+            errs.push(format!(
+                "disk {}: a CD-ROM is read-only: set readonly",
+                d.name
             ));
         }
         let kind = d.controller;
@@ -255,6 +262,49 @@ fn check_nics(spec: &VmSpec, errs: &mut Vec<String>) {
     }
 }
 
+/// Lowest physical slot number a device may announce: below it are bus-0 slots, which
+/// `pci_slot` places directly.
+pub const SLOT_NUMBER_MIN: u16 = 32;
+/// Highest: the PCIe Slot Capabilities' Physical Slot Number field has 13 bits.
+pub const SLOT_NUMBER_MAX: u16 = 8191;
+
+fn check_slot_numbers(spec: &VmSpec, errs: &mut Vec<String>) {
+    let mut used: BTreeMap<u16, String> = BTreeMap::new();
+    let declared = spec
+        .controllers
+        .iter()
+        .filter_map(|c| {
+            c.slot_number
+                .map(|n| (n, format!("controller {}{}", c.kind.as_str(), c.bus)))
+        })
+        .chain(
+            spec.nics
+                .iter()
+                .filter_map(|n| n.slot_number.map(|s| (s, format!("NIC {}", n.name)))),
+        );
+    for (number, who) in declared {
+        if spec.machine != MachineType::Q35 {
+            errs.push(format!(
+                "{who}: slot_number {number} needs the q35 machine (on pc, Linux names slots after the device number)"
+            ));
+        }
+        if !(SLOT_NUMBER_MIN..=SLOT_NUMBER_MAX).contains(&number) {
+            errs.push(format!(
+                "{who}: slot_number {number} is out of range {SLOT_NUMBER_MIN}-{SLOT_NUMBER_MAX}"
+            ));
+        } else if let Some(other) = used.get(&number) {
+            errs.push(format!("{who} and {other} both claim slot_number {number}"));
+        } else {
+            used.insert(number, who);
+        }
+    }
+    for c in &spec.controllers {
+        if c.kind == ControllerKind::Ide && c.slot_number.is_some() {
+            errs.push("the IDE controller is part of the chipset and takes no slot_number".into());
+        }
+    }
+}
+
 fn check_pci_slots(spec: &VmSpec, errs: &mut Vec<String>) {
     let reserved = reserved_slots(spec.machine);
     let mut used: BTreeMap<u8, String> = BTreeMap::new();
@@ -334,6 +384,7 @@ mod tests {
             kind: ControllerKind::Pvscsi,
             bus: 0,
             pci_slot: Some(15),
+            slot_number: None,
         }];
         let e = errors(&s);
         assert!(
@@ -349,6 +400,41 @@ mod tests {
         );
         s.controllers[0].pci_slot = Some(40);
         assert!(errors(&s).iter().any(|m| m.contains("does not exist")));
+    }
+
+    #[test]
+    fn slot_numbers_need_q35_a_range_and_no_clash() {
+        let mut s = sample();
+        s.nics[0].slot_number = Some(160);
+        s.nics[1].slot_number = Some(160);
+        let e = errors(&s);
+        assert!(
+            e.iter()
+                .any(|m| m == "NIC ethernet0: slot_number 160 needs the q35 machine (on pc, Linux names slots after the device number)"),
+            "{e:?}"
+        );
+        s.machine = MachineType::Q35;
+        assert_eq!(
+            errors(&s),
+            ["NIC ethernet1 and NIC ethernet0 both claim slot_number 160"]
+        );
+        s.nics[1].slot_number = Some(31);
+        s.controllers = vec![Controller {
+            kind: ControllerKind::Pvscsi,
+            bus: 0,
+            pci_slot: None,
+            slot_number: Some(8192),
+        }];
+        assert_eq!(
+            errors(&s),
+            [
+                "controller pvscsi0: slot_number 8192 is out of range 32-8191",
+                "NIC ethernet1: slot_number 31 is out of range 32-8191",
+            ]
+        );
+        s.nics[1].slot_number = Some(192);
+        s.controllers[0].slot_number = Some(224);
+        assert!(errors(&s).is_empty(), "{:?}", errors(&s));
     }
 
     #[test]

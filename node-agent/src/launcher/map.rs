@@ -117,6 +117,7 @@ pub fn vm_spec_from_launch(
             bus: d.bus,
             unit: d.unit,
             readonly: d.read_only,
+            cdrom: d.cdrom,
             boot_order: d.boot_order,
         });
     }
@@ -137,14 +138,19 @@ pub fn vm_spec_from_launch(
             },
             mac: n.mac_address.clone(),
             pci_slot: n.pci_slot,
+            slot_number: n.pci_slot_number,
             backend: NicBackend::Tap {
                 name: resolved.tap.clone(),
             },
         });
         // The test guest (and hvx guest tooling) read static addresses from fw_cfg;
-        // guest NIC order follows PCI order, which follows declaration order here.
+        // guest NIC order follows PCI order, which follows declaration order here. A
+        // NIC with a slot number has the name Linux gives it from that slot.
         if let Some(ip) = &n.ip_address {
-            static_ips.push_str(&format!("ip.eth{i}={ip}\n"));
+            match n.pci_slot_number {
+                Some(slot) => static_ips.push_str(&format!("ip.ens{slot}={ip}\n")),
+                None => static_ips.push_str(&format!("ip.eth{i}={ip}\n")),
+            }
         }
     }
     // The VM's name for hvx guest tooling (a VMware guest keeps its own hostname on
@@ -175,7 +181,13 @@ pub fn vm_spec_from_launch(
             Accelerator::Kvm => AcceleratorChoice::Kvm,
             Accelerator::Tcg => AcceleratorChoice::Tcg,
         },
-        machine: MachineType::Pc,
+        // VMware's i440bx is closest to QEMU's i440fx `pc`; slot numbers need q35
+        // (hvx_vmm::argv explains why; the CRD refuses them with IDE disks).
+        machine: if uses_slot_numbers(vm) {
+            MachineType::Q35
+        } else {
+            MachineType::Pc
+        },
         controllers: vm
             .controllers
             .iter()
@@ -184,6 +196,7 @@ pub fn vm_spec_from_launch(
                 kind: kind(c.type_),
                 bus: c.bus,
                 pci_slot: c.pci_slot,
+                slot_number: c.pci_slot_number,
             })
             .collect(),
         disks,
@@ -204,6 +217,16 @@ pub fn vm_spec_from_launch(
         },
         shutdown_timeout_s: vm.shutdown_grace_seconds,
     })
+}
+
+/// True if a NIC or controller carries a VMware slot number (the VM then needs q35).
+fn uses_slot_numbers(vm: &hvx_api::VirtualMachine) -> bool {
+    vm.nics.iter().any(|n| n.pci_slot_number.is_some())
+        || vm
+            .controllers
+            .iter()
+            .flatten()
+            .any(|c| c.pci_slot_number.is_some())
 }
 
 /// A LaunchSpec fixture shared by the launcher's tests.
@@ -266,6 +289,34 @@ mod tests {
             "hostname=web\nip.eth0=10.1.0.5/24\n"
         );
         assert_eq!(spec.restart_policy.policy, RestartKind::Always);
+        hvx_vmm::validate(&spec).expect("mapped spec is valid");
+    }
+
+    #[test]
+    fn vmware_slot_numbers_choose_q35_and_name_the_static_address_by_slot() {
+        let r = DirResolver {
+            dir: PathBuf::from("/d"),
+        };
+        let spec = vm_spec_from_launch(&launch(), Path::new("/run/hvx"), &r).expect("maps");
+        assert_eq!(spec.machine, MachineType::Pc);
+        assert_eq!(spec.nics[0].slot_number, None);
+
+        let mut ls = launch();
+        ls.vm.nics[0].pci_slot_number = Some(192);
+        ls.vm.controllers = Some(vec![hvx_api::DiskController {
+            type_: ControllerType::Pvscsi,
+            bus: 0,
+            pci_slot: Some(16),
+            pci_slot_number: Some(160),
+        }]);
+        let spec = vm_spec_from_launch(&ls, Path::new("/run/hvx"), &r).expect("maps");
+        assert_eq!(spec.machine, MachineType::Q35);
+        assert_eq!(spec.nics[0].slot_number, Some(192));
+        assert_eq!(spec.controllers[0].slot_number, Some(160));
+        assert_eq!(
+            spec.fw_cfg["opt/hvx/config"],
+            "hostname=web\nip.ens192=10.1.0.5/24\n"
+        );
         hvx_vmm::validate(&spec).expect("mapped spec is valid");
     }
 

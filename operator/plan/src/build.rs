@@ -311,6 +311,23 @@ mod tests {
     }
 
     #[test]
+    fn launch_spec_carries_slot_numbers_and_cdroms_to_the_launcher() {
+        let mut app = app();
+        app.spec.vms[0].nics[0].pci_slot_number = Some(192);
+        app.spec.vms[0].disks[0].cdrom = true;
+        app.spec.vms[0].disks[0].read_only = true;
+        let vm = &app.spec.vms[0];
+        let ls = launch_spec(&app, vm, &resolved()).expect("resolved");
+        // The launcher reads the JSON form: the fields must survive it.
+        let json = serde_json::to_value(&ls).expect("serialises");
+        assert_eq!(json["vm"]["nics"][0]["pciSlotNumber"], 192);
+        assert_eq!(json["vm"]["disks"][0]["cdrom"], true);
+        let back: LaunchSpec = serde_json::from_value(json).expect("parses");
+        assert_eq!(back.vm.nics[0].pci_slot_number, Some(192));
+        assert!(back.vm.disks[0].cdrom);
+    }
+
+    #[test]
     fn launch_spec_waits_for_missing_references() {
         let app = app();
         let vm = &app.spec.vms[0];
