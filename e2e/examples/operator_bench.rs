@@ -11,7 +11,11 @@
 //! started: the time until every status shows the new generation is how long a
 //! restarted (or newly elected) operator takes to settle them all.
 //!
-//! `cargo run -p hvx-e2e --example operator_bench -- [N]`; prints `BENCH {json}` lines.
+//! `cargo run --release -p hvx-e2e --example operator_bench -- [N]` with
+//! `HVX_OPERATOR_BIN` naming the operator binary (default `target/debug/hvx-operator`;
+//! `bench/cluster/run.sh` uses release builds); prints `BENCH {json}` lines, and to
+//! stderr the API server's watch delivery time (twice in every reconcile latency).
+//! `HVX_BENCH_METRICS=127.0.0.1:PORT` serves the operator's metrics while it runs.
 
 use futures::{StreamExt, TryStreamExt};
 use hvx_api::VmApplication;
@@ -127,13 +131,22 @@ async fn main() -> anyhow::Result<()> {
     // Watch for observedGeneration before creating anything.
     let apps: Api<VmApplication> = Api::namespaced(client.clone(), NS);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    // First sight of each application through the watch (the API server's own watch
+    // delivery, which every reconcile latency includes twice), for the log.
+    let first_seen: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
     let watch = tokio::spawn({
         let apps = apps.clone();
+        let first_seen = first_seen.clone();
         async move {
             let mut s = watcher(apps, watcher::Config::default())
                 .applied_objects()
                 .boxed();
             while let Ok(Some(a)) = s.try_next().await {
+                first_seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(a.metadata.name.clone().unwrap_or_default())
+                    .or_insert_with(Instant::now);
                 if a.status
                     .as_ref()
                     .and_then(|s| s.observed_generation)
@@ -182,6 +195,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let all_done = started.elapsed().as_secs_f64();
+    {
+        let seen_at = first_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut delivery: Vec<f64> = created
+            .iter()
+            .filter_map(|(name, c)| {
+                Some(
+                    seen_at
+                        .get(name)?
+                        .saturating_duration_since(*c)
+                        .as_secs_f64()
+                        * 1000.0,
+                )
+            })
+            .collect();
+        delivery.sort_by(f64::total_cmp);
+        eprintln!(
+            "watch delivery after the create returned: p50 {:.0} ms, p95 {:.0} ms",
+            pct(&delivery, 0.5),
+            pct(&delivery, 0.95)
+        );
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let loaded_kib = rss_kib(&op) as f64;
     watch.abort();
