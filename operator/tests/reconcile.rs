@@ -43,10 +43,20 @@ fn context_with_networks(
     pods: Vec<Pod>,
     networks: Vec<VirtualNetwork>,
 ) -> (Arc<Context>, ApiHandle) {
+    context_with_nodes(apps, pods, networks, vec![], OperatorConfig::default())
+}
+
+fn context_with_nodes(
+    apps: Vec<VmApplication>,
+    pods: Vec<Pod>,
+    networks: Vec<VirtualNetwork>,
+    nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    config: OperatorConfig,
+) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let stores = Stores {
-        nodes: store_of(vec![]),
+        nodes: store_of(nodes),
         pods: store_of(pods),
         migrations: store_of(vec![]),
         networks: store_of(networks),
@@ -55,7 +65,7 @@ fn context_with_networks(
     };
     let ctx = Context::with_metrics(
         client,
-        OperatorConfig::default(),
+        config,
         Reporter {
             controller: "test".into(),
             instance: None,
@@ -585,4 +595,71 @@ async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
         .iter()
         .any(|(m, p, b)| m == Method::POST && p.contains("/events") && b["reason"] == "Migrated");
     assert!(migrated, "a Migrated event");
+}
+
+/// A node whose agent reported ready, at `ip`.
+fn agent_node(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"hvx.dev/agent": "ready"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+    }))
+    .expect("node")
+}
+
+#[tokio::test]
+async fn cleanup_waits_for_a_node_whose_agent_is_unreachable_and_skips_a_node_that_is_gone() {
+    // The application's pods are gone; its overlays may still be on every agent node.
+    let obj = app(true, true);
+    let mut config = OperatorConfig::default();
+    // Nothing listens on port 1: the agent is down (connection refused at once).
+    config.agents.port = 1;
+    config.agents.timeout = Duration::from_secs(2);
+    let (ctx, handle) = context_with_nodes(
+        vec![obj.clone()],
+        vec![],
+        vec![],
+        vec![agent_node("n1", "127.0.0.1")],
+        config.clone(),
+    );
+    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("the pass ends");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let err = result.expect_err("an unreachable agent that may hold overlays is an error");
+    assert!(err.to_string().contains("n1"), "names the node: {err}");
+    assert!(
+        !seen
+            .iter()
+            .any(|(m, p, _)| *m == Method::PATCH && p.ends_with("/vmapplications/shop")),
+        "the finalizer stays while a node may hold the overlays: {seen:?}"
+    );
+
+    // The node left the cluster (deleted): nothing of the VM can be there any more,
+    // and the finalizer goes.
+    let (ctx, handle) = context_with_nodes(vec![obj.clone()], vec![], vec![], vec![], config);
+    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let action = tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("the pass ends")
+    .expect("cleanup with the node gone is done");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    assert_eq!(action, Action::await_change());
+    let removal = seen
+        .iter()
+        .find(|(m, p, _)| *m == Method::PATCH && p.ends_with("/vmapplications/shop"))
+        .unwrap_or_else(|| panic!("the finalizer is removed: {seen:?}"));
+    assert!(
+        removal.2.to_string().contains("remove"),
+        "a JSON patch removing the finalizer: {}",
+        removal.2
+    );
 }
