@@ -64,10 +64,11 @@ pub enum FirstApply {
     /// state outside Kubernetes (agents' networks, disk bases, migrations), which
     /// only the finalizer's cleanup would remove.
     AfterFinalizer,
-    /// While the finalizer is being added, both requests in flight at once: for a
-    /// pass that makes nothing but objects owned through ownerReferences (garbage
-    /// collected should the object go before the finalizer lands) and its status.
-    /// A new object then gets its first status one API round trip sooner.
+    /// Before the finalizer is added (in the same pass, with no watch round trip in
+    /// between): for a pass that makes nothing but objects owned through
+    /// ownerReferences (garbage collected should the object go before the finalizer
+    /// lands) and its status. A new object then gets its first status one API round
+    /// trip sooner.
     WithFinalizer,
 }
 
@@ -115,10 +116,16 @@ where
             Ok(updated) => return apply(Arc::new(updated)).await,
             Err(e) => e,
         },
-        FirstApply::WithFinalizer => match futures::join!(add, apply(obj)) {
-            (Ok(_), applied) => return applied,
-            (Err(e), _) => e,
-        },
+        FirstApply::WithFinalizer => {
+            // The pass first, then the finalizer: two writes to one object at once make
+            // the API server retry one of them internally (both commit against the
+            // same revision), which delays the status the user waits for.
+            let applied = apply(obj).await;
+            match add.await {
+                Ok(_) => return applied,
+                Err(e) => e,
+            }
+        }
     };
     match added {
         // The cache was behind (the finalizers differ from what it holds: a failed
