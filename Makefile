@@ -12,7 +12,7 @@ export KUBECONFIG_HVX := $(CURDIR)/$(OUT)/kubeconfig
 
 .PHONY: deps build generate check-generated fmt lint test test-unit test-integration \
         test-cluster e2e e2e-kind bench images chart-lint cluster-up cluster-down demo \
-        guest-image deny clean cluster-down-check fuzz test-mark
+        guest-image deny clean cluster-down-check fuzz fuzz-smoke test-mark
 
 deps: ## system packages (apt, bookworm + backports)
 	hack/install-deps.sh
@@ -36,7 +36,7 @@ lint: deps
 	cd fuzz && cargo fmt -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: test-mark lint check-generated test-unit test-integration test-cluster chart-lint e2e cluster-down-check ## every tier, as CI runs it
+test: test-mark lint check-generated deny test-unit fuzz-smoke test-integration test-cluster chart-lint e2e cluster-down-check ## every tier, as CI runs it
 
 test-mark: ## when this run began: cluster-down-check fails on QEMU/qemu-img/dnsmasq/shim/kubelet processes started since
 	mkdir -p $(OUT) && date +%s > $(OUT)/test-started
@@ -88,11 +88,14 @@ bench: deps guest-image cluster-up images
 demo: cluster-up images
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/demo.sh
 
-deny:
-	cargo deny check
+deny: deps ## licences, bans, sources (and RustSec advisories where the database is reachable)
+	hack/deny.sh
 
-fuzz: ## OVF/VMX/manifest parsers (nightly + cargo-fuzz)
-	cd fuzz && for t in ovf vmx manifest; do cargo +nightly fuzz run $$t -- -max_total_time=60; done
+fuzz-smoke: deps ## every fuzz target for 20 s from its seeds (HVX_FUZZ_SECONDS to change)
+	hack/fuzz-smoke.sh
+
+fuzz: ## every fuzz target for 10 minutes
+	hack/fuzz-smoke.sh 600
 
 clean: cluster-down
 	rm -rf target $(OUT)
