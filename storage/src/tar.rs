@@ -85,8 +85,10 @@ pub fn index<R: Read + Seek>(r: &mut R, path: &Path) -> Result<Vec<Member>> {
         let size = parse_numeric(&header[124..136])
             .ok_or_else(|| ova_err(path, format!("bad size field at offset {pos}")))?;
         let data = pos + BLOCK;
-        let next = data
-            .checked_add(size.next_multiple_of(BLOCK))
+        // A base-256 size field can hold nearly u64::MAX: every sum is checked.
+        let next = size
+            .checked_next_multiple_of(BLOCK)
+            .and_then(|padded| data.checked_add(padded))
             .ok_or_else(|| ova_err(path, "member size overflows"))?;
         if data + size > len {
             return Err(ova_err(
@@ -239,5 +241,22 @@ mod tests {
         let h = ustar_header("big", 10 << 30, 0).unwrap();
         assert_eq!(parse_numeric(&h[124..136]), Some(10 << 30));
         assert!(header_checksum_ok(&h));
+    }
+
+    /// A base-256 size of nearly u64::MAX with a valid checksum: an error, not an
+    /// arithmetic overflow (a panic in debug builds, a wrapped bogus member in release).
+    #[test]
+    fn a_size_near_u64_max_is_refused() {
+        let mut h = ustar_header("huge", 1, 0).unwrap();
+        h[124] = 0x80;
+        h[125..128].fill(0);
+        h[128..136].fill(0xff);
+        h[148..156].fill(b' ');
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        assert!(header_checksum_ok(&h));
+        assert_eq!(parse_numeric(&h[124..136]), Some(u64::MAX));
+        let err = index(&mut Cursor::new(&h[..]), Path::new("t.ova")).unwrap_err();
+        assert!(err.to_string().contains("overflow"), "{err}");
     }
 }
