@@ -30,12 +30,15 @@ pub fn stamp(path: &Path) -> Result<FileStamp, Error> {
     })
 }
 
+/// What was loaded, and the files' stamps when it was.
+type Loaded = ((FileStamp, FileStamp), Arc<CertifiedKey>);
+
 /// A server certificate (`tls.crt`) and key (`tls.key`) re-read when they change.
 pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<CryptoProvider>,
-    loaded: Mutex<Option<((FileStamp, FileStamp), Arc<CertifiedKey>)>>,
+    loaded: Mutex<Option<Loaded>>,
 }
 
 impl std::fmt::Debug for ReloadingCert {
