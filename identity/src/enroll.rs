@@ -63,7 +63,7 @@ pub struct Enroller {
 const CHECK_EVERY: Duration = Duration::from_secs(3600);
 /// Retry delays while the operator cannot issue (it may not be up yet).
 const RETRY_FIRST: Duration = Duration::from_secs(2);
-const RETRY_MAX: Duration = Duration::from_secs(60);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl Enroller {
     fn host_port(&self) -> Result<(String, String), Error> {
@@ -244,7 +244,7 @@ impl Enroller {
     }
 
     /// Keeps the files current forever: enrols when there is no usable certificate or
-    /// it is past half life, retrying with backoff (2 s doubling to 60 s) and a log line
+    /// it is past half life, retrying with backoff (2 s doubling to 10 s: agents start before the operator, and VMs wait for them) and a log line
     /// per failure; otherwise looks again within the hour (and refreshes the CA bundle).
     pub async fn run(self) {
         let mut retry = RETRY_FIRST;
