@@ -17,10 +17,6 @@ pub const DEFAULT_RUN_ROOT: &str = "/run/hvx";
 pub const AGENT_PORT: u16 = 9443;
 /// Default Prometheus metrics port of the agent (host network).
 pub const AGENT_METRICS_PORT: u16 = 9444;
-/// Server name the agent's TLS certificate carries and the operator verifies
-/// (agents are dialled by node IP, which certificates do not list).
-pub const AGENT_TLS_SERVER_NAME: &str = "hvx-agent";
-
 /// A node's hvx directories.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodePaths {

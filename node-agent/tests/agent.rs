@@ -453,7 +453,8 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// CA, agent server cert (SAN hvx-agent) and operator client cert, as the chart makes.
+/// CA, an agent server certificate (SAN hvx-agent) and the operator's client-only
+/// certificate (SAN hvx-operator), as files an agent started with --tls-dir reads.
 fn make_certs(dir: &Path) {
     openssl(
         dir,
@@ -481,7 +482,11 @@ fn make_certs(dir: &Path) {
             "hvx-agent",
             "subjectAltName=DNS:hvx-agent\nextendedKeyUsage=serverAuth",
         ),
-        ("client", "hvx-operator", "extendedKeyUsage=clientAuth"),
+        (
+            "client",
+            "hvx-operator",
+            "subjectAltName=DNS:hvx-operator\nextendedKeyUsage=clientAuth",
+        ),
     ] {
         std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext");
         openssl(

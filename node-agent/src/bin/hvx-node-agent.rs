@@ -9,7 +9,7 @@ use hvx_proto::v1::node_agent_server::NodeAgentServer;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,10 +36,28 @@ struct Cli {
     /// Runtime root (VM run dirs, overlay state).
     #[arg(long, default_value = hvx_api::node::DEFAULT_RUN_ROOT)]
     run_root: PathBuf,
-    /// Directory with ca.crt, tls.crt, tls.key: serve mutual TLS (clients need a
-    /// certificate signed by ca.crt). Without it the agent serves plaintext.
+    /// Directory with ca.crt, tls.crt, tls.key: serve mutual TLS to the operator's
+    /// client identity only (a certificate chained to ca.crt naming hvx-operator, for
+    /// client authentication only). The files are re-read when they change. With
+    /// --issuer-url the agent writes them itself. Without it the agent serves plaintext.
     #[arg(long, env = "HVX_AGENT_TLS_DIR")]
     tls_dir: Option<PathBuf>,
+    /// The operator's certificate endpoint (`https://hvx-identity.<namespace>.svc:9445`):
+    /// the agent makes its key in --tls-dir and gets this node's certificate there, at
+    /// start and at half life. Needs --tls-dir.
+    #[arg(long, env = "HVX_ISSUER_URL", requires = "tls_dir")]
+    issuer_url: Option<String>,
+    /// The projected ServiceAccount token (audience hvx-operator) that proves this
+    /// agent's node to the operator.
+    #[arg(
+        long,
+        env = "HVX_TOKEN_FILE",
+        default_value = "/var/run/secrets/hvx/token"
+    )]
+    token_file: PathBuf,
+    /// The operator's namespace: where it publishes the CA bundle (ConfigMap hvx-agent-ca).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "hvx-system")]
+    namespace: String,
     /// MTU of the underlay between nodes (default: the MTU of the interface that
     /// holds --node-ip).
     #[arg(long)]
@@ -103,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    hvx_identity::install_crypto_provider();
     let config = AgentConfig {
         underlay_mtu: cli
             .underlay_mtu
@@ -208,24 +227,55 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.metrics_listen))?;
     tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
 
-    let mut server = Server::builder();
-    if let Some(dir) = &cli.tls_dir {
-        let read = |f: &str| {
-            std::fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
-        };
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?))
-            .client_ca_root(Certificate::from_pem(read("ca.crt")?));
-        server = server.tls_config(tls).context("TLS configuration")?;
-        tracing::info!(dir = %dir.display(), "serving mutual TLS");
-    } else {
-        tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
-    }
-    tracing::info!(listen = %cli.listen, "serving");
-    server
-        .add_service(NodeAgentServer::new(AgentService { agent }))
-        .serve_with_shutdown(cli.listen, shutdown_signal())
+    let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
-        .context("gRPC server")?;
+        .with_context(|| format!("binding {}", cli.listen))?;
+    let service = NodeAgentServer::new(AgentService { agent });
+    tracing::info!(listen = %cli.listen, "serving");
+    match &cli.tls_dir {
+        Some(dir) => {
+            if let Some(url) = &cli.issuer_url {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("Kubernetes client (for the CA bundle)")?;
+                let enroller = hvx_identity::enroll::Enroller {
+                    dir: dir.clone(),
+                    node: cli.node_name.clone(),
+                    url: url.clone(),
+                    server_name: None,
+                    token_file: cli.token_file.clone(),
+                    ca: hvx_identity::enroll::CaSource::ConfigMap {
+                        client,
+                        namespace: cli.namespace.clone(),
+                    },
+                };
+                // Until the first certificate arrives handshakes fail (and are logged);
+                // an agent restarted with a valid certificate on disk serves at once.
+                tokio::spawn(enroller.run());
+            }
+            let tls =
+                hvx_identity::verify::agent_server_config(dir).context("TLS configuration")?;
+            tracing::info!(dir = %dir.display(), "serving mutual TLS to the operator's identity only");
+            Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    hvx_identity::verify::incoming(listener, tls),
+                    shutdown_signal(),
+                )
+                .await
+                .context("gRPC server")?;
+        }
+        None => {
+            tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
+            Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown_signal(),
+                )
+                .await
+                .context("gRPC server")?;
+        }
+    }
     Ok(())
 }

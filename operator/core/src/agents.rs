@@ -1,5 +1,8 @@
 //! gRPC clients of the node agents: one lazily connected channel per node, dialled at
-//! the node's InternalIP (agents use the host network) over mutual TLS.
+//! the node's InternalIP (agents use the host network) over mutual TLS. The operator
+//! presents its client-only identity and requires the agent's certificate to name the
+//! node it dialled (`<node>.agent.hvx`); when its identity is renewed, channels are
+//! rebuilt on next use (calls in flight finish on the old one).
 //!
 //! [`Agent`] is the one way the operator calls an agent: one method per RPC, with the
 //! deadline, the retries of the transient codes agent.proto names (unary calls only: a
@@ -12,7 +15,6 @@ use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_client::NodeAgentClient;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -26,9 +28,9 @@ pub type AgentClient = Agent;
 pub struct AgentSettings {
     /// Agent gRPC port on every node.
     pub port: u16,
-    /// Directory with `ca.crt`, `tls.crt`, `tls.key` (the operator's client
-    /// certificate); `None` = plaintext (development only).
-    pub tls_dir: Option<PathBuf>,
+    /// The operator's client identity and the CA agents chain to (renewed in place);
+    /// `None` = plaintext (development only).
+    pub tls: Option<Arc<hvx_identity::ca::OperatorCredentials>>,
     /// Per-call deadline for unary calls (and for a stream's first answer).
     pub timeout: Duration,
 }
@@ -37,17 +39,18 @@ impl Default for AgentSettings {
     fn default() -> Self {
         Self {
             port: hvx_api::node::AGENT_PORT,
-            tls_dir: None,
+            tls: None,
             timeout: Duration::from_secs(crate::defaults::AGENT_TIMEOUT_SECONDS),
         }
     }
 }
 
-/// Channels by node, rebuilt when a node's address changes.
+/// Channels by node, rebuilt when a node's address or the operator's identity changes.
 #[derive(Debug, Default)]
 pub struct AgentPool {
     settings: AgentSettings,
-    channels: Mutex<BTreeMap<String, (String, Channel)>>,
+    /// node -> (address, identity generation, channel)
+    channels: Mutex<BTreeMap<String, (String, u64, Channel)>>,
 }
 
 impl AgentPool {
@@ -59,23 +62,19 @@ impl AgentPool {
         }
     }
 
-    fn tls(&self) -> Result<Option<ClientTlsConfig>, Error> {
-        let Some(dir) = &self.settings.tls_dir else {
-            return Ok(None);
-        };
-        let read = |f: &str| {
-            std::fs::read(dir.join(f)).map_err(|e| Error::Agent {
-                node: String::new(),
-                call: "connect",
-                code: Code::FailedPrecondition,
-                message: format!("reading TLS file {}: {e}", dir.join(f).display()),
-            })
-        };
-        Ok(Some(
+    /// The TLS configuration for dialling `node`'s agent and the identity generation
+    /// it was made from.
+    fn tls(&self, node: &str) -> Option<(u64, ClientTlsConfig)> {
+        let creds = self.settings.tls.as_ref()?.current();
+        Some((
+            creds.generation,
             ClientTlsConfig::new()
-                .domain_name(hvx_api::node::AGENT_TLS_SERVER_NAME)
-                .ca_certificate(Certificate::from_pem(read("ca.crt")?))
-                .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?)),
+                .domain_name(hvx_identity::agent_server_name(node))
+                .ca_certificate(Certificate::from_pem(&creds.ca_pem))
+                .identity(Identity::from_pem(
+                    &creds.identity.cert_pem,
+                    &creds.identity.key_pem,
+                )),
         ))
     }
 
@@ -86,17 +85,16 @@ impl AgentPool {
         ip: &str,
         metrics: &Arc<Metrics>,
     ) -> Result<AgentClient, Error> {
+        let tls = self.tls(node);
+        let generation = tls.as_ref().map_or(0, |(g, _)| *g);
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((known_ip, ch)) = map.get(node)
+        if let Some((known_ip, known_generation, ch)) = map.get(node)
             && known_ip == ip
+            && *known_generation == generation
         {
             return Ok(Agent::new(node, ch.clone(), self.settings.timeout, metrics));
         }
-        let scheme = if self.settings.tls_dir.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let host = if ip.contains(':') {
             format!("[{ip}]")
         } else {
@@ -113,13 +111,13 @@ impl AgentPool {
             .connect_timeout(Duration::from_secs(5))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(30));
-        if let Some(tls) = self.tls()? {
+        if let Some((_, tls)) = tls {
             ep = ep
                 .tls_config(tls)
                 .map_err(|e| agent_err(format!("TLS configuration: {e}")))?;
         }
         let ch = ep.connect_lazy();
-        map.insert(node.to_string(), (ip.to_string(), ch.clone()));
+        map.insert(node.to_string(), (ip.to_string(), generation, ch.clone()));
         Ok(Agent::new(node, ch, self.settings.timeout, metrics))
     }
 

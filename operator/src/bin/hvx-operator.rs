@@ -32,10 +32,16 @@ struct Args {
     /// Deadline of one call to a node agent (and of a stream's first answer), seconds.
     #[arg(long, env = "HVX_AGENT_TIMEOUT_SECONDS", default_value_t = defaults::AGENT_TIMEOUT_SECONDS)]
     agent_timeout_seconds: u64,
-    /// Directory with ca.crt, tls.crt and tls.key: the client certificate for mutual
-    /// TLS with the agents. Without it, agents are called in plaintext (development).
-    #[arg(long, env = "HVX_AGENT_TLS_DIR")]
-    agent_tls_dir: Option<std::path::PathBuf>,
+    /// Directory of the CA (the hvx-ca Secret: tls.crt and tls.key, the CA's certificate
+    /// and key; ca.crt, the bundle to trust). The operator mints its client-only
+    /// certificate from it, signs agents' certificates on --identity-listen and publishes
+    /// ca.crt for agents (ConfigMap hvx-agent-ca). Without it, agents are called in
+    /// plaintext (development).
+    #[arg(long, env = "HVX_CA_DIR")]
+    ca_dir: Option<std::path::PathBuf>,
+    /// Where agents ask for their certificates (the `hvx-identity` Service targets it).
+    #[arg(long, env = "HVX_IDENTITY_LISTEN", default_value = "0.0.0.0:9445")]
+    identity_listen: std::net::SocketAddr,
     /// Directory for disk uploads (`kubectl hvx import --upload`); unset disables them.
     #[arg(long, env = "HVX_UPLOAD_DIR")]
     upload_dir: Option<std::path::PathBuf>,
@@ -92,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    hvx_identity::install_crypto_provider();
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -110,6 +117,30 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("every hvx object deleted");
         return Ok(());
     }
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "hvx-system".into());
+    let agent_tls = match &args.ca_dir {
+        Some(dir) => {
+            let tls = std::sync::Arc::new(
+                hvx_identity::issuer::OperatorTls::load_default(dir.clone(), &namespace)
+                    .with_context(|| format!("loading the CA from {}", dir.display()))?,
+            );
+            tokio::spawn(tls.clone().maintain(Some(client.clone())));
+            let listener = tokio::net::TcpListener::bind(args.identity_listen)
+                .await
+                .with_context(|| format!("binding --identity-listen {}", args.identity_listen))?;
+            tracing::info!(listen = %args.identity_listen, "serving agent certificates");
+            // Every replica, leader or not: agents must get certificates before anything
+            // else works.
+            let (issuer_tls, reviewer) = (tls.clone(), std::sync::Arc::new(client.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = hvx_identity::issuer::serve(listener, issuer_tls, reviewer).await {
+                    tracing::error!(error = %e, "agent certificate endpoint stopped");
+                }
+            });
+            Some(tls.credentials.clone())
+        }
+        None => None,
+    };
     let mut config = OperatorConfig {
         launcher_image: args.launcher_image,
         image_pull_policy: args.image_pull_policy,
@@ -117,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         require_agent_label: args.require_agent_label,
         agents: hvx_operator::agents::AgentSettings {
             port: args.agent_port,
-            tls_dir: args.agent_tls_dir,
+            tls: agent_tls,
             timeout: std::time::Duration::from_secs(args.agent_timeout_seconds.max(1)),
         },
         upload: None,
@@ -159,8 +190,8 @@ async fn main() -> anyhow::Result<()> {
         ));
         config.upload = Some(settings);
     }
-    if config.agents.tls_dir.is_none() {
-        tracing::warn!("--agent-tls-dir not set: node agents are called without TLS");
+    if config.agents.tls.is_none() {
+        tracing::warn!("--ca-dir not set: node agents are called without TLS");
     }
     let metrics = std::sync::Arc::new(hvx_operator::metrics::Metrics::default());
     if !args.metrics_listen.is_empty() {
@@ -172,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| "hvx-operator-local".into());
     let election = hvx_operator::leader::Election {
-        namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "hvx-system".into()),
+        namespace,
         name: "hvx-operator".into(),
         identity: identity.clone(),
         duration: std::time::Duration::from_secs(15),
