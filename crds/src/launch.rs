@@ -108,6 +108,31 @@ pub fn tap_name(vm_id: &str, nic: &str) -> String {
     )
 }
 
+/// A VM's launcher pod name: `<app>-<vm>`, shortened with a hash when over 63
+/// characters. The operator names pods so and trusts no other name.
+pub fn pod_name(app: &str, vm: &str) -> String {
+    let name = format!("{app}-{vm}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let hash = format!("{:08x}", fnv1a(&name) as u32);
+    format!("{}-{hash}", &name[..54].trim_end_matches('-'))
+}
+
+/// A live migration's target pod name: the VM's pod name and 6 alphanumerics of the
+/// migration's uid.
+pub fn target_pod_name(app: &str, vm: &str, migration_uid: &str) -> String {
+    let base = pod_name(app, vm);
+    let suffix: String = migration_uid
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(6)
+        .collect();
+    let keep = 63 - suffix.len() - 1;
+    let base: String = base.chars().take(keep).collect();
+    format!("{}-{suffix}", base.trim_end_matches('-'))
+}
+
 /// FNV-1a, 64 bit: tiny, stable across Rust versions (unlike `DefaultHasher`).
 pub fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

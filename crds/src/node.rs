@@ -55,6 +55,12 @@ impl NodePaths {
         self.run.join("vms").join(vm_key(vm_id))
     }
 
+    /// The agent's Unix socket where launchers have their launch spec's seal checked
+    /// (`hvx-node-agent`'s `sealcheck`).
+    pub fn seal_socket(&self) -> PathBuf {
+        self.run.join("seal.sock")
+    }
+
     /// Parent of every VM run dir (the agent lists it to find running VMs).
     pub fn vms_dir(&self) -> PathBuf {
         self.run.join("vms")

@@ -25,6 +25,10 @@ fn start_operator(client: &kube::Client) -> tokio::task::JoinHandle<()> {
         // is what lets this test observe dependency ordering deterministically.
         require_agent_label: true,
         agents: Default::default(),
+        // One key across the restart below, as the chart's Secret is.
+        seal_key: Some(hvx_api::seal::SealKey::new(
+            b"e2e-operator-test-seal-key-0123456789",
+        )),
         ..Default::default()
     };
     tokio::spawn(hvx_operator::run::run(

@@ -3,11 +3,14 @@
 //! `hack/samples-server.sh`): the examples/ two-VM application imports its disks on
 //! the nodes, boots both VMs under TCG on different nodes, they get DHCP addresses and
 //! reach each other over the overlay; killing the operator and one agent leaves the
-//! VMs running; deleting the application leaves nothing on any node.
+//! VMs running; a user of another namespace with only `edit` there cannot touch them
+//! (`tenancy/attacks.rs`); deleting the application leaves nothing on any node.
 //!
 //! The guests are driven through their serial consoles, whose sockets the launcher
 //! keeps in the node's run dir (this host, for the local cluster).
 
+#[path = "tenancy/attacks.rs"]
+mod attacks;
 mod common;
 
 use common::guest::*;
@@ -117,6 +120,21 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     )
     .await;
     assert!(ok, "db -> web ping failed:\n{out}");
+
+    // Another namespace's user with `edit` there attacks db; nothing may change.
+    attacks::attacks_from_another_namespace_fail(
+        &client,
+        &attacks::Victim {
+            ns: NS.into(),
+            app_uid: app_uid.clone(),
+            vm: "db".into(),
+            node: db.1.clone(),
+            nic: "ethernet0".into(),
+            disks: vec!["root".into()],
+        },
+    )
+    .await;
+    assert_web_reaches_db(&web_dir, "after the attacks").await;
 
     // Kill the agent of web's node: the VM keeps running (same QEMU, same boot).
     let boot_before = guest_boot_id(&web_dir).expect("web boot id in serial log");

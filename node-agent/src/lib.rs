@@ -2,3 +2,4 @@
 #![forbid(unsafe_code)]
 pub mod agent;
 pub mod launcher;
+pub mod sealcheck;

@@ -113,6 +113,8 @@ impl TestNode {
             .args(["--node-name", name, "--node-ip", NODE_IP])
             .arg(format!("--listen={NODE_IP}:{port}"))
             .arg(format!("--metrics-listen={NODE_IP}:{}", port + 1))
+            // Two agents may share this netns (and its loopback).
+            .arg(format!("--vm-metrics-listen=127.0.0.1:{}", port + 2))
             .arg(format!("--store-root={}", root.join("lib").display()))
             .arg(format!("--run-root={}", root.join("run").display()))
             .args(["--label-node", "false"])

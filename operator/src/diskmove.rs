@@ -29,18 +29,16 @@ use hvx_api::launch::LaunchSpec;
 use hvx_proto::v1 as pb;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+
 use kube::runtime::events::EventType;
 use pb::overlay_chunk::Part;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// On a launcher pod: the node holding the VM's disks, to be moved to wherever the
-/// pod is bound.
-pub const ANNOTATION_DISKS_ON: &str = "hvx.dev/disks-on";
-/// On a launcher pod: the node its disks were moved from, whose copy is deleted once
-/// the VM runs.
-pub const ANNOTATION_DISKS_MOVED_FROM: &str = "hvx.dev/disks-moved-from";
+use hvx_api::seal::Sealed;
+/// Both annotations are sealed (`hvx_api::seal`): pods reach this module only once
+/// their seals are checked (`stores`), and every change here writes the seal with it.
+pub use hvx_api::seal::{ANNOTATION_DISKS_MOVED_FROM, ANNOTATION_DISKS_ON};
 
 pub use hvx_operator_core::context::MoveState;
 
@@ -325,15 +323,12 @@ pub async fn pin_or_move(
     })
 }
 
-async fn annotate(ctx: &Context, pod: &Pod, annotations: serde_json::Value) -> Result<(), Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
-    pods.patch(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&serde_json::json!({"metadata": {"annotations": annotations}})),
-    )
-    .await?;
-    Ok(())
+async fn annotate(
+    ctx: &Context,
+    pod: &Pod,
+    changes: &[(Sealed, Option<&str>)],
+) -> Result<(), Error> {
+    crate::trust::patch_sealed(ctx, pod, changes).await
 }
 
 /// Gets the disks of the VM of `pod` (bound to `node`) ready there: moved from the
@@ -373,7 +368,10 @@ pub async fn prepare_disks(
                 annotate(
                     ctx,
                     pod,
-                    serde_json::json!({ANNOTATION_DISKS_ON: null, ANNOTATION_DISKS_MOVED_FROM: from}),
+                    &[
+                        (Sealed::DisksOn, None),
+                        (Sealed::DisksMovedFrom, Some(from)),
+                    ],
                 )
                 .await?;
                 forget(ctx, &move_id);
@@ -406,12 +404,7 @@ pub async fn clean_old_copy(
     if here == Some(from.as_str()) {
         // Never the VM's own disks (a pod is bound once, so this is a bad annotation).
         tracing::warn!(vm = %ls.vm.name, node = %from, "moved-from names the VM's own node; not deleting");
-        return annotate(
-            ctx,
-            pod,
-            serde_json::json!({ANNOTATION_DISKS_MOVED_FROM: null}),
-        )
-        .await;
+        return annotate(ctx, pod, &[(Sealed::DisksMovedFrom, None)]).await;
     }
     if ctx.stores.node(&from).is_some() {
         let disks: Vec<String> = ls.disks.iter().map(|d| d.name.clone()).collect();
@@ -419,12 +412,7 @@ pub async fn clean_old_copy(
         hostprep::delete_vm_overlays_on(&client, &ls.vm_id, &disks).await?;
         tracing::info!(vm = %ls.vm.name, node = %from, "old copy of moved disks deleted");
     }
-    annotate(
-        ctx,
-        pod,
-        serde_json::json!({ANNOTATION_DISKS_MOVED_FROM: null}),
-    )
-    .await
+    annotate(ctx, pod, &[(Sealed::DisksMovedFrom, None)]).await
 }
 
 #[cfg(test)]

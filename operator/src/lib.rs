@@ -15,6 +15,7 @@ pub mod migration;
 pub mod network;
 pub mod run;
 pub mod sweep;
+pub mod trust;
 pub mod uninstall;
 pub mod upload;
 pub mod vmapp;

@@ -515,14 +515,7 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
         pod.metadata.name = Some(name.clone());
         pod.labels_mut()
             .insert(LABEL_MIGRATION_TARGET.into(), t.name());
-        let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.ns);
-        pods_api
-            .patch(
-                &name,
-                &PatchParams::apply(crate::FIELD_MANAGER).force(),
-                &Patch::Apply(&pod),
-            )
-            .await?;
+        crate::trust::create_pod(ctx, &app.uid().unwrap_or_default(), pod).await?;
         // The target's tap must be on the overlay before its launcher starts QEMU.
         let nets: Vec<String> = ls.vm.nics.iter().map(|n| n.network.name.clone()).collect();
         if let Err(e) = hostprep::sync_networks(ctx, &t.ns, nets, &cluster).await {
@@ -850,10 +843,11 @@ async fn follow(
 async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
     let spec = &t.mig.spec;
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.ns);
-    let pods = pods_api
+    let mut pods = pods_api
         .list(&ListParams::default().labels(&migplan::vm_selector(&spec.application, &spec.vm)))
         .await?
         .items;
+    pods.retain(|p| ctx.stores.pod_trust(p).is_ok());
     let target_node = t.status.target_node.clone().unwrap_or_default();
     let source_node = t.status.source_node.clone().unwrap_or_default();
     let mut vm_id = None;
@@ -862,12 +856,7 @@ async fn finish(t: &Target<'_>, ctx: &Arc<Context>) -> Result<bool, Error> {
     let mut done = true;
     for p in &pods {
         if migplan::target_of(p) == Some(t.name().as_str()) {
-            pods_api
-                .patch(
-                    &p.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&json!({"metadata": {"labels": {LABEL_MIGRATION_TARGET: null}}})),
-                )
+            crate::trust::patch_sealed(ctx, p, &[(hvx_api::seal::Sealed::MigrationTarget, None)])
                 .await?;
         }
     }
@@ -947,12 +936,13 @@ async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
     let uid = mig.uid().unwrap_or_default();
     let status = mig.status.clone().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let targets = pods_api
+    let mut targets = pods_api
         .list(
             &ListParams::default().labels(&format!("{LABEL_MIGRATION_TARGET}={}", mig.name_any())),
         )
         .await?
         .items;
+    targets.retain(|p| ctx.stores.pod_trust(p).is_ok());
     let vm_id = targets
         .iter()
         .find_map(crate::hostplan::pod_launch_spec)

@@ -144,8 +144,23 @@ pub async fn run_with_metrics(
     instance: Option<String>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
+    let seal = match config.seal_key.clone() {
+        Some(k) => k,
+        None => match hvx_api::seal::SealKey::ephemeral() {
+            Ok(k) => {
+                tracing::warn!(
+                    "no seal key configured: launcher pods are sealed with a key of this process, which no node agent holds"
+                );
+                k
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make a seal key; not starting");
+                return;
+            }
+        },
+    };
     let feeds = Feeds::new(&client);
-    let stores = feeds.stores();
+    let stores = feeds.stores(seal);
     let concurrency = config.reconcile_concurrency;
     let controller_config = || ControllerConfig::default().concurrency(concurrency);
     let ctx = Arc::new(Context::with_metrics(
@@ -275,6 +290,8 @@ pub async fn run_with_metrics(
                 ctx.clone(),
             )
             .for_each(|r| async move { log_result(r) });
+    // Pods carrying hvx labels that hvx did not make: one warning each.
+    let untrusted = crate::trust::warn_untrusted(ctx.clone(), feeds.pods.subscribe());
     // Cordoned nodes -> VmMigrations for their VMs (kubectl drain).
     let drains = Controller::for_shared_stream(feeds.nodes.subscribe(), stores.nodes.clone())
         .with_config(controller_config())
@@ -319,7 +336,7 @@ pub async fn run_with_metrics(
             }
         }
         tracing::info!(stores = ?stores, "caches filled; reconciling");
-        futures::join!(apps, nets, disks, migrations, drains);
+        futures::join!(apps, nets, disks, migrations, drains, untrusted);
     };
     // The sweep has no end of its own: it stops with the controllers (shutdown signal).
     tokio::select! {

@@ -215,8 +215,19 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         } else {
             pod_action(vm, pod.is_some(), phase, deps_running)
         };
+        let squatter = match action {
+            PodAction::Create => {
+                crate::trust::replace_squatter(ctx, app, &build::pod_name(&name, &vm.name)).await?
+            }
+            _ => None,
+        };
         match action {
             PodAction::Create => match build::launch_spec(app, vm, &resolved) {
+                // The VM's pod name taken by a pod hvx did not make (or one edited
+                // since it was made): that pod goes first.
+                Ok(_) if squatter.is_some() => {
+                    (phase, reason) = (VmPhase::Pending, squatter.clone());
+                }
                 Ok(spec) => {
                     let (pin, disks_on) = diskmove::pin_or_move(ctx, home.as_deref()).await?;
                     let mut pod = build::launcher_pod(app, &spec, &ctx.config, pin.as_deref())
@@ -230,12 +241,7 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                     }
                     let pod_name = pod.name_any();
                     ensure_disruption_budget(ctx, app, vm).await?;
-                    pods.patch(
-                        &pod_name,
-                        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-                        &Patch::Apply(&pod),
-                    )
-                    .await?;
+                    crate::trust::create_pod(ctx, &uid, pod).await?;
                     publish(
                         ctx,
                         app,
@@ -319,11 +325,10 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                                 what: "launch spec",
                                 source,
                             })?;
-                        pods.patch(
-                            &p.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {
-                                build::ANNOTATION_LAUNCH_SPEC: text}}})),
+                        crate::trust::patch_sealed(
+                            ctx,
+                            p,
+                            &[(hvx_api::seal::Sealed::LaunchSpec, Some(&text))],
                         )
                         .await?;
                         ensure_disruption_budget(ctx, app, vm).await?;
@@ -500,9 +505,12 @@ fn resolve(ctx: &Context, ns: &str, app: &VmApplication) -> Resolved {
 async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Cleanup, Error> {
     let ns = app.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let list = pods
+    // Newest state, not the cache: the finalizer goes only once none is left. Pods
+    // hvx did not make are not waited for (nor deleted).
+    let mut list = pods
         .list(&ListParams::default().labels(&format!("{LABEL_APP}={}", app.name_any())))
         .await?;
+    list.items.retain(|p| ctx.stores.pod_trust(p).is_ok());
     if list.items.is_empty() {
         // QEMU is gone everywhere: remove the overlays and take the VMs' ports off
         // the networks (nodes left without a VM of a network drop it).

@@ -34,6 +34,28 @@ where
     w.as_reader()
 }
 
+/// The key the tests' operator seals launcher pods with.
+fn seal_key() -> hvx_api::seal::SealKey {
+    hvx_api::seal::SealKey::new(b"reconcile-tests-key-0123456789abcdef")
+}
+
+/// A launcher pod of VM `vm` of application shop (uid u-1) as hvx makes it, sealed.
+fn launcher_pod(vm: &str) -> Pod {
+    let spec = json!({"namespace": "prod", "application": "shop", "vmId": format!("u-1/{vm}")});
+    let mut pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("shop-{vm}"), "namespace": "prod", "uid": format!("p-{vm}"),
+                     "resourceVersion": "1",
+                     "labels": {"hvx.dev/app": "shop", "hvx.dev/vm": vm, "hvx.dev/role": "launcher"},
+                     "annotations": {"hvx.dev/launch-spec": spec.to_string()},
+                     "ownerReferences": [{"apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+                                          "name": "shop", "uid": "u-1", "controller": true}]},
+        "spec": {"containers": []}
+    }))
+    .expect("pod");
+    seal_key().seal_pod(&mut pod, "u-1");
+    pod
+}
+
 fn context(apps: Vec<VmApplication>, pods: Vec<Pod>) -> (Arc<Context>, ApiHandle) {
     context_with_networks(apps, pods, vec![])
 }
@@ -55,14 +77,15 @@ fn context_with_nodes(
 ) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
-    let stores = Stores {
-        nodes: store_of(nodes),
-        pods: store_of(pods),
-        migrations: store_of(vec![]),
-        networks: store_of(networks),
-        disks: store_of(vec![]),
-        apps: store_of(apps),
-    };
+    let stores = Stores::new(
+        store_of(nodes),
+        store_of(pods),
+        store_of(vec![]),
+        store_of(networks),
+        store_of(vec![]),
+        store_of(apps),
+        seal_key(),
+    );
     let ctx = Context::with_metrics(
         client,
         config,
@@ -255,12 +278,12 @@ async fn an_application_that_lost_its_finalizer_gets_it_back_before_anything_els
 #[tokio::test]
 async fn deleting_waits_for_launcher_pods_without_an_error_or_removing_the_finalizer() {
     let obj = app(true, true);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "shop-db", "namespace": "prod",
-                     "labels": {"hvx.dev/app": "shop", "hvx.dev/vm": "db", "hvx.dev/role": "launcher"}},
-        "spec": {"containers": []}
-    }))
-    .expect("pod");
+    let pod = launcher_pod("db");
+    // A pod someone else made with the application's labels: neither waited for nor
+    // deleted.
+    let mut forged = pod.clone();
+    forged.metadata.name = Some("shop-db-forged".into());
+    forged.metadata.uid = Some("p-forged".into());
     let (ctx, mut handle) = context(vec![obj.clone()], vec![pod.clone()]);
     let pass = tokio::spawn(hvx_operator::vmapp::reconcile(Arc::new(obj), ctx.clone()));
 
@@ -278,7 +301,7 @@ async fn deleting_waits_for_launcher_pods_without_an_error_or_removing_the_final
     );
     respond(
         send,
-        &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}),
+        &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [forged, pod]}),
     );
     let (req, send) = next(&mut handle).await;
     assert_eq!(req.method(), Method::DELETE);
@@ -366,10 +389,19 @@ async fn a_vm_starts_only_once_what_it_depends_on_runs() {
     drop(ctx);
     let seen = server.await.expect("server");
     let paths: Vec<String> = seen.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
-    // db's pod (and its disruption budget) is created; web's is not.
-    assert!(
-        paths.contains(&"PATCH /api/v1/namespaces/prod/pods/shop-db".to_string()),
-        "{paths:#?}"
+    // db's pod (and its disruption budget) is created, sealed; web's is not. A
+    // create, not an apply: an apply would adopt a pod of that name someone else made.
+    let created = seen
+        .iter()
+        .find(|(m, p, _)| *m == Method::POST && p == "/api/v1/namespaces/prod/pods")
+        .map(|(_, _, b)| b.clone())
+        .unwrap_or_else(|| panic!("no pod created: {paths:#?}"));
+    assert_eq!(created["metadata"]["name"], "shop-db");
+    let created: Pod = serde_json::from_value(created).expect("pod");
+    assert_eq!(
+        hvx_api::seal::check_pod(&seal_key(), &created, Some("u-1")),
+        Ok(()),
+        "the pod the operator made passes its own check"
     );
     assert!(
         paths.contains(
@@ -651,5 +683,150 @@ async fn cleanup_waits_for_a_node_whose_agent_is_unreachable_and_skips_a_node_th
         removal.2.to_string().contains("remove"),
         "a JSON patch removing the finalizer: {}",
         removal.2
+    );
+}
+
+fn one_vm_app() -> VmApplication {
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+        "metadata": {"name": "shop", "namespace": "prod", "uid": "u-1", "resourceVersion": "7",
+                     "generation": 1, "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"vms": [{"name": "db", "memoryMib": 256}]}
+    }))
+    .expect("app")
+}
+
+/// A pod a namespace user made with hvx's launcher labels, a disk move naming
+/// another tenant's VM and the owner reference of their own application.
+fn forged_pod(name: &str) -> Pod {
+    let spec = json!({"namespace": "other", "application": "bank", "vmId": "u-9/vault",
+                      "nics": [{"name": "ethernet0", "tap": "hvt000000000001"}]});
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "prod", "uid": "p-evil", "resourceVersion": "1",
+                     "labels": {"hvx.dev/app": "shop", "hvx.dev/vm": "db", "hvx.dev/role": "launcher"},
+                     "annotations": {"hvx.dev/launch-spec": spec.to_string(),
+                                     "hvx.dev/disks-moved-from": "node-b"},
+                     "ownerReferences": [{"apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+                                          "name": "shop", "uid": "u-1", "controller": true}]},
+        "spec": {"containers": [], "nodeName": "node-a"},
+        "status": {"phase": "Running"}
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn a_forged_launcher_pod_counts_for_nothing_and_gets_one_warning() {
+    let obj = one_vm_app();
+    let forged = forged_pod("evil");
+    let (ctx, handle) = context(vec![obj.clone()], vec![forged.clone()]);
+    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("reconciled");
+    // The forged pod is not the VM's pod: the VM's own pod is created beside it, and
+    // nothing touches the forged one (no move, no clean-up, no delete).
+    let warned = tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::trust::warn_untrusted(
+            ctx.clone(),
+            futures::stream::iter([Arc::new(forged.clone()), Arc::new(forged.clone())]),
+        ),
+    );
+    warned.await.expect("warning task ends with its stream");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let paths: Vec<String> = seen.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    assert!(
+        seen.iter().any(|(m, p, b)| *m == Method::POST
+            && p == "/api/v1/namespaces/prod/pods"
+            && b["metadata"]["name"] == "shop-db"),
+        "{paths:#?}"
+    );
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.contains("pods/evil") || p.starts_with("DELETE")),
+        "{paths:#?}"
+    );
+    let status = seen
+        .iter()
+        .rev()
+        .find(|(_, p, _)| p.ends_with("/vmapplications/shop/status"))
+        .map(|(_, _, b)| b["status"].clone())
+        .expect("status written");
+    assert_eq!(status["vms"][0]["phase"], "Scheduling", "{status}");
+    assert_eq!(status["vms"][0]["pod"], Value::Null, "{status}");
+    // One warning, on the application, naming the pod and why.
+    let warnings: Vec<&Value> = seen
+        .iter()
+        .filter(|(m, p, b)| {
+            *m == Method::POST && p.ends_with("/events") && b["reason"] == "UntrustedPodIgnored"
+        })
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{paths:#?}");
+    assert_eq!(warnings[0]["type"], "Warning");
+    assert_eq!(warnings[0]["regarding"]["kind"], "VmApplication");
+    let note = warnings[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("ignored pod evil") && note.contains("not the one hvx gives"),
+        "{note}"
+    );
+}
+
+#[tokio::test]
+async fn an_edited_launch_spec_gets_the_pod_replaced_not_used() {
+    let obj = one_vm_app();
+    let mut edited = launcher_pod("db");
+    edited.metadata.annotations.get_or_insert_default().insert(
+        "hvx.dev/launch-spec".into(),
+        json!({"namespace": "other", "application": "bank", "vmId": "u-9/vault"}).to_string(),
+    );
+    let (ctx, handle) = context(vec![obj.clone()], vec![edited]);
+    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("reconciled");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let paths: Vec<String> = seen.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    // That very pod goes (uid precondition); its replacement comes at the next pass.
+    let deleted = seen
+        .iter()
+        .find(|(m, p, _)| *m == Method::DELETE && p == "/api/v1/namespaces/prod/pods/shop-db")
+        .map(|(_, _, b)| b.clone())
+        .unwrap_or_else(|| panic!("pod not deleted: {paths:#?}"));
+    assert_eq!(deleted["preconditions"]["uid"], "p-db", "{deleted}");
+    assert!(
+        !seen
+            .iter()
+            .any(|(m, p, _)| *m == Method::POST && p.ends_with("/pods")),
+        "{paths:#?}"
+    );
+    assert!(
+        seen.iter().any(|(m, p, b)| *m == Method::POST
+            && p.ends_with("/events")
+            && b["reason"] == "UntrustedPodReplaced"
+            && b["type"] == "Warning"),
+        "{paths:#?}"
+    );
+    let status = seen
+        .iter()
+        .rev()
+        .find(|(_, p, _)| p.ends_with("/vmapplications/shop/status"))
+        .map(|(_, _, b)| b["status"].clone())
+        .expect("status written");
+    let reason = status["vms"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("replaced") && reason.contains("launch-spec"),
+        "{status}"
     );
 }

@@ -1,5 +1,11 @@
 //! Prometheus text on `/metrics` and liveness on `/healthz`, over a deliberately tiny
 //! HTTP/1.1 server: two fixed GET paths do not justify a web framework.
+//!
+//! The agent runs on the host network, so its metrics port is reachable by every pod
+//! of the cluster without authentication: it serves node totals only (how many VMs,
+//! their summed counters), never a VM's id or name. Per-VM series are served on a
+//! second listener bound to loopback (`--vm-metrics-listen`, 127.0.0.1:9445), for
+//! collectors running on the node itself.
 
 use super::{Agent, vms};
 use std::fmt::Write as _;
@@ -20,8 +26,17 @@ type Series = (
     fn(&hvx_proto::v1::VmMetrics) -> f64,
 );
 
+/// How much a listener tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// Node totals: no VM ids or names (the unauthenticated port).
+    NodeTotals,
+    /// One series per VM, labelled with its id (loopback only).
+    PerVm,
+}
+
 /// The metrics text now.
-pub async fn render(agent: &Agent) -> String {
+pub async fn render(agent: &Agent, detail: Detail) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE hvx_agent_up gauge\nhvx_agent_up 1");
     let _ = writeln!(out, "# TYPE hvx_agent_rpc_total counter");
@@ -92,17 +107,45 @@ pub async fn render(agent: &Agent) -> String {
         }),
         ("hvx_vm_up", "gauge", |_| 1.0),
     ];
-    for (name, kind, f) in series {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (vm, m) in &rows {
-            let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", esc(vm), f(m));
+    match detail {
+        Detail::PerVm => {
+            for (name, kind, f) in series {
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                for (vm, m) in &rows {
+                    let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", esc(vm), f(m));
+                }
+            }
         }
+        Detail::NodeTotals => write_totals(&mut out, &series, &rows),
     }
     out
 }
 
+/// Node totals of the per-VM series: `hvx_vm_x` becomes `hvx_node_vms_x`, summed;
+/// `hvx_vm_up` becomes the VM count `hvx_node_vms`.
+fn write_totals(out: &mut String, series: &[Series], rows: &[(String, hvx_proto::v1::VmMetrics)]) {
+    let _ = writeln!(
+        out,
+        "# TYPE hvx_node_vms gauge\nhvx_node_vms {}",
+        rows.len()
+    );
+    for (name, kind, f) in series {
+        let Some(rest) = name.strip_prefix("hvx_vm_") else {
+            continue;
+        };
+        if rest == "up" {
+            continue;
+        }
+        let total: f64 = rows.iter().map(|(_, m)| f(m)).sum();
+        let _ = writeln!(
+            out,
+            "# TYPE hvx_node_vms_{rest} {kind}\nhvx_node_vms_{rest} {total}"
+        );
+    }
+}
+
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>, detail: Detail) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
@@ -120,7 +163,7 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", render(&agent).await),
+                "/metrics" => ("200 OK", render(&agent, detail).await),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
@@ -130,5 +173,36 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
             );
             let _ = sock.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_totals_name_no_vm() {
+        let series: [Series; 2] = [
+            ("hvx_vm_cpu_seconds_total", "counter", |m| {
+                m.cpu_time_ns as f64 / 1e9
+            }),
+            ("hvx_vm_up", "gauge", |_| 1.0),
+        ];
+        let m = |ns| hvx_proto::v1::VmMetrics {
+            cpu_time_ns: ns,
+            ..Default::default()
+        };
+        let rows = vec![
+            ("u-1/web".to_string(), m(1_000_000_000)),
+            ("u-2/db".to_string(), m(2_000_000_000)),
+        ];
+        let mut out = String::new();
+        write_totals(&mut out, &series, &rows);
+        assert!(out.contains("hvx_node_vms 2\n"), "{out}");
+        assert!(out.contains("hvx_node_vms_cpu_seconds_total 3\n"), "{out}");
+        assert!(
+            !out.contains("u-1") && !out.contains("u-2") && !out.contains("vm="),
+            "{out}"
+        );
     }
 }

@@ -168,6 +168,40 @@ async fn load_spec(a: &SpecArgs, wait: bool) -> anyhow::Result<hvx_vmm::VmSpec> 
     Ok(vm_spec_from_launch(&ls, &run_dir, &store)?)
 }
 
+/// Has the node agent check the seal of the launch spec in $HVX_LAUNCH_SPEC (a VmSpec
+/// is refused: launcher pods carry LaunchSpecs only).
+async fn check_seal(a: &SpecArgs) -> anyhow::Result<()> {
+    let text = spec_text(None)?;
+    let Some((_, paths)) = as_launch(&text, &a.node)? else {
+        bail!("$HVX_LAUNCH_SPEC is not a LaunchSpec");
+    };
+    let env = |name: &str| std::env::var(name).unwrap_or_default();
+    let req = hvx_node_agent::sealcheck::SealCheck {
+        namespace: env("HVX_POD_NAMESPACE"),
+        pod: env("HVX_POD_NAME"),
+        owner_uid: env("HVX_OWNER_UID"),
+        spec: text,
+        seal: env("HVX_LAUNCH_SEAL"),
+    };
+    let answer = hvx_node_agent::sealcheck::ask(
+        &paths.seal_socket(),
+        &req,
+        Duration::from_secs(a.node_wait_seconds.min(120)),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    if !answer.ok {
+        bail!(
+            "the launch spec of pod {}/{} is not one hvx made for it ({}); the annotation was changed or the pod was not created by hvx",
+            req.namespace,
+            req.pod,
+            answer.reason.unwrap_or_default()
+        );
+    }
+    tracing::info!("launch spec seal checked by the node agent");
+    Ok(())
+}
+
 async fn terminate() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
@@ -195,6 +229,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => {
+            // A spec from the pod's annotation runs only once the node agent found
+            // its seal valid: before anything is written on the node.
+            if a.spec.is_none()
+                && let Err(why) = check_seal(&a).await
+            {
+                let message = format!("hvx-launcher: refusing to start: {why}");
+                eprintln!("{message}");
+                // The pod's status shows it (terminationMessagePath).
+                let _ = std::fs::write("/dev/termination-log", &message);
+                std::process::exit(3);
+            }
             // Deleted while waiting for the node (or a migration target cancelled
             // before it started): nothing ran, so nothing of this VM stays here.
             let spec = tokio::select! {

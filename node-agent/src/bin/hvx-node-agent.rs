@@ -74,6 +74,14 @@ struct Cli {
     /// service, link-local 169.254.0.0/16) that guests may reach. Default: none.
     #[arg(long, value_delimiter = ',')]
     egress_allowed_cidr: Vec<hvx_overlay::Ipv4Net>,
+    /// File holding the key launcher pod metadata is sealed with (the chart's
+    /// `hvx-seal-key` Secret). Without it every launcher's spec is refused.
+    #[arg(long, env = "HVX_SEAL_KEY_FILE")]
+    seal_key_file: Option<PathBuf>,
+    /// Per-VM metrics (labelled with VM ids) listen address: loopback by default, so
+    /// only the node itself reads them; the metrics port has node totals only.
+    #[arg(long, default_value = "127.0.0.1:9445")]
+    vm_metrics_listen: SocketAddr,
     /// Label this node `hvx.dev/agent=ready` (needs API access).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     label_node: bool,
@@ -225,7 +233,39 @@ async fn main() -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_listen)
         .await
         .with_context(|| format!("binding {}", cli.metrics_listen))?;
-    tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
+    tokio::spawn(metrics::serve(
+        metrics_listener,
+        agent.clone(),
+        metrics::Detail::NodeTotals,
+    ));
+    let vm_metrics_listener = tokio::net::TcpListener::bind(cli.vm_metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", cli.vm_metrics_listen))?;
+    if !cli.vm_metrics_listen.ip().is_loopback() {
+        tracing::warn!(listen = %cli.vm_metrics_listen, "per-VM metrics (VM ids) served beyond this node without authentication");
+    }
+    tokio::spawn(metrics::serve(
+        vm_metrics_listener,
+        agent.clone(),
+        metrics::Detail::PerVm,
+    ));
+
+    // Launchers have their launch spec's seal checked here before they boot.
+    let seal_key = match &cli.seal_key_file {
+        Some(f) => Some(hvx_api::seal::SealKey::from_file(f).context("--seal-key-file")?),
+        None => {
+            tracing::warn!("--seal-key-file not set: every launcher's launch spec is refused");
+            None
+        }
+    };
+    {
+        let path = agent.paths.seal_socket();
+        tokio::spawn(async move {
+            if let Err(e) = hvx_node_agent::sealcheck::serve(&path, seal_key).await {
+                tracing::error!(error = %e, path = %path.display(), "launch spec checks stopped");
+            }
+        });
+    }
 
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await

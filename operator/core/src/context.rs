@@ -33,6 +33,10 @@ pub struct OperatorConfig {
     pub reconcile_concurrency: u16,
     /// Retry intervals and deadlines.
     pub timings: Timings,
+    /// The key launcher pod metadata is sealed with (the Helm chart's Secret, which
+    /// the agents hold too). None: a key made for this process (tests; no agent can
+    /// then check a launcher's spec, so launchers refuse to start).
+    pub seal_key: Option<hvx_api::seal::SealKey>,
 }
 
 /// Retry intervals and deadlines of the controllers, in seconds (flags of the binary,
@@ -110,6 +114,7 @@ impl Default for OperatorConfig {
             migrations: MigrationLimits::default(),
             reconcile_concurrency: defaults::RECONCILE_CONCURRENCY,
             timings: Timings::default(),
+            seal_key: None,
         }
     }
 }

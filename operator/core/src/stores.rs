@@ -11,6 +11,7 @@
 use futures::{Stream, StreamExt};
 use hvx_api::labels::{LABEL_APP, LABEL_ROLE, NODE_LABEL_AGENT, ROLE_LAUNCHER};
 use hvx_api::migration::VmMigration;
+use hvx_api::seal::{SealKey, Untrusted};
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
@@ -26,13 +27,21 @@ use std::time::Duration;
 const SUBSCRIBER_BUFFER: usize = 4096;
 
 /// Read-only views of every kind the controllers use.
+///
+/// Launcher pods are the one kind a namespace user can create and edit with hvx's
+/// labels on it, so they are read only through [`Stores::launcher_pods`],
+/// [`Stores::pods_of_app`] and [`Stores::pod_trust`]: these hand out only pods hvx
+/// made (`hvx_api::seal::check_pod`), and no controller can forget to ask.
 #[derive(Clone)]
 pub struct Stores {
     /// Every node.
     pub nodes: Store<Node>,
-    /// Launcher pods (label `hvx.dev/role=launcher`) of every namespace, migration
-    /// targets included.
-    pub pods: Store<Pod>,
+    /// Pods labelled `hvx.dev/role=launcher` of every namespace, forged ones included.
+    pods: Store<Pod>,
+    /// The key launcher pods' metadata is sealed with.
+    seal: SealKey,
+    /// Verdicts by pod uid, for the resourceVersion they were made for.
+    verdicts: Arc<std::sync::Mutex<std::collections::HashMap<String, (String, bool)>>>,
     /// Every VmMigration.
     pub migrations: Store<VmMigration>,
     /// Every VirtualNetwork.
@@ -54,6 +63,90 @@ impl Debug for Stores {
 }
 
 impl Stores {
+    /// Views of these stores; launcher pods are checked with `seal`.
+    pub fn new(
+        nodes: Store<Node>,
+        pods: Store<Pod>,
+        migrations: Store<VmMigration>,
+        networks: Store<VirtualNetwork>,
+        disks: Store<OverlayDisk>,
+        apps: Store<VmApplication>,
+        seal: SealKey,
+    ) -> Self {
+        Self {
+            nodes,
+            pods,
+            seal,
+            verdicts: Arc::default(),
+            migrations,
+            networks,
+            disks,
+            apps,
+        }
+    }
+
+    /// The key launcher pods are sealed with (for pods and patches being written).
+    pub fn seal_key(&self) -> &SealKey {
+        &self.seal
+    }
+
+    /// Whether hvx made `pod` and may act on it; why not otherwise.
+    pub fn pod_trust(&self, pod: &Pod) -> Result<(), Untrusted> {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let live = hvx_api::seal::vmapp_owner(pod)
+            .and_then(|(name, _)| self.app(ns, name))
+            .and_then(|a| a.metadata.uid.clone());
+        hvx_api::seal::check_pod(&self.seal, pod, live.as_deref())
+    }
+
+    /// [`Self::pod_trust`] as a yes/no, remembered per pod version (a pass reads every
+    /// pod of an application; the seal check hashes the launch spec).
+    fn trusted(&self, pod: &Pod) -> bool {
+        let (Some(uid), Some(version)) = (
+            pod.metadata.uid.as_deref(),
+            pod.metadata.resource_version.as_deref(),
+        ) else {
+            return self.pod_trust(pod).is_ok();
+        };
+        // The live owner's uid is part of the version: a recreated application (same
+        // name, new uid) changes the verdict.
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let live = hvx_api::seal::vmapp_owner(pod)
+            .and_then(|(name, _)| self.app(ns, name))
+            .and_then(|a| a.metadata.uid.clone());
+        let version = format!("{version}/{}", live.unwrap_or_default());
+        if let Some((v, ok)) = self
+            .verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            && *v == version
+        {
+            return *ok;
+        }
+        let ok = self.pod_trust(pod).is_ok();
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if verdicts.len() > 2 * self.pods.state().len() + 64 {
+            let live: std::collections::HashSet<String> = self
+                .pods
+                .state()
+                .iter()
+                .filter_map(|p| p.metadata.uid.clone())
+                .collect();
+            verdicts.retain(|u, _| live.contains(u));
+        }
+        verdicts.insert(uid.to_string(), (version, ok));
+        ok
+    }
+
+    /// A pod carrying hvx launcher labels that hvx did not make (or that was edited
+    /// since), by namespace and name, with the reason: a VM's pod name taken by it.
+    pub fn untrusted_pod(&self, ns: &str, name: &str) -> Option<(Arc<Pod>, Untrusted)> {
+        let pod = self.pods.get(&ObjectRef::new(name).within(ns))?;
+        let why = self.pod_trust(&pod).err()?;
+        Some((pod, why))
+    }
+
     /// A node by name.
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes.get(&ObjectRef::new(name))
@@ -69,16 +162,17 @@ impl Stores {
             .collect()
     }
 
-    /// Launcher pods of a namespace (all namespaces with `None`).
+    /// Launcher pods hvx made, of a namespace (all namespaces with `None`).
     pub fn launcher_pods(&self, ns: Option<&str>) -> Vec<Arc<Pod>> {
         self.pods
             .state()
             .into_iter()
             .filter(|p| ns.is_none_or(|ns| p.metadata.namespace.as_deref() == Some(ns)))
+            .filter(|p| self.trusted(p))
             .collect()
     }
 
-    /// Launcher pods of one application.
+    /// Launcher pods hvx made for one application.
     pub fn pods_of_app(&self, ns: &str, app: &str) -> Vec<Arc<Pod>> {
         self.pods
             .state()
@@ -87,6 +181,7 @@ impl Stores {
                 p.metadata.namespace.as_deref() == Some(ns)
                     && p.labels().get(LABEL_APP).map(String::as_str) == Some(app)
             })
+            .filter(|p| self.trusted(p))
             .collect()
     }
 
@@ -260,16 +355,17 @@ impl Feeds {
         }
     }
 
-    /// The stores.
-    pub fn stores(&self) -> Stores {
-        Stores {
-            nodes: self.nodes.store(),
-            pods: self.pods.store(),
-            migrations: self.migrations.store(),
-            networks: self.networks.store(),
-            disks: self.disks.store(),
-            apps: self.apps.store(),
-        }
+    /// The stores; launcher pods are checked with `seal`.
+    pub fn stores(&self, seal: SealKey) -> Stores {
+        Stores::new(
+            self.nodes.store(),
+            self.pods.store(),
+            self.migrations.store(),
+            self.networks.store(),
+            self.disks.store(),
+            self.apps.store(),
+            seal,
+        )
     }
 }
 

@@ -52,15 +52,7 @@ pub fn vm_id(app: &VmApplication, vm: &VirtualMachine) -> String {
     )
 }
 
-/// Launcher pod name: `<app>-<vm>`, shortened with a hash when over 63 characters.
-pub fn pod_name(app: &str, vm: &str) -> String {
-    let name = format!("{app}-{vm}");
-    if name.len() <= 63 {
-        return name;
-    }
-    let hash = format!("{:08x}", hvx_api::launch::fnv1a(&name) as u32);
-    format!("{}-{hash}", &name[..54].trim_end_matches('-'))
-}
+pub use hvx_api::launch::pod_name;
 
 /// The launch spec for one VM, or what it waits for.
 pub fn launch_spec(
@@ -252,7 +244,15 @@ pub fn launcher_pod(
                     {"name": "HVX_LAUNCH_SPEC", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.annotations['{ANNOTATION_LAUNCH_SPEC}']")}}},
                     {"name": "HVX_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                     {"name": "HVX_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    // The launcher has its node agent check the spec's seal for this
+                    // pod before it boots (`hvx_api::seal`). The owner's uid is a
+                    // literal: a container's env cannot change after creation.
+                    {"name": "HVX_LAUNCH_SEAL", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.annotations['{}']", hvx_api::seal::Sealed::LaunchSpec.seal_key())}}},
+                    {"name": "HVX_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "HVX_OWNER_UID", "value": app.metadata.uid.clone().unwrap_or_default()},
                 ],
+                // A refused spec's reason shows in the pod's status.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "resources": {
                     "requests": {"cpu": cpu, "memory": memory},
                     "limits": {"memory": memory},

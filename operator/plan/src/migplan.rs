@@ -139,18 +139,7 @@ pub fn phase_of(p: Phase) -> Option<MigrationPhase> {
     })
 }
 
-/// Pod name of a migration target: the VM's pod name and a suffix from the migration.
-pub fn target_pod_name(app: &str, vm: &str, migration_uid: &str) -> String {
-    let base = crate::build::pod_name(app, vm);
-    let suffix: String = migration_uid
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(6)
-        .collect();
-    let keep = 63 - suffix.len() - 1;
-    let base: String = base.chars().take(keep).collect();
-    format!("{}-{suffix}", base.trim_end_matches('-'))
-}
+pub use hvx_api::launch::target_pod_name;
 
 /// Label selector of one VM's pods.
 pub fn vm_selector(app: &str, vm: &str) -> String {

@@ -73,6 +73,10 @@ struct Args {
     /// File holding a bearer token uploads must present (besides API server RBAC).
     #[arg(long, env = "HVX_UPLOAD_TOKEN_FILE")]
     upload_token_file: Option<std::path::PathBuf>,
+    /// File holding the key launcher pod metadata is sealed with (the chart's
+    /// `hvx-seal-key` Secret; the node agents read the same key).
+    #[arg(long, env = "HVX_SEAL_KEY_FILE")]
+    seal_key_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     timings: hvx_operator::context::Timings,
 }
@@ -158,6 +162,12 @@ async fn main() -> anyhow::Result<()> {
         },
         reconcile_concurrency: args.reconcile_concurrency.max(1),
         timings: args.timings.clone(),
+        seal_key: Some(
+            hvx_api::seal::SealKey::from_file(args.seal_key_file.as_deref().context(
+                "--seal-key-file (HVX_SEAL_KEY_FILE) is required: the key launcher pods are sealed with",
+            )?)
+            .context("--seal-key-file")?,
+        ),
     };
     if let Some(dir) = &args.upload_dir {
         let token = match &args.upload_token_file {
