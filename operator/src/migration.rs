@@ -1102,18 +1102,18 @@ async fn remove_target(
         .iter()
         .find_map(crate::hostplan::pod_launch_spec)
         .map(|ls| ls.vm_id);
-    if let Some(node) = status.target_node.clone() {
-        if let Ok(c) = hostprep::client_for(ctx, cluster, &node) {
-            let req = pb::CancelMigrationRequest {
-                migration_uid: uid.clone(),
-                vm: vm_id.clone().map(|v| pb::VmRef {
-                    vm_uid: v,
-                    name: mig.spec.vm.clone(),
-                }),
-            };
-            if let Err(e) = c.cancel_migration(req).await {
-                tracing::info!(node, error = %e.message(), "CancelMigration");
-            }
+    if let Some(node) = status.target_node.clone()
+        && let Ok(c) = hostprep::client_for(ctx, cluster, &node)
+    {
+        let req = pb::CancelMigrationRequest {
+            migration_uid: uid.clone(),
+            vm: vm_id.clone().map(|v| pb::VmRef {
+                vm_uid: v,
+                name: mig.spec.vm.clone(),
+            }),
+        };
+        if let Err(e) = c.cancel_migration(req).await {
+            tracing::info!(node, error = %e.message(), "CancelMigration");
         }
     }
     for p in &targets {

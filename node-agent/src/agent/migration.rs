@@ -731,7 +731,7 @@ async fn run_source(
     if let Err(e) = write_record(&run_dir, &rec) {
         tracing::error!(migration = %uid, error = %e, "recording the migration's end");
     }
-    let mut last = final_progress(&rec);
+    let last = final_progress(&rec);
     match (&outcome, &qmp_kept) {
         (Ok(r), Some(qmp)) => {
             tracing::info!(migration = %uid, total_ms = r.total_ms, downtime_ms = r.downtime_ms, ram = r.ram_bytes, disk = r.disk_bytes, "migration completed");
@@ -743,9 +743,6 @@ async fn run_source(
             tracing::warn!(migration = %uid, error = %e, "migration failed; VM stays here");
         }
         (Ok(_), None) => {}
-    }
-    if outcome.is_err() {
-        last.message = rec.message.clone();
     }
     tx.send_replace(last);
 }
