@@ -48,8 +48,30 @@ pub async fn reconcile(mig: Arc<VmMigration>, ctx: Arc<Context>) -> Result<Actio
             {
                 let phase = m.status.as_ref().and_then(|s| s.phase);
                 if phase != Some(MigrationPhase::Completed) {
-                    // Deleting a migration in flight cancels it: the VM stays put.
-                    abort(&m, ctx).await?;
+                    // Deleting a migration in flight cancels it: the VM stays put,
+                    // unless QEMU completed it first (then the target is the VM).
+                    match end_early(&m, ctx).await? {
+                        migplan::Resolution::SourceWins => {}
+                        migplan::Resolution::TargetWins => {
+                            let t = Target {
+                                mig: &m,
+                                ns: m.namespace().unwrap_or_default(),
+                                status: m.status.clone().unwrap_or_default(),
+                            };
+                            if !finish(&t, ctx).await? {
+                                return Ok(Cleanup::Waiting {
+                                    reason: "the migration completed before the cancel: promoting the target".into(),
+                                    retry: Duration::from_secs(3),
+                                });
+                            }
+                        }
+                        migplan::Resolution::Wait => {
+                            return Ok(Cleanup::Waiting {
+                                reason: "the source agent cannot say whether the migration completed".into(),
+                                retry: Duration::from_secs(5),
+                            });
+                        }
+                    }
                 } else if let Some(node) = m.status.as_ref().and_then(|s| s.target_node.clone()) {
                     // Deleted right after completing, before `finish` got to it.
                     let cluster = hostprep::cluster(ctx).await?;
@@ -103,8 +125,14 @@ async fn apply(mig: &VmMigration, ctx: &Arc<Context>) -> Result<Action, Error> {
             Action::requeue(Duration::from_secs(3))
         }),
         Some(MigrationPhase::Failed | MigrationPhase::Cancelled) => {
-            abort(mig, ctx).await?;
-            Ok(Action::await_change())
+            Ok(match end_early(mig, ctx).await? {
+                migplan::Resolution::SourceWins => Action::await_change(),
+                // Only a status an older operator wrote can get here; the target is
+                // the VM and stays (logged by `end_early`).
+                migplan::Resolution::TargetWins | migplan::Resolution::Wait => {
+                    Action::requeue(Duration::from_secs(30))
+                }
+            })
         }
     }
 }
@@ -190,19 +218,68 @@ async fn publish(ctx: &Context, mig: &VmMigration, type_: EventType, reason: &st
     }
 }
 
-async fn fail(ctx: &Context, t: &Target<'_>, reason: String) -> Result<Action, Error> {
+async fn fail(ctx: &Arc<Context>, t: &Target<'_>, reason: String) -> Result<Action, Error> {
     let mut status = t.status.clone();
     status.failure_reason = Some(reason.clone());
-    if !enter(&mut status, MigrationPhase::Failed, t.mig.meta().generation) {
+    if migplan::is_final(status.phase) {
         // Completed (or already ended): nothing to roll back; a rollback now would
         // resume the source beside the running target.
         tracing::warn!(migration = %t.name(), %reason, "not failing a migration that already ended");
         return Ok(Action::await_change());
     }
+    // Bytes may have moved: the source agent rolls back first, and says whether QEMU
+    // completed the migration before that (then the target is the VM).
+    match end_early(t.mig, ctx).await? {
+        migplan::Resolution::SourceWins => {}
+        migplan::Resolution::TargetWins => return complete_anyway(ctx, t, &reason).await,
+        migplan::Resolution::Wait => {
+            tracing::info!(migration = %t.name(), %reason, "not failing yet: the source agent cannot say whether the migration completed");
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+    }
+    if !enter(&mut status, MigrationPhase::Failed, t.mig.meta().generation) {
+        return Ok(Action::requeue(REFUSED_RETRY));
+    }
     patch_status(ctx, t, &status).await?;
     publish(ctx, t.mig, EventType::Warning, "MigrationFailed", &reason).await;
-    abort(t.mig, ctx).await?;
     Ok(Action::await_change())
+}
+
+/// A failure (or cancel) that lost the race with QEMU's completion: the migration is
+/// Completed and finished like any other.
+async fn complete_anyway(ctx: &Arc<Context>, t: &Target<'_>, why: &str) -> Result<Action, Error> {
+    let mut status = t.status.clone();
+    if !enter(
+        &mut status,
+        MigrationPhase::Completed,
+        t.mig.meta().generation,
+    ) {
+        return Ok(Action::requeue(REFUSED_RETRY));
+    }
+    patch_status(ctx, t, &status).await?;
+    publish(
+        ctx,
+        t.mig,
+        EventType::Normal,
+        "Migrated",
+        &format!(
+            "VM {} runs on {}: QEMU completed the migration before it could be stopped ({why})",
+            t.mig.spec.vm,
+            status.target_node.clone().unwrap_or_default()
+        ),
+    )
+    .await;
+    forget(ctx, &t.uid());
+    let done = Target {
+        mig: t.mig,
+        ns: t.ns.clone(),
+        status,
+    };
+    Ok(if finish(&done, ctx).await? {
+        Action::await_change()
+    } else {
+        Action::requeue(Duration::from_secs(3))
+    })
 }
 
 async fn node_infos(ctx: &Context) -> Result<Vec<NodeInfo>, Error> {
@@ -739,7 +816,8 @@ async fn report(t: Target<'_>, ctx: &Arc<Context>, f: FollowedMigration) -> Resu
                 ),
             )
             .await;
-            abort(mig, ctx).await?;
+            // The source rolled back (its record says so); the target goes.
+            end_early(mig, ctx).await?;
         }
         _ => {}
     }
@@ -929,9 +1007,76 @@ async fn drop_target_record(
     answer.is_ok()
 }
 
-/// Undoes a migration that did not complete: the source keeps the VM; the target pod,
-/// its overlays and key go.
-async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
+/// Ends a migration that did not complete: the source agent is asked to roll back
+/// (CancelMigration), and its answer, the phase and whether the target runs the VM
+/// decide who keeps it (`migplan::resolve`). Only on `SourceWins` is the target
+/// removed (pod, overlays, key); the caller acts on the other two.
+async fn end_early(mig: &VmMigration, ctx: &Context) -> Result<migplan::Resolution, Error> {
+    let ns = mig.namespace().unwrap_or_default();
+    let uid = mig.uid().unwrap_or_default();
+    let status = mig.status.clone().unwrap_or_default();
+    let cluster = hostprep::cluster(ctx).await?;
+    let vm_id_hint = ctx
+        .stores
+        .pods_of_app(&ns, &mig.spec.application)
+        .iter()
+        .filter(|p| p.labels().get(build::LABEL_VM) == Some(&mig.spec.vm))
+        .find_map(|p| crate::hostplan::pod_launch_spec(p))
+        .map(|ls| ls.vm_id);
+    let vm_ref = vm_id_hint.clone().map(|v| pb::VmRef {
+        vm_uid: v,
+        name: mig.spec.vm.clone(),
+    });
+    let answer = match status.source_node.as_deref() {
+        Some(node) => match hostprep::client_for(ctx, &cluster, node) {
+            Ok(c) => {
+                let req = pb::CancelMigrationRequest {
+                    migration_uid: uid.clone(),
+                    vm: vm_ref.clone(),
+                };
+                match c.cancel_migration(req).await {
+                    Ok(r) => migplan::SourceAnswer::of(Some(r.outcome())),
+                    Err(e) => {
+                        tracing::info!(node, error = %e, "CancelMigration on the source");
+                        migplan::SourceAnswer::Unreachable
+                    }
+                }
+            }
+            Err(_) => migplan::SourceAnswer::Unreachable,
+        },
+        None => migplan::SourceAnswer::NotStarted,
+    };
+    let target_runs_vm = match (answer, status.target_node.as_deref(), vm_ref.clone()) {
+        (migplan::SourceAnswer::NotStarted, Some(node), Some(vm)) => {
+            match hostprep::client_for(ctx, &cluster, node) {
+                Ok(c) => c
+                    .get_vm(vm)
+                    .await
+                    .is_ok_and(|s| s.phase == pb::vm_state::Phase::Running as i32),
+                Err(_) => false,
+            }
+        }
+        _ => false,
+    };
+    let decision = migplan::resolve(status.phase, answer, target_runs_vm);
+    tracing::info!(migration = %mig.name_any(), phase = ?status.phase, ?answer, target_runs_vm, ?decision, "migration ends early");
+    if decision != migplan::Resolution::SourceWins {
+        if migplan::is_final(status.phase) && status.phase != Some(MigrationPhase::Completed) {
+            tracing::error!(migration = %mig.name_any(), ?answer, "a migration marked ended did complete: the target is the VM and is kept");
+        }
+        return Ok(decision);
+    }
+    remove_target(mig, ctx, &cluster).await?;
+    Ok(decision)
+}
+
+/// Undoes the target side of a migration the source kept: the target pod, its
+/// overlays and key go.
+async fn remove_target(
+    mig: &VmMigration,
+    ctx: &Context,
+    cluster: &crate::hostplan::Cluster,
+) -> Result<(), Error> {
     let ns = mig.namespace().unwrap_or_default();
     let uid = mig.uid().unwrap_or_default();
     let status = mig.status.clone().unwrap_or_default();
@@ -947,22 +1092,18 @@ async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
         .iter()
         .find_map(crate::hostplan::pod_launch_spec)
         .map(|ls| ls.vm_id);
-    let cluster = hostprep::cluster(ctx).await?;
-    for node in [status.source_node.clone(), status.target_node.clone()]
-        .into_iter()
-        .flatten()
+    if let Some(node) = status.target_node.clone()
+        && let Ok(c) = hostprep::client_for(ctx, cluster, &node)
     {
-        if let Ok(c) = hostprep::client_for(ctx, &cluster, &node) {
-            let req = pb::CancelMigrationRequest {
-                migration_uid: uid.clone(),
-                vm: vm_id.clone().map(|v| pb::VmRef {
-                    vm_uid: v,
-                    name: mig.spec.vm.clone(),
-                }),
-            };
-            if let Err(e) = c.cancel_migration(req).await {
-                tracing::info!(node, error = %e.message(), "CancelMigration");
-            }
+        let req = pb::CancelMigrationRequest {
+            migration_uid: uid.clone(),
+            vm: vm_id.clone().map(|v| pb::VmRef {
+                vm_uid: v,
+                name: mig.spec.vm.clone(),
+            }),
+        };
+        if let Err(e) = c.cancel_migration(req).await {
+            tracing::info!(node, error = %e.message(), "CancelMigration");
         }
     }
     for p in &targets {
@@ -977,7 +1118,7 @@ async fn abort(mig: &VmMigration, ctx: &Context) -> Result<(), Error> {
         vm_id,
         status.target_node.clone(),
         targets.iter().find_map(crate::hostplan::pod_launch_spec),
-    ) && let Ok(client) = hostprep::client_for(ctx, &cluster, &node)
+    ) && let Ok(client) = hostprep::client_for(ctx, cluster, &node)
     {
         tokio::spawn(async move {
             for attempt in 0..20 {

@@ -303,14 +303,27 @@ pub async fn migrate_to(
             drop_mirror_nodes(qmp, disks).await;
             Ok(report)
         }
-        Err(e) if rollback(qmp, disks).await => Err(e),
-        Err(e) => Err(VmmError::Migration {
-            op: "post-copy",
-            reason: format!(
-                "{e}; the guest already runs on the target and this node holds part of its \
-                 memory: the source QEMU stays paused (QEMU can resume the post-copy)"
-            ),
-        }),
+        Err(e) => match rollback(qmp, disks).await {
+            // Unknown: QEMU is gone or silent; its launcher sees that.
+            Rollback::RolledBack | Rollback::Unknown => Err(e),
+            // The error came after QEMU had sent the final state (a QMP reply lost, a
+            // deadline hit at the last moment): the target has the guest.
+            Rollback::Completed => {
+                tracing::warn!(error = %e, "migration error after QEMU completed it; the target owns the VM");
+                drop_mirror_nodes(qmp, disks).await;
+                Ok(Report {
+                    total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    ..Report::default()
+                })
+            }
+            Rollback::PostCopy => Err(VmmError::Migration {
+                op: "post-copy",
+                reason: format!(
+                    "{e}; the guest already runs on the target and this node holds part of its \
+                     memory: the source QEMU stays paused (QEMU can resume the post-copy)"
+                ),
+            }),
+        },
     }
 }
 
@@ -519,14 +532,81 @@ async fn drop_mirror_nodes(qmp: &QmpClient, disks: &[String]) {
     }
 }
 
-/// Undoes a failed or cancelled source side: the VM keeps running here. Returns
-/// false, touching nothing, once the migration is in post-copy: the target runs the
-/// guest then, and resuming this (stale) copy would run it twice.
-pub async fn rollback(qmp: &QmpClient, disks: &[String]) -> bool {
-    if in_post_copy(qmp).await {
-        return false;
+/// What a source's rollback found, from its own QEMU's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rollback {
+    /// The migration stopped before completing; the guest runs here again (or never
+    /// stopped).
+    RolledBack,
+    /// QEMU had reported the migration completed: the target holds the guest, this
+    /// copy is stale and stays paused (`postmigrate`). Nothing was touched.
+    Completed,
+    /// The migration is in post-copy: the guest runs on the target, which still needs
+    /// pages from here. Nothing was touched.
+    PostCopy,
+    /// QEMU did not answer (gone, or its monitor broke): nothing was resumed on a
+    /// guess.
+    Unknown,
+}
+
+/// Who owns the guest, given the source QEMU's `query-migrate` status and
+/// `query-status` run state: `None` while the source may still resume it.
+/// `postmigrate` alone counts as completed (QEMU enters it only when a migration
+/// ended with the guest sent, and a status read after a QEMU restart says `none`).
+pub fn source_verdict(migrate_status: &str, run_state: &str) -> Option<Rollback> {
+    if postcopy::is_postcopy_status(migrate_status) {
+        Some(Rollback::PostCopy)
+    } else if migrate_status == "completed" || run_state == "postmigrate" {
+        Some(Rollback::Completed)
+    } else {
+        None
+    }
+}
+
+/// `query-migrate` statuses in which the migration has not ended yet.
+fn migration_in_flight(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug"
+    ) || postcopy::is_postcopy_status(status)
+}
+
+/// Reads who owns the guest now; an unreadable state is an error (the caller must
+/// not guess: resuming on a guess could run the guest twice).
+pub async fn source_state(qmp: &QmpClient) -> Result<(String, String)> {
+    let v = qmp.execute("query-migrate", None).await?;
+    let run_state = qmp.run_state().await?;
+    Ok((status_of(&v).to_string(), run_state))
+}
+
+/// Undoes a failed or cancelled source side: the VM keeps running here. Refuses,
+/// touching nothing, once QEMU reported the migration completed or in post-copy:
+/// the target runs the guest then, and resuming this (stale) copy would run it twice.
+/// A cancel that races the completion waits for QEMU to settle and loses if the
+/// completion came first. An unreadable QEMU state resumes nothing (`Unknown`).
+pub async fn rollback(qmp: &QmpClient, disks: &[String]) -> Rollback {
+    let Ok((status, run_state)) = source_state(qmp).await else {
+        return Rollback::Unknown;
+    };
+    if let Some(v) = source_verdict(&status, &run_state) {
+        return v;
     }
     let _ = qmp.execute("migrate_cancel", None).await;
+    // The migration thread may be sending the final state right now: the cancel then
+    // comes too late and QEMU reports `completed`. Wait until it says which.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let Ok((status, run_state)) = source_state(qmp).await else {
+            return Rollback::Unknown;
+        };
+        if let Some(v) = source_verdict(&status, &run_state) {
+            return v;
+        }
+        if !migration_in_flight(&status) || Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for d in disks {
         let _ = qmp
             .execute(
@@ -549,13 +629,17 @@ pub async fn rollback(qmp: &QmpClient, disks: &[String]) -> bool {
         }
     }
     drop_mirror_nodes(qmp, disks).await;
-    // A failure after the vCPUs stopped (pre-switchover) leaves the guest paused.
-    if let Ok(state) = qmp.run_state().await
-        && matches!(state.as_str(), "paused" | "finish-migrate" | "postmigrate")
-    {
-        let _ = qmp.execute("cont", None).await;
+    // A failure after the vCPUs stopped (pre-switchover) leaves the guest paused. Read
+    // again right before `cont`: never resume a copy QEMU calls migrated.
+    if let Ok((status, state)) = source_state(qmp).await {
+        if let Some(v) = source_verdict(&status, &state) {
+            return v;
+        }
+        if matches!(state.as_str(), "paused" | "finish-migrate") {
+            let _ = qmp.execute("cont", None).await;
+        }
     }
-    true
+    Rollback::RolledBack
 }
 
 /// Whether the source's migration has switched to post-copy (the guest runs on the
@@ -614,5 +698,62 @@ impl Deadline {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_never_resumed_once_qemu_completed_or_switched_to_post_copy() {
+        // Still ours: running, paused at pre-switchover, a migration that failed.
+        for (status, state) in [
+            ("active", "running"),
+            ("pre-switchover", "finish-migrate"),
+            ("device", "finish-migrate"),
+            ("cancelled", "running"),
+            ("failed", "paused"),
+            ("none", "running"),
+        ] {
+            assert_eq!(source_verdict(status, state), None, "{status}/{state}");
+        }
+        assert_eq!(
+            source_verdict("completed", "postmigrate"),
+            Some(Rollback::Completed)
+        );
+        // Completed a moment ago, cleanup not done yet.
+        assert_eq!(
+            source_verdict("completed", "finish-migrate"),
+            Some(Rollback::Completed)
+        );
+        // A status lost (a new QMP view) but the run state says migrated.
+        assert_eq!(
+            source_verdict("none", "postmigrate"),
+            Some(Rollback::Completed)
+        );
+        for status in ["postcopy-active", "postcopy-paused", "postcopy-recover"] {
+            assert_eq!(
+                source_verdict(status, "finish-migrate"),
+                Some(Rollback::PostCopy)
+            );
+        }
+    }
+
+    #[test]
+    fn a_cancel_waits_while_qemu_may_still_complete() {
+        for s in [
+            "setup",
+            "active",
+            "pre-switchover",
+            "device",
+            "cancelling",
+            "postcopy-active",
+        ] {
+            assert!(migration_in_flight(s), "{s}");
+        }
+        for s in ["none", "completed", "failed", "cancelled"] {
+            assert!(!migration_in_flight(s), "{s}");
+        }
     }
 }

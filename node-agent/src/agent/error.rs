@@ -35,6 +35,10 @@ pub enum AgentError {
     /// The call is not implemented by this agent.
     #[error("{0}")]
     Unimplemented(String),
+    /// Not decidable right now (a QEMU that does not answer, a rollback still
+    /// settling): the caller asks again (ABORTED, which clients retry).
+    #[error("{0}")]
+    Retry(String),
 }
 
 impl AgentError {
@@ -50,6 +54,7 @@ impl AgentError {
             AgentError::Invalid(_) => Code::InvalidArgument,
             AgentError::Precondition(_) => Code::FailedPrecondition,
             AgentError::Unimplemented(_) => Code::Unimplemented,
+            AgentError::Retry(_) => Code::Aborted,
             AgentError::Storage(e) => match e {
                 StorageError::Refused { .. }
                 | StorageError::TooLarge { .. }
@@ -103,6 +108,7 @@ mod tests {
             AgentError::Precondition("VM running".into()).code(),
             Code::FailedPrecondition
         );
+        assert_eq!(AgentError::Retry("QEMU busy".into()).code(), Code::Aborted);
         let s: Status = AgentError::Invalid("bad MAC".into()).into();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "bad MAC");

@@ -247,7 +247,9 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
         let r = migration::cancel(&self.agent, &req.into_inner())
             .await
-            .map(|()| pb::CancelMigrationResponse {});
+            .map(|outcome| pb::CancelMigrationResponse {
+                outcome: outcome as i32,
+            });
         self.done("CancelMigration", r)
     }
 }

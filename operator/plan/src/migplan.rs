@@ -141,6 +141,77 @@ pub fn phase_of(p: Phase) -> Option<MigrationPhase> {
 
 pub use hvx_api::launch::target_pod_name;
 
+/// What the source agent answered when asked to stop a migration (CancelMigration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceAnswer {
+    /// Stopped before completing: the VM runs on the source.
+    RolledBack,
+    /// QEMU had reported it completed: the source copy stays paused for good.
+    Completed,
+    /// In post-copy: the guest runs on the target; it finishes on its own.
+    PostCopy,
+    /// The agent has no source record of it (never started there, or an agent
+    /// without records).
+    NotStarted,
+    /// No answer (agent down, QEMU not answering): nothing is known.
+    Unreachable,
+}
+
+impl SourceAnswer {
+    /// From the CancelMigration response (or its failure).
+    pub fn of(answer: Option<hvx_proto::v1::cancel_migration_response::Outcome>) -> Self {
+        use hvx_proto::v1::cancel_migration_response::Outcome;
+        match answer {
+            Some(Outcome::RolledBack) => Self::RolledBack,
+            Some(Outcome::Completed) => Self::Completed,
+            Some(Outcome::PostCopy) => Self::PostCopy,
+            Some(Outcome::Unspecified) => Self::NotStarted,
+            None => Self::Unreachable,
+        }
+    }
+}
+
+/// Which copy is the VM once a migration must end early (a failure, a deletion, a
+/// restart of an agent or of the operator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// The target runs the VM: finish the migration (promote the target pod, remove
+    /// the source's), never roll back.
+    TargetWins,
+    /// The source runs the VM: remove the target.
+    SourceWins,
+    /// Not decidable yet: touch neither copy, ask again.
+    Wait,
+}
+
+/// The decision table (docs/architecture.md, "Live migration: who keeps the VM"):
+/// once completion was reported, by the status or by the source, the source is
+/// never resumed; while the source cannot be asked about a migration that may have
+/// moved bytes, neither copy is touched.
+pub fn resolve(
+    phase: Option<MigrationPhase>,
+    source: SourceAnswer,
+    target_runs_vm: bool,
+) -> Resolution {
+    use MigrationPhase as P;
+    match (phase, source) {
+        (Some(P::Completed), _) | (_, SourceAnswer::Completed) => Resolution::TargetWins,
+        (_, SourceAnswer::PostCopy) => Resolution::Wait,
+        (_, SourceAnswer::RolledBack) => Resolution::SourceWins,
+        // StartMigration is sent only after TargetReady is written: nothing moved.
+        (None | Some(P::Pending | P::Scheduling), _) => Resolution::SourceWins,
+        // Ended already (decided when it entered the phase): only the target is left
+        // to clean up.
+        (Some(P::Failed | P::Cancelled), _) => Resolution::SourceWins,
+        // The source has no record: it never started there (TargetReady, the operator
+        // died before StartMigration), or its node lost /run (rebooted: its QEMU is
+        // gone too). Whatever runs is the VM.
+        (_, SourceAnswer::NotStarted) if target_runs_vm => Resolution::TargetWins,
+        (_, SourceAnswer::NotStarted) => Resolution::SourceWins,
+        (_, SourceAnswer::Unreachable) => Resolution::Wait,
+    }
+}
+
 /// Label selector of one VM's pods.
 pub fn vm_selector(app: &str, vm: &str) -> String {
     format!("{LABEL_APP}={app},{LABEL_VM}={vm}")
@@ -150,6 +221,102 @@ pub fn vm_selector(app: &str, vm: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_migration_qemu_completed_is_never_rolled_back() {
+        use MigrationPhase as P;
+        use SourceAnswer as A;
+        let all = [
+            None,
+            Some(P::Pending),
+            Some(P::Scheduling),
+            Some(P::TargetReady),
+            Some(P::MirroringDisks),
+            Some(P::PreCopy),
+            Some(P::Switchover),
+            Some(P::PostCopy),
+            Some(P::Completed),
+            Some(P::Failed),
+            Some(P::Cancelled),
+        ];
+        for phase in all {
+            for runs in [false, true] {
+                // The source saw completion: whatever the status says, the target wins.
+                assert_eq!(resolve(phase, A::Completed, runs), Resolution::TargetWins);
+                // Post-copy finishes on its own.
+                let post = resolve(phase, A::PostCopy, runs);
+                if phase == Some(P::Completed) {
+                    assert_eq!(post, Resolution::TargetWins);
+                } else {
+                    assert_eq!(post, Resolution::Wait, "{phase:?}");
+                }
+            }
+            // A completed status never rolls back, whatever the source answers.
+            if phase == Some(P::Completed) {
+                for a in [A::RolledBack, A::NotStarted, A::Unreachable] {
+                    assert_eq!(resolve(phase, a, false), Resolution::TargetWins);
+                }
+            }
+        }
+        // Rolled back: the source keeps it.
+        assert_eq!(
+            resolve(Some(P::Switchover), A::RolledBack, false),
+            Resolution::SourceWins
+        );
+        // The source agent is down mid-transfer: neither copy is touched.
+        for phase in [
+            P::TargetReady,
+            P::MirroringDisks,
+            P::PreCopy,
+            P::Switchover,
+            P::PostCopy,
+        ] {
+            assert_eq!(resolve(Some(phase), A::Unreachable, true), Resolution::Wait);
+            assert_eq!(
+                resolve(Some(phase), A::Unreachable, false),
+                Resolution::Wait
+            );
+            assert_eq!(
+                resolve(Some(phase), A::NotStarted, true),
+                Resolution::TargetWins
+            );
+            assert_eq!(
+                resolve(Some(phase), A::NotStarted, false),
+                Resolution::SourceWins
+            );
+        }
+        // Before StartMigration nothing moved.
+        assert_eq!(
+            resolve(Some(P::Scheduling), A::Unreachable, false),
+            Resolution::SourceWins
+        );
+        assert_eq!(
+            resolve(Some(P::Failed), A::Unreachable, false),
+            Resolution::SourceWins
+        );
+    }
+
+    #[test]
+    fn cancel_answers_map_to_source_answers() {
+        use hvx_proto::v1::cancel_migration_response::Outcome;
+        assert_eq!(
+            SourceAnswer::of(Some(Outcome::Completed)),
+            SourceAnswer::Completed
+        );
+        assert_eq!(
+            SourceAnswer::of(Some(Outcome::RolledBack)),
+            SourceAnswer::RolledBack
+        );
+        assert_eq!(
+            SourceAnswer::of(Some(Outcome::PostCopy)),
+            SourceAnswer::PostCopy
+        );
+        assert_eq!(
+            SourceAnswer::of(Some(Outcome::Unspecified)),
+            SourceAnswer::NotStarted
+        );
+        assert_eq!(SourceAnswer::of(None), SourceAnswer::Unreachable);
+    }
 
     #[test]
     fn post_copy_needs_both_nodes_labelled() {

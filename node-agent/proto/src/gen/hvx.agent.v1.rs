@@ -742,7 +742,63 @@ pub struct CancelMigrationRequest {
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct CancelMigrationResponse {}
+pub struct CancelMigrationResponse {
+    #[prost(enumeration = "cancel_migration_response::Outcome", tag = "1")]
+    pub outcome: i32,
+}
+/// Nested message and enum types in `CancelMigrationResponse`.
+pub mod cancel_migration_response {
+    #[allow(clippy::all)]
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Outcome {
+        /// This node is not the migration's source (a target, or a migration it never
+        /// started): only the target-side record and key were dropped.
+        Unspecified = 0,
+        /// The migration stopped before completing: the VM runs on this (source) node.
+        RolledBack = 1,
+        /// QEMU had reported the migration completed: the target runs the VM; the source
+        /// copy stays paused and is never resumed.
+        Completed = 2,
+        /// The migration is in post-copy: the guest runs on the target and the migration
+        /// finishes on its own; follow StartMigration to its end.
+        PostCopy = 3,
+    }
+    impl Outcome {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Unspecified => "OUTCOME_UNSPECIFIED",
+                Self::RolledBack => "OUTCOME_ROLLED_BACK",
+                Self::Completed => "OUTCOME_COMPLETED",
+                Self::PostCopy => "OUTCOME_POST_COPY",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "OUTCOME_UNSPECIFIED" => Some(Self::Unspecified),
+                "OUTCOME_ROLLED_BACK" => Some(Self::RolledBack),
+                "OUTCOME_COMPLETED" => Some(Self::Completed),
+                "OUTCOME_POST_COPY" => Some(Self::PostCopy),
+                _ => None,
+            }
+        }
+    }
+}
 /// Generated client implementations.
 pub mod node_agent_client {
     #![allow(
@@ -1125,6 +1181,9 @@ pub mod node_agent_client {
         /// Migration, source side: mirror the top overlays to the target's NBD export, then
         /// pre-copy memory (auto-converge, post-copy if allowed), switch over and report.
         /// Streams progress until Completed or Failed. On failure the VM keeps running here.
+        /// Again for the same migration (an operator that restarted) attaches to it; after
+        /// an agent restart the persisted record and QEMU's state answer: Completed when QEMU
+        /// had completed it, else the source is rolled back and the answer is Failed.
         pub async fn start_migration(
             &mut self,
             request: impl tonic::IntoRequest<super::StartMigrationRequest>,
@@ -1149,8 +1208,13 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "StartMigration"));
             self.inner.server_streaming(req, path, codec).await
         }
-        /// Cancels a migration on either side. On the source the VM keeps running; on the
-        /// target the incoming QEMU and its overlays are removed. Already finished: OK.
+        /// Cancels a migration on either side. On the source the VM keeps running, unless
+        /// QEMU already reported the migration completed (or switched to post-copy): then
+        /// the source copy is never resumed and the outcome says the target owns the VM (the
+        /// cancel lost the race). On the target the record and key are dropped (the operator
+        /// removes the incoming QEMU's pod). Already finished: OK, with the recorded outcome.
+        /// The source persists each migration's state in the VM's run dir, so an agent that
+        /// restarted answers from that record and from QEMU's own state.
         pub async fn cancel_migration(
             &mut self,
             request: impl tonic::IntoRequest<super::CancelMigrationRequest>,
@@ -1310,6 +1374,9 @@ pub mod node_agent_server {
         /// Migration, source side: mirror the top overlays to the target's NBD export, then
         /// pre-copy memory (auto-converge, post-copy if allowed), switch over and report.
         /// Streams progress until Completed or Failed. On failure the VM keeps running here.
+        /// Again for the same migration (an operator that restarted) attaches to it; after
+        /// an agent restart the persisted record and QEMU's state answer: Completed when QEMU
+        /// had completed it, else the source is rolled back and the answer is Failed.
         async fn start_migration(
             &self,
             request: tonic::Request<super::StartMigrationRequest>,
@@ -1317,8 +1384,13 @@ pub mod node_agent_server {
             tonic::Response<Self::StartMigrationStream>,
             tonic::Status,
         >;
-        /// Cancels a migration on either side. On the source the VM keeps running; on the
-        /// target the incoming QEMU and its overlays are removed. Already finished: OK.
+        /// Cancels a migration on either side. On the source the VM keeps running, unless
+        /// QEMU already reported the migration completed (or switched to post-copy): then
+        /// the source copy is never resumed and the outcome says the target owns the VM (the
+        /// cancel lost the race). On the target the record and key are dropped (the operator
+        /// removes the incoming QEMU's pod). Already finished: OK, with the recorded outcome.
+        /// The source persists each migration's state in the VM's run dir, so an agent that
+        /// restarted answers from that record and from QEMU's own state.
         async fn cancel_migration(
             &self,
             request: tonic::Request<super::CancelMigrationRequest>,
