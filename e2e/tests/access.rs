@@ -56,6 +56,8 @@ fn rendered() -> Vec<Value> {
         .args(["template", "hvx"])
         .arg(&chart)
         .args(["--namespace", NS])
+        // The chart requires a Kubernetes version helm cannot know offline.
+        .args(["--kube-version", hvx_e2e::tools::HARNESS_K8S_VERSION])
         .args(["--show-only", "templates/rbac.yaml"])
         .args(["--show-only", "templates/node-restriction.yaml"])
         .args(["--show-only", "templates/upload.yaml"])
@@ -195,12 +197,7 @@ async fn token(client: &Client, ns: &str, sa: &str, pod: Option<&Pod>) -> String
     let req: TokenRequest = serde_json::from_value(json!({"spec": spec})).expect("request");
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let got: TokenRequest = api
-        .create_subresource(
-            "token",
-            sa,
-            &PostParams::default(),
-            &req,
-        )
+        .create_subresource("token", sa, &PostParams::default(), &req)
         .await
         .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: {e}"));
     got.status.expect("token status").token
