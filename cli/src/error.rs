@@ -36,6 +36,15 @@ pub enum CliError {
         /// What went wrong.
         reason: String,
     },
+    /// The upload endpoint refused for a reason retrying cannot fix (credentials,
+    /// rights, size).
+    #[error("upload of {disk} refused: {reason}")]
+    UploadRefused {
+        /// The OverlayDisk.
+        disk: String,
+        /// The endpoint's answer.
+        reason: String,
+    },
     /// Talking to the Kubernetes API failed.
     #[error("{action}: {source}")]
     Kube {

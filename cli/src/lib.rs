@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod console;
+pub mod credentials;
 pub mod error;
 pub mod manifests;
 pub mod names;

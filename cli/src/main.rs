@@ -89,14 +89,17 @@ struct ImportArgs {
     /// Create the objects in the cluster and upload the disks into them.
     #[arg(long)]
     upload: bool,
-    /// Upload endpoint base URL.
+    /// Upload endpoint base URL, e.g. `http://127.0.0.1:8081/v1alpha1` with
+    /// `kubectl -n hvx-system port-forward svc/hvx-upload 8081`.
     #[arg(long, env = "HVX_UPLOAD_URL")]
     upload_url: Option<String>,
     /// Namespace hvx is installed in (its upload Service is reached through the API
     /// server when --upload-url is not given).
     #[arg(long, env = "HVX_NAMESPACE", default_value = "hvx-system")]
     hvx_namespace: String,
-    /// Bearer token for the upload endpoint.
+    /// Your Kubernetes bearer token for the upload endpoint (it checks it with a
+    /// TokenReview and your rights on the disk with a SubjectAccessReview). Default:
+    /// the kubeconfig user's token, tokenFile or exec plugin.
     #[arg(long, env = "HVX_UPLOAD_TOKEN", hide_env_values = true)]
     upload_token: Option<String>,
     /// Print the plan (objects, sizes, warnings) and do nothing.
@@ -256,14 +259,35 @@ async fn import(args: ImportArgs, namespace: Option<String>) -> anyhow::Result<(
         None => {}
     }
     if args.upload {
+        // Before anything is applied: a missing token is a usage error, not a
+        // half-done import.
+        let token = match &args.upload_token {
+            Some(t) => t.clone(),
+            None => {
+                let config = kube::Config::infer()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot load a kubeconfig: {e}"))?;
+                let user = kube::config::Kubeconfig::read()
+                    .ok()
+                    .and_then(|k| {
+                        let ctx = k.current_context.clone()?;
+                        k.contexts
+                            .iter()
+                            .find(|c| c.name == ctx)
+                            .and_then(|c| c.context.as_ref()?.user.clone())
+                    })
+                    .unwrap_or_else(|| "(in-cluster)".into());
+                kubectl_hvx::credentials::bearer_token(&user, &config.auth_info)?
+            }
+        };
         let client = cluster::client().await?;
         let ns = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
         cluster::apply_all(&client, &ns, &m).await?;
         let direct = match &args.upload_url {
-            Some(url) => Some(HttpEndpoint::new(url, &ns, args.upload_token.clone())?),
+            Some(url) => Some(HttpEndpoint::new(url, &ns, Some(token.clone()))?),
             None => None,
         };
-        let proxy = ProxyEndpoint::new(client.clone(), &args.hvx_namespace, 8081, &ns);
+        let proxy = ProxyEndpoint::new(client.clone(), &args.hvx_namespace, 8081, &ns, token);
         for (disk, file) in &m.disk_files {
             let Some(location) = loaded.disks.get(file) else {
                 bail!("disk file {file} vanished");

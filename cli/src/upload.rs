@@ -9,6 +9,11 @@
 //!
 //! Interrupted uploads (network errors, 5xx, Ctrl-C and a rerun) resume from the
 //! server's offset, so no byte is sent twice in the common case and none is lost.
+//!
+//! Every request carries the user's own Kubernetes bearer token (`credentials`): the
+//! endpoint checks it with a TokenReview and authorizes `overlaydisks/upload` on the
+//! disk with a SubjectAccessReview. Refusals (401, 403, 413, 400) end the upload at
+//! once with the endpoint's reason; they are not retried.
 
 use crate::error::{CliError, Result};
 use hvx_import::DiskLocation;
@@ -84,6 +89,27 @@ fn failed(disk: &str, reason: impl Into<String>) -> CliError {
     }
 }
 
+/// An answer no retry can change (pure): the endpoint's refusals.
+pub fn refusal(disk: &str, method: &str, code: u16, body: &str) -> Option<CliError> {
+    let hint = match code {
+        401 => "the endpoint does not accept your token",
+        403 => "you may not upload to this disk",
+        413 => "too large for the upload store",
+        507 => "the upload store is full",
+        400 | 404 => "",
+        _ => return None,
+    };
+    let body = body.trim();
+    Some(CliError::UploadRefused {
+        disk: disk.to_owned(),
+        reason: match (hint.is_empty(), body.is_empty()) {
+            (_, true) => format!("{method} answered {code} {hint}"),
+            (true, false) => format!("{method} answered {code}: {body}"),
+            (false, false) => format!("{method} answered {code} ({hint}): {body}"),
+        },
+    })
+}
+
 impl UploadEndpoint for HttpEndpoint {
     async fn offset(&self, disk: &str) -> Result<u64> {
         let resp = self
@@ -92,11 +118,14 @@ impl UploadEndpoint for HttpEndpoint {
             .await
             .map_err(|e| failed(disk, e.to_string()))?;
         match resp.status().as_u16() {
-            404 => Ok(0),
             200..=299 => {
                 header_offset(&resp).ok_or_else(|| failed(disk, "server sent no Upload-Offset"))
             }
-            code => Err(failed(disk, format!("HEAD answered {code}"))),
+            // HEAD has no body: a 404 is "nothing stored yet" (an unknown disk shows
+            // up at the first PUT, with the reason).
+            404 => Ok(0),
+            code => Err(refusal(disk, "HEAD", code, "")
+                .unwrap_or_else(|| failed(disk, format!("HEAD answered {code}")))),
         }
     }
 
@@ -111,22 +140,29 @@ impl UploadEndpoint for HttpEndpoint {
             .send()
             .await
             .map_err(|e| failed(disk, e.to_string()))?;
-        match resp.status().as_u16() {
-            200..=299 => Ok(header_offset(&resp).unwrap_or(start + len)),
+        let code = resp.status().as_u16();
+        let offset = header_offset(&resp);
+        let body = resp.text().await.unwrap_or_default();
+        match code {
+            200..=299 => Ok(offset.unwrap_or(start + len)),
             409 | 416 => Err(failed(disk, "server holds a different offset")),
-            code => Err(failed(disk, format!("PUT answered {code}"))),
+            code => Err(refusal(disk, "PUT", code, &body)
+                .unwrap_or_else(|| failed(disk, format!("PUT answered {code}: {}", body.trim())))),
         }
     }
 }
 
-/// The hvx upload Service reached through the API server's service proxy with the
-/// kubeconfig's credentials (the default: no URL, no extra token, RBAC decides).
+/// The hvx upload Service reached through the API server's service proxy (the
+/// default: no URL needed). The API server authenticates the proxy request with the
+/// kubeconfig's credentials and consumes `Authorization`, so the user's token rides
+/// in `X-Hvx-Upload-Authorization` for the endpoint's own review.
 #[derive(Clone)]
 pub struct ProxyEndpoint {
     client: kube::Client,
     /// `/api/v1/namespaces/<hvx ns>/services/http:hvx-upload:<port>/proxy/v1alpha1`.
     base: String,
     namespace: String,
+    token: String,
 }
 
 impl std::fmt::Debug for ProxyEndpoint {
@@ -138,14 +174,22 @@ impl std::fmt::Debug for ProxyEndpoint {
 }
 
 impl ProxyEndpoint {
-    /// The endpoint of the hvx installation in `hvx_namespace`, for disks of `namespace`.
-    pub fn new(client: kube::Client, hvx_namespace: &str, port: u16, namespace: &str) -> Self {
+    /// The endpoint of the hvx installation in `hvx_namespace`, for disks of
+    /// `namespace`, as the holder of `token`.
+    pub fn new(
+        client: kube::Client,
+        hvx_namespace: &str,
+        port: u16,
+        namespace: &str,
+        token: String,
+    ) -> Self {
         Self {
             client,
             base: format!(
                 "/api/v1/namespaces/{hvx_namespace}/services/http:hvx-upload:{port}/proxy/v1alpha1"
             ),
             namespace: namespace.to_owned(),
+            token,
         }
     }
 
@@ -159,8 +203,12 @@ impl ProxyEndpoint {
     async fn send(
         &self,
         disk: &str,
-        req: http::Request<Vec<u8>>,
+        mut req: http::Request<Vec<u8>>,
     ) -> Result<(u16, Option<u64>, String)> {
+        let auth = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| failed(disk, "the token is not a valid header value"))?;
+        req.headers_mut().insert("x-hvx-upload-authorization", auth);
         let resp = self
             .client
             .send(req.map(kube::client::Body::from))
@@ -190,7 +238,8 @@ impl UploadEndpoint for ProxyEndpoint {
             (404, _, _) => Ok(0),
             (200..=299, Some(o), _) => Ok(o),
             (200..=299, None, _) => Err(failed(disk, "server sent no Upload-Offset")),
-            (code, _, body) => Err(failed(disk, format!("HEAD answered {code}: {body}"))),
+            (code, _, body) => Err(refusal(disk, "HEAD", code, &body)
+                .unwrap_or_else(|| failed(disk, format!("HEAD answered {code}: {body}")))),
         }
     }
 
@@ -205,7 +254,8 @@ impl UploadEndpoint for ProxyEndpoint {
         match self.send(disk, req).await? {
             (200..=299, o, _) => Ok(o.unwrap_or(start + len)),
             (409 | 416, _, _) => Err(failed(disk, "server holds a different offset")),
-            (code, _, body) => Err(failed(disk, format!("PUT answered {code}: {body}"))),
+            (code, _, body) => Err(refusal(disk, "PUT", code, &body)
+                .unwrap_or_else(|| failed(disk, format!("PUT answered {code}: {body}")))),
         }
     }
 }
@@ -285,6 +335,7 @@ pub async fn upload(
     let mut sent = 0u64;
     let mut failures = 0u32;
     let mut offset = endpoint.offset(disk).await?;
+    // Refusals end the upload; everything else is retried from the server's offset.
     loop {
         if offset > total {
             return Err(failed(
@@ -304,6 +355,7 @@ pub async fn upload(
                 sent += len;
                 offset = new_offset;
             }
+            Err(e @ CliError::UploadRefused { .. }) => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures > tuning.max_retries {

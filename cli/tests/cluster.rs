@@ -194,6 +194,10 @@ async fn import_upload_migrate_snapshot_against_the_api_server() {
             "--upload",
             "--upload-url",
             &base,
+            // The admin kubeconfig holds a client certificate, which cannot be
+            // forwarded: the endpoint takes a bearer token (this loopback one any).
+            "--upload-token",
+            "test-token",
         ])
         .output()
         .expect("run");

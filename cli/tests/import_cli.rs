@@ -389,6 +389,36 @@ fn upload_without_a_cluster_fails_cleanly() {
 }
 
 #[test]
+fn upload_with_a_client_certificate_kubeconfig_says_what_is_needed() {
+    // The endpoint authenticates a bearer token; a certificate cannot be forwarded.
+    // The error comes before anything is applied (the server is unreachable anyway).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ova, _) = single_vm_ova(dir.path(), None);
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:9\"}}]\n\
+         users: [{name: cert-user, user: {client-certificate-data: eA==, client-key-data: eA==}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: cert-user}}]\ncurrent-context: c\n",
+    )
+    .expect("kubeconfig");
+    let out = Command::new(BIN)
+        .args(["import", ova.to_str().expect("utf8"), "--upload"])
+        .env_remove("HVX_UPLOAD_URL")
+        .env_remove("HVX_UPLOAD_TOKEN")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", dir.path())
+        .output()
+        .expect("run kubectl-hvx");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("client certificate"), "{stderr}");
+    assert!(stderr.contains("\"cert-user\""), "{stderr}");
+    assert!(stderr.contains("--upload-token"), "{stderr}");
+}
+
+#[test]
 fn migrate_print_renders_a_vm_migration() {
     let out = run(&[
         "migrate", "shop-db", "--app", "shop", "--to", "node-b", "--print", "-n", "prod",

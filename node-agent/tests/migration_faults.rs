@@ -118,6 +118,7 @@ impl Node {
             underlay_mtu: 1500,
             egress_denied: Vec::new(),
             egress_allowed: Vec::new(),
+            http_policy: Default::default(),
         };
         self.agent = Some(Arc::new(Agent::open(config).expect("open agent")));
     }

@@ -1,5 +1,7 @@
 //! Resumable HTTP(S) download: a partial file is continued with `Range: bytes=N-`; a
 //! server that ignores the range (200) restarts it; dropped connections are retried.
+//! Every hop's address is checked by the egress policy (`crate::egress`) and pinned;
+//! redirects are followed here, not by the client, so each one is checked too.
 use std::io::Write;
 use std::path::Path;
 
@@ -7,6 +9,7 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
 
+use crate::egress::HttpPolicy;
 use crate::error::{Result, StorageError, io_err};
 use crate::store::{ImportPhase, ProgressFn};
 
@@ -27,13 +30,15 @@ pub fn content_range_total(value: &str) -> Option<u64> {
     value.rsplit('/').next().and_then(|t| t.trim().parse().ok())
 }
 
-/// Downloads `url` into `part`, continuing what `part` already holds.
+/// Downloads `url` into `part`, continuing what `part` already holds, from addresses
+/// `policy` allows.
 pub async fn download_resumable(
     url: &str,
     part: &Path,
     limit: u64,
     attempts: u32,
     ca_pem: Option<&[u8]>,
+    policy: &HttpPolicy,
     progress: Option<&ProgressFn>,
 ) -> Result<u64> {
     let err = |reason: String| StorageError::Download {
@@ -43,23 +48,19 @@ pub async fn download_resumable(
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(err("only http:// and https:// URLs are supported".into()));
     }
-    let mut builder =
-        reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(30));
-    if let Some(pem) = ca_pem {
-        for cert in reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|e| err(format!("bad CA certificate PEM: {e}")))?
-        {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    let client = builder.build().map_err(|e| err(e.to_string()))?;
+    let roots = match ca_pem {
+        Some(pem) => reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| err(format!("bad CA certificate PEM: {e}")))?,
+        None => Vec::new(),
+    };
+    let fetch = Fetch { roots, policy };
     let mut last_error = String::new();
     for attempt in 0..attempts.max(1) {
         if attempt > 0 {
             tracing::warn!(url, attempt, error = %last_error, "download interrupted, resuming");
             tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
         }
-        match download_once(&client, url, part, limit, progress).await {
+        match download_once(&fetch, url, part, limit, progress).await {
             Ok(len) => return Ok(len),
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(reason)) => last_error = reason,
@@ -75,8 +76,84 @@ enum Attempt {
     Retry(String),
 }
 
+/// How each hop is fetched: extra CA roots and the egress policy.
+struct Fetch<'a> {
+    roots: Vec<reqwest::Certificate>,
+    policy: &'a HttpPolicy,
+}
+
+impl Fetch<'_> {
+    /// GETs `url`, following redirects by hand: each hop's host resolved once, checked
+    /// and connected to at that address (a client per hop, pinned with `resolve`).
+    async fn get(
+        &self,
+        url: &str,
+        range_from: u64,
+    ) -> std::result::Result<reqwest::Response, Attempt> {
+        let fatal = |reason: String| {
+            Attempt::Fatal(StorageError::Download {
+                url: url.to_string(),
+                reason,
+            })
+        };
+        let mut hop = reqwest::Url::parse(url).map_err(|e| fatal(format!("bad URL: {e}")))?;
+        for hops in 0..=self.policy.max_redirects {
+            if !matches!(hop.scheme(), "http" | "https") {
+                return Err(fatal(format!(
+                    "redirected to {hop}: only http:// and https:// are followed"
+                )));
+            }
+            let mut builder = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(30))
+                .redirect(reqwest::redirect::Policy::none())
+                // A proxy from the environment would connect somewhere unchecked.
+                .no_proxy();
+            for cert in &self.roots {
+                builder = builder.add_root_certificate(cert.clone());
+            }
+            // The operator's upload Service: trusted on the first hop only.
+            if !(hops == 0 && self.policy.trusted(&hop)) {
+                let addr = crate::egress::resolve_checked(self.policy, &hop)
+                    .await
+                    .map_err(fatal)?;
+                let (host, _) = crate::egress::host_port(&hop).map_err(fatal)?;
+                if host.parse::<std::net::IpAddr>().is_err() {
+                    builder = builder.resolve(&host, addr);
+                }
+            }
+            let client = builder.build().map_err(|e| fatal(e.to_string()))?;
+            let mut req = client.get(hop.clone());
+            if range_from > 0 {
+                req = req.header(RANGE, format!("bytes={range_from}-"));
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Attempt::Retry(error_chain(&e)))?;
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let Some(next) = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+            else {
+                return Ok(resp);
+            };
+            hop = hop
+                .join(next)
+                .map_err(|e| fatal(format!("bad redirect Location {next:?}: {e}")))?;
+            tracing::debug!(url, to = %hop, "following redirect");
+        }
+        Err(fatal(format!(
+            "more than {} redirects",
+            self.policy.max_redirects
+        )))
+    }
+}
+
 async fn download_once(
-    client: &reqwest::Client,
+    fetch: &Fetch<'_>,
     url: &str,
     part: &Path,
     limit: u64,
@@ -89,14 +166,7 @@ async fn download_once(
         })
     };
     let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-    let mut req = client.get(url);
-    if have > 0 {
-        req = req.header(RANGE, format!("bytes={have}-"));
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| Attempt::Retry(error_chain(&e)))?;
+    let resp = fetch.get(url, have).await?;
     let status = resp.status();
     let (mut done, total, append) = match status {
         StatusCode::PARTIAL_CONTENT => {

@@ -4,6 +4,7 @@
 pub mod blank;
 pub mod chain;
 pub mod disks;
+pub mod egress;
 pub mod error;
 pub mod format;
 pub mod gc;

@@ -250,7 +250,16 @@ impl DiskStore {
         std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
         let part = downloads.join(format!("{}.part", hex(&Sha256::digest(url.as_bytes()))));
         let limit = self.limits().max_virtual_size.saturating_add(1 << 30);
-        crate::http::download_resumable(url, &part, limit, 5, ca_pem, progress.as_ref()).await?;
+        crate::http::download_resumable(
+            url,
+            &part,
+            limit,
+            5,
+            ca_pem,
+            &self.cfg.http_policy,
+            progress.as_ref(),
+        )
+        .await?;
         let staging = self.new_staging_dir(entry)?;
         let staged_file = staging.join(entry);
         let part_c = part.clone();

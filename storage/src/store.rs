@@ -32,6 +32,8 @@ pub type ProgressFn = Arc<dyn Fn(ImportPhase, u64, u64) + Send + Sync>;
 pub struct StoreConfig {
     pub root: PathBuf,
     pub limits: ImportLimits,
+    /// Where `http` sources may be fetched from (`crate::egress`).
+    pub http_policy: crate::egress::HttpPolicy,
     pub qemu_img: QemuImg,
     /// Longest overlay chain (base included) before the active layer is flattened.
     pub max_chain_depth: usize,
@@ -42,6 +44,7 @@ impl StoreConfig {
         Self {
             root: root.into(),
             limits: ImportLimits::default(),
+            http_policy: crate::egress::HttpPolicy::default(),
             qemu_img: QemuImg::default(),
             max_chain_depth: 5,
         }

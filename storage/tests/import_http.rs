@@ -11,6 +11,12 @@ use hvx_storage::{ImportPhase, ImportSource, StorageError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// A store whose http egress policy allows 127.0.0.0/8, where these tests serve
+/// (the default refuses loopback: tests/http_policy.rs).
+fn loopback_store() -> TestStore {
+    store_with(|c| c.http_policy.allowed.push("127.0.0.0/8".parse().unwrap()))
+}
+
 /// Serves `body` at /disk.vmdk with Range support. The first `drops` responses stop
 /// after half the requested bytes and close the connection. Records Range headers.
 async fn serve(body: Vec<u8>, drops: usize) -> (String, Arc<Mutex<Vec<String>>>) {
@@ -84,7 +90,7 @@ async fn serve(body: Vec<u8>, drops: usize) -> (String, Arc<Mutex<Vec<String>>>)
 #[tokio::test]
 #[ignore = "privileged: make test-integration"]
 async fn http_import_resumes_after_dropped_connection() {
-    let t = store();
+    let t = loopback_store();
     let raw = t.dir.path().join("orig.raw");
     pattern_raw(&raw, 32);
     let vmdk = t.dir.path().join("d.vmdk");
@@ -184,7 +190,7 @@ impl Drop for TlsServer {
 #[tokio::test]
 #[ignore = "privileged: make test-integration"]
 async fn https_import_trusts_only_the_given_ca() {
-    let t = store();
+    let t = loopback_store();
     let d = t.dir.path();
     let sh = |script: &str| run("bash", &["-c", &format!("cd {} && {script}", d.display())]);
     sh(

@@ -12,6 +12,7 @@
 pub mod convert;
 pub mod disks;
 pub mod error;
+pub mod http_policy;
 pub mod label;
 pub mod metrics;
 pub mod migration;
@@ -51,6 +52,8 @@ pub struct AgentConfig {
     pub egress_denied: Vec<hvx_overlay::Ipv4Net>,
     /// Exceptions to the denied ranges, checked first.
     pub egress_allowed: Vec<hvx_overlay::Ipv4Net>,
+    /// Where `http` disk sources may be fetched from.
+    pub http_policy: hvx_storage::egress::HttpPolicy,
 }
 
 impl AgentConfig {
@@ -101,7 +104,9 @@ impl Agent {
             std::fs::create_dir_all(&dir)
                 .map_err(AgentError::io(format!("creating {}", dir.display())))?;
         }
-        let store = DiskStore::open(StoreConfig::new(paths.disk_store()))?;
+        let mut store_config = StoreConfig::new(paths.disk_store());
+        store_config.http_policy = config.http_policy.clone();
+        let store = DiskStore::open(store_config)?;
         let switch = Switch::new(Host::new(paths.overlay_state()));
         Ok(Self {
             config,

@@ -4,7 +4,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hvx_node_agent::agent::{Agent, AgentConfig, label, metrics, network, server::AgentService};
+use hvx_node_agent::agent::{
+    Agent, AgentConfig, http_policy, label, metrics, network, server::AgentService,
+};
 use hvx_proto::v1::node_agent_server::NodeAgentServer;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -82,6 +84,20 @@ struct Cli {
     /// only the node itself reads them; the metrics port has node totals only.
     #[arg(long, default_value = "127.0.0.1:9445")]
     vm_metrics_listen: SocketAddr,
+    /// Ranges `http` disk sources may reach although denied (pod, service, node,
+    /// API server, loopback, link-local), comma-separated
+    /// (`agent.httpSources.allowCIDRs`). Default: none.
+    #[arg(long, value_delimiter = ',')]
+    http_allow_cidr: Vec<ipnet::IpNet>,
+    /// More ranges `http` disk sources may not reach, comma-separated
+    /// (`agent.httpSources.denyCIDRs`).
+    #[arg(long, value_delimiter = ',')]
+    http_deny_cidr: Vec<ipnet::IpNet>,
+    /// Origins (`http://host:port`) fetched without the egress checks: the
+    /// operator's upload Service, which lives in the service CIDR. Its downloads are
+    /// authorized by a per-upload key only the operator hands out.
+    #[arg(long, value_delimiter = ',')]
+    http_trusted_origin: Vec<String>,
     /// Label this node `hvx.dev/agent=ready` (needs API access).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     label_node: bool,
@@ -130,7 +146,28 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     hvx_identity::install_crypto_provider();
+    let v4 = |n: &hvx_overlay::Ipv4Net| {
+        ipnet::Ipv4Net::new(n.addr, n.prefix)
+            .map(ipnet::IpNet::V4)
+            .ok()
+    };
+    let http_policy = http_policy::build(&http_policy::PolicyInputs {
+        pod_cidrs: cli.pod_cidr.iter().filter_map(v4).collect(),
+        service_cidrs: cli.service_cidr.iter().filter_map(v4).collect(),
+        extra_denied: cli.http_deny_cidr.clone(),
+        allowed: cli.http_allow_cidr.clone(),
+        node_addrs: std::iter::once(std::net::IpAddr::V4(cli.node_ip))
+            .chain(http_policy::node_addresses())
+            .collect(),
+        apiserver_addrs: if cli.label_node {
+            http_policy::apiserver_addresses().await
+        } else {
+            Vec::new()
+        },
+        trusted_origins: cli.http_trusted_origin.clone(),
+    });
     let config = AgentConfig {
+        http_policy,
         underlay_mtu: cli
             .underlay_mtu
             .unwrap_or_else(|| interface_mtu(cli.node_ip)),

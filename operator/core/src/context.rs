@@ -267,8 +267,21 @@ pub struct UploadSettings {
     pub internal_url: String,
     /// Largest disk accepted.
     pub max_bytes: u64,
-    /// Optional bearer token required on top of the API server's authorization.
-    pub token: Option<String>,
+    /// Bytes all stored uploads together may take (the emptyDir's sizeLimit: past
+    /// it the kubelet evicts the operator and every upload is lost).
+    pub capacity_bytes: u64,
+    /// Key of the per-upload fetch keys agents are given.
+    pub fetch_secret: FetchSecret,
+}
+
+/// A secret that never appears in logs or Debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FetchSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for FetchSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FetchSecret(..)")
+    }
 }
 
 /// A move as this operator last saw it, by move id (the launcher pod's UID).

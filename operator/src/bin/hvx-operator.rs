@@ -70,13 +70,15 @@ struct Args {
     /// Largest disk accepted by upload, bytes.
     #[arg(long, env = "HVX_UPLOAD_MAX_BYTES", default_value_t = 2 << 40)]
     upload_max_bytes: u64,
-    /// File holding a bearer token uploads must present (besides API server RBAC).
-    #[arg(long, env = "HVX_UPLOAD_TOKEN_FILE")]
-    upload_token_file: Option<std::path::PathBuf>,
     /// File holding the key launcher pod metadata is sealed with (the chart's
     /// `hvx-seal-key` Secret; the node agents read the same key).
     #[arg(long, env = "HVX_SEAL_KEY_FILE")]
     seal_key_file: Option<std::path::PathBuf>,
+    /// Bytes all stored uploads together may take, a Kubernetes quantity (`50Gi`):
+    /// the upload volume's sizeLimit, so an upload is refused (413) before the
+    /// kubelet would evict the operator.
+    #[arg(long, env = "HVX_UPLOAD_CAPACITY", default_value = "50Gi")]
+    upload_capacity: String,
     #[command(flatten)]
     timings: hvx_operator::context::Timings,
 }
@@ -170,24 +172,24 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     if let Some(dir) = &args.upload_dir {
-        let token = match &args.upload_token_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        };
+        let capacity_bytes = hvx_operator::hostplan::quantity_bytes(&args.upload_capacity)
+            .with_context(|| {
+                format!(
+                    "--upload-capacity {:?} is not a byte quantity (e.g. 50Gi)",
+                    args.upload_capacity
+                )
+            })?;
         let settings = hvx_operator::upload::UploadSettings {
             dir: dir.clone(),
             internal_url: args.upload_internal_url.clone(),
             max_bytes: args.upload_max_bytes,
-            token,
+            capacity_bytes,
+            fetch_secret: hvx_operator::upload::load_or_create_fetch_secret(dir)?,
         };
         let server = hvx_operator::upload::Server::new(
             settings.clone(),
             hvx_operator::upload::KubeDisks(client.clone()),
+            hvx_operator::upload::KubeAccess::new(client.clone()),
         )?;
         let listener = tokio::net::TcpListener::bind(args.upload_listen)
             .await
