@@ -17,8 +17,16 @@ log "sample OVA: _out/sample-shop.ova ($(stat -c %s _out/sample-shop.ova) bytes)
 "$KUBECTL" delete namespace "${NS}" --ignore-not-found --wait=true --timeout=300s >/dev/null
 "$KUBECTL" create namespace "${NS}" >/dev/null
 cargo run -q -p kubectl-hvx -- import _out/sample-shop.ova --dry-run
-log "kubectl hvx import --upload"
+# Uploads act as the user: a ServiceAccount with only the built-in `edit` role in
+# this namespace (the harness's admin kubeconfig holds a client certificate, which
+# the upload endpoint cannot review; `--upload-token` carries a token instead).
+"$KUBECTL" -n "${NS}" create serviceaccount importer >/dev/null
+"$KUBECTL" -n "${NS}" create rolebinding importer-edit --clusterrole=edit --serviceaccount="${NS}:importer" >/dev/null
+HVX_UPLOAD_TOKEN="$("$KUBECTL" -n "${NS}" create token importer --duration=1h)"
+export HVX_UPLOAD_TOKEN
+log "kubectl hvx import --upload (uploading as ${NS}:importer)"
 cargo run -q -p kubectl-hvx -- -n "${NS}" import _out/sample-shop.ova --upload --subnet "VM Network=10.66.0.0/24"
+unset HVX_UPLOAD_TOKEN
 APP=$("$KUBECTL" -n "${NS}" get vmapp -o jsonpath='{.items[0].metadata.name}')
 log "application ${APP}: waiting for both VMs with addresses"
 deadline=$(( $(date +%s) + 900 )); last=""
