@@ -425,6 +425,8 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     let files: Vec<_> = walk(node.root.path())
         .into_iter()
         .filter(|p| !p.to_string_lossy().contains("/overlay/"))
+        // The socket launchers verify their specs through lives as long as the agent.
+        .filter(|p| !p.ends_with("seal.sock"))
         .collect();
     assert!(files.is_empty(), "files left: {files:?}");
 }
