@@ -30,6 +30,7 @@ log "helm upgrade --install hvx charts/hvx -n ${NS}"
   --set images.operator=hvx-operator --set images.agent=hvx-agent --set images.launcher=hvx-launcher \
   --set operator.cpuMillisPerVcpu=10 --set operator.logLevel=info \
   --set agent.podCIDR="${HVX_POD_CIDR:-10.251.0.0/16}" --set agent.serviceCIDR="${HVX_SERVICE_CIDR:-10.252.0.0/24}" \
+  --set "agent.httpSources.allowCIDRs={${HVX_SAMPLES_IP:-10.252.0.250}/32}" \
   --wait --timeout 5m "$@"
 # Pods of an upgrade with the same tag keep the old image: restart them.
 "$KUBECTL" -n "${NS}" rollout restart deployment/hvx-operator daemonset/hvx-agent >/dev/null

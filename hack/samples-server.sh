@@ -12,6 +12,12 @@ export KUBECONFIG="${KUBECONFIG:-$PWD/_out/kubeconfig}"
 GUEST="$(hack/build-guest.sh | tail -1)"
 [[ -f "${GUEST}/disk-stream.vmdk" ]] || { echo "samples: no guest disk in ${GUEST}" >&2; exit 1; }
 IMAGE="${HVX_TEST_IMAGE:-localhost/hvx-e2e-busybox:1}"
+SAMPLES_IP="${HVX_SAMPLES_IP:-10.252.0.250}"
+# clusterIP is immutable: a Service made with another address is replaced.
+current="$("$KUBECTL" -n hvx-samples get service hvx-samples -o jsonpath='{.spec.clusterIP}' 2>/dev/null || true)"
+if [[ -n "${current}" && "${current}" != "${SAMPLES_IP}" ]]; then
+  "$KUBECTL" -n hvx-samples delete service hvx-samples >/dev/null
+fi
 "$KUBECTL" create namespace hvx-samples --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 "$KUBECTL" apply --server-side --field-manager=hvx-samples -f - >/dev/null <<YAML
 apiVersion: apps/v1
@@ -46,6 +52,9 @@ metadata:
   name: hvx-samples
   namespace: hvx-samples
 spec:
+  # A fixed address: agents fetch http sources only from addresses the chart allows,
+  # and hack/helm-install.sh allows this one (agent.httpSources.allowCIDRs).
+  clusterIP: ${SAMPLES_IP}
   selector: {app.kubernetes.io/name: hvx-samples}
   ports: [{port: 8080, targetPort: 8080}]
 YAML
