@@ -33,6 +33,11 @@ impl NodePaths {
         }
     }
 
+    /// Everything hvx keeps on this node's disk (stores, state, the agent's identity).
+    pub fn node_dir(&self) -> &Path {
+        &self.store
+    }
+
     /// Root of the node's disk store (`hvx_storage::DiskStore`): bases and overlays.
     pub fn disk_store(&self) -> PathBuf {
         self.store.join("store")

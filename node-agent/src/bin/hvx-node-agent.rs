@@ -9,7 +9,7 @@ use hvx_node_agent::agent::{
 };
 use hvx_proto::v1::node_agent_server::NodeAgentServer;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::transport::Server;
 
@@ -341,6 +341,9 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .context("gRPC server")?;
+            if cli.issuer_url.is_some() {
+                forget_identity_if_node_is_empty(&cli.store_root, &cli.node_name, dir);
+            }
         }
         None => {
             tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
@@ -355,4 +358,42 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// On shutdown, an agent whose node holds nothing of hvx any more (no disks, overlays,
+/// networks or VM state: `helm uninstall` deleted them all first) removes its key and
+/// certificate, so an uninstall leaves no private key on the node. With state left
+/// (an agent restart, an upgrade) they stay and the next start serves at once; a
+/// removed identity costs one enrolment at the next start.
+fn forget_identity_if_node_is_empty(store_root: &Path, node: &str, tls_dir: &Path) {
+    let paths = hvx_api::node::NodePaths::new(store_root, Path::new("/run/hvx"), node);
+    let node_dir = paths.node_dir();
+    fn has_files_outside(dir: &Path, skip: &Path) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let p = e.path();
+            if p.starts_with(skip) {
+                return false;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_dir() => has_files_outside(&p, skip),
+                Ok(_) => true,
+                Err(_) => true,
+            }
+        })
+    }
+    if has_files_outside(node_dir, tls_dir) {
+        return;
+    }
+    match std::fs::remove_dir_all(tls_dir) {
+        Ok(()) => {
+            tracing::info!(dir = %tls_dir.display(), "node holds no hvx state: removed this agent's key and certificate")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %tls_dir.display(), error = %e, "could not remove this agent's key and certificate")
+        }
+    }
 }
