@@ -81,6 +81,23 @@ pub struct SourceRecord {
     pub post_copy: bool,
 }
 
+impl SourceRecord {
+    /// A migration just handed to QEMU: nothing measured yet.
+    pub fn started(migration_uid: String, disks: Vec<String>) -> Self {
+        Self {
+            migration_uid,
+            state: SourceState::Started,
+            disks,
+            message: String::new(),
+            downtime_ms: 0,
+            total_ms: 0,
+            memory_bytes: 0,
+            disk_bytes: 0,
+            post_copy: false,
+        }
+    }
+}
+
 /// What the agent sees of a source QEMU when it has no task for its migration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QemuSeen {
@@ -421,17 +438,7 @@ pub async fn start(
     // it again.
     write_record(
         &run_dir,
-        &SourceRecord {
-            migration_uid: req.migration_uid.clone(),
-            state: SourceState::Started,
-            disks: req.disk_names.clone(),
-            message: String::new(),
-            downtime_ms: 0,
-            total_ms: 0,
-            memory_bytes: 0,
-            disk_bytes: 0,
-            post_copy: false,
-        },
+        &SourceRecord::started(req.migration_uid.clone(), req.disk_names.clone()),
     )?;
     let (tx, rx) = watch::channel(progress_message(
         Phase::MirroringDisks,
@@ -702,17 +709,7 @@ async fn run_source(
     let _guard = agent.lock(&lock_key(&uid)).await;
     let mut rec = read_record(&run_dir)
         .filter(|r| r.migration_uid == uid)
-        .unwrap_or(SourceRecord {
-            migration_uid: uid.clone(),
-            state: SourceState::Started,
-            disks: disks.clone(),
-            message: String::new(),
-            downtime_ms: 0,
-            total_ms: 0,
-            memory_bytes: 0,
-            disk_bytes: 0,
-            post_copy: false,
-        });
+        .unwrap_or_else(|| SourceRecord::started(uid.clone(), disks.clone()));
     match &outcome {
         Ok(r) => {
             rec.state = SourceState::Completed;
