@@ -109,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
         let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
         format!("{dir}/debug/hvx-operator")
     });
+    // The operator refuses to start without the key it seals launcher pods with; this
+    // run makes no pods, so any key of the right length does.
+    let seal_dir = tempfile::tempdir()?;
+    let seal_key = seal_dir.path().join("seal-key");
+    std::fs::write(&seal_key, "operator-bench-seal-key-0123456789abcdef")?;
     let start_operator = || {
         Command::new(&bin)
             // The leader Lease lives elsewhere: deleting NS at the end must not take
@@ -120,12 +125,17 @@ async fn main() -> anyhow::Result<()> {
                 "10",
                 "--metrics-listen",
                 &std::env::var("HVX_BENCH_METRICS").unwrap_or_default(),
+                "--seal-key-file",
+                &seal_key.display().to_string(),
             ])
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {bin}: {e} (cargo build -p hvx-operator)"))
     };
     let mut op = start_operator()?;
     tokio::time::sleep(Duration::from_secs(8)).await;
+    if let Some(exit) = op.try_wait()? {
+        anyhow::bail!("the operator exited at start ({exit}); its stderr is above");
+    }
     let idle_kib = rss_kib(&op) as f64;
 
     // Watch for observedGeneration before creating anything.
