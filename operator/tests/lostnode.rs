@@ -690,3 +690,29 @@ async fn a_deleted_node_has_its_record_dropped_without_any_call() {
         .unwrap_or_else(|| panic!("the record is deleted: {seen:?}"));
     assert!(confirm < delete);
 }
+
+#[tokio::test]
+async fn uninstall_drops_the_records_no_operator_will_replay() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let list = json!({"metadata": {}, "items": [record_of_n2(&owed_entries())]});
+    let server = serve(
+        handle,
+        json!({"kind": "None"}),
+        vec![("/api/v1/namespaces/hvx-system/configmaps", list)],
+    );
+    let dropped = within(hvx_operator::uninstall::drop_owed(&client, "hvx-system"))
+        .await
+        .expect("dropped");
+    drop(client);
+    let seen = server.await.expect("server");
+    assert_eq!(dropped, 4);
+    let (list_req, delete_req) = (&seen[0], &seen[1]);
+    assert_eq!(list_req.0, Method::GET);
+    assert_eq!(list_req.1, "/api/v1/namespaces/hvx-system/configmaps");
+    assert_eq!(
+        (&delete_req.0, delete_req.1.as_str()),
+        (&Method::DELETE, RECORD_PATH)
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
