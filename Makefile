@@ -51,7 +51,7 @@ test-integration: deps guest-image ## privileged: real QEMU (TCG), netns, qcow2 
 	env -u KUBECONFIG cargo test --workspace --exclude hvx-e2e --exclude kubectl-hvx -- --ignored --test-threads=1
 
 test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harness
-	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test crds --test operator --test access -- --test-threads=1
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test crds --test operator --test access --test lostnode -- --test-threads=1
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p kubectl-hvx --test cluster -- --ignored --test-threads=1
 
 e2e: cluster-up images ## end to end on real kubelets: helm install, the two-VM example on the overlay, kubectl drain live-migrating a VM, an OVA imported with --upload, helm uninstall

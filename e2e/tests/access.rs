@@ -4,7 +4,8 @@
 //! namespace (cluster-scoped names get a test suffix, so an installed hvx is not
 //! touched), applies them, and then acts as the ServiceAccounts:
 //! - the agent, with a token bound to a pod on node A, may label node A but not
-//!   node B, nor change node A's spec; a token bound to no pod changes nothing;
+//!   node B, nor change node A's spec; it may write node A's liveness Lease (held by
+//!   node A) and no other; a token bound to no pod changes nothing;
 //! - the operator, with the chart's ClusterRole, runs the upload endpoint's
 //!   TokenReview and SubjectAccessReview (`hvx_operator::upload::KubeAccess`): a
 //!   ServiceAccount with namespace `edit` may upload in its namespace (through the
@@ -239,6 +240,37 @@ async fn label(client: &Client, node: &str, value: &str) -> Result<(), kube::Err
         .map(|_| ())
 }
 
+/// Creates, or renews, the liveness lease of `node` held by `holder`, as the agent does.
+async fn write_lease(client: &Client, node: &str, holder: &str) -> Result<(), kube::Error> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let name = format!("hvx-agent-{node}");
+    let spec = json!({"holderIdentity": holder, "leaseDurationSeconds": 20,
+                      "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                          k8s_openapi::jiff::Timestamp::now())});
+    match leases
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let lease: Lease = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"hvx.dev/agent-lease": "true"}},
+                "spec": spec,
+            }))
+            .map_err(kube::Error::SerdeError)?;
+            leases
+                .create(&PostParams::default(), &lease)
+                .await
+                .map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+}
+
 fn forbidden_saying(r: Result<(), kube::Error>, needle: &str, what: &str) {
     match r {
         Err(kube::Error::Api(s)) => {
@@ -364,6 +396,37 @@ async fn checks(admin: &Client, docs: &[Value]) {
         label(&unbound, NODE_A, "x").await,
         "bound to no node",
         "unbound token",
+    );
+
+    // Liveness leases: its own node's only, held by its node.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match write_lease(&agent, NODE_B, NODE_B).await {
+            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("may write only") => {
+                break;
+            }
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent bound to {NODE_A} could write {NODE_B}'s lease: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    write_lease(&agent, NODE_A, NODE_A)
+        .await
+        .expect("the agent creates its own node's lease");
+    write_lease(&agent, NODE_A, NODE_A)
+        .await
+        .expect("the agent renews its own node's lease");
+    forbidden_saying(
+        write_lease(&agent, NODE_A, NODE_B).await,
+        "holder of an hvx agent lease is its node",
+        "its lease held by another node",
+    );
+    forbidden_saying(
+        write_lease(&unbound, NODE_A, NODE_A).await,
+        "bound to no node",
+        "a lease with an unbound token",
     );
 
     // The operator's upload checks, as the operator's ServiceAccount.

@@ -102,7 +102,12 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                 }
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.
-                hostprep::release_disk_everywhere(ctx, &disk.uid().unwrap_or_default()).await?;
+                // Lost nodes owe the release (recorded), Suspect ones make it wait.
+                if let Cleanup::Waiting { reason, retry } =
+                    hostprep::release_disk_everywhere(ctx, &disk).await?
+                {
+                    return Ok(Cleanup::Waiting { reason, retry });
+                }
                 if let Some(up) = &ctx.config.upload {
                     crate::upload::forget(up, &disk.uid().unwrap_or_default());
                 }

@@ -7,14 +7,19 @@
 use crate::agents::AgentClient;
 use crate::context::{Context, ImportDone, ImportProgress, ImportState, Timings};
 use crate::error::Error;
+use crate::finalize::Cleanup;
 use crate::hostplan::{self, Cluster, PlacedNic};
+use crate::liveness::{self, Liveness};
+use crate::owed::{self, OwedCall, OwedEntry};
 use hvx_api::launch::LaunchSpec;
 use hvx_api::{OverlayDisk, VirtualNetwork};
 use hvx_proto::v1 as pb;
 use k8s_openapi::api::core::v1::Pod;
+use kube::Resource;
 use kube::ResourceExt;
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -330,13 +335,26 @@ pub async fn sync_network(
     nics: &[PlacedNic],
     cluster: &Cluster,
 ) -> Result<NetworkSync, Error> {
+    sync_network_except(ctx, net, nics, cluster, &BTreeSet::new()).await
+}
+
+/// [`sync_network`] leaving the nodes in `skip` alone (lost nodes during a cleanup:
+/// they keep their DHCP slot in `cluster`, and the network's own periodic sync
+/// reaches them once their agent is back).
+pub async fn sync_network_except(
+    ctx: &Context,
+    net: &VirtualNetwork,
+    nics: &[PlacedNic],
+    cluster: &Cluster,
+    skip: &BTreeSet<String>,
+) -> Result<NetworkSync, Error> {
     let Some(vni) = net.status.as_ref().and_then(|s| s.vni) else {
         return Ok(NetworkSync::default());
     };
     let uid = net.uid().unwrap_or_default();
     let mut out = NetworkSync::default();
     let mut first_err = None;
-    for (node, ip) in &cluster.node_ips {
+    for (node, ip) in cluster.node_ips.iter().filter(|(n, _)| !skip.contains(*n)) {
         let hosts = nics.iter().any(|n| n.network_uid == uid && &n.node == node);
         let client = match ctx.agents.client(node, ip, &ctx.metrics) {
             Ok(c) => c,
@@ -386,12 +404,23 @@ pub async fn sync_networks(
     names: impl IntoIterator<Item = String>,
     cluster: &Cluster,
 ) -> Result<(), Error> {
+    sync_networks_except(ctx, ns, names, cluster, &BTreeSet::new()).await
+}
+
+/// [`sync_networks`] leaving the nodes in `skip` alone.
+pub async fn sync_networks_except(
+    ctx: &Context,
+    ns: &str,
+    names: impl IntoIterator<Item = String>,
+    cluster: &Cluster,
+    skip: &BTreeSet<String>,
+) -> Result<(), Error> {
     let pods = launcher_pods(ctx, ns).await?;
     let nics = hostplan::placed_nics(&pods);
     let mut first_err = None;
     for name in names {
         if let Some(net) = ctx.stores.network(ns, &name)
-            && let Err(e) = sync_network(ctx, &net, &nics, cluster).await
+            && let Err(e) = sync_network_except(ctx, &net, &nics, cluster, skip).await
         {
             first_err.get_or_insert(e);
         }
@@ -399,27 +428,165 @@ pub async fn sync_networks(
     first_err.map_or(Ok(()), Err)
 }
 
-/// Removes a network from every agent node (VirtualNetwork deleted).
-pub async fn delete_network_everywhere(ctx: &Context, uid: &str, vni: u32) -> Result<(), Error> {
-    for (node, ip) in &cluster(ctx).await?.node_ips {
+/// The agent nodes a finalizer's cleanup acts on now, by liveness.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupNodes {
+    /// Node -> address of the nodes whose agent is there: called now.
+    pub alive: BTreeMap<String, String>,
+    /// Node -> why it is Lost: what it owes is recorded, not waited for.
+    pub lost: BTreeMap<String, String>,
+}
+
+/// Retry of a cleanup waiting for a Suspect node.
+const SUSPECT_RETRY: Duration = Duration::from_secs(5);
+
+/// Sorts the agent nodes for a cleanup: a Suspect node makes it wait (a requeue, not
+/// an error, and nothing is deferred: its agent may be back in seconds).
+pub fn cleanup_nodes(ctx: &Context) -> Result<CleanupNodes, Cleanup> {
+    let mut out = CleanupNodes::default();
+    let mut suspect = Vec::new();
+    for (node, ip) in ctx.stores.agent_nodes() {
+        match liveness::of_node(ctx, &node) {
+            Liveness::Alive => {
+                out.alive.insert(node, ip);
+            }
+            Liveness::Lost(why) => {
+                out.lost.insert(node, why);
+            }
+            Liveness::Suspect(why) => suspect.push(format!("{node} ({why})")),
+        }
+    }
+    if suspect.is_empty() {
+        Ok(out)
+    } else {
+        Err(Cleanup::Waiting {
+            reason: format!(
+                "waiting for node {}: not lost, so its cleanup is not deferred",
+                suspect.join(", ")
+            ),
+            retry: SUSPECT_RETRY,
+        })
+    }
+}
+
+/// Records `calls` as owed by every lost node of `nodes` and says so: NodeLost on the
+/// Node (once per loss), CleanupDeferred on `obj` (the object being deleted).
+pub async fn defer_to_lost<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    nodes: &CleanupNodes,
+    obj: &K,
+    calls: &[OwedCall],
+) -> Result<(), Error> {
+    if calls.is_empty() {
+        return Ok(());
+    }
+    let meta = obj.meta();
+    let object = format!(
+        "{} {}/{}",
+        K::kind(&()),
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    );
+    let recorded_at = k8s_openapi::jiff::Timestamp::now().to_string();
+    let entries: Vec<OwedEntry> = calls
+        .iter()
+        .map(|call| OwedEntry {
+            call: call.clone(),
+            object: object.clone(),
+            object_uid: meta.uid.clone().unwrap_or_default(),
+            recorded_at: recorded_at.clone(),
+        })
+        .collect();
+    for (node, why) in &nodes.lost {
+        owed::record(ctx, node, &entries).await?;
+        announce_lost(ctx, node, why).await;
+        tracing::warn!(%object, %node, %why, calls = calls.len(), "cleanup deferred to a lost node");
+        crate::events::publish(
+            ctx,
+            obj,
+            EventType::Warning,
+            "CleanupDeferred",
+            &format!(
+                "node {node} is lost ({why}): {} cleanup call(s) recorded in ConfigMap {}/{}, done when its agent is back, dropped if the Node is deleted",
+                calls.len(),
+                ctx.config.namespace,
+                owed::record_name(node)
+            ),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Publishes NodeLost on the Node, once per loss.
+pub async fn announce_lost(ctx: &Context, node: &str, why: &str) {
+    if !liveness::first_announcement(ctx, node) {
+        return;
+    }
+    if let Some(obj) = ctx.stores.node(node) {
+        crate::events::publish(
+            ctx,
+            &*obj,
+            EventType::Warning,
+            "NodeLost",
+            &format!("hvx treats node {node} as lost: {why}; cleanup owed to it is recorded"),
+        )
+        .await;
+    }
+}
+
+/// Removes a network from every agent node (VirtualNetwork deleted); lost nodes owe it.
+pub async fn delete_network_everywhere(
+    ctx: &Context,
+    net: &VirtualNetwork,
+    vni: u32,
+) -> Result<Cleanup, Error> {
+    let nodes = match cleanup_nodes(ctx) {
+        Ok(n) => n,
+        Err(waiting) => return Ok(waiting),
+    };
+    let uid = net.uid().unwrap_or_default();
+    for (node, ip) in &nodes.alive {
         let client = ctx.agents.client(node, ip, &ctx.metrics)?;
         let req = pb::DeleteNetworkRequest {
-            network_uid: uid.to_string(),
+            network_uid: uid.clone(),
             vni,
             force: true,
         };
         client.delete_network(req.clone()).await?;
     }
-    Ok(())
+    let owed = [OwedCall::DeleteNetwork {
+        network_uid: uid,
+        vni,
+    }];
+    defer_to_lost(ctx, &nodes, net, &owed).await?;
+    Ok(Cleanup::Done)
 }
 
-/// Deletes a VM's overlays on every agent node (its pods are gone).
-pub async fn delete_vm_overlays(ctx: &Context, vm_id: &str, disks: &[String]) -> Result<(), Error> {
-    for (node, ip) in &cluster(ctx).await?.node_ips {
+/// Deletes the overlays of VMs (id, disk names) on every agent node (their pods are
+/// gone); lost nodes owe it.
+pub async fn delete_vm_overlays<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    nodes: &CleanupNodes,
+    owner: &K,
+    vms: &[(String, Vec<String>)],
+) -> Result<(), Error> {
+    for (node, ip) in &nodes.alive {
         let client = ctx.agents.client(node, ip, &ctx.metrics)?;
-        delete_vm_overlays_on(&client, vm_id, disks).await?;
+        for (vm_id, disks) in vms {
+            delete_vm_overlays_on(&client, vm_id, disks).await?;
+        }
     }
-    Ok(())
+    let owed: Vec<OwedCall> = vms
+        .iter()
+        .flat_map(|(vm_id, disks)| {
+            disks.iter().map(|d| OwedCall::DeleteOverlay {
+                vm_uid: vm_id.clone(),
+                disk_name: d.clone(),
+            })
+        })
+        .collect();
+    defer_to_lost(ctx, nodes, owner, &owed).await
 }
 
 /// Deletes a VM's overlays on one node (already gone: OK).
@@ -438,18 +605,32 @@ pub async fn delete_vm_overlays_on(
     Ok(())
 }
 
-/// Releases an OverlayDisk's base on every agent node (OverlayDisk deleted).
-pub async fn release_disk_everywhere(ctx: &Context, uid: &str) -> Result<(), Error> {
-    for (node, ip) in &cluster(ctx).await?.node_ips {
+/// Releases an OverlayDisk's base on every agent node (OverlayDisk deleted); lost
+/// nodes owe it.
+pub async fn release_disk_everywhere(ctx: &Context, disk: &OverlayDisk) -> Result<Cleanup, Error> {
+    let nodes = match cleanup_nodes(ctx) {
+        Ok(n) => n,
+        Err(waiting) => return Ok(waiting),
+    };
+    let uid = disk.uid().unwrap_or_default();
+    for (node, ip) in &nodes.alive {
         let client = ctx.agents.client(node, ip, &ctx.metrics)?;
         let req = pb::ReleaseDiskRequest {
-            disk_uid: uid.to_string(),
+            disk_uid: uid.clone(),
         };
         client.release_disk(req.clone()).await?;
         ctx.imports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(node.clone(), uid.to_string()));
+            .remove(&(node.clone(), uid.clone()));
     }
-    Ok(())
+    for node in nodes.lost.keys() {
+        ctx.imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(node.clone(), uid.clone()));
+    }
+    let owed = [OwedCall::ReleaseDisk { disk_uid: uid }];
+    defer_to_lost(ctx, &nodes, disk, &owed).await?;
+    Ok(Cleanup::Done)
 }

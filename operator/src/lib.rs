@@ -13,6 +13,7 @@ pub mod drain;
 pub mod hostprep;
 pub mod migration;
 pub mod network;
+pub mod replay;
 pub mod run;
 pub mod sweep;
 pub mod trust;
@@ -22,7 +23,8 @@ pub mod vmapp;
 
 // The core and the planning crates, under the paths the controllers use.
 pub use hvx_operator_core::{
-    FIELD_MANAGER, FINALIZER, agents, context, error, events, finalize, leader, metrics, stores,
+    FIELD_MANAGER, FINALIZER, agents, context, error, events, finalize, leader, liveness, metrics,
+    owed, stores,
 };
 pub use hvx_operator_plan::{build, hostplan, migplan, startdelay, status};
 

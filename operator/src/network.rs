@@ -109,11 +109,11 @@ pub async fn reconcile(net: Arc<VirtualNetwork>, ctx: Arc<Context>) -> Result<Ac
                 if let Some(waiting) = Cleanup::wait_for_users(&users) {
                     return Ok(waiting);
                 }
-                if let Some(vni) = net.status.as_ref().and_then(|s| s.vni) {
-                    hostprep::delete_network_everywhere(ctx, &net.uid().unwrap_or_default(), vni)
-                        .await?;
+                // Lost nodes owe the removal (recorded), Suspect ones make it wait.
+                match net.status.as_ref().and_then(|s| s.vni) {
+                    Some(vni) => hostprep::delete_network_everywhere(ctx, &net, vni).await,
+                    None => Ok(Cleanup::Done),
                 }
-                Ok(Cleanup::Done)
             }
         },
     )

@@ -159,7 +159,7 @@ pub async fn run_with_metrics(
             }
         },
     };
-    let feeds = Feeds::new(&client);
+    let feeds = Feeds::new(&client, &config.namespace);
     let stores = feeds.stores(seal);
     let concurrency = config.reconcile_concurrency;
     let controller_config = || ControllerConfig::default().concurrency(concurrency);
@@ -320,6 +320,7 @@ pub async fn run_with_metrics(
         feeds.networks.run().boxed(),
         feeds.disks.run().boxed(),
         feeds.apps.run().boxed(),
+        feeds.leases.run().boxed(),
     ])
     .for_each(|()| async {});
     let controllers = async {
@@ -343,6 +344,10 @@ pub async fn run_with_metrics(
         () = controllers => {}
         () = watches => {}
         () = crate::sweep::run(ctx.clone()) => {}
+        () = crate::replay::run(
+            ctx.clone(),
+            crate::context::Timings::secs(ctx.config.timings.owed_replay_seconds),
+        ) => {}
     }
 }
 

@@ -70,6 +70,11 @@ async fn round(
     let cluster = hostprep::cluster(ctx).await?;
     let mut carried = Vec::new();
     for (node, ip) in &cluster.node_ips {
+        // A lost node would only cost a timeout per round; what it carries is its
+        // owed cleanup's business (`replay`) once it is back.
+        if let crate::liveness::Liveness::Lost(_) = crate::liveness::of_node(ctx, node) {
+            continue;
+        }
         let client = ctx.agents.client(node, ip, &ctx.metrics)?;
         // An agent that does not answer keeps its networks this round.
         let Ok(caps) = client.get_capabilities(pb::GetCapabilitiesRequest {}).await else {

@@ -1,6 +1,8 @@
 //! `hvx-operator uninstall`: the Helm pre-delete hook. Deletes every hvx object in every
 //! namespace while the operator is still running, so the usual finalizers stop VMs
-//! and clean nodes, then waits until they are gone.
+//! and clean nodes, then waits until they are gone. A lost node does not hold this up:
+//! the finalizers record what it owes instead (`owed`), and those records are dropped
+//! here at the end, since no operator is left to replay them.
 
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication, VmMigration};
 use kube::api::{Api, DeleteParams, ListParams};
@@ -10,8 +12,13 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 /// Deletes all hvx objects, applications first (their VMs hold disks and ports), and
-/// waits up to `timeout` for them to disappear. Returns the objects still present.
-pub async fn uninstall(client: Client, timeout: Duration) -> Result<Vec<String>, kube::Error> {
+/// waits up to `timeout` for them to disappear; then drops the records of cleanup owed
+/// to lost nodes in `namespace`. Returns the objects still present.
+pub async fn uninstall(
+    client: Client,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, kube::Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     delete_all::<VmMigration>(&client).await?;
     delete_all::<VmApplication>(&client).await?;
@@ -24,9 +31,34 @@ pub async fn uninstall(client: Client, timeout: Duration) -> Result<Vec<String>,
     left.extend(wait_gone::<OverlayDisk>(&client, deadline).await?);
     left.extend(wait_gone::<VirtualNetwork>(&client, deadline).await?);
     if left.is_empty() {
+        drop_owed(&client, namespace).await?;
         unlabel_nodes(&client).await?;
     }
     Ok(left)
+}
+
+/// Deletes the records of cleanup owed to lost nodes (what a returning node then does
+/// is in docs/architecture.md, "Lost nodes"). Returns how many entries were dropped.
+pub async fn drop_owed(client: &Client, namespace: &str) -> Result<usize, kube::Error> {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), namespace);
+    let mut dropped = 0;
+    for cm in api
+        .list(&ListParams::default().labels(crate::owed::LABEL))
+        .await?
+        .items
+    {
+        let entries = crate::owed::entries(&cm).len();
+        let node = crate::owed::node_of(&cm).unwrap_or_default();
+        match api.delete(&cm.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+        tracing::warn!(%node, entries, "uninstall: cleanup owed to a lost node dropped");
+        dropped += entries;
+    }
+    Ok(dropped)
 }
 
 /// Removes the labels the agents put on nodes (`hvx.dev/agent`, `hvx.dev/accelerator`,

@@ -512,15 +512,30 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Cleanup, Error> {
         .await?;
     list.items.retain(|p| ctx.stores.pod_trust(p).is_ok());
     if list.items.is_empty() {
+        // Lost nodes owe the overlays (recorded); a Suspect node makes this wait.
+        let nodes = match hostprep::cleanup_nodes(ctx) {
+            Ok(n) => n,
+            Err(waiting) => return Ok(waiting),
+        };
         // QEMU is gone everywhere: remove the overlays and take the VMs' ports off
         // the networks (nodes left without a VM of a network drop it).
-        for vm in &app.spec.vms {
-            let disks: Vec<String> = vm.disks.iter().map(|d| d.name.clone()).collect();
-            hostprep::delete_vm_overlays(ctx, &build::vm_id(app, vm), &disks).await?;
-        }
+        let vms: Vec<(String, Vec<String>)> = app
+            .spec
+            .vms
+            .iter()
+            .map(|vm| {
+                let disks = vm.disks.iter().map(|d| d.name.clone()).collect();
+                (build::vm_id(app, vm), disks)
+            })
+            .collect();
+        hostprep::delete_vm_overlays(ctx, &nodes, app, &vms).await?;
         let cluster = hostprep::cluster(ctx).await?;
         let nets = network_names(app);
-        hostprep::sync_networks(ctx, &ns, nets, &cluster).await?;
+        // A lost node's copy of the networks is the networks' own business: their
+        // periodic sync reaches it once its agent is back, their finalizer records
+        // what it owes if they are deleted meanwhile.
+        let skip: BTreeSet<String> = nodes.lost.keys().cloned().collect();
+        hostprep::sync_networks_except(ctx, &ns, nets, &cluster, &skip).await?;
         publish(
             ctx,
             app,
@@ -536,7 +551,22 @@ async fn cleanup(app: &VmApplication, ctx: &Context) -> Result<Cleanup, Error> {
         return Ok(Cleanup::Done);
     }
     for pod in &list.items {
-        delete_pod(&pods, &pod.name_any()).await?;
+        // A pod on a lost node never finishes terminating (no kubelet confirms it):
+        // it is removed at once. Its QEMU, if the node still runs it, is stopped by
+        // the returning kubelet, which finds the pod gone; the overlays wait for that
+        // (the agent refuses to delete an overlay its QEMU uses).
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        let lost = node.is_some_and(|n| {
+            matches!(
+                crate::liveness::of_node(ctx, n),
+                crate::liveness::Liveness::Lost(_)
+            )
+        });
+        if lost && pod.metadata.deletion_timestamp.is_some() {
+            force_delete_pod(&pods, &pod.name_any()).await?;
+        } else {
+            delete_pod(&pods, &pod.name_any()).await?;
+        }
     }
     Ok(Cleanup::waiting(format!(
         "waiting for {} launcher pod(s) to terminate",
@@ -581,6 +611,19 @@ async fn ensure_disruption_budget(
         },
     }
     Ok(())
+}
+
+/// Deletes a pod without waiting for its kubelet (grace period 0).
+async fn force_delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match pods.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<(), Error> {

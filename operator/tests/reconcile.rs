@@ -619,11 +619,13 @@ async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
     assert!(migrated, "a Migrated event");
 }
 
-/// A node whose agent reported ready, at `ip`.
+/// A node whose agent reported ready, at `ip`, with its kubelet reporting Ready (an
+/// agent that does not answer there is not lost, only failing).
 fn agent_node(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Node {
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"hvx.dev/agent": "ready"}},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}
     }))
     .expect("node")
 }

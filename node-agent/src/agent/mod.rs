@@ -14,6 +14,7 @@ pub mod disks;
 pub mod error;
 pub mod http_policy;
 pub mod label;
+pub mod lease;
 pub mod metrics;
 pub mod migration;
 pub mod moves;

@@ -309,6 +309,14 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.listen))?;
     let service = NodeAgentServer::new(AgentService { agent });
     tracing::info!(listen = %cli.listen, "serving");
+    // Liveness: the operator counts this node lost only when this Lease and the Node
+    // both stop (then cleanup owed to it is recorded rather than waited for).
+    let renewal = cli.label_node.then(|| {
+        tokio::spawn(hvx_node_agent::agent::lease::renew_forever(
+            cli.node_name.clone(),
+            cli.namespace.clone(),
+        ))
+    });
     match &cli.tls_dir {
         Some(dir) => {
             if let Some(url) = &cli.issuer_url {
@@ -341,8 +349,13 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .context("gRPC server")?;
-            if cli.issuer_url.is_some() {
-                forget_identity_if_node_is_empty(&cli.store_root, &cli.node_name, dir);
+            if cli.issuer_url.is_some()
+                && forget_identity_if_node_is_empty(&cli.store_root, &cli.node_name, dir)
+                && let Some(renewal) = &renewal
+            {
+                // Stopped first, so it cannot re-create the Lease just deleted.
+                renewal.abort();
+                hvx_node_agent::agent::lease::delete(&cli.node_name, &cli.namespace).await;
             }
         }
         None => {
@@ -364,8 +377,9 @@ async fn main() -> anyhow::Result<()> {
 /// networks or VM state: `helm uninstall` deleted them all first) removes its key and
 /// certificate, so an uninstall leaves no private key on the node. With state left
 /// (an agent restart, an upgrade) they stay and the next start serves at once; a
-/// removed identity costs one enrolment at the next start.
-fn forget_identity_if_node_is_empty(store_root: &Path, node: &str, tls_dir: &Path) {
+/// removed identity costs one enrolment at the next start. Returns whether the node
+/// held nothing (the caller then deletes the node's liveness Lease too).
+fn forget_identity_if_node_is_empty(store_root: &Path, node: &str, tls_dir: &Path) -> bool {
     let paths = hvx_api::node::NodePaths::new(store_root, Path::new("/run/hvx"), node);
     let node_dir = paths.node_dir();
     fn has_files_outside(dir: &Path, skip: &Path) -> bool {
@@ -385,7 +399,7 @@ fn forget_identity_if_node_is_empty(store_root: &Path, node: &str, tls_dir: &Pat
         })
     }
     if has_files_outside(node_dir, tls_dir) {
-        return;
+        return false;
     }
     match std::fs::remove_dir_all(tls_dir) {
         Ok(()) => {
@@ -396,4 +410,5 @@ fn forget_identity_if_node_is_empty(store_root: &Path, node: &str, tls_dir: &Pat
             tracing::warn!(dir = %tls_dir.display(), error = %e, "could not remove this agent's key and certificate")
         }
     }
+    true
 }

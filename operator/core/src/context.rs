@@ -37,6 +37,11 @@ pub struct OperatorConfig {
     /// the agents hold too). None: a key made for this process (tests; no agent can
     /// then check a launcher's spec, so launchers refuse to start).
     pub seal_key: Option<hvx_api::seal::SealKey>,
+    /// The namespace hvx runs in: node agents' Leases and records of cleanup owed to
+    /// lost nodes live there.
+    pub namespace: String,
+    /// When a node counts as lost.
+    pub liveness: crate::liveness::LivenessSettings,
 }
 
 /// Retry intervals and deadlines of the controllers, in seconds (flags of the binary,
@@ -61,6 +66,10 @@ pub struct Timings {
     /// owns (one is deleted when two looks in a row find it).
     #[arg(long, env = "HVX_ORPHAN_SWEEP_SECONDS", default_value_t = defaults::ORPHAN_SWEEP_SECONDS)]
     pub orphan_sweep_seconds: u64,
+    /// Seconds between two looks at cleanup owed to lost nodes (replayed once their
+    /// agent is back); also how often every node's liveness is observed.
+    #[arg(long, env = "HVX_OWED_REPLAY_SECONDS", default_value_t = defaults::OWED_REPLAY_SECONDS)]
+    pub owed_replay_seconds: u64,
 }
 
 impl Default for Timings {
@@ -71,6 +80,7 @@ impl Default for Timings {
             disk_move_retry_seconds: defaults::DISK_MOVE_RETRY_SECONDS,
             disk_move_idle_seconds: defaults::DISK_MOVE_IDLE_SECONDS,
             orphan_sweep_seconds: defaults::ORPHAN_SWEEP_SECONDS,
+            owed_replay_seconds: defaults::OWED_REPLAY_SECONDS,
         }
     }
 }
@@ -115,6 +125,8 @@ impl Default for OperatorConfig {
             reconcile_concurrency: defaults::RECONCILE_CONCURRENCY,
             timings: Timings::default(),
             seal_key: None,
+            namespace: defaults::NAMESPACE.into(),
+            liveness: crate::liveness::LivenessSettings::default(),
         }
     }
 }
@@ -160,6 +172,9 @@ pub struct Context {
     pub app_status: Mutex<HashMap<String, hvx_api::VmApplicationStatus>>,
     /// Consecutive failed passes per object (kind/namespace/name), for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// What this process last saw of each node's Lease and Ready condition, timed by
+    /// its own clock (`liveness`).
+    pub node_seen: Mutex<HashMap<String, crate::liveness::Seen>>,
 }
 
 /// A disk import on one node, as this operator last saw it. The task following the
@@ -249,6 +264,7 @@ impl Context {
             stores,
             app_status: Mutex::default(),
             failures: Mutex::default(),
+            node_seen: Mutex::default(),
         }
     }
 

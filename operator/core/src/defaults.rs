@@ -25,3 +25,11 @@ pub const DISK_MOVE_RETRY_SECONDS: u64 = 20;
 pub const DISK_MOVE_IDLE_SECONDS: u64 = 120;
 /// How often the leader looks for networks left on nodes, seconds.
 pub const ORPHAN_SWEEP_SECONDS: u64 = 60;
+/// A node agent's Lease is valid this long without renewal, seconds (`liveness`).
+pub const NODE_LEASE_SECONDS: u64 = 20;
+/// Past an expired Lease, with the Node not Ready as long, a node is Lost, seconds.
+pub const NODE_LOST_GRACE_SECONDS: u64 = 20;
+/// How often the leader looks at cleanup owed to lost nodes, seconds.
+pub const OWED_REPLAY_SECONDS: u64 = 5;
+/// The operator's namespace when `POD_NAMESPACE` is not set.
+pub const NAMESPACE: &str = "hvx-system";

@@ -14,7 +14,9 @@ pub mod error;
 pub mod events;
 pub mod finalize;
 pub mod leader;
+pub mod liveness;
 pub mod metrics;
+pub mod owed;
 pub mod stores;
 
 pub use context::{Context, OperatorConfig};

@@ -24,6 +24,8 @@ pub struct Metrics {
     disk_moves: Mutex<(BTreeMap<String, u64>, u64)>,
     /// Agent calls: (rpc, gRPC code) -> count; rpc -> (seconds sum, count).
     agent_calls: Mutex<AgentCalls>,
+    /// Cleanup entries owed to lost nodes, by node (`owed`).
+    owed: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Agent calls: (rpc, gRPC code) -> count; rpc -> (seconds sum, count).
@@ -75,6 +77,11 @@ impl Metrics {
         let d = c.1.entry(rpc).or_default();
         d.0 += took.as_secs_f64();
         d.1 += 1;
+    }
+
+    /// Sets the cleanup entries owed to each node (nodes absent owe nothing).
+    pub fn owed(&self, by_node: BTreeMap<String, u64>) {
+        *lock(&self.owed) = by_node;
     }
 
     /// The Prometheus text.
@@ -133,6 +140,14 @@ impl Metrics {
                 "hvx_operator_agent_call_seconds_sum{{rpc=\"{rpc}\"}} {sum}\nhvx_operator_agent_call_seconds_count{{rpc=\"{rpc}\"}} {n}"
             );
         }
+        drop(calls);
+        let _ = writeln!(out, "# TYPE hvx_operator_owed_cleanup_entries gauge");
+        for (node, n) in lock(&self.owed).iter() {
+            let _ = writeln!(
+                out,
+                "hvx_operator_owed_cleanup_entries{{node=\"{node}\"}} {n}"
+            );
+        }
         out
     }
 }
@@ -178,7 +193,12 @@ mod tests {
         m.migration(true, 120, 1500);
         m.migration(false, 0, 0);
         m.disk_move(true, 3 << 20);
+        m.owed(BTreeMap::from([("n2".to_string(), 3)]));
         let text = m.render();
+        assert!(
+            text.contains("hvx_operator_owed_cleanup_entries{node=\"n2\"} 3"),
+            "{text}"
+        );
         assert!(
             text.contains("hvx_operator_disk_moves_total{outcome=\"completed\"} 1")
                 && text.contains("hvx_operator_disk_move_bytes_total 3145728"),

@@ -13,6 +13,7 @@ use hvx_api::labels::{LABEL_APP, LABEL_ROLE, NODE_LABEL_AGENT, ROLE_LAUNCHER};
 use hvx_api::migration::VmMigration;
 use hvx_api::seal::{SealKey, Untrusted};
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store, store::Writer};
@@ -50,6 +51,8 @@ pub struct Stores {
     pub disks: Store<OverlayDisk>,
     /// Every VmApplication.
     pub apps: Store<VmApplication>,
+    /// The node agents' Leases (hvx namespace, label `hvx.dev/agent-lease`).
+    pub leases: Store<Lease>,
 }
 
 impl Debug for Stores {
@@ -82,7 +85,19 @@ impl Stores {
             networks,
             disks,
             apps,
+            leases: empty_store(),
         }
+    }
+
+    /// These stores with `leases` as the agents' Leases (the operator's feed; tests).
+    pub fn with_leases(mut self, leases: Store<Lease>) -> Self {
+        self.leases = leases;
+        self
+    }
+
+    /// An agent Lease by namespace and name.
+    pub fn lease(&self, ns: &str, name: &str) -> Option<Arc<Lease>> {
+        self.leases.get(&ObjectRef::new(name).within(ns))
     }
 
     /// The key launcher pods are sealed with (for pods and patches being written).
@@ -230,9 +245,24 @@ impl Stores {
         self.networks.wait_until_ready().await?;
         self.disks.wait_until_ready().await?;
         self.apps.wait_until_ready().await?;
+        self.leases.wait_until_ready().await?;
         Ok(())
     }
 }
+
+/// A store with nothing in it that counts as filled (no watch behind it).
+fn empty_store<K>() -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut w: Writer<K> = Writer::default();
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    w.as_reader()
+}
+
+/// Label on the node agents' Leases (the operator watches only those).
+pub const AGENT_LEASE_LABEL: &str = "hvx.dev/agent-lease";
 
 /// The node's InternalIP (agents serve on the host network).
 pub fn internal_ip(node: &Node) -> Option<String> {
@@ -340,11 +370,13 @@ pub struct Feeds {
     pub disks: Feed<OverlayDisk>,
     /// VmApplications.
     pub apps: Feed<VmApplication>,
+    /// Node agents' Leases in the hvx namespace.
+    pub leases: Feed<Lease>,
 }
 
 impl Feeds {
-    /// One feed per kind, cluster-wide.
-    pub fn new(client: &Client) -> Self {
+    /// One feed per kind, cluster-wide (the agents' Leases: in `namespace`).
+    pub fn new(client: &Client, namespace: &str) -> Self {
         Self {
             nodes: Feed::new(Api::all(client.clone()), watcher::Config::default()),
             pods: Feed::new(Api::all(client.clone()), launcher_pod_config()),
@@ -352,6 +384,10 @@ impl Feeds {
             networks: Feed::new(Api::all(client.clone()), watcher::Config::default()),
             disks: Feed::new(Api::all(client.clone()), watcher::Config::default()),
             apps: Feed::new(Api::all(client.clone()), watcher::Config::default()),
+            leases: Feed::new(
+                Api::namespaced(client.clone(), namespace),
+                watcher::Config::default().labels(AGENT_LEASE_LABEL),
+            ),
         }
     }
 
@@ -366,6 +402,7 @@ impl Feeds {
             self.apps.store(),
             seal,
         )
+        .with_leases(self.leases.store())
     }
 }
 

@@ -81,6 +81,8 @@ struct Args {
     upload_capacity: String,
     #[command(flatten)]
     timings: hvx_operator::context::Timings,
+    #[command(flatten)]
+    liveness: hvx_operator::liveness::LivenessSettings,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -108,9 +110,12 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    let namespace = std::env::var("POD_NAMESPACE")
+        .unwrap_or_else(|_| hvx_operator::context::defaults::NAMESPACE.into());
     if let Some(Command::Uninstall { timeout_seconds }) = args.command {
         let left = hvx_operator::uninstall::uninstall(
             client,
+            &namespace,
             std::time::Duration::from_secs(timeout_seconds),
         )
         .await
@@ -123,7 +128,6 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("every hvx object deleted");
         return Ok(());
     }
-    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "hvx-system".into());
     let agent_tls = match &args.ca_dir {
         Some(dir) => {
             let tls = std::sync::Arc::new(
@@ -170,6 +174,8 @@ async fn main() -> anyhow::Result<()> {
             )?)
             .context("--seal-key-file")?,
         ),
+        namespace: namespace.clone(),
+        liveness: args.liveness.clone(),
     };
     if let Some(dir) = &args.upload_dir {
         let capacity_bytes = hvx_operator::hostplan::quantity_bytes(&args.upload_capacity)

@@ -1,0 +1,718 @@
+//! Lost nodes block nothing: finalizer cleanups against a mocked API server and two
+//! fake node agents (plain gRPC on 127.0.0.1 for node n1 and 127.0.0.2 for node n2,
+//! one port), each recording the calls it gets. n2 is made Lost or Suspect through
+//! the operator's own observations (`ctx.node_seen`), as its clock would have them
+//! after the node went silent.
+
+use futures::Stream;
+use http::{Method, Request, Response};
+use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
+use hvx_operator::context::{Context, OperatorConfig};
+use hvx_operator::liveness::{self, Seen};
+use hvx_operator::replay::{self, Outcome};
+use hvx_operator::stores::Stores;
+use hvx_proto::v1 as pb;
+use hvx_proto::v1::node_agent_server::{NodeAgent, NodeAgentServer};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+type Calls = Arc<Mutex<Vec<String>>>;
+type Seen3 = Vec<(Method, String, Value)>;
+
+// ---- fake agents ----------------------------------------------------------------
+
+/// An agent that records every call as "Rpc detail" and carries `networks`.
+#[derive(Clone)]
+struct FakeAgent {
+    calls: Calls,
+    networks: Vec<(String, u32)>,
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeAgent for FakeAgent {
+    async fn get_capabilities(
+        &self,
+        _: GrpcRequest<pb::GetCapabilitiesRequest>,
+    ) -> Result<GrpcResponse<pb::NodeCapabilities>, Status> {
+        self.record("GetCapabilities".into());
+        let networks = self
+            .networks
+            .iter()
+            .map(|(uid, vni)| pb::CarriedNetwork {
+                network_uid: uid.clone(),
+                vni: *vni,
+            })
+            .collect();
+        Ok(GrpcResponse::new(pb::NodeCapabilities {
+            networks,
+            ..Default::default()
+        }))
+    }
+    type PrepareDiskStream = Boxed<pb::DiskProgress>;
+    async fn prepare_disk(
+        &self,
+        _: GrpcRequest<pb::PrepareDiskRequest>,
+    ) -> Result<GrpcResponse<Self::PrepareDiskStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn ensure_overlay(
+        &self,
+        _: GrpcRequest<pb::EnsureOverlayRequest>,
+    ) -> Result<GrpcResponse<pb::OverlayInfo>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_overlay(
+        &self,
+        r: GrpcRequest<pb::DeleteOverlayRequest>,
+    ) -> Result<GrpcResponse<pb::DeleteOverlayResponse>, Status> {
+        let r = r.into_inner();
+        self.record(format!("DeleteOverlay {} {}", r.vm_uid, r.disk_name));
+        Ok(GrpcResponse::new(pb::DeleteOverlayResponse {}))
+    }
+    async fn release_disk(
+        &self,
+        r: GrpcRequest<pb::ReleaseDiskRequest>,
+    ) -> Result<GrpcResponse<pb::ReleaseDiskResponse>, Status> {
+        self.record(format!("ReleaseDisk {}", r.into_inner().disk_uid));
+        Ok(GrpcResponse::new(pb::ReleaseDiskResponse {
+            base_removed: true,
+        }))
+    }
+    type ExportOverlayStream = Boxed<pb::OverlayChunk>;
+    async fn export_overlay(
+        &self,
+        _: GrpcRequest<pb::ExportOverlayRequest>,
+    ) -> Result<GrpcResponse<Self::ExportOverlayStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn import_overlay(
+        &self,
+        _: GrpcRequest<tonic::Streaming<pb::OverlayChunk>>,
+    ) -> Result<GrpcResponse<pb::OverlayInfo>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn ensure_network(
+        &self,
+        r: GrpcRequest<pb::EnsureNetworkRequest>,
+    ) -> Result<GrpcResponse<pb::NetworkState>, Status> {
+        self.record(format!("EnsureNetwork {}", r.into_inner().vni));
+        Ok(GrpcResponse::new(pb::NetworkState::default()))
+    }
+    async fn delete_network(
+        &self,
+        r: GrpcRequest<pb::DeleteNetworkRequest>,
+    ) -> Result<GrpcResponse<pb::DeleteNetworkResponse>, Status> {
+        let r = r.into_inner();
+        self.record(format!("DeleteNetwork {} {}", r.network_uid, r.vni));
+        Ok(GrpcResponse::new(pb::DeleteNetworkResponse {}))
+    }
+    async fn get_vm(&self, _: GrpcRequest<pb::VmRef>) -> Result<GrpcResponse<pb::VmState>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn prepare_migration_target(
+        &self,
+        _: GrpcRequest<pb::PrepareMigrationTargetRequest>,
+    ) -> Result<GrpcResponse<pb::MigrationEndpoint>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    type StartMigrationStream = Boxed<pb::MigrationProgress>;
+    async fn start_migration(
+        &self,
+        _: GrpcRequest<pb::StartMigrationRequest>,
+    ) -> Result<GrpcResponse<Self::StartMigrationStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn cancel_migration(
+        &self,
+        _: GrpcRequest<pb::CancelMigrationRequest>,
+    ) -> Result<GrpcResponse<pb::CancelMigrationResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+impl FakeAgent {
+    fn record(&self, call: String) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
+    }
+}
+
+/// Two fake agents (n1 on 127.0.0.1, n2 on 127.0.0.2) on one port: (port, n1's
+/// calls, n2's calls). n2 carries `n2_networks`.
+async fn fake_agents(n2_networks: Vec<(String, u32)>) -> (u16, Calls, Calls) {
+    for _ in 0..20 {
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        let Ok(second) = tokio::net::TcpListener::bind(("127.0.0.2", port)).await else {
+            continue;
+        };
+        let (n1, n2) = (Calls::default(), Calls::default());
+        for (listener, calls, networks) in [
+            (first, n1.clone(), vec![]),
+            (second, n2.clone(), n2_networks.clone()),
+        ] {
+            let agent = FakeAgent { calls, networks };
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(NodeAgentServer::new(agent))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+        }
+        return (port, n1, n2);
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+fn calls(c: &Calls) -> Vec<String> {
+    c.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+// ---- cluster state --------------------------------------------------------------
+
+fn store_of<K>(objs: Vec<K>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut w: Writer<K> = Writer::default();
+    w.apply_watcher_event(&watcher::Event::Init);
+    for o in objs {
+        w.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    w.as_reader()
+}
+
+/// An agent node at `ip` whose Ready condition is `ready`.
+fn node(name: &str, ip: &str, ready: &str) -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"hvx.dev/agent": "ready"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                   "conditions": [{"type": "Ready", "status": ready,
+                                   "lastHeartbeatTime": "2026-12-07T10:00:00Z"}]}
+    }))
+    .expect("node")
+}
+
+/// The agent Lease of `node`, renewed at `renewed` (the agent's clock).
+fn lease(node: &str, renewed: &str) -> Lease {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("hvx-agent-{node}"), "namespace": "hvx-system",
+                     "labels": {"hvx.dev/agent-lease": "true"}},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 20, "renewTime": renewed}
+    }))
+    .expect("lease")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum N2 {
+    /// Lease silent and Node Unknown for ten minutes.
+    Lost,
+    /// Lease silent for ten minutes, but the kubelet reports Ready.
+    Suspect,
+    /// Lost, and now renewing again (its renewTime moved since last seen).
+    Back,
+}
+
+struct World {
+    apps: Vec<VmApplication>,
+    networks: Vec<VirtualNetwork>,
+    disks: Vec<OverlayDisk>,
+    n2: N2,
+    port: u16,
+}
+
+fn context(w: World) -> (Arc<Context>, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let n2_ready = if w.n2 == N2::Suspect {
+        "True"
+    } else {
+        "Unknown"
+    };
+    let old = "2026-12-07T10:00:00.000000Z";
+    let n2_lease = lease(
+        "n2",
+        if w.n2 == N2::Back {
+            "2026-12-07T10:10:00.000000Z"
+        } else {
+            old
+        },
+    );
+    let now = Timestamp::now();
+    let long_ago = now - Duration::from_secs(600);
+    let stores = Stores::new(
+        store_of(vec![
+            node("n1", "127.0.0.1", "True"),
+            node("n2", "127.0.0.2", n2_ready),
+        ]),
+        store_of(vec![]),
+        store_of(vec![]),
+        store_of(w.networks),
+        store_of(w.disks),
+        store_of(w.apps),
+        hvx_api::seal::SealKey::new(b"lostnode-tests-key-0123456789abcdef"),
+    )
+    .with_leases(store_of(vec![lease("n1", old), n2_lease]));
+    let mut config = OperatorConfig::default();
+    config.agents.port = w.port;
+    config.agents.timeout = Duration::from_secs(3);
+    let ctx = Context::with_metrics(
+        client,
+        config,
+        Reporter {
+            controller: "test".into(),
+            instance: None,
+        },
+        Arc::default(),
+        stores,
+    );
+    // What this operator saw of n2 until now: its Lease last moved ten minutes ago
+    // (and, unless its kubelet reports, its Node went unready then too).
+    let (renew, _) = liveness::lease_renewal(&lease("n2", old));
+    ctx.node_seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            "n2".into(),
+            Seen {
+                lease_renew: renew,
+                has_lease: true,
+                lease_changed_at: long_ago,
+                heartbeat: liveness::node_ready(&node("n2", "127.0.0.2", n2_ready)).1,
+                node_down_since: (w.n2 != N2::Suspect).then_some(long_ago),
+                announced: false,
+            },
+        );
+    (Arc::new(ctx), handle)
+}
+
+// ---- API server -----------------------------------------------------------------
+
+fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(serde_json::to_vec(body).expect("json")))
+            .expect("response"),
+    );
+}
+
+/// A permissive API server: patches and posts answer their own body (`own` for the
+/// object under test's path), GETs answer `lists` by path prefix (else an empty
+/// list), DELETEs a Status; records every request until the pass ends.
+fn serve(
+    mut handle: ApiHandle,
+    own: Value,
+    lists: Vec<(&'static str, Value)>,
+) -> tokio::task::JoinHandle<Seen3> {
+    let own_path = format!(
+        "/{}s/",
+        own["kind"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    );
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let mut answer = if method == Method::GET {
+                lists
+                    .iter()
+                    .find(|(p, _)| path.starts_with(p))
+                    .map(|(_, l)| l.clone())
+                    .unwrap_or_else(|| json!({"metadata": {}, "items": []}))
+            } else if method == Method::DELETE {
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
+            } else if path.contains(&own_path) {
+                own.clone()
+            } else {
+                body.clone()
+            };
+            if answer.get("metadata").is_none() {
+                answer["metadata"] = json!({"name": "x"});
+            }
+            respond(send, &answer);
+            seen.push((method, path, body));
+        }
+        seen
+    })
+}
+
+const RECORD_PATH: &str = "/api/v1/namespaces/hvx-system/configmaps/hvx-owed-n2";
+
+/// The owed entries a pass recorded for n2 (merge patches of the record).
+fn recorded(seen: &Seen3) -> Vec<Value> {
+    seen.iter()
+        .filter(|(m, p, _)| *m == Method::PATCH && p == RECORD_PATH)
+        .flat_map(|(_, _, b)| {
+            b["data"]
+                .as_object()
+                .map(|d| d.values().cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .filter_map(|v| v.as_str().and_then(|s| serde_json::from_str(s).ok()))
+        .collect()
+}
+
+fn events(seen: &Seen3, reason: &str) -> usize {
+    seen.iter()
+        .filter(|(m, p, b)| *m == Method::POST && p.ends_with("/events") && b["reason"] == reason)
+        .count()
+}
+
+fn finalizer_removed(seen: &Seen3, path_end: &str) -> bool {
+    seen.iter().any(|(m, p, b)| {
+        *m == Method::PATCH && p.ends_with(path_end) && b.to_string().contains("remove")
+    })
+}
+
+// ---- objects --------------------------------------------------------------------
+
+fn deleting_meta(name: &str, uid: &str) -> Value {
+    json!({"name": name, "namespace": "prod", "uid": uid, "resourceVersion": "7",
+           "generation": 1, "finalizers": ["hvx.dev/cleanup"],
+           "deletionTimestamp": "2026-12-07T10:20:00Z"})
+}
+
+fn network() -> VirtualNetwork {
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VirtualNetwork",
+        "metadata": deleting_meta("front", "net-1"),
+        "spec": {"subnets": [{"name": "a", "cidr": "10.9.0.0/24"}]},
+        "status": {"vni": 4097}
+    }))
+    .expect("network")
+}
+
+fn disk() -> OverlayDisk {
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+        "metadata": deleting_meta("db-root", "disk-1"),
+        "spec": {"source": {"blank": {}}, "capacity": "1Gi"}
+    }))
+    .expect("disk")
+}
+
+fn app() -> VmApplication {
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "VmApplication",
+        "metadata": deleting_meta("shop", "u-1"),
+        "spec": {"vms": [{
+            "name": "db", "memoryMib": 256, "runStrategy": "Halted",
+            "disks": [{"name": "root", "overlayDisk": {"name": "db-root"}, "controller": "pvscsi", "unit": 0}],
+        }]}
+    }))
+    .expect("app")
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("the pass ends")
+}
+
+// ---- tests ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn deleting_a_network_with_a_lost_node_records_its_share_and_completes() {
+    let (port, n1, n2) = fake_agents(vec![]).await;
+    let net = network();
+    let (ctx, handle) = context(World {
+        apps: vec![],
+        networks: vec![net.clone()],
+        disks: vec![],
+        n2: N2::Lost,
+        port,
+    });
+    let server = serve(handle, serde_json::to_value(&net).expect("json"), vec![]);
+    let action = within(hvx_operator::network::reconcile(Arc::new(net), ctx.clone()))
+        .await
+        .expect("cleanup with a lost node is done");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    assert_eq!(action, Action::await_change());
+    assert_eq!(calls(&n1), vec!["DeleteNetwork net-1 4097"]);
+    assert!(
+        calls(&n2).is_empty(),
+        "the lost node is not called: {:?}",
+        calls(&n2)
+    );
+    let owed = recorded(&seen);
+    assert_eq!(owed.len(), 1, "{seen:?}");
+    assert_eq!(
+        owed[0]["call"],
+        json!({"call": "DeleteNetwork", "networkUid": "net-1", "vni": 4097})
+    );
+    assert_eq!(owed[0]["object"], "VirtualNetwork prod/front");
+    assert_eq!(owed[0]["objectUid"], "net-1");
+    assert!(
+        finalizer_removed(&seen, "/virtualnetworks/front"),
+        "{seen:?}"
+    );
+    assert_eq!(events(&seen, "CleanupDeferred"), 1, "{seen:?}");
+    assert_eq!(events(&seen, "NodeLost"), 1, "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_suspect_node_makes_the_cleanup_wait_without_an_error_or_a_record() {
+    let (port, n1, n2) = fake_agents(vec![]).await;
+    let net = network();
+    let (ctx, handle) = context(World {
+        apps: vec![],
+        networks: vec![net.clone()],
+        disks: vec![],
+        n2: N2::Suspect,
+        port,
+    });
+    let server = serve(handle, serde_json::to_value(&net).expect("json"), vec![]);
+    let action = within(hvx_operator::network::reconcile(Arc::new(net), ctx.clone()))
+        .await
+        .expect("waiting is not an error");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert!(seen.is_empty(), "no record, no finalizer change: {seen:?}");
+    assert!(calls(&n1).is_empty() && calls(&n2).is_empty());
+}
+
+#[tokio::test]
+async fn deleting_a_disk_with_a_lost_node_records_the_release() {
+    let (port, n1, n2) = fake_agents(vec![]).await;
+    let d = disk();
+    let (ctx, handle) = context(World {
+        apps: vec![],
+        networks: vec![],
+        disks: vec![d.clone()],
+        n2: N2::Lost,
+        port,
+    });
+    let server = serve(handle, serde_json::to_value(&d).expect("json"), vec![]);
+    within(hvx_operator::disk::reconcile(Arc::new(d), ctx.clone()))
+        .await
+        .expect("done");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    assert_eq!(calls(&n1), vec!["ReleaseDisk disk-1"]);
+    assert!(calls(&n2).is_empty());
+    let owed = recorded(&seen);
+    assert_eq!(
+        owed.iter().map(|o| o["call"].clone()).collect::<Vec<_>>(),
+        vec![json!({"call": "ReleaseDisk", "diskUid": "disk-1"})]
+    );
+    assert!(
+        finalizer_removed(&seen, "/overlaydisks/db-root"),
+        "{seen:?}"
+    );
+    assert_eq!(events(&seen, "CleanupDeferred"), 1);
+}
+
+#[tokio::test]
+async fn deleting_an_application_with_a_lost_node_records_its_overlays() {
+    let (port, n1, n2) = fake_agents(vec![]).await;
+    let a = app();
+    let (ctx, handle) = context(World {
+        apps: vec![a.clone()],
+        networks: vec![],
+        disks: vec![],
+        n2: N2::Lost,
+        port,
+    });
+    let server = serve(handle, serde_json::to_value(&a).expect("json"), vec![]);
+    within(hvx_operator::vmapp::reconcile(Arc::new(a), ctx.clone()))
+        .await
+        .expect("done");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    assert_eq!(calls(&n1), vec!["DeleteOverlay u-1/db root"]);
+    assert!(calls(&n2).is_empty());
+    assert_eq!(
+        recorded(&seen)
+            .iter()
+            .map(|o| o["call"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!({"call": "DeleteOverlay", "vmUid": "u-1/db", "diskName": "root"})]
+    );
+    assert!(finalizer_removed(&seen, "/vmapplications/shop"), "{seen:?}");
+}
+
+/// The record of n2 as the API server holds it.
+fn record_of_n2(entries: &[Value]) -> ConfigMap {
+    let data: serde_json::Map<String, Value> = entries
+        .iter()
+        .map(|e| {
+            let entry: hvx_operator::owed::OwedEntry =
+                serde_json::from_value(e.clone()).expect("entry");
+            (entry.key(), Value::String(e.to_string()))
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": "hvx-owed-n2", "namespace": "hvx-system", "resourceVersion": "41",
+                     "labels": {"hvx.dev/owed-cleanup": "true"},
+                     "annotations": {"hvx.dev/node": "n2"}},
+        "data": data,
+    }))
+    .expect("configmap")
+}
+
+fn owed_entries() -> Vec<Value> {
+    vec![
+        json!({"call": {"call": "DeleteNetwork", "networkUid": "net-1", "vni": 4097},
+               "object": "VirtualNetwork prod/front", "objectUid": "net-1", "recordedAt": "x"}),
+        // Held by a newer network on that node now: never deleted by VNI.
+        json!({"call": {"call": "DeleteNetwork", "networkUid": "net-old", "vni": 4100},
+               "object": "VirtualNetwork prod/old", "objectUid": "net-old", "recordedAt": "x"}),
+        json!({"call": {"call": "ReleaseDisk", "diskUid": "disk-1"},
+               "object": "OverlayDisk prod/db-root", "objectUid": "disk-1", "recordedAt": "x"}),
+        json!({"call": {"call": "DeleteOverlay", "vmUid": "u-1/db", "diskName": "root"},
+               "object": "VmApplication prod/shop", "objectUid": "u-1", "recordedAt": "x"}),
+    ]
+}
+
+async fn replay_round(n2: N2, record: ConfigMap) -> (BTreeOutcomes, Seen3, Calls, String) {
+    let (port, _n1, n2_calls) =
+        fake_agents(vec![("net-1".into(), 4097), ("net-new".into(), 4100)]).await;
+    let (ctx, handle) = context(World {
+        apps: vec![],
+        networks: vec![],
+        disks: vec![],
+        n2,
+        port,
+    });
+    let list = json!({"metadata": {}, "items": [record]});
+    let server = serve(
+        handle,
+        json!({"kind": "None"}),
+        vec![("/api/v1/namespaces/hvx-system/configmaps", list)],
+    );
+    let outcomes = within(replay::round(&ctx)).await.expect("round");
+    let metrics = ctx.metrics.render();
+    drop(ctx);
+    (outcomes, server.await.expect("server"), n2_calls, metrics)
+}
+
+type BTreeOutcomes = std::collections::BTreeMap<String, Outcome>;
+
+#[tokio::test]
+async fn a_returning_node_gets_its_owed_work_replayed_then_the_record_deleted() {
+    let (outcomes, seen, n2, metrics) = replay_round(N2::Back, record_of_n2(&owed_entries())).await;
+    assert_eq!(outcomes.get("n2"), Some(&Outcome::Replayed(4)), "{seen:?}");
+    let got = calls(&n2);
+    assert!(
+        got.contains(&"DeleteNetwork net-1 4097".to_string()),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter().any(|c| c.contains("4100")),
+        "a VNI another network holds now is left alone: {got:?}"
+    );
+    assert!(got.contains(&"ReleaseDisk disk-1".to_string()), "{got:?}");
+    assert!(
+        got.contains(&"DeleteOverlay u-1/db root".to_string()),
+        "{got:?}"
+    );
+    // Replayed first, then the record deleted as it was read (resourceVersion).
+    let deletes: Vec<&(Method, String, Value)> = seen
+        .iter()
+        .filter(|(m, p, _)| *m == Method::DELETE && p == RECORD_PATH)
+        .collect();
+    assert_eq!(deletes.len(), 1, "{seen:?}");
+    assert_eq!(deletes[0].2["preconditions"]["resourceVersion"], "41");
+    assert!(
+        !metrics.contains("hvx_operator_owed_cleanup_entries{node=\"n2\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_or_suspect_node_keeps_its_record_untouched() {
+    for state in [N2::Lost, N2::Suspect] {
+        let (outcomes, seen, n2, metrics) =
+            replay_round(state, record_of_n2(&owed_entries())).await;
+        assert_eq!(outcomes.get("n2"), Some(&Outcome::Kept(4)), "{state:?}");
+        assert!(calls(&n2).is_empty(), "{state:?}: {:?}", calls(&n2));
+        assert!(
+            !seen
+                .iter()
+                .any(|(m, _, _)| *m == Method::DELETE || *m == Method::PATCH),
+            "{state:?}: {seen:?}"
+        );
+        assert!(
+            metrics.contains("hvx_operator_owed_cleanup_entries{node=\"n2\"} 4"),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_node_has_its_record_dropped_without_any_call() {
+    let mut record = record_of_n2(&owed_entries());
+    record.metadata.name = Some("hvx-owed-n3".into());
+    record
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("hvx.dev/node".into(), "n3".into());
+    let (outcomes, seen, n2, _) = replay_round(N2::Back, record).await;
+    assert_eq!(outcomes.get("n3"), Some(&Outcome::Dropped(4)), "{seen:?}");
+    assert!(calls(&n2).is_empty());
+    // The API server confirmed the Node is gone before the record went.
+    let confirm = seen
+        .iter()
+        .position(|(m, p, _)| *m == Method::GET && p == "/api/v1/nodes")
+        .unwrap_or_else(|| panic!("the Node is looked up: {seen:?}"));
+    let delete = seen
+        .iter()
+        .position(|(m, p, _)| {
+            *m == Method::DELETE && p == "/api/v1/namespaces/hvx-system/configmaps/hvx-owed-n3"
+        })
+        .unwrap_or_else(|| panic!("the record is deleted: {seen:?}"));
+    assert!(confirm < delete);
+}
+
+#[tokio::test]
+async fn uninstall_drops_the_records_no_operator_will_replay() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let list = json!({"metadata": {}, "items": [record_of_n2(&owed_entries())]});
+    let server = serve(
+        handle,
+        json!({"kind": "None"}),
+        vec![("/api/v1/namespaces/hvx-system/configmaps", list)],
+    );
+    let dropped = within(hvx_operator::uninstall::drop_owed(&client, "hvx-system"))
+        .await
+        .expect("dropped");
+    drop(client);
+    let seen = server.await.expect("server");
+    assert_eq!(dropped, 4);
+    let (list_req, delete_req) = (&seen[0], &seen[1]);
+    assert_eq!(list_req.0, Method::GET);
+    assert_eq!(list_req.1, "/api/v1/namespaces/hvx-system/configmaps");
+    assert_eq!(
+        (&delete_req.0, delete_req.1.as_str()),
+        (&Method::DELETE, RECORD_PATH)
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
