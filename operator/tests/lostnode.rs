@@ -4,213 +4,25 @@
 //! the operator's own observations (`ctx.node_seen`), as its clock would have them
 //! after the node went silent.
 
-use futures::Stream;
+mod common;
+
+use common::agents::{Calls, FakeAgents, calls, fake_agents};
+use common::{ApiHandle, Requests, agent_node, operator_context, serve, store_of};
 use http::{Method, Request, Response};
 use hvx_api::{OverlayDisk, VirtualNetwork, VmApplication};
 use hvx_operator::context::{Context, OperatorConfig};
 use hvx_operator::liveness::{self, Seen};
 use hvx_operator::replay::{self, Outcome};
 use hvx_operator::stores::Stores;
-use hvx_proto::v1 as pb;
-use hvx_proto::v1::node_agent_server::{NodeAgent, NodeAgentServer};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
-use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::watcher;
 use serde_json::{Value, json};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
-use tower_test::mock::{self, Handle};
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-type Calls = Arc<Mutex<Vec<String>>>;
-type Seen3 = Vec<(Method, String, Value)>;
-
-// ---- fake agents ----------------------------------------------------------------
-
-/// An agent that records every call as "Rpc detail" and carries `networks`.
-#[derive(Clone)]
-struct FakeAgent {
-    calls: Calls,
-    networks: Vec<(String, u32)>,
-}
-
-type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl NodeAgent for FakeAgent {
-    async fn get_capabilities(
-        &self,
-        _: GrpcRequest<pb::GetCapabilitiesRequest>,
-    ) -> Result<GrpcResponse<pb::NodeCapabilities>, Status> {
-        self.record("GetCapabilities".into());
-        let networks = self
-            .networks
-            .iter()
-            .map(|(uid, vni)| pb::CarriedNetwork {
-                network_uid: uid.clone(),
-                vni: *vni,
-            })
-            .collect();
-        Ok(GrpcResponse::new(pb::NodeCapabilities {
-            networks,
-            ..Default::default()
-        }))
-    }
-    type PrepareDiskStream = Boxed<pb::DiskProgress>;
-    async fn prepare_disk(
-        &self,
-        _: GrpcRequest<pb::PrepareDiskRequest>,
-    ) -> Result<GrpcResponse<Self::PrepareDiskStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn ensure_overlay(
-        &self,
-        _: GrpcRequest<pb::EnsureOverlayRequest>,
-    ) -> Result<GrpcResponse<pb::OverlayInfo>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn delete_overlay(
-        &self,
-        r: GrpcRequest<pb::DeleteOverlayRequest>,
-    ) -> Result<GrpcResponse<pb::DeleteOverlayResponse>, Status> {
-        let r = r.into_inner();
-        self.record(format!("DeleteOverlay {} {}", r.vm_uid, r.disk_name));
-        Ok(GrpcResponse::new(pb::DeleteOverlayResponse {}))
-    }
-    async fn release_disk(
-        &self,
-        r: GrpcRequest<pb::ReleaseDiskRequest>,
-    ) -> Result<GrpcResponse<pb::ReleaseDiskResponse>, Status> {
-        self.record(format!("ReleaseDisk {}", r.into_inner().disk_uid));
-        Ok(GrpcResponse::new(pb::ReleaseDiskResponse {
-            base_removed: true,
-        }))
-    }
-    type ExportOverlayStream = Boxed<pb::OverlayChunk>;
-    async fn export_overlay(
-        &self,
-        _: GrpcRequest<pb::ExportOverlayRequest>,
-    ) -> Result<GrpcResponse<Self::ExportOverlayStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn import_overlay(
-        &self,
-        _: GrpcRequest<tonic::Streaming<pb::OverlayChunk>>,
-    ) -> Result<GrpcResponse<pb::OverlayInfo>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn ensure_network(
-        &self,
-        r: GrpcRequest<pb::EnsureNetworkRequest>,
-    ) -> Result<GrpcResponse<pb::NetworkState>, Status> {
-        self.record(format!("EnsureNetwork {}", r.into_inner().vni));
-        Ok(GrpcResponse::new(pb::NetworkState::default()))
-    }
-    async fn delete_network(
-        &self,
-        r: GrpcRequest<pb::DeleteNetworkRequest>,
-    ) -> Result<GrpcResponse<pb::DeleteNetworkResponse>, Status> {
-        let r = r.into_inner();
-        self.record(format!("DeleteNetwork {} {}", r.network_uid, r.vni));
-        Ok(GrpcResponse::new(pb::DeleteNetworkResponse {}))
-    }
-    async fn get_vm(&self, _: GrpcRequest<pb::VmRef>) -> Result<GrpcResponse<pb::VmState>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn prepare_migration_target(
-        &self,
-        _: GrpcRequest<pb::PrepareMigrationTargetRequest>,
-    ) -> Result<GrpcResponse<pb::MigrationEndpoint>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    type StartMigrationStream = Boxed<pb::MigrationProgress>;
-    async fn start_migration(
-        &self,
-        _: GrpcRequest<pb::StartMigrationRequest>,
-    ) -> Result<GrpcResponse<Self::StartMigrationStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn cancel_migration(
-        &self,
-        _: GrpcRequest<pb::CancelMigrationRequest>,
-    ) -> Result<GrpcResponse<pb::CancelMigrationResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-}
-
-impl FakeAgent {
-    fn record(&self, call: String) {
-        self.calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(call);
-    }
-}
-
-/// Two fake agents (n1 on 127.0.0.1, n2 on 127.0.0.2) on one port: (port, n1's
-/// calls, n2's calls). n2 carries `n2_networks`.
-async fn fake_agents(n2_networks: Vec<(String, u32)>) -> (u16, Calls, Calls) {
-    for _ in 0..20 {
-        let first = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = first.local_addr().expect("addr").port();
-        let Ok(second) = tokio::net::TcpListener::bind(("127.0.0.2", port)).await else {
-            continue;
-        };
-        let (n1, n2) = (Calls::default(), Calls::default());
-        for (listener, calls, networks) in [
-            (first, n1.clone(), vec![]),
-            (second, n2.clone(), n2_networks.clone()),
-        ] {
-            let agent = FakeAgent { calls, networks };
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(NodeAgentServer::new(agent))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-        }
-        return (port, n1, n2);
-    }
-    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
-}
-
-fn calls(c: &Calls) -> Vec<String> {
-    c.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-// ---- cluster state --------------------------------------------------------------
-
-fn store_of<K>(objs: Vec<K>) -> reflector::Store<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut w: Writer<K> = Writer::default();
-    w.apply_watcher_event(&watcher::Event::Init);
-    for o in objs {
-        w.apply_watcher_event(&watcher::Event::InitApply(o));
-    }
-    w.apply_watcher_event(&watcher::Event::InitDone);
-    w.as_reader()
-}
-
-/// An agent node at `ip` whose Ready condition is `ready`.
-fn node(name: &str, ip: &str, ready: &str) -> Node {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"hvx.dev/agent": "ready"}},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}],
-                   "conditions": [{"type": "Ready", "status": ready,
-                                   "lastHeartbeatTime": "2026-12-07T10:00:00Z"}]}
-    }))
-    .expect("node")
-}
+use tower_test::mock::{self};
 
 /// The agent Lease of `node`, renewed at `renewed` (the agent's clock).
 fn lease(node: &str, renewed: &str) -> Lease {
@@ -241,8 +53,6 @@ struct World {
 }
 
 fn context(w: World) -> (Arc<Context>, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
     let n2_ready = if w.n2 == N2::Suspect {
         "True"
     } else {
@@ -261,8 +71,8 @@ fn context(w: World) -> (Arc<Context>, ApiHandle) {
     let long_ago = now - Duration::from_secs(600);
     let stores = Stores::new(
         store_of(vec![
-            node("n1", "127.0.0.1", "True"),
-            node("n2", "127.0.0.2", n2_ready),
+            agent_node("n1", "127.0.0.1", "True"),
+            agent_node("n2", "127.0.0.2", n2_ready),
         ]),
         store_of(vec![]),
         store_of(vec![]),
@@ -275,16 +85,7 @@ fn context(w: World) -> (Arc<Context>, ApiHandle) {
     let mut config = OperatorConfig::default();
     config.agents.port = w.port;
     config.agents.timeout = Duration::from_secs(3);
-    let ctx = Context::with_metrics(
-        client,
-        config,
-        Reporter {
-            controller: "test".into(),
-            instance: None,
-        },
-        Arc::default(),
-        stores,
-    );
+    let (ctx, handle) = operator_context(stores, config);
     // What this operator saw of n2 until now: its Lease last moved ten minutes ago
     // (and, unless its kubelet reports, its Node went unready then too).
     let (renew, _) = liveness::lease_renewal(&lease("n2", old));
@@ -297,73 +98,20 @@ fn context(w: World) -> (Arc<Context>, ApiHandle) {
                 lease_renew: renew,
                 has_lease: true,
                 lease_changed_at: long_ago,
-                heartbeat: liveness::node_ready(&node("n2", "127.0.0.2", n2_ready)).1,
+                heartbeat: liveness::node_ready(&agent_node("n2", "127.0.0.2", n2_ready)).1,
                 node_down_since: (w.n2 != N2::Suspect).then_some(long_ago),
                 announced: false,
             },
         );
-    (Arc::new(ctx), handle)
+    (ctx, handle)
 }
 
 // ---- API server -----------------------------------------------------------------
 
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(serde_json::to_vec(body).expect("json")))
-            .expect("response"),
-    );
-}
-
-/// A permissive API server: patches and posts answer their own body (`own` for the
-/// object under test's path), GETs answer `lists` by path prefix (else an empty
-/// list), DELETEs a Status; records every request until the pass ends.
-fn serve(
-    mut handle: ApiHandle,
-    own: Value,
-    lists: Vec<(&'static str, Value)>,
-) -> tokio::task::JoinHandle<Seen3> {
-    let own_path = format!(
-        "/{}s/",
-        own["kind"]
-            .as_str()
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    );
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while let Some((req, send)) = handle.next_request().await {
-            let (method, path) = (req.method().clone(), req.uri().path().to_string());
-            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let mut answer = if method == Method::GET {
-                lists
-                    .iter()
-                    .find(|(p, _)| path.starts_with(p))
-                    .map(|(_, l)| l.clone())
-                    .unwrap_or_else(|| json!({"metadata": {}, "items": []}))
-            } else if method == Method::DELETE {
-                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
-            } else if path.contains(&own_path) {
-                own.clone()
-            } else {
-                body.clone()
-            };
-            if answer.get("metadata").is_none() {
-                answer["metadata"] = json!({"name": "x"});
-            }
-            respond(send, &answer);
-            seen.push((method, path, body));
-        }
-        seen
-    })
-}
-
 const RECORD_PATH: &str = "/api/v1/namespaces/hvx-system/configmaps/hvx-owed-n2";
 
 /// The owed entries a pass recorded for n2 (merge patches of the record).
-fn recorded(seen: &Seen3) -> Vec<Value> {
+fn recorded(seen: &Requests) -> Vec<Value> {
     seen.iter()
         .filter(|(m, p, _)| *m == Method::PATCH && p == RECORD_PATH)
         .flat_map(|(_, _, b)| {
@@ -376,13 +124,13 @@ fn recorded(seen: &Seen3) -> Vec<Value> {
         .collect()
 }
 
-fn events(seen: &Seen3, reason: &str) -> usize {
+fn events(seen: &Requests, reason: &str) -> usize {
     seen.iter()
         .filter(|(m, p, b)| *m == Method::POST && p.ends_with("/events") && b["reason"] == reason)
         .count()
 }
 
-fn finalizer_removed(seen: &Seen3, path_end: &str) -> bool {
+fn finalizer_removed(seen: &Requests, path_end: &str) -> bool {
     seen.iter().any(|(m, p, b)| {
         *m == Method::PATCH && p.ends_with(path_end) && b.to_string().contains("remove")
     })
@@ -437,7 +185,7 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn deleting_a_network_with_a_lost_node_records_its_share_and_completes() {
-    let (port, n1, n2) = fake_agents(vec![]).await;
+    let FakeAgents { port, n1, n2, .. } = fake_agents(vec![]).await;
     let net = network();
     let (ctx, handle) = context(World {
         apps: vec![],
@@ -477,7 +225,7 @@ async fn deleting_a_network_with_a_lost_node_records_its_share_and_completes() {
 
 #[tokio::test]
 async fn a_suspect_node_makes_the_cleanup_wait_without_an_error_or_a_record() {
-    let (port, n1, n2) = fake_agents(vec![]).await;
+    let FakeAgents { port, n1, n2, .. } = fake_agents(vec![]).await;
     let net = network();
     let (ctx, handle) = context(World {
         apps: vec![],
@@ -499,7 +247,7 @@ async fn a_suspect_node_makes_the_cleanup_wait_without_an_error_or_a_record() {
 
 #[tokio::test]
 async fn deleting_a_disk_with_a_lost_node_records_the_release() {
-    let (port, n1, n2) = fake_agents(vec![]).await;
+    let FakeAgents { port, n1, n2, .. } = fake_agents(vec![]).await;
     let d = disk();
     let (ctx, handle) = context(World {
         apps: vec![],
@@ -530,7 +278,7 @@ async fn deleting_a_disk_with_a_lost_node_records_the_release() {
 
 #[tokio::test]
 async fn deleting_an_application_with_a_lost_node_records_its_overlays() {
-    let (port, n1, n2) = fake_agents(vec![]).await;
+    let FakeAgents { port, n1, n2, .. } = fake_agents(vec![]).await;
     let a = app();
     let (ctx, handle) = context(World {
         apps: vec![a.clone()],
@@ -590,9 +338,10 @@ fn owed_entries() -> Vec<Value> {
     ]
 }
 
-async fn replay_round(n2: N2, record: ConfigMap) -> (BTreeOutcomes, Seen3, Calls, String) {
-    let (port, _n1, n2_calls) =
-        fake_agents(vec![("net-1".into(), 4097), ("net-new".into(), 4100)]).await;
+async fn replay_round(n2: N2, record: ConfigMap) -> (BTreeOutcomes, Requests, Calls, String) {
+    let FakeAgents {
+        port, n2: n2_calls, ..
+    } = fake_agents(vec![("net-1".into(), 4097), ("net-new".into(), 4100)]).await;
     let (ctx, handle) = context(World {
         apps: vec![],
         networks: vec![],

@@ -3,6 +3,9 @@
 //! tests fill directly, so any request not scripted here (a list, a get) stalls the
 //! pass and fails the test by its deadline.
 
+mod common;
+
+use common::{ApiHandle, agent_node, operator_context, respond, serve, store_of};
 use http::{Method, Request, Response};
 use hvx_api::{VirtualNetwork, VmApplication};
 use hvx_operator::context::{Context, OperatorConfig};
@@ -10,29 +13,9 @@ use hvx_operator::stores::Stores;
 use k8s_openapi::api::core::v1::Pod;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
-use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::watcher;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-use tower_test::mock::{self, Handle};
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-
-/// A store already filled with `objs` (and marked ready).
-fn store_of<K>(objs: Vec<K>) -> reflector::Store<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut w: Writer<K> = Writer::default();
-    w.apply_watcher_event(&watcher::Event::Init);
-    for o in objs {
-        w.apply_watcher_event(&watcher::Event::InitApply(o));
-    }
-    w.apply_watcher_event(&watcher::Event::InitDone);
-    w.as_reader()
-}
 
 /// The key the tests' operator seals launcher pods with.
 fn seal_key() -> hvx_api::seal::SealKey {
@@ -75,8 +58,6 @@ fn context_with_nodes(
     nodes: Vec<k8s_openapi::api::core::v1::Node>,
     config: OperatorConfig,
 ) -> (Arc<Context>, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
     let stores = Stores::new(
         store_of(nodes),
         store_of(pods),
@@ -86,17 +67,7 @@ fn context_with_nodes(
         store_of(apps),
         seal_key(),
     );
-    let ctx = Context::with_metrics(
-        client,
-        config,
-        Reporter {
-            controller: "test".into(),
-            instance: None,
-        },
-        Arc::default(),
-        stores,
-    );
-    (Arc::new(ctx), handle)
+    operator_context(stores, config)
 }
 
 fn app(finalized: bool, deleting: bool) -> VmApplication {
@@ -116,15 +87,6 @@ fn app(finalized: bool, deleting: bool) -> VmApplication {
         }]}
     }))
     .expect("app")
-}
-
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(serde_json::to_vec(body).expect("json")))
-            .expect("response"),
-    );
 }
 
 async fn body_json(req: Request<Body>) -> Value {
@@ -323,48 +285,6 @@ async fn deleting_waits_for_launcher_pods_without_an_error_or_removing_the_final
     );
 }
 
-/// Answers every request as a permissive API server would (a patch or post returns
-/// its own body; `app`'s own paths return `app`; a list is empty), recording method, path
-/// and body, until the pass ends.
-fn serve_all(
-    mut handle: ApiHandle,
-    app: Value,
-) -> tokio::task::JoinHandle<Vec<(Method, String, Value)>> {
-    let own = format!(
-        "/{}s/",
-        app["kind"]
-            .as_str()
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    );
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while let Some((req, send)) = handle.next_request().await {
-            let (method, path) = (req.method().clone(), req.uri().path().to_string());
-            let body = body_json_or_null(req).await;
-            // A GET here is a list (passes read single objects from the caches).
-            let mut answer = if method == Method::GET {
-                json!({"metadata": {}, "items": []})
-            } else if path.contains(&own) {
-                app.clone()
-            } else {
-                body.clone()
-            };
-            if answer.get("metadata").is_none() {
-                answer["metadata"] = json!({"name": "x"});
-            }
-            respond(send, &answer);
-            seen.push((method, path, body));
-        }
-        seen
-    })
-}
-
-async fn body_json_or_null(req: Request<Body>) -> Value {
-    let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-}
-
 #[tokio::test]
 async fn a_vm_starts_only_once_what_it_depends_on_runs() {
     let obj: VmApplication = serde_json::from_value(json!({
@@ -378,7 +298,7 @@ async fn a_vm_starts_only_once_what_it_depends_on_runs() {
     }))
     .expect("app");
     let (ctx, handle) = context(vec![obj.clone()], vec![]);
-    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let server = serve(handle, serde_json::to_value(&obj).expect("json"), vec![]);
     let action = tokio::time::timeout(
         Duration::from_secs(10),
         hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
@@ -531,7 +451,7 @@ async fn migration_pass(
     handle: ApiHandle,
     mig: hvx_api::migration::VmMigration,
 ) -> (Vec<(Method, String, Value)>, usize) {
-    let server = serve_all(handle, serde_json::to_value(&mig).expect("json"));
+    let server = serve(handle, serde_json::to_value(&mig).expect("json"), vec![]);
     tokio::time::timeout(
         Duration::from_secs(10),
         hvx_operator::migration::reconcile(Arc::new(mig), ctx.clone()),
@@ -619,17 +539,6 @@ async fn the_reconcile_writes_what_a_migrations_progress_task_heard() {
     assert!(migrated, "a Migrated event");
 }
 
-/// A node whose agent reported ready, at `ip`, with its kubelet reporting Ready (an
-/// agent that does not answer there is not lost, only failing).
-fn agent_node(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Node {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"hvx.dev/agent": "ready"}},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}],
-                   "conditions": [{"type": "Ready", "status": "True"}]}
-    }))
-    .expect("node")
-}
-
 #[tokio::test]
 async fn cleanup_waits_for_a_node_whose_agent_is_unreachable_and_skips_a_node_that_is_gone() {
     // The application's pods are gone; its overlays may still be on every agent node.
@@ -642,10 +551,10 @@ async fn cleanup_waits_for_a_node_whose_agent_is_unreachable_and_skips_a_node_th
         vec![obj.clone()],
         vec![],
         vec![],
-        vec![agent_node("n1", "127.0.0.1")],
+        vec![agent_node("n1", "127.0.0.1", "True")],
         config.clone(),
     );
-    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let server = serve(handle, serde_json::to_value(&obj).expect("json"), vec![]);
     let result = tokio::time::timeout(
         Duration::from_secs(10),
         hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
@@ -666,7 +575,7 @@ async fn cleanup_waits_for_a_node_whose_agent_is_unreachable_and_skips_a_node_th
     // The node left the cluster (deleted): nothing of the VM can be there any more,
     // and the finalizer goes.
     let (ctx, handle) = context_with_nodes(vec![obj.clone()], vec![], vec![], vec![], config);
-    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let server = serve(handle, serde_json::to_value(&obj).expect("json"), vec![]);
     let action = tokio::time::timeout(
         Duration::from_secs(10),
         hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
@@ -721,7 +630,7 @@ async fn a_forged_launcher_pod_counts_for_nothing_and_gets_one_warning() {
     let obj = one_vm_app();
     let forged = forged_pod("evil");
     let (ctx, handle) = context(vec![obj.clone()], vec![forged.clone()]);
-    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let server = serve(handle, serde_json::to_value(&obj).expect("json"), vec![]);
     tokio::time::timeout(
         Duration::from_secs(10),
         hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
@@ -789,7 +698,7 @@ async fn an_edited_launch_spec_gets_the_pod_replaced_not_used() {
         json!({"namespace": "other", "application": "bank", "vmId": "u-9/vault"}).to_string(),
     );
     let (ctx, handle) = context(vec![obj.clone()], vec![edited]);
-    let server = serve_all(handle, serde_json::to_value(&obj).expect("json"));
+    let server = serve(handle, serde_json::to_value(&obj).expect("json"), vec![]);
     tokio::time::timeout(
         Duration::from_secs(10),
         hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
