@@ -349,24 +349,35 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     let master = sh(&["ip", "-n", &node.netns, "-o", "link", "show", &tap]);
     assert!(master.contains(&format!("master hvb{VNI}")), "{master}");
     c.ensure_network(net.clone()).await.expect("idempotent");
-    // Another network with an overlapping subnet cannot share this node (refused, and
-    // nothing of it is created).
-    let clash = c
-        .ensure_network(pb::EnsureNetworkRequest {
-            network_uid: "net-uid-2".into(),
-            name: "other-net".into(),
-            vni: VNI + 1,
-            local_ports: vec![],
-            ..net.clone()
-        })
+    // A clone of the network with the same subnet shares this node: its own bridge
+    // and gateway namespace; the node namespace holds no address of the subnet.
+    let clone = pb::EnsureNetworkRequest {
+        network_uid: "net-uid-2".into(),
+        name: "clone-net".into(),
+        vni: VNI + 1,
+        local_ports: vec![],
+        ..net.clone()
+    };
+    c.ensure_network(clone)
         .await
-        .expect_err("overlapping subnet");
-    assert_eq!(clash.code(), tonic::Code::FailedPrecondition, "{clash:?}");
-    assert!(
-        clash.message().contains("overlaps") && clash.message().contains("ns/app-net"),
-        "{clash:?}"
-    );
+        .expect("same subnet on one node");
+    assert!(node.links().contains(&format!("hvb{}", VNI + 1)));
+    for vni in [VNI, VNI + 1] {
+        let ns = format!("hvx-n-{vni}");
+        let gw = sh(&["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "gw0"]);
+        assert!(gw.contains("10.77.0.1/24"), "{ns}: {gw}");
+    }
+    let node_addrs = sh(&["ip", "-n", &node.netns, "-4", "-o", "addr", "show"]);
+    assert!(!node_addrs.contains("10.77.0."), "{node_addrs}");
+    c.delete_network(pb::DeleteNetworkRequest {
+        network_uid: "net-uid-2".into(),
+        vni: VNI + 1,
+        force: false,
+    })
+    .await
+    .expect("delete the clone");
     assert!(!node.links().contains(&format!("hvb{}", VNI + 1)));
+    assert!(!Path::new(&format!("/run/netns/hvx-n-{}", VNI + 1)).exists());
     let caps = c
         .get_capabilities(pb::GetCapabilitiesRequest {})
         .await
@@ -411,9 +422,18 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     .await
     .expect("delete network");
     let links = node.links();
-    for gone in [format!("hvb{VNI}"), format!("hvv{VNI}"), tap.clone()] {
+    for gone in [
+        format!("hvb{VNI}"),
+        format!("hvv{VNI}"),
+        format!("hvg{VNI}"),
+        tap.clone(),
+    ] {
         assert!(!links.contains(&gone), "{gone} left:\n{links}");
     }
+    assert!(
+        !Path::new(&format!("/run/netns/hvx-n-{VNI}")).exists(),
+        "gateway namespace left"
+    );
     let released = c
         .release_disk(pb::ReleaseDiskRequest {
             disk_uid: req.disk_uid.clone(),
@@ -920,7 +940,8 @@ fn dnsmasqs(conf: &Path) -> Vec<Proc> {
         .collect()
 }
 
-/// Whether a DNS server answers on `ip` inside the node (any reply counts).
+/// Whether a DNS server answers on `ip` inside `netns` (any reply counts): the
+/// network's gateway namespace, where its dnsmasq serves.
 fn dns_answers(netns: &str, ip: &str) -> bool {
     let script = format!(
         "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
@@ -1045,7 +1066,7 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     assert_eq!(first.len(), 1, "{first:?}");
     let dns = hvx_child::ProcId::of(first[0].pid).expect("dnsmasq");
     assert!(
-        dns_answers(&node.netns, "10.77.0.1"),
+        dns_answers(&format!("hvx-n-{VNI}"), "10.77.0.1"),
         "dnsmasq does not answer"
     );
     let http = serve_file(guest.join("disk-stream.vmdk"));
@@ -1083,7 +1104,7 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     );
     assert!(dns.is_alive(), "dnsmasq died with the agent process");
     assert!(
-        dns_answers(&node.netns, "10.77.0.1"),
+        dns_answers(&format!("hvx-n-{VNI}"), "10.77.0.1"),
         "DNS stopped with the agent process"
     );
 
@@ -1148,10 +1169,10 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     // starts it again before it serves anything else (docs: within seconds).
     kill_agent(&mut node);
     assert!(hvx_child::kill_and_wait(&dns, Duration::from_secs(5)));
-    assert!(!dns_answers(&node.netns, "10.77.0.1"));
+    assert!(!dns_answers(&format!("hvx-n-{VNI}"), "10.77.0.1"));
     let started = Instant::now();
     node.start_agent(port, None);
-    while !dns_answers(&node.netns, "10.77.0.1") {
+    while !dns_answers(&format!("hvx-n-{VNI}"), "10.77.0.1") {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "DNS not back within 10 s of the agent's start"

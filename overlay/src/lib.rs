@@ -46,6 +46,7 @@ pub mod observe;
 pub mod plan;
 pub mod port;
 pub mod spec;
+pub mod transit;
 
 pub use addr::{Ipv4Net, Mac};
 pub use apply::{ApplyReport, Switch};
