@@ -11,7 +11,7 @@ use crate::addr::Mac;
 use crate::daemon::{self, DaemonAction};
 use crate::dnsmasq::DnsmasqPaths;
 use crate::error::{OverlayError, Result};
-use crate::host::{Host, run};
+use crate::host::{self, Host, run};
 use crate::names::{self, OwnedLink, VXLAN_PORT};
 use crate::nft::marker_chain;
 use crate::observe::{self, LinkState};
@@ -247,20 +247,7 @@ impl Switch {
         };
         let ns = Host::in_netns(plan.netns.clone(), self.host.state_root.clone());
         // The namespace first: the veths are created with their inner end in it.
-        // An existing one is adopted (a restarted agent, a re-apply).
-        let ns_path = std::path::Path::new(NETNS_DIR).join(&plan.netns);
-        if !ns_path.exists() {
-            run(
-                &[
-                    "ip".into(),
-                    "netns".into(),
-                    "add".into(),
-                    plan.netns.clone(),
-                ],
-                None,
-            )?;
-            report.changes.push(format!("ip netns add {}", plan.netns));
-        }
+        self.ensure_netns(plan, &mut report)?;
         // Every read runs at once (each is a process start); a MAC move waits on them.
         let mut seen = self.observe_all(plan, previous.is_none())?;
         // Rules first: they match ports by name, so a port never forwards a frame
@@ -371,6 +358,62 @@ impl Switch {
             self.remember(None, plan.vni);
         }
         Ok(report)
+    }
+
+    /// Makes sure the network's gateway namespace exists under its name. A named
+    /// one is adopted (a re-apply, a restarted agent process in the same mount
+    /// namespace). A name whose mount is gone (the agent's mount namespace died, as
+    /// with `ip netns exec` or a container, while its dnsmasq lived on) is bound
+    /// again to the namespace that dnsmasq serves, so the gateway, its NAT state and
+    /// dnsmasq are kept; with no dnsmasq left, the namespace is made afresh.
+    fn ensure_netns(&self, plan: &NetworkPlan, report: &mut ApplyReport) -> Result<()> {
+        let dir = std::path::Path::new(NETNS_DIR);
+        let path = dir.join(&plan.netns);
+        if is_netns_mount(&path) {
+            return Ok(());
+        }
+        let dnsmasq = daemon::running(&DnsmasqPaths::new(&plan.state_dir));
+        if let Some(id) = dnsmasq {
+            std::fs::create_dir_all(dir).map_err(|source| OverlayError::WriteFile {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            if !path.exists() {
+                host::write_file(&path, "")?;
+            }
+            let target = path.display().to_string();
+            run(
+                &[
+                    "mount".into(),
+                    "--bind".into(),
+                    format!("/proc/{}/ns/net", id.pid),
+                    target.clone(),
+                ],
+                None,
+            )?;
+            report
+                .changes
+                .push(format!("re-attached {target} from dnsmasq {}", id.pid));
+            return Ok(());
+        }
+        if path.exists() {
+            // An empty name of a namespace that is gone: `ip netns add` refuses it.
+            std::fs::remove_file(&path).map_err(|source| OverlayError::WriteFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        run(
+            &[
+                "ip".into(),
+                "netns".into(),
+                "add".into(),
+                plan.netns.clone(),
+            ],
+            None,
+        )?;
+        report.changes.push(format!("ip netns add {}", plan.netns));
+        Ok(())
     }
 
     /// Joins this network's namespace to each routed peer's whose namespace exists
@@ -657,6 +700,20 @@ impl Switch {
         }
         (reports, errors)
     }
+}
+
+/// Whether `path` is a mounted network namespace (its own device, not the
+/// directory's), not a leftover empty file whose mount went with another mount
+/// namespace.
+pub fn is_netns_mount(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(file), Some(Ok(dir))) = (
+        std::fs::metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) else {
+        return false;
+    };
+    file.dev() != dir.dev()
 }
 
 fn ip_batch(host: &Host, cmds: &[String], report: &mut ApplyReport) -> Result<()> {
@@ -1305,6 +1362,15 @@ mod tests {
         );
         let stale: BTreeSet<_> = [("10.50.0.99".parse().unwrap(), Mac([2, 0, 0, 0, 0, 1]))].into();
         assert!(neigh_commands(&p, &stale).contains(&"neigh del 10.50.0.99 dev gw0".to_string()));
+    }
+
+    #[test]
+    fn an_empty_file_is_no_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("hvx-n-7");
+        std::fs::write(&stale, "").unwrap();
+        assert!(!is_netns_mount(&stale));
+        assert!(!is_netns_mount(&dir.path().join("absent")));
     }
 
     #[test]

@@ -196,6 +196,43 @@ fn same_subnet_twice_on_one_node() {
     }
     assert_eq!(lab.gateway_namespaces(), before);
 
+    // The agent's mount namespace died (a container, `ip netns exec`) while the
+    // network lived on: its name is an empty file now. The next agent binds it to
+    // the namespace its dnsmasq still serves: same namespace, same dnsmasq.
+    let blue_ns = host.gateway_netns(BLUE);
+    let blue_dnsmasq = hvx_overlay::daemon::running_pid(&DnsmasqPaths::new(&host.state_dir(BLUE)))
+        .expect("blue's dnsmasq runs");
+    let path = format!("/run/netns/{blue_ns}");
+    let status = std::process::Command::new("umount")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(!hvx_overlay::apply::is_netns_mount(std::path::Path::new(
+        &path
+    )));
+    let again = Switch::new(host.clone());
+    let report = again.apply(&blue.spec_for(&lab, 0)).unwrap();
+    assert!(
+        report.changes.iter().any(|c| c.starts_with("re-attached")),
+        "{:?}",
+        report.changes
+    );
+    assert!(
+        !report
+            .changes
+            .iter()
+            .any(|c| c.contains("dnsmasq") && !c.starts_with("re-attached")),
+        "dnsmasq replaced: {:?}",
+        report.changes
+    );
+    assert_eq!(
+        hvx_overlay::daemon::running_pid(&DnsmasqPaths::new(&host.state_dir(BLUE))),
+        Some(blue_dnsmasq)
+    );
+    assert!(ping(&lab, "a", gw) && ping(&lab, "a", outside));
+    assert_eq!(lab.gateway_namespaces(), before);
+
     // Delete the clone: blue keeps working, nothing of the clone is left.
     let clone_dnsmasq =
         hvx_overlay::daemon::running_pid(&DnsmasqPaths::new(&host.state_dir(CLONE)))
