@@ -83,6 +83,16 @@ pub fn bridge_mac(vni: u32) -> Mac {
     Mac([0x02, 0x68, 0x62, b[1], b[2], b[3]])
 }
 
+/// The conntrack zone of the network's bridged frames in the node namespace. With
+/// br_netfilter (a kubeadm prerequisite) bridged IPv4 passes the node's conntrack;
+/// networks sharing a subnet would otherwise share entries for twin flows (same
+/// addresses and ports). 16 bits: two networks of one node collide only when their
+/// VNIs are equal modulo 65535.
+pub fn conntrack_zone(vni: u32) -> u16 {
+    // Zone 0 is the node's own; 1..=65535.
+    (vni % 65535 + 1) as u16
+}
+
 /// The distributed gateway's MAC: the same on every node (anycast gateway), so a VM
 /// keeps a valid ARP entry for its gateway across live migration. Locally
 /// administered unicast `02:68:76` ("hv") + the 24-bit VNI.
@@ -169,6 +179,9 @@ mod tests {
             );
         }
         assert_ne!(bridge_mac(7), gateway_mac(7));
+        assert_eq!(conntrack_zone(65534), 65535);
+        assert_eq!(conntrack_zone(65535), 1, "never zone 0");
+        assert_ne!(conntrack_zone(4096), conntrack_zone(4097));
         assert_eq!(parse_owned_link(&bridge(42)), Some(OwnedLink::Bridge(42)));
         assert_eq!(parse_owned_link(&vxlan(7)), Some(OwnedLink::Vxlan(7)));
         for other in ["hvb", "hvbx1", "hvb01", "eth0", "hvp1", "h"] {

@@ -377,6 +377,13 @@ fn render_node_input(b: &mut String, spec: &NetworkSpec) {
         );
     }
     let _ = writeln!(b, "    iifname \"{up}\" drop\n  }}");
+    // Before conntrack (raw priority): the bridge's frames, seen here only through
+    // br_netfilter, get the network's own zone.
+    let _ = writeln!(
+        b,
+        "  chain zone {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"{br}\" ct zone set {}\n  }}",
+        names::conntrack_zone(spec.vni)
+    );
 }
 
 fn upstream_set(spec: &NetworkSpec) -> String {
@@ -714,6 +721,9 @@ mod tests {
         let node_input = node_input.split("  }").next().unwrap();
         assert!(node_input.contains("iifname \"hvb4242\" drop"));
         assert!(node_input.trim_end().ends_with("iifname \"hvu4242\" drop"));
+        assert!(r.script.contains(
+            "type filter hook prerouting priority -300; policy accept;\n    iifname \"hvb4242\" ct zone set 4243"
+        ));
         let bridge_input = r.script.split("chain input {").nth(1).unwrap();
         assert!(bridge_input.contains("iifname @ports drop\n    iifname \"hvg4242\" drop"));
         // IPv6 never reaches the gateway; IPv4 to it is judged in its namespace,

@@ -158,11 +158,93 @@ fn same_subnet_twice_on_one_node() {
         "a reached the clone's b2"
     );
 
+    // Twin flows: the same addresses and ports on both networks at once. With
+    // br_netfilter (a kubeadm prerequisite, on here) bridged frames pass the node's
+    // conntrack, and kube-proxy drops what it finds INVALID there: each network's
+    // frames need a conntrack zone of their own.
+    let n0 = lab.nodes[0].ns.clone();
+    lab.exec(
+        &n0,
+        &[
+            "nft",
+            "add table ip kubeproxy; add chain ip kubeproxy forward { type filter hook forward priority 0; }; add rule ip kubeproxy forward ct state invalid drop",
+        ],
+    )
+    .unwrap();
+    let a2_ns = lab.vm("a2").ns.clone();
+    let mut twin_server = lab
+        .spawn(
+            &a2_ns,
+            &["socat", "TCP-LISTEN:7,fork,reuseaddr", "EXEC:cat"],
+        )
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        lab.exec(&a2_ns, &["ss", "-ltn"])
+            .is_ok_and(|o| o.contains(":7 "))
+    }));
+    let a_ns = lab.vm("a").ns.clone();
+    let mut held = lab
+        .spawn(
+            &a_ns,
+            &[
+                "sh",
+                "-c",
+                "sleep 4 | socat - TCP:10.77.0.50:7,sourceport=40007,reuseaddr",
+            ],
+        )
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        lab.exec(&a_ns, &["ss", "-tn", "state", "established"])
+            .is_ok_and(|o| o.contains(":40007"))
+    }));
+    let b_ns = lab.vm("b").ns.clone();
+    let twin_flow = lab.exec(
+        &b_ns,
+        &[
+            "sh",
+            "-c",
+            "echo hvx-twin | socat -T 3 - TCP:10.77.0.50:7,sourceport=40007,reuseaddr,connect-timeout=3",
+        ],
+    );
+    // Two entries for the twin tuple in the node's conntrack, one per network zone.
+    let entries = lab
+        .exec(
+            &n0,
+            &[
+                "conntrack",
+                "-L",
+                "-p",
+                "tcp",
+                "--sport",
+                "40007",
+                "--dport",
+                "7",
+            ],
+        )
+        .unwrap_or_default();
+    let zones: std::collections::BTreeSet<&str> = entries
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("zone=")))
+        .collect();
+    let _ = held.kill();
+    let _ = held.wait();
+    let _ = twin_server.kill();
+    let _ = twin_server.wait();
+    assert!(
+        twin_flow.as_deref().is_ok_and(|o| o.contains("hvx-twin")),
+        "the clone's twin flow: {twin_flow:?}"
+    );
+    let want: std::collections::BTreeSet<String> = [BLUE, CLONE]
+        .iter()
+        .map(|v| format!("zone={}", hvx_overlay::names::conntrack_zone(*v)))
+        .collect();
+    let want: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
+    assert_eq!(zones, want, "conntrack entries:\n{entries}");
+
     // Egress NAT from both (the same guest address, two transit pairs).
     let outside: Ipv4Addr = "192.168.77.2".parse().unwrap();
     assert!(ping(&lab, "a", outside), "blue egress");
     assert!(ping(&lab, "b", outside), "clone egress");
-    let n0 = lab.nodes[0].ns.clone();
     let transit = |vni: u32| {
         lab.exec(
             &n0,
