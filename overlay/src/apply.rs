@@ -1365,6 +1365,52 @@ mod tests {
     }
 
     #[test]
+    fn peer_links_get_routes_to_the_peer_subnets_once_they_exist() {
+        let mut spec = sample();
+        spec.routed_peers = vec![crate::spec::RoutedPeer {
+            vni: 7,
+            subnets: vec!["10.9.0.0/16".parse().unwrap()],
+        }];
+        let p = build_plan(&spec, &Host::new("/x"), None).unwrap();
+        let mut seen = converged_ns(&p);
+        seen.links.remove("up0");
+        // The peer's namespace is not there yet: no link, no route.
+        assert!(ns_commands(&p, &seen).is_empty());
+        let mut rp = seen.links["gw0"].clone();
+        rp.name = "rp7".into();
+        rp.up = false;
+        seen.links.insert("rp7".into(), rp);
+        assert_eq!(
+            ns_commands(&p, &seen),
+            ["link set dev rp7 up", "route replace 10.9.0.0/16 dev rp7"]
+        );
+        seen.links.get_mut("rp7").unwrap().up = true;
+        seen.routes.push(observe::Route {
+            dst: "10.9.0.0/16".into(),
+            gateway: None,
+            dev: Some("rp7".into()),
+        });
+        assert!(ns_commands(&p, &seen).is_empty());
+    }
+
+    #[test]
+    fn a_bridge_of_the_old_layout_gives_up_the_gateway_mac_and_address() {
+        let p = plan();
+        let mut links = converged_links(&p);
+        links.get_mut("hvb4242").unwrap().mac = Some(p.gateway_mac.to_string());
+        assert_eq!(
+            link_commands(&p, &links).0,
+            ["link set dev hvb4242 address 02:68:62:00:10:92"]
+        );
+        let addrs: BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>> =
+            [("hvb4242".to_string(), p.addresses.clone())].into();
+        assert_eq!(
+            node_l3_commands(&p, &addrs),
+            ["addr del 10.50.0.1/24 dev hvb4242"]
+        );
+    }
+
+    #[test]
     fn an_empty_file_is_no_namespace() {
         let dir = tempfile::tempdir().unwrap();
         let stale = dir.path().join("hvx-n-7");
