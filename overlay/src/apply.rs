@@ -557,6 +557,26 @@ impl Switch {
         if let Err(e) = daemon::stop(&DnsmasqPaths::new(&dir)) {
             errors.push(e.to_string());
         }
+        // Links before the namespace: deleting a veth deletes its peer at once,
+        // while a deleted namespace frees its devices later (asynchronously).
+        match observe::links(&self.host) {
+            Ok(links) => {
+                for name in [
+                    names::vxlan(vni),
+                    names::bridge(vni),
+                    names::gateway_veth(vni),
+                    names::transit_veth(vni),
+                ] {
+                    if links.iter().any(|l| l.name == name)
+                        && let Err(e) = run(&self.host.ip_argv(&["link", "del", &name]), None)
+                        && !gone_meanwhile(&e)
+                    {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
         let netns = self.host.gateway_netns(vni);
         if std::path::Path::new(NETNS_DIR).join(&netns).exists() {
             // Nothing but hvx's dnsmasq runs in there; whatever still does (a stray
@@ -572,23 +592,6 @@ impl Switch {
             if let Err(e) = run(&["ip".into(), "netns".into(), "del".into(), netns], None) {
                 errors.push(e.to_string());
             }
-        }
-        match observe::links(&self.host) {
-            Ok(links) => {
-                for name in [
-                    names::vxlan(vni),
-                    names::bridge(vni),
-                    names::gateway_veth(vni),
-                    names::transit_veth(vni),
-                ] {
-                    if links.iter().any(|l| l.name == name)
-                        && let Err(e) = run(&self.host.ip_argv(&["link", "del", &name]), None)
-                    {
-                        errors.push(e.to_string());
-                    }
-                }
-            }
-            Err(e) => errors.push(e.to_string()),
         }
         match observe::nft_tables(&self.host) {
             Ok(tables) => {
@@ -700,6 +703,12 @@ impl Switch {
         }
         (reports, errors)
     }
+}
+
+/// A `link del` that failed because the device went meanwhile (a veth whose
+/// peer's namespace was just freed) did what it was asked.
+fn gone_meanwhile(e: &OverlayError) -> bool {
+    matches!(e, OverlayError::CommandFailed { stderr, .. } if stderr.contains("Cannot find device"))
 }
 
 /// Whether `path` is a mounted network namespace (its own device, not the
