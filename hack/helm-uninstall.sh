@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `helm uninstall hvx`, then checks it left nothing: no hvx custom resources or CRDs,
 # no pods in the release namespace, no hvx node labels, and on each local-cluster node
-# no hvx links (hvb*/hvv*/hvt*), no hvx nftables tables, no dnsmasq of hvx and no files
-# under the node's hvx directories.
+# no hvx links (hvb*/hvv*/hvt*, and hvg*/hvu*, the node ends of the networks' gateway
+# and transit veths, which go only with their gateway namespaces), no hvx nftables
+# tables, no dnsmasq of hvx, no gateway namespace (hvx-n-*) and no files under the
+# node's hvx directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/harness/versions.env
@@ -27,7 +29,7 @@ labelled=$("$KUBECTL" get nodes -l 'hvx.dev/agent' -o name 2>/dev/null || true)
 for n in $(seq 1 "${NODE_COUNT}"); do
   ns=$(node_netns "$n"); node=$(node_name "$n")
   ip netns list | grep -qw "$ns" || continue
-  links=$(ip -n "$ns" -o link show | awk -F': ' '{print $2}' | grep -E '^(hvb|hvv|hvt)' || true)
+  links=$(ip -n "$ns" -o link show | awk -F': ' '{print $2}' | grep -E '^(hvb|hvv|hvt|hvg|hvu)' || true)
   [ -n "$links" ] && left+=("links on ${node}: ${links//$'\n'/ }")
   tables=$(ip netns exec "$ns" nft list tables 2>/dev/null | grep -E 'hvx' || true)
   [ -n "$tables" ] && left+=("nftables on ${node}: ${tables//$'\n'/ }")
@@ -36,9 +38,13 @@ for n in $(seq 1 "${NODE_COUNT}"); do
     [ -n "$files" ] && left+=("files on ${node}: ${files//$'\n'/ }")
   done
 done
+# Gateway namespaces are named in the agent containers' own /run; one named on the
+# host means an agent ran outside its pod and left it.
+gwns=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^hvx-n-[0-9]+$' || true)
+[ -n "$gwns" ] && left+=("gateway namespaces: ${gwns//$'\n'/ }")
 dns=$(pgrep -a dnsmasq | grep -E '/run/hvx/' || true)
 [ -n "$dns" ] && left+=("dnsmasq: ${dns}")
 if [ ${#left[@]} -gt 0 ]; then
   log "helm uninstall left:"; printf '  %s\n' "${left[@]}"; exit 1
 fi
-log "helm uninstall left nothing (CRs, CRDs, pods, node labels, links, nftables, dnsmasq, files)"
+log "helm uninstall left nothing (CRs, CRDs, pods, node labels, links, nftables, gateway namespaces, dnsmasq, files)"

@@ -340,7 +340,9 @@ fn cluster_down_leaves_nothing() {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("hvx-node-"))
+                // The harness's nodes, and networks' gateway namespaces (named in
+                // the agents' containers; here only if an agent ran outside one).
+                .filter(|n| n.starts_with("hvx-node-") || n.starts_with("hvx-n-"))
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();

@@ -219,7 +219,9 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     delete_all_hvx_objects(&client, NS).await;
     for (_, node, _) in &vms {
         let links = netns_exec(node, &["ip", "-o", "link", "show"]);
-        for prefix in ["hvt", "hvb", "hvv"] {
+        // Taps, bridges, VXLAN devices, and the node ends of the networks' gateway
+        // and transit veths (they go with the gateway namespaces).
+        for prefix in ["hvt", "hvb", "hvv", "hvg", "hvu"] {
             assert!(
                 !links
                     .lines()

@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let mtu = hvx_overlay::plan::plan_mtu(spec.underlay_mtu);
-    let d = hvx_overlay::dnsmasq::render(&spec, "hvb1", &mtu, Path::new("/run/hvx/1"));
+    let d = hvx_overlay::dnsmasq::render(&spec, "gw0", &mtu, Path::new("/run/hvx/1"));
     for line in d.main.lines().filter(|l| !l.starts_with('#')) {
         let key = line.split('=').next().unwrap_or_default();
         assert!(
@@ -67,13 +67,19 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let ports: BTreeSet<String> = BTreeSet::new();
-    let nft = hvx_overlay::nft::render(&spec, &ports, &mtu);
-    let opens = nft.script.matches('{').count();
-    let closes = nft.script.matches('}').count();
-    assert_eq!(opens, closes, "unbalanced nft script:\n{}", nft.script);
-    assert!(
-        !nft.script
-            .lines()
-            .any(|l| l.trim_start().starts_with("include"))
-    );
+    // With and without the transit pair (egress, upstream DNS, published ports).
+    let transit = hvx_overlay::transit::TransitPair::of_slot(spec.vni);
+    for t in [None, Some(&transit)] {
+        let nft = hvx_overlay::nft::render(&spec, &ports, &mtu, t);
+        for script in [&nft.script, &nft.ns_script] {
+            let opens = script.matches('{').count();
+            let closes = script.matches('}').count();
+            assert_eq!(opens, closes, "unbalanced nft script:\n{script}");
+            assert!(
+                !script
+                    .lines()
+                    .any(|l| l.trim_start().starts_with("include"))
+            );
+        }
+    }
 });

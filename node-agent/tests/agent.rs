@@ -160,6 +160,15 @@ impl Drop for TestNode {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+        // The networks' gateway namespaces were named in the agent's own mount
+        // namespace (as in a pod); in the shared /run the names are left as empty
+        // files when an agent stopped with networks up.
+        for vni in [VNI, VNI + 1] {
+            let name = format!("/run/netns/hvx-n-{vni}");
+            if Path::new(&name).exists() {
+                let _ = std::fs::remove_file(&name);
+            }
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_veth])
             .status();
@@ -349,24 +358,39 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     let master = sh(&["ip", "-n", &node.netns, "-o", "link", "show", &tap]);
     assert!(master.contains(&format!("master hvb{VNI}")), "{master}");
     c.ensure_network(net.clone()).await.expect("idempotent");
-    // Another network with an overlapping subnet cannot share this node (refused, and
-    // nothing of it is created).
-    let clash = c
-        .ensure_network(pb::EnsureNetworkRequest {
-            network_uid: "net-uid-2".into(),
-            name: "other-net".into(),
-            vni: VNI + 1,
-            local_ports: vec![],
-            ..net.clone()
-        })
+    // A clone of the network with the same subnet shares this node: its own bridge
+    // and gateway namespace; the node namespace holds no address of the subnet.
+    let clone = pb::EnsureNetworkRequest {
+        network_uid: "net-uid-2".into(),
+        name: "clone-net".into(),
+        vni: VNI + 1,
+        local_ports: vec![],
+        ..net.clone()
+    };
+    c.ensure_network(clone)
         .await
-        .expect_err("overlapping subnet");
-    assert_eq!(clash.code(), tonic::Code::FailedPrecondition, "{clash:?}");
-    assert!(
-        clash.message().contains("overlaps") && clash.message().contains("ns/app-net"),
-        "{clash:?}"
-    );
+        .expect("same subnet on one node");
+    assert!(node.links().contains(&format!("hvb{}", VNI + 1)));
+    let agent_pid = node.agent.as_ref().expect("agent").id();
+    for vni in [VNI, VNI + 1] {
+        let gw = in_gateway_ns(
+            agent_pid,
+            vni,
+            &["ip", "-4", "-o", "addr", "show", "dev", "gw0"],
+        );
+        assert!(gw.contains("10.77.0.1/24"), "vni {vni}: {gw}");
+    }
+    let node_addrs = sh(&["ip", "-n", &node.netns, "-4", "-o", "addr", "show"]);
+    assert!(!node_addrs.contains("10.77.0."), "{node_addrs}");
+    c.delete_network(pb::DeleteNetworkRequest {
+        network_uid: "net-uid-2".into(),
+        vni: VNI + 1,
+        force: false,
+    })
+    .await
+    .expect("delete the clone");
     assert!(!node.links().contains(&format!("hvb{}", VNI + 1)));
+    assert!(!Path::new(&format!("/run/netns/hvx-n-{}", VNI + 1)).exists());
     let caps = c
         .get_capabilities(pb::GetCapabilitiesRequest {})
         .await
@@ -411,9 +435,18 @@ async fn agent_imports_overlays_networks_restarts_and_cleans_up() {
     .await
     .expect("delete network");
     let links = node.links();
-    for gone in [format!("hvb{VNI}"), format!("hvv{VNI}"), tap.clone()] {
+    for gone in [
+        format!("hvb{VNI}"),
+        format!("hvv{VNI}"),
+        format!("hvg{VNI}"),
+        tap.clone(),
+    ] {
         assert!(!links.contains(&gone), "{gone} left:\n{links}");
     }
+    assert!(
+        !Path::new(&format!("/run/netns/hvx-n-{VNI}")).exists(),
+        "gateway namespace left"
+    );
     let released = c
         .release_disk(pb::ReleaseDiskRequest {
             disk_uid: req.disk_uid.clone(),
@@ -920,18 +953,34 @@ fn dnsmasqs(conf: &Path) -> Vec<Proc> {
         .collect()
 }
 
-/// Whether a DNS server answers on `ip` inside the node (any reply counts).
-fn dns_answers(netns: &str, ip: &str) -> bool {
+/// Whether the dnsmasq of `conf` answers on `ip` (any reply counts), asked from
+/// inside the network namespace it serves (the network's gateway namespace, whose
+/// name lives in the agent's mount namespace; this one may have died with it).
+fn dns_answers(conf: &Path, ip: &str) -> bool {
+    let Some(dnsmasq) = dnsmasqs(conf).first().map(|p| p.pid) else {
+        return false;
+    };
     let script = format!(
         "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
          q=b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x03web\\x00\\x00\\x01\\x00\\x01'\n\
          s.sendto(q,('{ip}',53))\ntry:\n  d=s.recvfrom(512)[0]\n  sys.exit(0 if d[:2]==b'\\x12\\x34' else 1)\n\
          except Exception:\n  sys.exit(1)\n"
     );
-    Command::new("ip")
-        .args(["netns", "exec", netns, "python3", "-c", &script])
+    Command::new("nsenter")
+        .arg(format!("--net=/proc/{dnsmasq}/ns/net"))
+        .args(["python3", "-c", &script])
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Runs `argv` in network `vni`'s gateway namespace, named in the mount namespace
+/// of the agent `agent` (as in a pod: the agent container's own `/run/netns`).
+fn in_gateway_ns(agent: u32, vni: u32, argv: &[&str]) -> String {
+    let ns = format!("hvx-n-{vni}");
+    let mnt = format!("--mount=/proc/{agent}/ns/mnt");
+    let mut args = vec!["nsenter", &mnt, "--", "ip", "netns", "exec", &ns];
+    args.extend_from_slice(argv);
+    sh(&args)
 }
 
 /// SIGKILLs the agent (no clean-up code of it runs) and returns its pid.
@@ -1044,10 +1093,7 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     let first = dnsmasqs(&conf);
     assert_eq!(first.len(), 1, "{first:?}");
     let dns = hvx_child::ProcId::of(first[0].pid).expect("dnsmasq");
-    assert!(
-        dns_answers(&node.netns, "10.77.0.1"),
-        "dnsmasq does not answer"
-    );
+    assert!(dns_answers(&conf, "10.77.0.1"), "dnsmasq does not answer");
     let http = serve_file(guest.join("disk-stream.vmdk"));
     let mut importing = c.clone();
     let import = tokio::spawn(async move {
@@ -1083,7 +1129,7 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     );
     assert!(dns.is_alive(), "dnsmasq died with the agent process");
     assert!(
-        dns_answers(&node.netns, "10.77.0.1"),
+        dns_answers(&conf, "10.77.0.1"),
         "DNS stopped with the agent process"
     );
 
@@ -1148,10 +1194,10 @@ async fn agent_killed_mid_work_leaves_no_process_and_dns_comes_back() {
     // starts it again before it serves anything else (docs: within seconds).
     kill_agent(&mut node);
     assert!(hvx_child::kill_and_wait(&dns, Duration::from_secs(5)));
-    assert!(!dns_answers(&node.netns, "10.77.0.1"));
+    assert!(!dns_answers(&conf, "10.77.0.1"));
     let started = Instant::now();
     node.start_agent(port, None);
-    while !dns_answers(&node.netns, "10.77.0.1") {
+    while !dns_answers(&conf, "10.77.0.1") {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "DNS not back within 10 s of the agent's start"

@@ -1,6 +1,7 @@
 //! The applier: diffs a [`NetworkPlan`] against the kernel and changes only the
 //! difference. Running it twice changes nothing; after an agent restart it finds
-//! everything by name and leaves working links alone (no flap, no traffic cut).
+//! everything by name (links, the gateway namespace, the transit pair, dnsmasq)
+//! and leaves working links alone (no flap, no traffic cut).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -10,12 +11,16 @@ use crate::addr::Mac;
 use crate::daemon::{self, DaemonAction};
 use crate::dnsmasq::DnsmasqPaths;
 use crate::error::{OverlayError, Result};
-use crate::host::{Host, run};
+use crate::host::{self, Host, run};
 use crate::names::{self, OwnedLink, VXLAN_PORT};
 use crate::nft::marker_chain;
 use crate::observe::{self, LinkState};
-use crate::plan::{NetworkPlan, build_plan};
+use crate::plan::{NetworkPlan, build_plan, needs_transit};
 use crate::spec::NetworkSpec;
+use crate::transit;
+
+/// Where named network namespaces live (`ip netns`).
+const NETNS_DIR: &str = "/run/netns";
 
 /// What one apply changed: the commands it ran (empty = already converged) and
 /// ports that are not there yet (the VM pod has not plugged its link in).
@@ -50,8 +55,16 @@ struct Observed {
     /// None when not read (trusted from the previous apply).
     chains: Option<Vec<observe::ChainId>>,
     fdb: observe::FdbState,
-    neigh: BTreeSet<(std::net::Ipv4Addr, Mac)>,
-    addrs: BTreeSet<crate::addr::Ipv4Net>,
+    addrs: BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>>,
+}
+
+/// Kernel state inside a network's gateway namespace.
+#[derive(Debug, Default)]
+pub struct ObservedNs {
+    pub links: BTreeMap<String, LinkState>,
+    pub addrs: BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>>,
+    pub routes: Vec<observe::Route>,
+    pub neigh: BTreeSet<(std::net::Ipv4Addr, Mac)>,
 }
 
 /// The overlay switch of one node.
@@ -61,6 +74,9 @@ pub struct Switch {
     /// Plans this process applied successfully. Only a cache: a restarted agent
     /// starts empty and does a full diff; it enables the membership fast path.
     applied: Arc<Mutex<BTreeMap<u32, NetworkPlan>>>,
+    /// Transit slots handed out by this process (VNI -> slot), so two networks
+    /// applied at once never pick the same free slot before either has its link.
+    transit_slots: Arc<Mutex<BTreeMap<u32, u32>>>,
 }
 
 /// True when two plans differ at most in FDB and neighbour entries (a VM moved
@@ -84,6 +100,7 @@ impl Switch {
         Switch {
             host,
             applied: Arc::default(),
+            transit_slots: Arc::default(),
         }
     }
 
@@ -107,7 +124,62 @@ impl Switch {
     }
 
     pub fn plan(&self, spec: &NetworkSpec) -> Result<NetworkPlan> {
-        build_plan(spec, &self.host.state_root)
+        spec.validate()?;
+        let slot = if needs_transit(spec) {
+            Some(self.transit_slot(spec)?)
+        } else {
+            None
+        };
+        build_plan(spec, &self.host, slot)
+    }
+
+    /// The network's transit slot on this node: the one it holds (read back from
+    /// its `hvu<vni>` address, or handed out earlier by this process), else a free
+    /// one. Allocation and reservation happen under one lock.
+    fn transit_slot(&self, spec: &NetworkSpec) -> Result<u32> {
+        let vni = spec.vni;
+        let mut reserved = self
+            .transit_slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = reserved.get(&vni).copied();
+        let mut taken: BTreeSet<u32> = reserved
+            .iter()
+            .filter(|(v, _)| **v != vni)
+            .map(|(_, s)| *s)
+            .collect();
+        for (ifname, nets) in observe::all_addresses(&self.host)? {
+            let Some(OwnedLink::TransitVeth(owner)) = names::parse_owned_link(&ifname) else {
+                continue;
+            };
+            for slot in nets
+                .iter()
+                .filter_map(|n| transit::slot_of_node_address(n.addr))
+            {
+                if owner == vni {
+                    current = current.or(Some(slot));
+                } else {
+                    taken.insert(slot);
+                }
+            }
+        }
+        let slot =
+            transit::allocate(vni, current, &taken).ok_or_else(|| OverlayError::InvalidSpec {
+                network: spec.name.clone(),
+                reason: format!(
+                    "no free transit address pair on this node ({} networks need one)",
+                    transit::TRANSIT_SLOTS
+                ),
+            })?;
+        reserved.insert(vni, slot);
+        Ok(slot)
+    }
+
+    fn release_transit_slot(&self, vni: u32) {
+        self.transit_slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&vni);
     }
 
     /// Converges one network to `spec`. When the previous apply of this process
@@ -141,11 +213,12 @@ impl Switch {
         if !cmds.is_empty() {
             report.fdb_programmed_after = Some(started.elapsed());
         }
-        let neigh = observe::neighbours(&self.host, &plan.bridge)?;
-        let cmds = l3_commands(plan, &neigh, &plan.addresses);
-        self.ip_batch(&cmds, &mut report)?;
+        let ns = Host::in_netns(plan.netns.clone(), self.host.state_root.clone());
+        let neigh = observe::neighbours(&ns, names::NS_GATEWAY_IF)?;
+        let cmds = neigh_commands(plan, &neigh);
+        ip_batch(&ns, &cmds, &mut report)?;
         if let Some(cfg) = &plan.dnsmasq
-            && daemon::ensure(&self.host, &plan.name, cfg)? != DaemonAction::Unchanged
+            && daemon::ensure(&ns, &plan.name, cfg)? != DaemonAction::Unchanged
         {
             report.changes.push("dnsmasq reloaded".into());
         }
@@ -172,6 +245,9 @@ impl Switch {
             vni: plan.vni,
             ..Default::default()
         };
+        let ns = Host::in_netns(plan.netns.clone(), self.host.state_root.clone());
+        // The namespace first: the veths are created with their inner end in it.
+        self.ensure_netns(plan, &mut report)?;
         // Every read runs at once (each is a process start); a MAC move waits on them.
         let mut seen = self.observe_all(plan, previous.is_none())?;
         // Rules first: they match ports by name, so a port never forwards a frame
@@ -187,8 +263,7 @@ impl Switch {
         if link_cmds.iter().any(|c| c.starts_with("link add")) {
             // A (re)created device starts empty: what was read before is stale.
             seen.fdb = observe::fdb(&self.host, &plan.bridge, &plan.vxlan)?;
-            seen.neigh = observe::neighbours(&self.host, &plan.bridge)?;
-            seen.addrs = observe::addresses(&self.host, &plan.bridge)?;
+            seen.addrs = observe::all_addresses(&self.host)?;
         }
 
         // FDB right after the links: this is the step a MAC move waits for.
@@ -204,15 +279,65 @@ impl Switch {
             report.fdb_programmed_after = Some(started.elapsed());
         }
 
-        let l3_cmds = l3_commands(plan, &seen.neigh, &seen.addrs);
+        let l3_cmds = node_l3_commands(plan, &seen.addrs);
         self.ip_batch(&l3_cmds, &mut report)?;
 
+        // The gateway's rules before its interface comes up (below).
+        let ns_chains = if previous.is_some_and(|p| p.ns_nft_hash == plan.ns_nft_hash) {
+            None
+        } else {
+            Some(observe::nft_chains(&ns)?)
+        };
+        if let Some(chains) = ns_chains {
+            let marker = marker_chain(&plan.ns_nft_hash);
+            let table = names::gw_table(plan.vni);
+            if !chains
+                .iter()
+                .any(|(f, t, c)| f == "ip" && *t == table && *c == marker)
+            {
+                run(
+                    &ns.exec_argv("nft", &["-f", "-"]),
+                    Some(&plan.ns_nft_script),
+                )?;
+                report.changes.push(format!(
+                    "nft replace gateway table of vni {} ({})",
+                    plan.vni, plan.ns_nft_hash
+                ));
+            }
+        }
+        // Inside the namespace: the gateway, the transit end, routes, neighbours.
+        let ns_seen = observe_ns(&ns)?;
         if plan.needs_forwarding && !previous.is_some_and(|p| p.needs_forwarding) {
-            self.enable_forwarding(&mut report)?;
+            enable_forwarding(&ns, &mut report)?;
+        }
+        self.connect_peers(plan, &ns, &ns_seen, &mut report)?;
+        let ns_seen = if report.changes.iter().any(|c| c.contains("link add rp")) {
+            observe_ns(&ns)?
+        } else {
+            ns_seen
+        };
+        let ns_cmds = ns_commands(plan, &ns_seen);
+        ip_batch(&ns, &ns_cmds, &mut report)?;
+        for (peer, _) in &plan.peer_routes {
+            // Answers ARP for this network's hosts on the peer link, so the peer's
+            // route needs no next-hop address.
+            let link = names::peer_link(*peer);
+            if ns_seen.links.contains_key(&link) {
+                let key = format!("net.ipv4.conf.{link}.proxy_arp");
+                let cur = run(&ns.exec_argv("sysctl", &["-n", &key]), None)?;
+                if cur.trim() != "1" {
+                    run(&ns.exec_argv("sysctl", &["-qw", &format!("{key}=1")]), None)?;
+                    report.changes.push(format!("sysctl {key}=1"));
+                }
+            }
+        }
+
+        if plan.node_forwarding && !previous.is_some_and(|p| p.node_forwarding) {
+            enable_forwarding(&self.host, &mut report)?;
         }
 
         if let Some(cfg) = &plan.dnsmasq {
-            match daemon::ensure(&self.host, &plan.name, cfg)? {
+            match daemon::ensure(&ns, &plan.name, cfg)? {
                 DaemonAction::Unchanged => {}
                 other => report.changes.push(format!("dnsmasq {other:?}")),
             }
@@ -235,18 +360,110 @@ impl Switch {
         Ok(report)
     }
 
-    fn ip_batch(&self, cmds: &[String], report: &mut ApplyReport) -> Result<()> {
-        if cmds.is_empty() {
+    /// Makes sure the network's gateway namespace exists under its name. A named
+    /// one is adopted (a re-apply, a restarted agent process in the same mount
+    /// namespace). A name whose mount is gone (the agent's mount namespace died, as
+    /// with `ip netns exec` or a container, while its dnsmasq lived on) is bound
+    /// again to the namespace that dnsmasq serves, so the gateway, its NAT state and
+    /// dnsmasq are kept; with no dnsmasq left, the namespace is made afresh.
+    fn ensure_netns(&self, plan: &NetworkPlan, report: &mut ApplyReport) -> Result<()> {
+        let dir = std::path::Path::new(NETNS_DIR);
+        let path = dir.join(&plan.netns);
+        if is_netns_mount(&path) {
             return Ok(());
         }
+        let dnsmasq = daemon::running(&DnsmasqPaths::new(&plan.state_dir));
+        if let Some(id) = dnsmasq {
+            std::fs::create_dir_all(dir).map_err(|source| OverlayError::WriteFile {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            if !path.exists() {
+                host::write_file(&path, "")?;
+            }
+            let target = path.display().to_string();
+            run(
+                &[
+                    "mount".into(),
+                    "--bind".into(),
+                    format!("/proc/{}/ns/net", id.pid),
+                    target.clone(),
+                ],
+                None,
+            )?;
+            report
+                .changes
+                .push(format!("re-attached {target} from dnsmasq {}", id.pid));
+            return Ok(());
+        }
+        if path.exists() {
+            // An empty name of a namespace that is gone: `ip netns add` refuses it.
+            std::fs::remove_file(&path).map_err(|source| OverlayError::WriteFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
         run(
-            &self.host.ip_argv(&["-batch", "-"]),
-            Some(&(cmds.join("\n") + "\n")),
+            &[
+                "ip".into(),
+                "netns".into(),
+                "add".into(),
+                plan.netns.clone(),
+            ],
+            None,
         )?;
-        report
-            .changes
-            .extend(cmds.iter().map(|c| format!("ip {c}")));
+        report.changes.push(format!("ip netns add {}", plan.netns));
         Ok(())
+    }
+
+    /// Joins this network's namespace to each routed peer's whose namespace exists
+    /// on this node (one veth pair `rp<peer>` / `rp<self>`), and removes links to
+    /// networks no longer peered. Deleting either namespace deletes the pair.
+    fn connect_peers(
+        &self,
+        plan: &NetworkPlan,
+        ns: &Host,
+        seen: &ObservedNs,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let wanted: BTreeSet<String> = plan
+            .peer_routes
+            .iter()
+            .map(|(v, _)| names::peer_link(*v))
+            .collect();
+        let mut cmds = Vec::new();
+        for name in seen.links.keys() {
+            if name.starts_with("rp") && !wanted.contains(name) {
+                cmds.push(format!("link del dev {name}"));
+            }
+        }
+        ip_batch(ns, &cmds, report)?;
+        for (peer, _) in &plan.peer_routes {
+            let link = names::peer_link(*peer);
+            let peer_ns = self.host.gateway_netns(*peer);
+            if seen.links.contains_key(&link)
+                || !std::path::Path::new(NETNS_DIR).join(&peer_ns).exists()
+            {
+                continue;
+            }
+            let back = names::peer_link(plan.vni);
+            run(
+                &ns.ip_argv(&[
+                    "link", "add", &link, "type", "veth", "peer", "name", &back, "netns", &peer_ns,
+                ]),
+                None,
+            )?;
+            let peer_host = Host::in_netns(peer_ns, self.host.state_root.clone());
+            run(&peer_host.ip_argv(&["link", "set", &back, "up"]), None)?;
+            report
+                .changes
+                .push(format!("ip link add {link} (peer {back})"));
+        }
+        Ok(())
+    }
+
+    fn ip_batch(&self, cmds: &[String], report: &mut ApplyReport) -> Result<()> {
+        ip_batch(&self.host, cmds, report)
     }
 
     fn bridge_batch(&self, cmds: &[String], report: &mut ApplyReport) -> Result<()> {
@@ -263,29 +480,10 @@ impl Switch {
         Ok(())
     }
 
-    fn enable_forwarding(&self, report: &mut ApplyReport) -> Result<()> {
-        let cur = run(
-            &self
-                .host
-                .exec_argv("sysctl", &["-n", "net.ipv4.ip_forward"]),
-            None,
-        )?;
-        if cur.trim() != "1" {
-            run(
-                &self
-                    .host
-                    .exec_argv("sysctl", &["-qw", "net.ipv4.ip_forward=1"]),
-                None,
-            )?;
-            report.changes.push("sysctl net.ipv4.ip_forward=1".into());
-        }
-        Ok(())
-    }
-
-    /// Reads links, nft chains, FDB, neighbours and addresses concurrently. The
-    /// per-bridge reads fail when the bridge does not exist yet; then they are empty.
+    /// Reads links, nft chains, FDB and addresses concurrently. The FDB read fails
+    /// when the bridge does not exist yet; then it is empty.
     fn observe_all(&self, plan: &NetworkPlan, read_nft: bool) -> Result<Observed> {
-        let (links, chains, fdb, neigh, addrs) = std::thread::scope(|s| {
+        let (links, chains, fdb, addrs) = std::thread::scope(|s| {
             let links = s.spawn(|| observe::links(&self.host));
             let chains = s.spawn(|| {
                 if read_nft {
@@ -295,13 +493,11 @@ impl Switch {
                 }
             });
             let fdb = s.spawn(|| observe::fdb(&self.host, &plan.bridge, &plan.vxlan));
-            let neigh = s.spawn(|| observe::neighbours(&self.host, &plan.bridge));
-            let addrs = s.spawn(|| observe::addresses(&self.host, &plan.bridge));
+            let addrs = s.spawn(|| observe::all_addresses(&self.host));
             (
                 joined(links.join()),
                 joined(chains.join()),
                 joined(fdb.join()),
-                joined(neigh.join()),
                 joined(addrs.join()),
             )
         });
@@ -311,8 +507,7 @@ impl Switch {
         Ok(Observed {
             chains: chains?,
             fdb: or_empty(bridge_exists, fdb)?,
-            neigh: or_empty(bridge_exists, neigh)?,
-            addrs: or_empty(bridge_exists, addrs)?,
+            addrs: addrs?,
             links,
         })
     }
@@ -350,27 +545,53 @@ impl Switch {
         Ok(())
     }
 
-    /// Removes every trace of a network: dnsmasq, links (ports are released, not
+    /// Removes every trace of a network: dnsmasq, its gateway namespace (with the
+    /// namespace, its veths and peer links go), links (ports are released, not
     /// deleted: they belong to the VM pods), nft tables, state files. Absent things
     /// count as removed; every step runs even if an earlier one failed.
     pub fn teardown(&self, vni: u32) -> Result<()> {
         self.remember(None, vni);
+        self.release_transit_slot(vni);
         let mut errors: Vec<String> = Vec::new();
         let dir = self.host.state_dir(vni);
         if let Err(e) = daemon::stop(&DnsmasqPaths::new(&dir)) {
             errors.push(e.to_string());
         }
+        // Links before the namespace: deleting a veth deletes its peer at once,
+        // while a deleted namespace frees its devices later (asynchronously).
         match observe::links(&self.host) {
             Ok(links) => {
-                for name in [names::vxlan(vni), names::bridge(vni)] {
+                for name in [
+                    names::vxlan(vni),
+                    names::bridge(vni),
+                    names::gateway_veth(vni),
+                    names::transit_veth(vni),
+                ] {
                     if links.iter().any(|l| l.name == name)
                         && let Err(e) = run(&self.host.ip_argv(&["link", "del", &name]), None)
+                        && !gone_meanwhile(&e)
                     {
                         errors.push(e.to_string());
                     }
                 }
             }
             Err(e) => errors.push(e.to_string()),
+        }
+        let netns = self.host.gateway_netns(vni);
+        if std::path::Path::new(NETNS_DIR).join(&netns).exists() {
+            // Nothing but hvx's dnsmasq runs in there; whatever still does (a stray
+            // of a crashed agent) would keep the namespace alive unnamed.
+            if let Ok(pids) = run(
+                &["ip".into(), "netns".into(), "pids".into(), netns.clone()],
+                None,
+            ) {
+                for pid in pids.split_whitespace() {
+                    let _ = run(&["kill".into(), "-KILL".into(), pid.into()], None);
+                }
+            }
+            if let Err(e) = run(&["ip".into(), "netns".into(), "del".into(), netns], None) {
+                errors.push(e.to_string());
+            }
         }
         match observe::nft_tables(&self.host) {
             Ok(tables) => {
@@ -408,10 +629,25 @@ impl Switch {
         let mut vnis = BTreeSet::new();
         for l in observe::links(&self.host)? {
             match names::parse_owned_link(&l.name) {
-                Some(OwnedLink::Bridge(v) | OwnedLink::Vxlan(v)) => {
+                Some(
+                    OwnedLink::Bridge(v)
+                    | OwnedLink::Vxlan(v)
+                    | OwnedLink::GatewayVeth(v)
+                    | OwnedLink::TransitVeth(v),
+                ) => {
                     vnis.insert(v);
                 }
                 None => {}
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
+            for e in entries.flatten() {
+                if let Some(name) = e.file_name().to_str() {
+                    vnis.extend(names::parse_gateway_netns(
+                        &self.host.gateway_netns_prefix,
+                        name,
+                    ));
+                }
             }
         }
         for (_, name) in observe::nft_tables(&self.host)? {
@@ -469,7 +705,80 @@ impl Switch {
     }
 }
 
-/// `ip -batch` lines creating/fixing the bridge, the VXLAN device and the ports.
+/// A `link del` that failed because the device went meanwhile (a veth whose
+/// peer's namespace was just freed) did what it was asked.
+fn gone_meanwhile(e: &OverlayError) -> bool {
+    matches!(e, OverlayError::CommandFailed { stderr, .. } if stderr.contains("Cannot find device"))
+}
+
+/// Whether `path` is a mounted network namespace (its own device, not the
+/// directory's), not a leftover empty file whose mount went with another mount
+/// namespace.
+pub fn is_netns_mount(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(file), Some(Ok(dir))) = (
+        std::fs::metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) else {
+        return false;
+    };
+    file.dev() != dir.dev()
+}
+
+fn ip_batch(host: &Host, cmds: &[String], report: &mut ApplyReport) -> Result<()> {
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    run(
+        &host.ip_argv(&["-batch", "-"]),
+        Some(&(cmds.join("\n") + "\n")),
+    )?;
+    report
+        .changes
+        .extend(cmds.iter().map(|c| format!("ip {c}")));
+    Ok(())
+}
+
+fn enable_forwarding(host: &Host, report: &mut ApplyReport) -> Result<()> {
+    let cur = run(
+        &host.exec_argv("sysctl", &["-n", "net.ipv4.ip_forward"]),
+        None,
+    )?;
+    if cur.trim() != "1" {
+        run(
+            &host.exec_argv("sysctl", &["-qw", "net.ipv4.ip_forward=1"]),
+            None,
+        )?;
+        report.changes.push(format!(
+            "sysctl net.ipv4.ip_forward=1 in {}",
+            host.netns.as_deref().unwrap_or("the node")
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the gateway namespace (links, addresses, routes, gateway neighbours).
+fn observe_ns(ns: &Host) -> Result<ObservedNs> {
+    let links: BTreeMap<String, LinkState> = observe::links(ns)?
+        .into_iter()
+        .map(|l| (l.name.clone(), l))
+        .collect();
+    let neigh = if links.contains_key(names::NS_GATEWAY_IF) {
+        observe::neighbours(ns, names::NS_GATEWAY_IF)?
+    } else {
+        BTreeSet::new()
+    };
+    Ok(ObservedNs {
+        addrs: observe::all_addresses(ns)?,
+        routes: observe::routes(ns)?,
+        neigh,
+        links,
+    })
+}
+
+/// `ip -batch` lines creating/fixing the bridge, the VXLAN device, the ports and
+/// the node sides of the gateway and transit veths (their inner ends are created
+/// in the network's namespace with them).
 pub fn link_commands(
     plan: &NetworkPlan,
     links: &BTreeMap<String, LinkState>,
@@ -477,7 +786,7 @@ pub fn link_commands(
     let mut c = Vec::new();
     let mtu = plan.mtu.link_mtu;
     let (br, vx) = (&plan.bridge, &plan.vxlan);
-    let gw = plan.gateway_mac.to_string();
+    let gw = plan.bridge_mac.to_string();
 
     match links.get(br) {
         Some(l) if l.kind.as_deref() == Some("bridge") => {
@@ -494,8 +803,8 @@ pub fn link_commands(
             }
             // Multicast snooping off: multicast floods like broadcast (head-end
             // replicated), since guests' IGMP reports never reach other nodes'
-            // bridges. No IPv6 link-local: the anycast gateway MAC would make every
-            // node's address collide in DAD.
+            // bridges. No IPv6 link-local: nothing of the node belongs on the
+            // network.
             c.push(format!(
                 "link add name {br} address {gw} mtu {mtu} type bridge mcast_snooping 0 stp_state 0"
             ));
@@ -537,6 +846,50 @@ pub fn link_commands(
         }
     }
 
+    let gv = &plan.gateway_veth;
+    match links.get(gv) {
+        Some(l) => {
+            if l.mtu != mtu {
+                c.push(format!("link set dev {gv} mtu {mtu}"));
+            }
+            if l.master.as_deref() != Some(br.as_str()) {
+                c.push(format!("link set dev {gv} master {br}"));
+            }
+            if !l.up {
+                c.push(format!("link set dev {gv} up"));
+            }
+        }
+        None => {
+            c.push(format!(
+                "link add name {gv} mtu {mtu} type veth peer name {} mtu {mtu} netns {}",
+                names::NS_GATEWAY_IF,
+                plan.netns
+            ));
+            c.push(format!("link set dev {gv} addrgenmode none"));
+            c.push(format!("link set dev {gv} master {br}"));
+            c.push(format!("link set dev {gv} up"));
+        }
+    }
+    let tv = &plan.transit_veth;
+    match (links.get(tv), plan.transit) {
+        (Some(l), Some(_)) => {
+            if !l.up {
+                c.push(format!("link set dev {tv} up"));
+            }
+        }
+        (None, Some(_)) => {
+            c.push(format!(
+                "link add name {tv} type veth peer name {} netns {}",
+                names::NS_UPLINK_IF,
+                plan.netns
+            ));
+            c.push(format!("link set dev {tv} addrgenmode none"));
+            c.push(format!("link set dev {tv} up"));
+        }
+        (Some(_), None) => c.push(format!("link del dev {tv}")),
+        (None, None) => {}
+    }
+
     let mut missing = Vec::new();
     for p in &plan.ports {
         match links.get(p) {
@@ -558,6 +911,7 @@ pub fn link_commands(
     for l in links.values() {
         if l.master.as_deref() == Some(br.as_str())
             && l.name != *vx
+            && l.name != *gv
             && !plan.ports.contains(&l.name)
         {
             c.push(format!("link set dev {} nomaster", l.name));
@@ -607,7 +961,8 @@ pub fn fdb_commands(
             c.push(format!("fdb del {} dev {vx} self", e.mac));
         }
     }
-    let usable = |p: &str| p == vx.as_str() || present_ports.contains(p);
+    let gv = plan.gateway_veth.as_str();
+    let usable = |p: &str| p == vx.as_str() || p == gv || present_ports.contains(p);
     let wanted_static: BTreeSet<Mac> = plan
         .bridge_fdb
         .iter()
@@ -616,15 +971,16 @@ pub fn fdb_commands(
         .collect();
     for e in plan.bridge_fdb.difference(&have.bridge_static) {
         if usable(&e.port) {
+            let sticky = if e.port == gv { " sticky" } else { "" };
             c.push(format!(
-                "fdb replace {} dev {} master static",
+                "fdb replace {} dev {} master static{sticky}",
                 e.mac, e.port
             ));
         }
     }
     for e in have.bridge_static.difference(&plan.bridge_fdb) {
         // Entries on ports leaving the bridge go away with the release itself.
-        let port_stays = e.port == *vx || plan.ports.contains(&e.port);
+        let port_stays = e.port == *vx || e.port == gv || plan.ports.contains(&e.port);
         if port_stays && !wanted_static.contains(&e.mac) {
             c.push(format!("fdb del {} dev {} master", e.mac, e.port));
         }
@@ -632,29 +988,128 @@ pub fn fdb_commands(
     c
 }
 
-/// `ip -batch` lines for gateway addresses and static neighbour entries.
-pub fn l3_commands(
+/// `ip -batch` lines for the node namespace's addresses: the transit end on
+/// `hvu<vni>`, and none on the bridge (an agent of the old layout put the gateway
+/// there; in the node namespace it would clash with other networks' subnets).
+pub fn node_l3_commands(
+    plan: &NetworkPlan,
+    addrs: &BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>>,
+) -> Vec<String> {
+    let mut c = Vec::new();
+    let none = BTreeSet::new();
+    for a in addrs.get(&plan.bridge).unwrap_or(&none) {
+        c.push(format!("addr del {a} dev {}", plan.bridge));
+    }
+    if let Some(t) = plan.transit {
+        let want: BTreeSet<_> = [t.node_net()].into();
+        let have = addrs.get(&plan.transit_veth).unwrap_or(&none);
+        for a in want.difference(have) {
+            c.push(format!("addr add {a} dev {}", plan.transit_veth));
+        }
+        for a in have.difference(&want) {
+            c.push(format!("addr del {a} dev {}", plan.transit_veth));
+        }
+    }
+    c
+}
+
+/// `ip -batch` lines (run in the gateway namespace) for the static neighbour
+/// entries of the gateway interface.
+pub fn neigh_commands(
     plan: &NetworkPlan,
     neigh: &BTreeSet<(std::net::Ipv4Addr, Mac)>,
-    addrs: &BTreeSet<crate::addr::Ipv4Net>,
 ) -> Vec<String> {
-    let br = &plan.bridge;
+    let gw = names::NS_GATEWAY_IF;
     let mut c = Vec::new();
-    for a in plan.addresses.difference(addrs) {
-        c.push(format!("addr add {a} dev {br}"));
-    }
-    for a in addrs.difference(&plan.addresses) {
-        c.push(format!("addr del {a} dev {br}"));
-    }
     let wanted_ips: BTreeSet<_> = plan.neighbours.iter().map(|(ip, _)| *ip).collect();
     for (ip, mac) in plan.neighbours.difference(neigh) {
         c.push(format!(
-            "neigh replace {ip} lladdr {mac} dev {br} nud permanent"
+            "neigh replace {ip} lladdr {mac} dev {gw} nud permanent"
         ));
     }
     for (ip, _) in neigh.difference(&plan.neighbours) {
         if !wanted_ips.contains(ip) {
-            c.push(format!("neigh del {ip} dev {br}"));
+            c.push(format!("neigh del {ip} dev {gw}"));
+        }
+    }
+    c
+}
+
+/// `ip -batch` lines (run in the gateway namespace) for its links, addresses,
+/// routes and neighbours. The veths themselves come from [`link_commands`].
+pub fn ns_commands(plan: &NetworkPlan, seen: &ObservedNs) -> Vec<String> {
+    let mut c = Vec::new();
+    let up = |name: &str| seen.links.get(name).is_some_and(|l| l.up);
+    if !up("lo") {
+        c.push("link set dev lo up".to_string());
+    }
+    let gw = names::NS_GATEWAY_IF;
+    let none = BTreeSet::new();
+    if let Some(l) = seen.links.get(gw) {
+        let mac = plan.gateway_mac.to_string();
+        if l.mac.as_deref() != Some(mac.as_str()) {
+            c.push(format!("link set dev {gw} address {mac}"));
+        }
+        if l.mtu != plan.mtu.link_mtu {
+            c.push(format!("link set dev {gw} mtu {}", plan.mtu.link_mtu));
+        }
+        if !l.addrgen_none {
+            // No IPv6 link-local: the anycast gateway MAC would make every node's
+            // address collide in DAD.
+            c.push(format!("link set dev {gw} addrgenmode none"));
+        }
+        let have = seen.addrs.get(gw).unwrap_or(&none);
+        for a in plan.addresses.difference(have) {
+            c.push(format!("addr add {a} dev {gw}"));
+        }
+        for a in have.difference(&plan.addresses) {
+            c.push(format!("addr del {a} dev {gw}"));
+        }
+        if !l.up {
+            c.push(format!("link set dev {gw} up"));
+        }
+        c.extend(neigh_commands(plan, &seen.neigh));
+    }
+    let upl = names::NS_UPLINK_IF;
+    if let (Some(t), Some(l)) = (plan.transit, seen.links.get(upl)) {
+        let want: BTreeSet<_> = [t.gateway_net()].into();
+        let have = seen.addrs.get(upl).unwrap_or(&none);
+        for a in want.difference(have) {
+            c.push(format!("addr add {a} dev {upl}"));
+        }
+        for a in have.difference(&want) {
+            c.push(format!("addr del {a} dev {upl}"));
+        }
+        if !l.up {
+            c.push(format!("link set dev {upl} up"));
+        }
+        let via = t.node.to_string();
+        let has_default = seen.routes.iter().any(|r| {
+            r.dst == "default"
+                && r.gateway.as_deref() == Some(via.as_str())
+                && r.dev.as_deref() == Some(upl)
+        });
+        if !has_default {
+            c.push(format!("route replace default via {via} dev {upl}"));
+        }
+    }
+    for (peer, subnets) in &plan.peer_routes {
+        let link = names::peer_link(*peer);
+        let Some(l) = seen.links.get(&link) else {
+            continue;
+        };
+        if !l.up {
+            c.push(format!("link set dev {link} up"));
+        }
+        for net in subnets {
+            let dst = net.network().to_string();
+            if !seen
+                .routes
+                .iter()
+                .any(|r| r.dst == dst && r.dev.as_deref() == Some(link.as_str()))
+            {
+                c.push(format!("route replace {dst} dev {link}"));
+            }
         }
     }
     c
@@ -667,10 +1122,10 @@ mod tests {
     use crate::plan::tests::sample;
     use crate::plan::{BridgeFdb, VxlanFdb};
     use crate::spec::Location;
-    use std::path::Path;
+    use crate::transit::TransitPair;
 
     fn plan() -> NetworkPlan {
-        build_plan(&sample(), Path::new("/x")).unwrap()
+        build_plan(&sample(), &Host::new("/x"), None).unwrap()
     }
 
     fn converged_links(p: &NetworkPlan) -> BTreeMap<String, LinkState> {
@@ -695,9 +1150,10 @@ mod tests {
                 &p.bridge,
                 Some("bridge"),
                 None,
-                Some(p.gateway_mac.to_string()),
+                Some(p.bridge_mac.to_string()),
             ),
             mk(&p.vxlan, Some("vxlan"), Some(&p.bridge), None),
+            mk(&p.gateway_veth, Some("veth"), Some(&p.bridge), None),
             mk("hvp1", Some("veth"), Some(&p.bridge), None),
         ]
         .into_iter()
@@ -710,8 +1166,20 @@ mod tests {
         let (cmds, missing) = link_commands(&plan(), &BTreeMap::new());
         assert!(
             cmds[0].starts_with(
-                "link add name hvb4242 address 02:68:76:00:10:92 mtu 1500 type bridge"
+                "link add name hvb4242 address 02:68:62:00:10:92 mtu 1500 type bridge"
+            ),
+            "the bridge never holds the gateway MAC: {cmds:?}"
+        );
+        assert!(
+            cmds.contains(
+                &"link add name hvg4242 mtu 1500 type veth peer name gw0 mtu 1500 netns hvx-n-4242"
+                    .to_string()
             )
+        );
+        assert!(cmds.contains(&"link set dev hvg4242 master hvb4242".to_string()));
+        assert!(
+            !cmds.iter().any(|c| c.contains("hvu4242")),
+            "no transit without egress: {cmds:?}"
         );
         assert!(
             cmds.iter().any(
@@ -760,7 +1228,10 @@ mod tests {
                 .count(),
             2
         );
-        assert_eq!(fresh.len(), 5);
+        assert!(fresh.contains(
+            &"fdb replace 02:68:76:00:10:92 dev hvg4242 master static sticky".to_string()
+        ));
+        assert_eq!(fresh.len(), 6);
         let have = FdbState {
             vxlan: p.vxlan_fdb.clone(),
             bridge_static: p.bridge_fdb.clone(),
@@ -805,7 +1276,7 @@ mod tests {
         };
         assert!(membership_only_change(
             &old,
-            &build_plan(&spec, Path::new("/x")).unwrap()
+            &build_plan(&spec, &Host::new("/x"), None).unwrap()
         ));
         // A VM arriving on this node adds a port: full path.
         spec.members[1].location = Location::Local {
@@ -813,24 +1284,169 @@ mod tests {
         };
         assert!(!membership_only_change(
             &old,
-            &build_plan(&spec, Path::new("/x")).unwrap()
+            &build_plan(&spec, &Host::new("/x"), None).unwrap()
         ));
         let mut spec = sample();
         spec.egress_nat = true;
         assert!(!membership_only_change(
             &old,
-            &build_plan(&spec, Path::new("/x")).unwrap()
+            &build_plan(&spec, &Host::new("/x"), None).unwrap()
         ));
     }
 
+    fn converged_ns(p: &NetworkPlan) -> ObservedNs {
+        let mk = |name: &str, mac: Option<String>, mtu: u32| LinkState {
+            name: name.into(),
+            kind: Some("veth".into()),
+            mtu,
+            mac,
+            master: None,
+            up: true,
+            addrgen_none: true,
+            vxlan: None,
+        };
+        let t = TransitPair::of_slot(3);
+        ObservedNs {
+            links: [
+                mk("lo", None, 65536),
+                mk("gw0", Some(p.gateway_mac.to_string()), 1500),
+                mk("up0", None, 1500),
+            ]
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect(),
+            addrs: [
+                ("gw0".to_string(), p.addresses.clone()),
+                ("up0".to_string(), [t.gateway_net()].into()),
+            ]
+            .into(),
+            routes: vec![observe::Route {
+                dst: "default".into(),
+                gateway: Some(t.node.to_string()),
+                dev: Some("up0".into()),
+            }],
+            neigh: p.neighbours.clone(),
+        }
+    }
+
     #[test]
-    fn l3_diff() {
-        let p = plan();
-        let cmds = l3_commands(&p, &BTreeSet::new(), &BTreeSet::new());
-        assert_eq!(cmds[0], "addr add 10.50.0.1/24 dev hvb4242");
-        assert_eq!(cmds.len(), 3);
+    fn the_gateway_namespace_gets_address_mac_transit_and_neighbours() {
+        let mut spec = sample();
+        spec.egress_nat = true;
+        let p = build_plan(&spec, &Host::new("/x"), Some(3)).unwrap();
+        let seen = converged_ns(&p);
+        assert_eq!(ns_commands(&p, &seen), Vec::<String>::new());
+        // A fresh namespace: the veth ends exist (made with the node sides) bare.
+        let mut fresh = seen;
+        for l in fresh.links.values_mut() {
+            l.up = false;
+            l.mac = None;
+            l.addrgen_none = false;
+        }
+        fresh.addrs.clear();
+        fresh.routes.clear();
+        fresh.neigh.clear();
+        let cmds = ns_commands(&p, &fresh);
+        for want in [
+            "link set dev lo up",
+            "link set dev gw0 address 02:68:76:00:10:92",
+            "link set dev gw0 addrgenmode none",
+            "addr add 10.50.0.1/24 dev gw0",
+            "link set dev gw0 up",
+            "neigh replace 10.50.0.11 lladdr 00:50:56:00:00:01 dev gw0 nud permanent",
+            "addr add 169.254.64.7/31 dev up0",
+            "route replace default via 169.254.64.6 dev up0",
+        ] {
+            assert!(cmds.contains(&want.to_string()), "{want} in {cmds:?}");
+        }
+        // The node side: the transit end on hvu, nothing on the bridge.
+        let stale: BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>> =
+            [("hvb4242".to_string(), p.addresses.clone())].into();
+        assert_eq!(
+            node_l3_commands(&p, &stale),
+            [
+                "addr del 10.50.0.1/24 dev hvb4242",
+                "addr add 169.254.64.6/31 dev hvu4242"
+            ]
+        );
         let stale: BTreeSet<_> = [("10.50.0.99".parse().unwrap(), Mac([2, 0, 0, 0, 0, 1]))].into();
-        let cmds = l3_commands(&p, &stale, &p.addresses);
-        assert!(cmds.contains(&"neigh del 10.50.0.99 dev hvb4242".to_string()));
+        assert!(neigh_commands(&p, &stale).contains(&"neigh del 10.50.0.99 dev gw0".to_string()));
+    }
+
+    #[test]
+    fn peer_links_get_routes_to_the_peer_subnets_once_they_exist() {
+        let mut spec = sample();
+        spec.routed_peers = vec![crate::spec::RoutedPeer {
+            vni: 7,
+            subnets: vec!["10.9.0.0/16".parse().unwrap()],
+        }];
+        let p = build_plan(&spec, &Host::new("/x"), None).unwrap();
+        let mut seen = converged_ns(&p);
+        seen.links.remove("up0");
+        // The peer's namespace is not there yet: no link, no route.
+        assert!(ns_commands(&p, &seen).is_empty());
+        let mut rp = seen.links["gw0"].clone();
+        rp.name = "rp7".into();
+        rp.up = false;
+        seen.links.insert("rp7".into(), rp);
+        assert_eq!(
+            ns_commands(&p, &seen),
+            ["link set dev rp7 up", "route replace 10.9.0.0/16 dev rp7"]
+        );
+        seen.links.get_mut("rp7").unwrap().up = true;
+        seen.routes.push(observe::Route {
+            dst: "10.9.0.0/16".into(),
+            gateway: None,
+            dev: Some("rp7".into()),
+        });
+        assert!(ns_commands(&p, &seen).is_empty());
+    }
+
+    #[test]
+    fn a_bridge_of_the_old_layout_gives_up_the_gateway_mac_and_address() {
+        let p = plan();
+        let mut links = converged_links(&p);
+        links.get_mut("hvb4242").unwrap().mac = Some(p.gateway_mac.to_string());
+        assert_eq!(
+            link_commands(&p, &links).0,
+            ["link set dev hvb4242 address 02:68:62:00:10:92"]
+        );
+        let addrs: BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>> =
+            [("hvb4242".to_string(), p.addresses.clone())].into();
+        assert_eq!(
+            node_l3_commands(&p, &addrs),
+            ["addr del 10.50.0.1/24 dev hvb4242"]
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_no_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("hvx-n-7");
+        std::fs::write(&stale, "").unwrap();
+        assert!(!is_netns_mount(&stale));
+        assert!(!is_netns_mount(&dir.path().join("absent")));
+    }
+
+    #[test]
+    fn the_transit_veth_follows_the_need_for_it() {
+        let mut spec = sample();
+        spec.egress_nat = true;
+        let p = build_plan(&spec, &Host::new("/x"), Some(3)).unwrap();
+        let links = converged_links(&p);
+        let cmds = link_commands(&p, &links).0;
+        assert_eq!(
+            cmds[0],
+            "link add name hvu4242 type veth peer name up0 netns hvx-n-4242"
+        );
+        let mut with = links.clone();
+        let mut hvu = links["hvg4242"].clone();
+        hvu.name = "hvu4242".into();
+        hvu.master = None;
+        with.insert(hvu.name.clone(), hvu);
+        assert!(link_commands(&p, &with).0.is_empty());
+        // Egress switched off: the pair goes.
+        let without = plan();
+        assert_eq!(link_commands(&without, &with).0, ["link del dev hvu4242"]);
     }
 }

@@ -143,6 +143,16 @@ pub fn ensure(host: &Host, network: &str, cfg: &DnsmasqConfig) -> Result<DaemonA
         );
         stop_pid(&stray)?;
     }
+    // A dnsmasq serving another namespace than the network's (the namespace was
+    // made afresh while an old dnsmasq lived on elsewhere) serves no guest here.
+    if let Some(id) = running(p).filter(|id| !serves_netns_of(id, host)) {
+        tracing::warn!(
+            network,
+            pid = id.pid,
+            "stopping a dnsmasq that serves another network namespace"
+        );
+        stop_pid(&id)?;
+    }
     match running(p) {
         None => {
             start(host, network, p)?;
@@ -162,6 +172,23 @@ pub fn ensure(host: &Host, network: &str, cfg: &DnsmasqConfig) -> Result<DaemonA
             adopt(p, id)?;
             Ok(DaemonAction::Unchanged)
         }
+    }
+}
+
+/// Whether process `id` lives in `host`'s network namespace (always true for the
+/// node's own namespace, which hvx never replaces).
+fn serves_netns_of(id: &ProcId, host: &Host) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(ns) = &host.netns else {
+        return true;
+    };
+    match (
+        std::fs::metadata(format!("/proc/{}/ns/net", id.pid)),
+        std::fs::metadata(Path::new("/run/netns").join(ns)),
+    ) {
+        (Ok(proc_ns), Ok(named)) => proc_ns.ino() == named.ino() && proc_ns.dev() == named.dev(),
+        // Gone meanwhile, or no name: nothing to compare; keep what runs.
+        _ => true,
     }
 }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::{OverlayError, Result};
+use crate::names;
 
 /// Where commands run: the current namespace (production: the agent runs with
 /// hostNetwork) or a named network namespace.
@@ -21,6 +22,10 @@ pub struct Host {
     pub netns: Option<String>,
     /// Root of the per-network state directories (dnsmasq files).
     pub state_root: PathBuf,
+    /// Names of this node's per-network gateway namespaces start with this
+    /// ([`names::GATEWAY_NETNS_PREFIX`] on a real node; a test "node" that is itself
+    /// a namespace gets its own, so several share one machine's `/run/netns`).
+    pub gateway_netns_prefix: String,
 }
 
 impl Host {
@@ -28,14 +33,27 @@ impl Host {
         Host {
             netns: None,
             state_root: state_root.into(),
+            gateway_netns_prefix: names::GATEWAY_NETNS_PREFIX.to_string(),
         }
     }
 
     pub fn in_netns(netns: impl Into<String>, state_root: impl Into<PathBuf>) -> Self {
+        let netns = netns.into();
         Host {
-            netns: Some(netns.into()),
+            gateway_netns_prefix: format!("{netns}-g"),
+            netns: Some(netns),
             state_root: state_root.into(),
         }
+    }
+
+    /// The gateway namespace of network `vni` on this node.
+    pub fn gateway_netns(&self, vni: u32) -> String {
+        names::gateway_netns(&self.gateway_netns_prefix, vni)
+    }
+
+    /// Commands run inside network `vni`'s gateway namespace.
+    pub fn gateway_host(&self, vni: u32) -> Host {
+        Host::in_netns(self.gateway_netns(vni), self.state_root.clone())
     }
 
     /// `ip [-n ns] args...`
@@ -161,6 +179,12 @@ mod tests {
         let root = Host::new("/run/hvx");
         assert_eq!(root.bridge_argv(&["fdb"]), ["bridge", "fdb"]);
         assert_eq!(root.state_dir(7), Path::new("/run/hvx/7"));
+        assert_eq!(root.gateway_netns(7), "hvx-n-7");
+        assert_eq!(h.gateway_netns(7), "n1-g7", "test nodes do not share names");
+        assert_eq!(
+            root.gateway_host(7).ip_argv(&["link"]),
+            ["ip", "-n", "hvx-n-7", "link"]
+        );
     }
 
     #[test]

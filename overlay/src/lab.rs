@@ -232,8 +232,35 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+impl Lab {
+    /// Gateway namespaces the nodes' switches made (`<node ns>-g<vni>`) that are
+    /// still there.
+    pub fn gateway_namespaces(&self) -> Vec<String> {
+        let prefixes: Vec<&str> = self
+            .nodes
+            .iter()
+            .map(|n| n.switch.host.gateway_netns_prefix.as_str())
+            .collect();
+        std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(String::from))
+                    .filter(|n| {
+                        prefixes
+                            .iter()
+                            .any(|p| crate::names::parse_gateway_netns(p, n).is_some())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A failed test may leave the switches' gateway namespaces (and dnsmasqs).
+        let gateways = self.gateway_namespaces();
+        self.namespaces.extend(gateways);
         for ns in self.namespaces.iter().rev() {
             if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
                 for pid in pids.split_whitespace() {

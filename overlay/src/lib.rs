@@ -26,10 +26,13 @@
 //! get `underlay - 50`, DHCP option 26 announces it and TCP SYNs crossing the switch
 //! get their MSS clamped, for guests that ignore option 26 ([`plan::MtuMode::Reduced`]).
 //!
-//! Distributed gateway: every node's bridge carries the same gateway IPs and MAC
-//! ([`names::gateway_mac`]), runs its own dnsmasq for its local VMs and routes;
-//! nftables keeps gateway ARP and DHCP from crossing the tunnel, and the control
-//! plane installs static neighbour entries for VMs with known addresses.
+//! Distributed gateway: on every node the network's gateway namespace (`hvx-n-<vni>`)
+//! carries the same gateway IPs and MAC ([`names::gateway_mac`]) on a veth into the
+//! bridge, runs its own dnsmasq for its local VMs and routes; nftables keeps gateway
+//! ARP and DHCP from crossing the tunnel, and the control plane installs static
+//! neighbour entries for VMs with known addresses. The node namespace carries the
+//! network as L2 only (no address of its subnets), so networks may share subnets;
+//! egress and published ports pass a per-network transit /31 ([`transit`]).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -46,6 +49,7 @@ pub mod observe;
 pub mod plan;
 pub mod port;
 pub mod spec;
+pub mod transit;
 
 pub use addr::{Ipv4Net, Mac};
 pub use apply::{ApplyReport, Switch};

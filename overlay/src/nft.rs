@@ -1,15 +1,22 @@
-//! nftables rendering. Two tables per network, both replaced atomically in one
-//! `nft -f` transaction (add+delete+define), so a change never opens a window
-//! without rules:
+//! nftables rendering. Per network, two tables in the node namespace and one in
+//! the network's gateway namespace, each script replaced atomically in one `nft -f`
+//! transaction (add+delete+define), so a change never opens a window without rules:
 //!
-//! - `bridge hvx_fw_<vni>`: distributed-gateway isolation (each node's gateway answers
-//!   only its local VMs: ARP for gateway addresses and DHCP never cross the tunnel),
-//!   MSS clamping in Reduced-MTU mode, then the micro-segmentation rules.
-//!   This kernel has no bridge conntrack (`nf_conntrack_bridge`), so rules are
-//!   stateless: an `allow` also installs its reflexive reply rule (TCP replies must
-//!   not be a bare SYN, so the server side cannot open connections through it).
-//! - `ip hvx_rt_<vni>`: the virtual router (which overlay bridges may route to which),
-//!   egress NAT (masquerade) and published ports (DNAT, only for VMs on this node,
+//! - node, `bridge hvx_fw_<vni>`: distributed-gateway isolation (each node's gateway
+//!   answers only its local VMs: ARP for gateway addresses and DHCP never cross the
+//!   tunnel), anti-spoofing per VM port, MSS clamping in Reduced-MTU mode, then the
+//!   micro-segmentation rules. This kernel has no bridge conntrack
+//!   (`nf_conntrack_bridge`), so rules are stateless: an `allow` also installs its
+//!   reflexive reply rule (TCP replies must not be a bare SYN, so the server side
+//!   cannot open connections through it). Nothing on the bridge is for the node.
+//! - node, `ip hvx_rt_<vni>`: VXLAN of this VNI only from peer VTEPs, and the outer
+//!   half of egress and published ports: what may leave through the transit veth
+//!   `hvu<vni>` (the same deny list again, after kube-proxy's DNAT), masquerade to
+//!   the node's address, DNAT of a published node port to the namespace's transit
+//!   address.
+//! - gateway namespace, `ip hvx_gw_<vni>`: what guests may reach on the gateway
+//!   (DHCP, DNS, ping), the virtual router (peered networks), egress NAT to the
+//!   transit address, and DNAT of published ports to the VM (only VMs on this node,
 //!   because replies leave through the VM's local gateway and must meet the same
 //!   conntrack entry).
 
@@ -21,11 +28,19 @@ use sha2::{Digest, Sha256};
 use crate::names;
 use crate::plan::MtuPlan;
 use crate::spec::{Action, FirewallRule, LINK_LOCAL, Location, NetworkSpec, Peers, Protocol};
+use crate::transit::TransitPair;
 
 #[derive(Debug, Clone)]
 pub struct Rendered {
+    /// The node namespace's tables.
     pub script: String,
+    /// The gateway namespace's table.
+    pub ns_script: String,
+    /// Over the node tables; their marker chain.
     pub hash: String,
+    /// Over the gateway namespace's table; its marker chain (a port joining the
+    /// bridge changes the node tables only).
+    pub ns_hash: String,
     pub has_rt_table: bool,
 }
 
@@ -35,16 +50,17 @@ pub fn marker_chain(hash: &str) -> String {
     format!("hash_{hash}")
 }
 
-pub fn render(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -> Rendered {
+pub fn render(
+    spec: &NetworkSpec,
+    ports: &BTreeSet<String>,
+    mtu: &MtuPlan,
+    transit: Option<&TransitPair>,
+) -> Rendered {
     let fw = render_fw_body(spec, ports, mtu);
-    let rt = render_rt_body(spec, mtu);
-    let mut hasher = Sha256::new();
-    hasher.update(fw.as_bytes());
-    if let Some(rt) = &rt {
-        hasher.update(rt.as_bytes());
-    }
-    let digest = hasher.finalize();
-    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let rt = render_rt_body(spec, transit);
+    let gw = render_gw_body(spec, mtu, transit);
+    let hash = short_hash(&[&fw, &rt]);
+    let ns_hash = short_hash(&[&gw]);
     let marker = marker_chain(&hash);
 
     let fw_name = names::fw_table(spec.vni);
@@ -60,17 +76,32 @@ pub fn render(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -> Re
         s,
         "table bridge {fw_name} {{\n  chain {marker} {{\n  }}\n{fw}}}"
     );
-    if let Some(rt) = &rt {
-        let _ = writeln!(
-            s,
-            "table ip {rt_name} {{\n  chain {marker} {{\n  }}\n{rt}}}"
-        );
-    }
+    let _ = writeln!(
+        s,
+        "table ip {rt_name} {{\n  chain {marker} {{\n  }}\n{rt}}}"
+    );
+    let gw_name = names::gw_table(spec.vni);
+    let ns_marker = marker_chain(&ns_hash);
+    let ns_script = format!(
+        "add table ip {gw_name}\ndelete table ip {gw_name}\ntable ip {gw_name} {{\n  chain {ns_marker} {{\n  }}\n{gw}}}\n"
+    );
     Rendered {
         script: s,
+        ns_script,
         hash,
-        has_rt_table: rt.is_some(),
+        ns_hash,
+        has_rt_table: true,
     }
+}
+
+fn short_hash(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 fn quoted_set<I: IntoIterator<Item = String>>(items: I) -> String {
@@ -105,41 +136,39 @@ fn render_fw_body(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -
         let _ = writeln!(b, "    oifname \"{vx}\" udp dport {{ 67, 68 }} drop");
         let _ = writeln!(b, "    iifname \"{vx}\" udp dport {{ 67, 68 }} drop");
     }
+    // The overlay carries no IPv6 for the gateway: guests get no IPv6 path to it.
+    let _ = writeln!(
+        b,
+        "    oifname \"{}\" ether type ip6 drop",
+        names::gateway_veth(spec.vni)
+    );
     if let Some(mss) = mtu.mss_clamp {
         let _ = writeln!(
             b,
             "    tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
         );
     }
-    let _ = writeln!(b, "    jump segment\n  }}");
-    // Frames from the node's own stack (gateway, routed traffic) toward the ports.
+    // Guest to gateway is judged in the gateway namespace (DHCP, DNS, ping, and
+    // the router's rules), as it was when the gateway was the node itself;
+    // micro-segmentation is between VMs.
     let _ = writeln!(
         b,
-        "  chain output {{\n    type filter hook output priority -10; policy accept;"
+        "    oifname \"{}\" accept",
+        names::gateway_veth(spec.vni)
     );
-    if let Some(mss) = mtu.mss_clamp {
-        let _ = writeln!(
-            b,
-            "    oifname @ports tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
-        );
-    }
-    let _ = writeln!(b, "  }}");
+    let _ = writeln!(b, "    jump segment\n  }}");
     render_anti_spoofing(&mut b, spec);
-    // Frames the bridge delivers to the node itself. IPv4 is judged by the `ip`
-    // table's input chain (it knows the gateway addresses and conntrack); the
-    // overlay carries no IPv6 for the node, so guests get no IPv6 path to its
-    // listeners (link-local addresses of the bridge included). A network without
-    // subnets has no gateway at all: nothing from its ports is for the node.
+    // Frames the bridge delivers to the node itself: the bridge has no address,
+    // the gateway lives in its own namespace; nothing from the network is for the
+    // node (broadcasts still reach the other ports: this hook sees only the copy
+    // for the node).
+    let gw_veth = names::gateway_veth(spec.vni);
     let _ = writeln!(
         b,
         "  chain input {{\n    type filter hook input priority -200; policy accept;"
     );
-    let _ = writeln!(b, "    iifname != @ports accept");
-    if spec.subnets.is_empty() {
-        let _ = writeln!(b, "    drop");
-    } else {
-        let _ = writeln!(b, "    ether type ip6 drop");
-    }
+    let _ = writeln!(b, "    iifname @ports drop");
+    let _ = writeln!(b, "    iifname \"{gw_veth}\" drop");
     let _ = writeln!(b, "  }}");
     let _ = writeln!(b, "  chain segment {{");
     for rule in &spec.firewall.rules {
@@ -314,19 +343,16 @@ pub(crate) fn render_rule(rule: &FirewallRule) -> Vec<String> {
     out
 }
 
-/// The node's own listeners seen from the overlay (IPv4; IPv6 is dropped in the
-/// bridge table). Guests reach the gateway for DHCP (udp 67, any destination: a
-/// DISCOVER is a broadcast), DNS (udp/tcp 53) and ICMP echo (guests and operators
-/// ping their default gateway to check the path; an echo reply discloses nothing a
-/// DHCP answer does not). Everything else addressed to the node from a guest port
-/// is dropped: the agent's gRPC and metrics ports, kubelet, sshd, and the node's
-/// other addresses (which the weak host model would otherwise answer on any
-/// interface). Replies to connections the node opened itself still pass.
-///
-/// VXLAN: frames of this VNI are accepted only from the network's peer VTEPs, so a
-/// host elsewhere on the underlay cannot inject frames into the overlay. The VNI
-/// sits in bits 32..56 of the VXLAN header, after the 8-byte UDP header.
-fn render_input(b: &mut String, spec: &NetworkSpec, br: &str) {
+/// Node namespace, IPv4 to the node itself. VXLAN: frames of this VNI are accepted
+/// only from the network's peer VTEPs, so a host elsewhere on the underlay cannot
+/// inject frames into the overlay (the VNI sits in bits 32..56 of the VXLAN header,
+/// after the 8-byte UDP header). The bridge has no address and the transit veth
+/// carries only the namespace's own traffic: nothing arriving on them is for the
+/// node (its gRPC and metrics ports, kubelet, sshd), except replies and the
+/// network's upstream DNS when that is a node address.
+fn render_node_input(b: &mut String, spec: &NetworkSpec) {
+    let br = names::bridge(spec.vni);
+    let up = names::transit_veth(spec.vni);
     let _ = writeln!(
         b,
         "  chain input {{\n    type filter hook input priority 0; policy accept;"
@@ -338,40 +364,165 @@ fn render_input(b: &mut String, spec: &NetworkSpec, br: &str) {
         let peers = quoted_set(spec.remote_vteps.iter().map(|v| v.to_string()));
         let _ = writeln!(b, "    {vni_match} ip saddr != {peers} drop");
     }
-    let _ = writeln!(b, "    iifname != \"{br}\" accept");
-    let _ = writeln!(b, "    ct state established,related accept");
-    if !spec.subnets.is_empty() {
-        let gws = quoted_set(spec.subnets.iter().map(|s| s.gateway.to_string()));
-        let _ = writeln!(b, "    udp dport 67 accept");
-        let _ = writeln!(b, "    ip daddr {gws} udp dport 53 accept");
-        let _ = writeln!(b, "    ip daddr {gws} tcp dport 53 accept");
-        let _ = writeln!(b, "    ip daddr {gws} icmp type echo-request accept");
+    let _ = writeln!(b, "    iifname \"{br}\" drop");
+    let _ = writeln!(
+        b,
+        "    iifname \"{up}\" ct state established,related accept"
+    );
+    if !spec.dns.upstream.is_empty() {
+        let _ = writeln!(
+            b,
+            "    iifname \"{up}\" ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept",
+            upstream_set(spec)
+        );
     }
-    let _ = writeln!(b, "    drop\n  }}");
+    let _ = writeln!(b, "    iifname \"{up}\" drop\n  }}");
+    // Before conntrack (raw priority): the bridge's frames, seen here only through
+    // br_netfilter, get the network's own zone.
+    let _ = writeln!(
+        b,
+        "  chain zone {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"{br}\" ct zone set {}\n  }}",
+        names::conntrack_zone(spec.vni)
+    );
 }
 
-fn render_rt_body(spec: &NetworkSpec, mtu: &MtuPlan) -> Option<String> {
-    let br = names::bridge(spec.vni);
-    let mut b = String::new();
-    render_input(&mut b, spec, &br);
-    if spec.subnets.is_empty() {
-        return Some(b);
+fn upstream_set(spec: &NetworkSpec) -> String {
+    quoted_set(spec.dns.upstream.iter().map(|u| u.to_string()))
+}
+
+/// Egress never reaches cloud metadata or the cluster's own ranges (a guest is a
+/// tenant, not a pod); explicit exceptions first. `iif` is where egress enters.
+fn render_egress_filter(b: &mut String, spec: &NetworkSpec, iif: &str) {
+    if !spec.egress_allowed.is_empty() {
+        let allowed = quoted_set(spec.egress_allowed.iter().map(|n| n.network().to_string()));
+        let _ = writeln!(b, "    iifname \"{iif}\" ip daddr {allowed} accept");
     }
+    let mut denied: BTreeSet<String> = [LINK_LOCAL.to_string()].into();
+    denied.extend(spec.egress_denied.iter().map(|n| n.network().to_string()));
+    let _ = writeln!(
+        b,
+        "    iifname \"{iif}\" ip daddr {} drop",
+        quoted_set(denied)
+    );
+}
+
+/// The node namespace's `ip` table: input, and what passes the transit veth.
+fn render_rt_body(spec: &NetworkSpec, transit: Option<&TransitPair>) -> String {
+    let mut b = String::new();
+    render_node_input(&mut b, spec);
+    let Some(t) = transit else {
+        return b;
+    };
+    let up = names::transit_veth(spec.vni);
     let _ = writeln!(
         b,
         "  chain forward {{\n    type filter hook forward priority 0; policy accept;"
     );
+    if spec.egress_nat {
+        // Matching after DNAT also stops Service addresses: kube-proxy rewrites
+        // them to pod addresses before this hook.
+        render_egress_filter(&mut b, spec, &up);
+        let _ = writeln!(b, "    iifname \"{up}\" accept");
+    } else if !spec.dns.upstream.is_empty() {
+        let _ = writeln!(
+            b,
+            "    iifname \"{up}\" ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept",
+            upstream_set(spec)
+        );
+    }
+    let _ = writeln!(b, "    iifname \"{up}\" drop");
+    let _ = writeln!(
+        b,
+        "    oifname \"{up}\" ct state established,related accept"
+    );
+    let _ = writeln!(b, "    oifname \"{up}\" ct status dnat accept");
+    let _ = writeln!(b, "    oifname \"{up}\" drop\n  }}");
+    let _ = writeln!(
+        b,
+        "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;"
+    );
+    let _ = writeln!(b, "    iifname \"{up}\" oifname != \"hvu*\" masquerade");
+    let _ = writeln!(b, "  }}");
+    let _ = writeln!(
+        b,
+        "  chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;"
+    );
+    for (l4, node_port, _, _) in local_published(spec) {
+        let _ = writeln!(
+            b,
+            "    iifname != \"hvu*\" iifname != \"hvb*\" {l4} dport {node_port} dnat to {}:{node_port}",
+            t.gateway
+        );
+    }
+    let _ = writeln!(b, "  }}");
+    b
+}
+
+/// Published ports of VMs on this node: (l4, node port, VM address, VM port).
+fn local_published(spec: &NetworkSpec) -> Vec<(&'static str, u16, std::net::Ipv4Addr, u16)> {
+    spec.exposed
+        .iter()
+        .filter_map(|e| {
+            let ip = spec
+                .members
+                .iter()
+                .find_map(|m| match (&m.location, m.ip) {
+                    (Location::Local { .. }, Some(ip)) if m.vm == e.vm => Some(ip),
+                    _ => None,
+                })?;
+            let l4 = if e.protocol == Protocol::Udp {
+                "udp"
+            } else {
+                "tcp"
+            };
+            Some((l4, e.node_port, ip, e.port))
+        })
+        .collect()
+}
+
+/// The gateway namespace's table. Guests reach the gateway for DHCP (udp 67, any
+/// destination: a DISCOVER is a broadcast), DNS (udp/tcp 53) and ICMP echo (guests
+/// and operators ping their default gateway to check the path; an echo reply
+/// discloses nothing a DHCP answer does not); nothing else in the namespace is
+/// theirs to reach, its transit address included.
+fn render_gw_body(spec: &NetworkSpec, mtu: &MtuPlan, transit: Option<&TransitPair>) -> String {
+    let gw = names::NS_GATEWAY_IF;
+    let up = names::NS_UPLINK_IF;
+    let mut b = String::new();
+    let _ = writeln!(
+        b,
+        "  chain input {{\n    type filter hook input priority 0; policy accept;"
+    );
+    let _ = writeln!(b, "    iifname \"lo\" accept");
+    let _ = writeln!(b, "    ct state established,related accept");
+    if !spec.subnets.is_empty() {
+        let gws = quoted_set(spec.subnets.iter().map(|s| s.gateway.to_string()));
+        let _ = writeln!(b, "    iifname \"{gw}\" udp dport 67 accept");
+        let _ = writeln!(b, "    iifname \"{gw}\" ip daddr {gws} udp dport 53 accept");
+        let _ = writeln!(b, "    iifname \"{gw}\" ip daddr {gws} tcp dport 53 accept");
+        let _ = writeln!(
+            b,
+            "    iifname \"{gw}\" ip daddr {gws} icmp type echo-request accept"
+        );
+    }
+    let _ = writeln!(b, "    drop\n  }}");
+
+    let _ = writeln!(
+        b,
+        "  chain forward {{\n    type filter hook forward priority 0; policy drop;"
+    );
     if mtu.mss_clamp.is_some() {
         let _ = writeln!(
             b,
-            "    iifname \"{br}\" tcp flags syn tcp option maxseg size set rt mtu"
+            "    iifname \"{gw}\" tcp flags syn tcp option maxseg size set rt mtu"
         );
         let _ = writeln!(
             b,
-            "    oifname \"{br}\" tcp flags syn tcp option maxseg size set rt mtu"
+            "    oifname \"{gw}\" tcp flags syn tcp option maxseg size set rt mtu"
         );
     }
-    let _ = writeln!(b, "    iifname \"{br}\" oifname \"{br}\" accept");
+    // Between the network's own subnets.
+    let _ = writeln!(b, "    iifname \"{gw}\" oifname \"{gw}\" accept");
     for p in &spec.routed_peers {
         // Only toward the peer's declared subnets (all of it when none are listed).
         let daddr = if p.subnets.is_empty() {
@@ -382,71 +533,45 @@ fn render_rt_body(spec: &NetworkSpec, mtu: &MtuPlan) -> Option<String> {
         };
         let _ = writeln!(
             b,
-            "    iifname \"{br}\" oifname \"{}\"{daddr} accept",
-            names::bridge(p.vni)
+            "    iifname \"{gw}\" oifname \"{}\"{daddr} accept",
+            names::peer_link(p.vni)
         );
     }
-    let _ = writeln!(b, "    iifname \"{br}\" oifname \"hvb*\" drop");
-    if spec.egress_nat {
-        // Egress never reaches cloud metadata or the cluster's own ranges (a guest
-        // is a tenant, not a pod); explicit exceptions first. Matching after DNAT
-        // also stops Service addresses: kube-proxy rewrites them to pod addresses.
-        if !spec.egress_allowed.is_empty() {
-            let allowed = quoted_set(spec.egress_allowed.iter().map(|n| n.network().to_string()));
-            let _ = writeln!(b, "    iifname \"{br}\" ip daddr {allowed} accept");
-        }
-        let mut denied: BTreeSet<String> = [LINK_LOCAL.to_string()].into();
-        denied.extend(spec.egress_denied.iter().map(|n| n.network().to_string()));
-        let _ = writeln!(
-            b,
-            "    iifname \"{br}\" ip daddr {} drop",
-            quoted_set(denied)
-        );
+    if spec.egress_nat && transit.is_some() {
+        render_egress_filter(&mut b, spec, gw);
+        let _ = writeln!(b, "    iifname \"{gw}\" oifname \"{up}\" accept");
     }
     let _ = writeln!(
         b,
-        "    iifname \"{br}\" {}",
-        if spec.egress_nat { "accept" } else { "drop" }
+        "    oifname \"{gw}\" ct state established,related accept"
     );
-    let _ = writeln!(
-        b,
-        "    oifname \"{br}\" ct state established,related accept"
-    );
-    let _ = writeln!(b, "    oifname \"{br}\" ct status dnat accept");
-    let _ = writeln!(b, "    oifname \"{br}\" iifname != \"hvb*\" drop\n  }}");
+    let _ = writeln!(b, "    oifname \"{gw}\" ct status dnat accept");
+    // A peer routes here only what its own rules let through.
+    let _ = writeln!(b, "    iifname \"rp*\" oifname \"{gw}\" accept");
+    let _ = writeln!(b, "  }}");
 
     let _ = writeln!(
         b,
         "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;"
     );
-    if spec.egress_nat {
-        let _ = writeln!(b, "    iifname \"{br}\" oifname != \"hvb*\" masquerade");
+    if spec.egress_nat && transit.is_some() {
+        let _ = writeln!(b, "    iifname \"{gw}\" oifname \"{up}\" masquerade");
     }
     let _ = writeln!(b, "  }}");
     let _ = writeln!(
         b,
         "  chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;"
     );
-    for e in &spec.exposed {
-        let local_ip = spec.members.iter().find_map(|m| match (&m.location, m.ip) {
-            (Location::Local { .. }, Some(ip)) if m.vm == e.vm => Some(ip),
-            _ => None,
-        });
-        if let Some(ip) = local_ip {
-            let l4 = if e.protocol == Protocol::Udp {
-                "udp"
-            } else {
-                "tcp"
-            };
+    if transit.is_some() {
+        for (l4, node_port, ip, port) in local_published(spec) {
             let _ = writeln!(
                 b,
-                "    iifname != \"hvb*\" {l4} dport {} dnat to {ip}:{}",
-                e.node_port, e.port
+                "    iifname \"{up}\" {l4} dport {node_port} dnat to {ip}:{port}"
             );
         }
     }
     let _ = writeln!(b, "  }}");
-    Some(b)
+    b
 }
 
 #[cfg(test)]
@@ -456,6 +581,11 @@ mod tests {
     use crate::plan::plan_mtu;
     use crate::plan::tests::sample;
     use crate::spec::*;
+    use crate::transit::TransitPair;
+
+    fn transit() -> TransitPair {
+        TransitPair::of_slot(3)
+    }
 
     fn ports() -> BTreeSet<String> {
         ["hvp1".to_string()].into()
@@ -463,7 +593,7 @@ mod tests {
 
     #[test]
     fn replaces_tables_atomically_and_isolates_the_gateway() {
-        let r = render(&sample(), &ports(), &plan_mtu(1600));
+        let r = render(&sample(), &ports(), &plan_mtu(1600), Some(&transit()));
         let s = &r.script;
         assert!(s.starts_with("add table bridge hvx_fw_4242\ndelete table bridge hvx_fw_4242\n"));
         assert!(s.contains("elements = { \"hvv4242\", \"hvp1\" }"));
@@ -474,15 +604,31 @@ mod tests {
         assert!(!s.contains("maxseg"), "no clamp with a jumbo underlay");
         assert!(r.has_rt_table);
         assert!(
-            s.contains("iifname \"hvb4242\" drop"),
+            s.contains("iifname \"hvu4242\" drop"),
             "no egress without NAT"
+        );
+        assert!(
+            !r.ns_script.contains("oifname \"up0\" accept"),
+            "no egress without NAT"
+        );
+        assert!(
+            r.ns_script
+                .starts_with("add table ip hvx_gw_4242\ndelete table ip hvx_gw_4242\n")
+        );
+        assert!(
+            r.ns_script
+                .contains(&format!("chain hash_{} {{", r.ns_hash))
         );
     }
 
     #[test]
     fn reduced_mtu_clamps_mss() {
-        let r = render(&sample(), &ports(), &plan_mtu(1500));
+        let r = render(&sample(), &ports(), &plan_mtu(1500), Some(&transit()));
         assert!(r.script.contains("tcp option maxseg size set 1410"));
+        assert!(
+            r.ns_script
+                .contains("oifname \"gw0\" tcp flags syn tcp option maxseg size set rt mtu")
+        );
     }
 
     #[test]
@@ -500,7 +646,7 @@ mod tests {
                 action: Action::Allow,
             }],
         };
-        let s = render(&spec, &ports(), &plan_mtu(1600)).script;
+        let s = render(&spec, &ports(), &plan_mtu(1600), Some(&transit())).script;
         assert!(s.contains(
             "ether saddr { 00:50:56:00:00:01 } ether daddr { 00:50:56:00:00:02 } meta l4proto tcp tcp dport { 5432 } accept"
         ));
@@ -528,48 +674,71 @@ mod tests {
                 node_port: 30432,
             },
         ];
-        let s = render(&spec, &ports(), &plan_mtu(1600)).script;
-        assert!(s.contains("iifname \"hvb4242\" oifname != \"hvb*\" masquerade"));
+        let r = render(&spec, &ports(), &plan_mtu(1600), Some(&transit()));
+        let (s, ns) = (r.script, r.ns_script);
+        // Twice: to the transit address in the namespace, to the node's outside.
+        assert!(ns.contains("iifname \"gw0\" oifname \"up0\" masquerade"));
+        assert!(s.contains("iifname \"hvu4242\" oifname != \"hvu*\" masquerade"));
         let mut spec = spec.clone();
         spec.routed_peers = vec![RoutedPeer {
             vni: 7,
             subnets: vec!["10.9.0.0/16".parse().unwrap()],
         }];
-        let routed = render(&spec, &ports(), &plan_mtu(1600)).script;
+        let routed = render(&spec, &ports(), &plan_mtu(1600), Some(&transit())).ns_script;
+        assert!(routed.contains("iifname \"gw0\" oifname \"rp7\" ip daddr { 10.9.0.0/16 } accept"));
+        // Published: node port -> the namespace's transit address -> the VM.
+        assert!(s.contains(
+            "iifname != \"hvu*\" iifname != \"hvb*\" tcp dport 30080 dnat to 169.254.64.7:30080"
+        ));
+        assert!(ns.contains("iifname \"up0\" tcp dport 30080 dnat to 10.50.0.11:80"));
         assert!(
-            routed.contains("iifname \"hvb4242\" oifname \"hvb7\" ip daddr { 10.9.0.0/16 } accept")
-        );
-        assert!(s.contains("tcp dport 30080 dnat to 10.50.0.11:80"));
-        assert!(
-            !s.contains("30432"),
+            !s.contains("30432") && !ns.contains("30432"),
             "remote VMs are published by their own node"
         );
     }
 
     #[test]
-    fn guests_reach_only_dhcp_dns_and_ping_on_the_node() {
-        let s = render(&sample(), &ports(), &plan_mtu(1600)).script;
-        let input = s.split("chain input {").nth(2).expect("ip input chain");
+    fn guests_reach_only_dhcp_dns_and_ping_on_the_gateway() {
+        let r = render(&sample(), &ports(), &plan_mtu(1600), Some(&transit()));
+        let input = r
+            .ns_script
+            .split("chain input {")
+            .nth(1)
+            .expect("ns input chain");
         let input = input.split("  }").next().unwrap();
         for want in [
-            "iifname != \"hvb4242\" accept",
             "ct state established,related accept",
-            "udp dport 67 accept",
-            "ip daddr { 10.50.0.1 } udp dport 53 accept",
-            "ip daddr { 10.50.0.1 } tcp dport 53 accept",
-            "ip daddr { 10.50.0.1 } icmp type echo-request accept",
+            "iifname \"gw0\" udp dport 67 accept",
+            "iifname \"gw0\" ip daddr { 10.50.0.1 } udp dport 53 accept",
+            "iifname \"gw0\" ip daddr { 10.50.0.1 } tcp dport 53 accept",
+            "iifname \"gw0\" ip daddr { 10.50.0.1 } icmp type echo-request accept",
         ] {
             assert!(input.contains(want), "{want} in {input}");
         }
         assert!(input.trim_end().ends_with("drop"), "{input}");
-        // IPv6 from the ports never reaches the node.
-        let bridge_input = s.split("chain input {").nth(1).unwrap();
-        assert!(bridge_input.contains("iifname != @ports accept\n    ether type ip6 drop"));
+        // Nothing from the network or the transit veth reaches the node itself.
+        let node_input = r.script.split("chain input {").nth(2).expect("ip input");
+        let node_input = node_input.split("  }").next().unwrap();
+        assert!(node_input.contains("iifname \"hvb4242\" drop"));
+        assert!(node_input.trim_end().ends_with("iifname \"hvu4242\" drop"));
+        assert!(r.script.contains(
+            "type filter hook prerouting priority -300; policy accept;\n    iifname \"hvb4242\" ct zone set 4243"
+        ));
+        let bridge_input = r.script.split("chain input {").nth(1).unwrap();
+        assert!(bridge_input.contains("iifname @ports drop\n    iifname \"hvg4242\" drop"));
+        // IPv6 never reaches the gateway; IPv4 to it is judged in its namespace,
+        // not by micro-segmentation between VMs.
+        let v6 = r
+            .script
+            .find("oifname \"hvg4242\" ether type ip6 drop")
+            .unwrap();
+        let to_gw = r.script.find("oifname \"hvg4242\" accept").unwrap();
+        assert!(v6 < to_gw && to_gw < r.script.find("jump segment").unwrap());
     }
 
     #[test]
     fn vxlan_of_this_vni_only_from_peer_vteps() {
-        let s = render(&sample(), &ports(), &plan_mtu(1600)).script;
+        let s = render(&sample(), &ports(), &plan_mtu(1600), Some(&transit())).script;
         assert!(s.contains(
             "udp dport 4789 @th,96,24 4242 ip saddr != { 192.168.77.2, 192.168.77.3 } drop"
         ));
@@ -578,7 +747,7 @@ mod tests {
         alone
             .members
             .retain(|m| matches!(m.location, Location::Local { .. }));
-        let s = render(&alone, &ports(), &plan_mtu(1600)).script;
+        let s = render(&alone, &ports(), &plan_mtu(1600), Some(&transit())).script;
         assert!(s.contains("udp dport 4789 @th,96,24 4242 drop"));
     }
 
@@ -589,10 +758,10 @@ mod tests {
         for m in &mut spec.members {
             m.ip = None;
         }
-        let r = render(&spec, &ports(), &plan_mtu(1600));
+        let r = render(&spec, &ports(), &plan_mtu(1600), Some(&transit()));
         assert!(r.has_rt_table);
-        assert!(r.script.contains("iifname != @ports accept\n    drop"));
-        assert!(!r.script.contains("udp dport 67 accept"));
+        assert!(r.script.contains("iifname @ports drop"));
+        assert!(!r.ns_script.contains("udp dport 67 accept"));
         assert!(!r.script.contains("hvp1\" ip saddr"), "no addresses to pin");
         assert!(
             r.script
@@ -617,7 +786,7 @@ mod tests {
             hostname: None,
         });
         let ports = ["hvp1".to_string(), "hvp9".to_string()].into();
-        let s = render(&spec, &ports, &plan_mtu(1600)).script;
+        let s = render(&spec, &ports, &plan_mtu(1600), Some(&transit())).script;
         for want in [
             // Known address: exactly it (and 0.0.0.0 for DHCP).
             "iifname \"hvp1\" ether saddr != 00:50:56:00:00:01 drop",
@@ -641,29 +810,59 @@ mod tests {
     fn egress_nat_never_reaches_metadata_or_cluster_ranges_unless_allowed() {
         let mut spec = sample();
         spec.egress_nat = true;
-        let s = render(&spec, &ports(), &plan_mtu(1600)).script;
-        let deny = "iifname \"hvb4242\" ip daddr { 169.254.0.0/16 } drop";
-        let accept = "    iifname \"hvb4242\" accept";
-        assert!(s.find(deny).unwrap() < s.find(accept).unwrap(), "{s}");
+        let r = render(&spec, &ports(), &plan_mtu(1600), Some(&transit()));
+        // Both in the namespace and again on the node (after kube-proxy's DNAT).
+        for (s, iif) in [(&r.ns_script, "gw0"), (&r.script, "hvu4242")] {
+            let deny = format!("iifname \"{iif}\" ip daddr {{ 169.254.0.0/16 }} drop");
+            let accept = format!(
+                "iifname \"{iif}\" {}accept",
+                if iif == "gw0" { "oifname \"up0\" " } else { "" }
+            );
+            assert!(s.find(&deny).unwrap() < s.find(&accept).unwrap(), "{s}");
+        }
         spec.egress_denied = vec![
             "10.96.0.0/12".parse().unwrap(),
             "10.244.0.0/16".parse().unwrap(),
         ];
         spec.egress_allowed = vec!["10.96.0.10/32".parse().unwrap()];
-        let s = render(&spec, &ports(), &plan_mtu(1600)).script;
-        let allow = "iifname \"hvb4242\" ip daddr { 10.96.0.10/32 } accept";
-        let deny =
-            "iifname \"hvb4242\" ip daddr { 10.244.0.0/16, 10.96.0.0/12, 169.254.0.0/16 } drop";
-        assert!(s.find(allow).unwrap() < s.find(deny).unwrap(), "{s}");
+        let r = render(&spec, &ports(), &plan_mtu(1600), Some(&transit()));
+        for (s, iif) in [(&r.ns_script, "gw0"), (&r.script, "hvu4242")] {
+            let allow = format!("iifname \"{iif}\" ip daddr {{ 10.96.0.10/32 }} accept");
+            let deny = format!(
+                "iifname \"{iif}\" ip daddr {{ 10.244.0.0/16, 10.96.0.0/12, 169.254.0.0/16 }} drop"
+            );
+            assert!(s.find(&allow).unwrap() < s.find(&deny).unwrap(), "{s}");
+        }
+    }
+
+    #[test]
+    fn upstream_dns_without_egress_passes_only_to_the_resolvers() {
+        let mut spec = sample();
+        spec.dns.upstream = vec!["10.0.0.53".parse().unwrap()];
+        let r = render(&spec, &ports(), &plan_mtu(1600), Some(&transit()));
+        let rule = "iifname \"hvu4242\" ip daddr { 10.0.0.53 } meta l4proto { tcp, udp } th dport 53 accept";
+        let fwd = r
+            .script
+            .split("chain forward {")
+            .nth(2)
+            .expect("ip forward");
+        assert!(fwd.find(rule).unwrap() < fwd.find("iifname \"hvu4242\" drop").unwrap());
+        assert!(
+            !r.ns_script.contains("oifname \"up0\" accept"),
+            "guests still stay in"
+        );
     }
 
     #[test]
     fn hash_changes_with_rules_only() {
-        let a = render(&sample(), &ports(), &plan_mtu(1600));
-        let b = render(&sample(), &ports(), &plan_mtu(1600));
+        let a = render(&sample(), &ports(), &plan_mtu(1600), Some(&transit()));
+        let b = render(&sample(), &ports(), &plan_mtu(1600), Some(&transit()));
         assert_eq!(a.hash, b.hash);
         let mut spec = sample();
         spec.egress_nat = true;
-        assert_ne!(render(&spec, &ports(), &plan_mtu(1600)).hash, a.hash);
+        assert_ne!(
+            render(&spec, &ports(), &plan_mtu(1600), Some(&transit())).hash,
+            a.hash
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Reading what the kernel has, from the JSON of `ip`, `bridge` and `nft`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use serde::Deserialize;
@@ -191,6 +191,50 @@ pub fn addresses(host: &Host, dev: &str) -> Result<BTreeSet<Ipv4Net>> {
         .collect())
 }
 
+#[derive(Debug, Deserialize)]
+struct JAddrNamed {
+    ifname: String,
+    #[serde(default)]
+    addr_info: Vec<JAddr>,
+}
+
+/// Every link's IPv4 addresses, by link name.
+pub fn all_addresses(host: &Host) -> Result<BTreeMap<String, BTreeSet<Ipv4Net>>> {
+    let raw: Vec<JAddrNamed> = run_json(&host.ip_argv(&["-j", "-4", "addr", "show"]))?;
+    Ok(raw
+        .into_iter()
+        .map(|l| {
+            let nets = l
+                .addr_info
+                .into_iter()
+                .filter(|a| a.family == "inet")
+                .filter_map(|a| {
+                    Some(Ipv4Net {
+                        addr: a.local.parse().ok()?,
+                        prefix: a.prefixlen,
+                    })
+                })
+                .collect();
+            (l.ifname, nets)
+        })
+        .collect())
+}
+
+/// An IPv4 route of the main table as `ip -j route` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub struct Route {
+    /// `default` or a prefix.
+    pub dst: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dev: Option<String>,
+}
+
+pub fn routes(host: &Host) -> Result<Vec<Route>> {
+    run_json(&host.ip_argv(&["-j", "-4", "route", "show"]))
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct JNft {
     #[serde(default)]
@@ -258,6 +302,15 @@ mod tests {
             mac: "02:00:00:00:00:0a".parse().unwrap(),
             port: "p1".into()
         }));
+    }
+
+    #[test]
+    fn parses_routes_json() {
+        let json = r#"[{"dst":"default","gateway":"169.254.64.0","dev":"up0","flags":["onlink"]},
+          {"dst":"169.254.64.0/31","dev":"up0","protocol":"kernel","scope":"link","prefsrc":"169.254.64.1","flags":[]}]"#;
+        let r: Vec<Route> = serde_json::from_str(json).unwrap();
+        assert_eq!(r[0].gateway.as_deref(), Some("169.254.64.0"));
+        assert_eq!(r[1].dst, "169.254.64.0/31");
     }
 
     #[test]

@@ -3,14 +3,16 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::addr::{Ipv4Net, Mac};
 use crate::dnsmasq::{self, DnsmasqConfig};
 use crate::error::Result;
+use crate::host::Host;
 use crate::names;
 use crate::nft;
 use crate::spec::{Location, NetworkSpec};
+use crate::transit::{TRANSIT_SLOTS, TransitPair};
 
 /// Frame size guests assume (VMware vSwitch default).
 pub const GUEST_MTU: u32 = 1500;
@@ -69,45 +71,82 @@ pub struct BridgeFdb {
     pub port: String,
 }
 
-/// Everything one node must have for one network.
+/// Everything one node must have for one network: L2 in the node namespace
+/// (bridge, VXLAN, VM ports, the gateway veth), L3 in the network's own gateway
+/// namespace (gateway addresses, dnsmasq, router, NAT), so networks with the same
+/// subnet share a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkPlan {
     pub name: String,
     pub vni: u32,
     pub bridge: String,
+    /// The bridge's own MAC (never the gateway's).
+    pub bridge_mac: Mac,
     pub vxlan: String,
+    /// Node side of the gateway veth (a bridge port).
+    pub gateway_veth: String,
+    /// The network's gateway namespace.
+    pub netns: String,
+    /// The transit pair, when anything leaves or enters the namespace other than
+    /// through the bridge (egress NAT, upstream DNS, published ports).
+    pub transit: Option<TransitPair>,
+    /// Node side of the transit veth.
+    pub transit_veth: String,
     pub gateway_mac: Mac,
     pub local_vtep: Ipv4Addr,
     pub mtu: MtuPlan,
-    /// Gateway addresses on the bridge (`gw/prefix`).
+    /// Gateway addresses on the namespace's gateway interface (`gw/prefix`).
     pub addresses: BTreeSet<Ipv4Net>,
+    /// Routes in the namespace to peered networks: (peer VNI, its subnets).
+    pub peer_routes: Vec<(u32, Vec<Ipv4Net>)>,
     /// Local VM ports to enslave to the bridge.
     pub ports: BTreeSet<String>,
     pub vxlan_fdb: BTreeSet<VxlanFdb>,
     pub bridge_fdb: BTreeSet<BridgeFdb>,
-    /// Static ARP entries on the gateway: with one gateway MAC on every node an ARP
+    /// Static ARP entries on the gateway interface: with one gateway MAC on every node an ARP
     /// reply would reach the wrong node, so the control plane supplies them.
     pub neighbours: BTreeSet<(Ipv4Addr, Mac)>,
-    /// nftables script replacing this network's tables atomically.
+    /// nftables script replacing this network's node tables atomically.
     pub nft_script: String,
+    /// nftables script replacing the gateway namespace's table.
+    pub ns_nft_script: String,
+    pub ns_nft_hash: String,
     /// Hash of the script, stored as the table comment to detect drift cheaply.
     pub nft_hash: String,
     /// Whether an `ip` table (router/NAT) is part of the script.
     pub has_rt_table: bool,
-    /// Router, NAT or published ports need IPv4 forwarding on the node.
+    /// Router, NAT, published ports or several subnets need IPv4 forwarding in
+    /// the gateway namespace.
     pub needs_forwarding: bool,
+    /// Transit traffic needs IPv4 forwarding on the node.
+    pub node_forwarding: bool,
     /// DHCP/DNS server, when the network has subnets.
     pub dnsmasq: Option<DnsmasqConfig>,
     pub state_dir: PathBuf,
 }
 
-/// Builds the plan. `state_root` is where per-network files (dnsmasq) live.
-pub fn build_plan(spec: &NetworkSpec, state_root: &Path) -> Result<NetworkPlan> {
+/// Whether the network needs the transit pair: anything that leaves or enters its
+/// gateway namespace other than through the bridge.
+pub fn needs_transit(spec: &NetworkSpec) -> bool {
+    spec.egress_nat || !spec.exposed.is_empty() || !spec.dns.upstream.is_empty()
+}
+
+/// Builds the plan for `host` (its state root holds per-network files, its prefix
+/// names the gateway namespace). `transit_slot` is the slot the node allocated
+/// ([`crate::transit::allocate`]); without one, the preferred slot.
+pub fn build_plan(
+    spec: &NetworkSpec,
+    host: &Host,
+    transit_slot: Option<u32>,
+) -> Result<NetworkPlan> {
     spec.validate()?;
     let vni = spec.vni;
     let bridge = names::bridge(vni);
     let vxlan = names::vxlan(vni);
+    let gateway_veth = names::gateway_veth(vni);
     let mtu = plan_mtu(spec.underlay_mtu);
+    let transit = needs_transit(spec)
+        .then(|| TransitPair::of_slot(transit_slot.unwrap_or(vni % TRANSIT_SLOTS)));
 
     let addresses = spec
         .subnets
@@ -127,7 +166,13 @@ pub fn build_plan(spec: &NetworkSpec, state_root: &Path) -> Result<NetworkPlan> 
             dst,
         })
         .collect();
-    let mut bridge_fdb = BTreeSet::new();
+    // The gateway MAC sits behind the gateway veth, sticky: routed frames of other
+    // nodes' gateways (same anycast MAC) arriving through the tunnel must not move it.
+    let mut bridge_fdb: BTreeSet<BridgeFdb> = [BridgeFdb {
+        mac: names::gateway_mac(vni),
+        port: gateway_veth.clone(),
+    }]
+    .into();
     let mut neighbours = BTreeSet::new();
     for m in &spec.members {
         match &m.location {
@@ -154,12 +199,17 @@ pub fn build_plan(spec: &NetworkSpec, state_root: &Path) -> Result<NetworkPlan> 
         }
     }
 
-    let rendered = nft::render(spec, &ports, &mtu);
-    let state_dir = state_root.join(vni.to_string());
+    let rendered = nft::render(spec, &ports, &mtu, transit.as_ref());
+    let state_dir = host.state_dir(vni);
     let dnsmasq = if spec.subnets.is_empty() {
         None
     } else {
-        Some(dnsmasq::render(spec, &bridge, &mtu, &state_dir))
+        Some(dnsmasq::render(
+            spec,
+            names::NS_GATEWAY_IF,
+            &mtu,
+            &state_dir,
+        ))
     };
     let needs_forwarding = spec.egress_nat
         || !spec.routed_peers.is_empty()
@@ -170,7 +220,18 @@ pub fn build_plan(spec: &NetworkSpec, state_root: &Path) -> Result<NetworkPlan> 
         name: spec.name.clone(),
         vni,
         bridge,
+        bridge_mac: names::bridge_mac(vni),
         vxlan,
+        gateway_veth,
+        netns: host.gateway_netns(vni),
+        node_forwarding: transit.is_some(),
+        transit,
+        transit_veth: names::transit_veth(vni),
+        peer_routes: spec
+            .routed_peers
+            .iter()
+            .map(|p| (p.vni, p.subnets.clone()))
+            .collect(),
         gateway_mac: names::gateway_mac(vni),
         local_vtep: spec.local_vtep,
         mtu,
@@ -181,6 +242,8 @@ pub fn build_plan(spec: &NetworkSpec, state_root: &Path) -> Result<NetworkPlan> 
         neighbours,
         nft_hash: rendered.hash,
         nft_script: rendered.script,
+        ns_nft_script: rendered.ns_script,
+        ns_nft_hash: rendered.ns_hash,
         has_rt_table: rendered.has_rt_table,
         needs_forwarding,
         dnsmasq,
@@ -261,7 +324,7 @@ pub(crate) mod tests {
 
     #[test]
     fn head_end_replication_and_static_fdb() {
-        let p = build_plan(&sample(), Path::new("/run/hvx")).unwrap();
+        let p = build_plan(&sample(), &Host::new("/run/hvx"), None).unwrap();
         assert_eq!(p.bridge, "hvb4242");
         let zero: Vec<_> = p.vxlan_fdb.iter().filter(|e| e.mac == Mac::ZERO).collect();
         assert_eq!(zero.len(), 2, "one flood entry per remote VTEP");
@@ -277,23 +340,84 @@ pub(crate) mod tests {
             mac: "00:50:56:00:00:02".parse().unwrap(),
             port: "hvv4242".into()
         }));
+        assert!(p.bridge_fdb.contains(&BridgeFdb {
+            mac: names::gateway_mac(4242),
+            port: "hvg4242".into()
+        }));
         assert_eq!(p.neighbours.len(), 2);
         assert_eq!(
             p.addresses.iter().next().unwrap().to_string(),
             "10.50.0.1/24"
         );
         assert!(!p.needs_forwarding);
-        assert_eq!(p.state_dir, Path::new("/run/hvx/4242"));
+        assert_eq!(p.state_dir, std::path::Path::new("/run/hvx/4242"));
+        assert_eq!(p.netns, "hvx-n-4242");
+        assert_eq!(p.transit, None, "nothing leaves this network");
+        let d = p.dnsmasq.unwrap();
+        assert!(d.main.contains("interface=gw0\n"), "{}", d.main);
+    }
+
+    #[test]
+    fn egress_upstream_dns_and_published_ports_need_the_transit_pair() {
+        let host = Host::new("/run/hvx");
+        for change in [
+            (|s: &mut NetworkSpec| s.egress_nat = true) as fn(&mut NetworkSpec),
+            |s| s.dns.upstream = vec!["10.0.0.53".parse().unwrap()],
+            |s| {
+                s.exposed = vec![ExposedPort {
+                    vm: "web".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: 30080,
+                }]
+            },
+        ] {
+            let mut spec = sample();
+            change(&mut spec);
+            let p = build_plan(&spec, &host, Some(9)).unwrap();
+            assert_eq!(p.transit, Some(crate::transit::TransitPair::of_slot(9)));
+            assert!(p.node_forwarding);
+        }
+        // Without an allocated slot: the preferred one.
+        let mut spec = sample();
+        spec.egress_nat = true;
+        let p = build_plan(&spec, &host, None).unwrap();
+        assert_eq!(
+            p.transit.unwrap().slot,
+            4242 % crate::transit::TRANSIT_SLOTS
+        );
+    }
+
+    #[test]
+    fn two_networks_with_one_subnet_get_apart_kernel_objects() {
+        let host = Host::new("/run/hvx");
+        let a = build_plan(&sample(), &host, Some(1)).unwrap();
+        let mut other = sample();
+        other.vni = 4243;
+        other.name = "clone".into();
+        let b = build_plan(&other, &host, Some(2)).unwrap();
+        assert_eq!(a.addresses, b.addresses, "same gateway address");
+        for (x, y) in [
+            (&a.bridge, &b.bridge),
+            (&a.vxlan, &b.vxlan),
+            (&a.gateway_veth, &b.gateway_veth),
+            (&a.transit_veth, &b.transit_veth),
+            (&a.netns, &b.netns),
+        ] {
+            assert_ne!(x, y);
+        }
+        assert_ne!(a.state_dir, b.state_dir);
+        assert_ne!(a.gateway_mac, b.gateway_mac);
     }
 
     #[test]
     fn a_mac_move_changes_only_that_mac() {
-        let before = build_plan(&sample(), Path::new("/x")).unwrap();
+        let before = build_plan(&sample(), &Host::new("/x"), None).unwrap();
         let mut moved = sample();
         moved.members[1].location = Location::Remote {
             vtep: "192.168.77.3".parse().unwrap(),
         };
-        let after = build_plan(&moved, Path::new("/x")).unwrap();
+        let after = build_plan(&moved, &Host::new("/x"), None).unwrap();
         let diff: Vec<_> = after
             .vxlan_fdb
             .symmetric_difference(&before.vxlan_fdb)
@@ -373,7 +497,9 @@ pub(crate) mod tests {
         for (mutate, want) in cases {
             let mut s = sample();
             mutate(&mut s);
-            let err = build_plan(&s, Path::new("/x")).unwrap_err().to_string();
+            let err = build_plan(&s, &Host::new("/x"), None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
     }

@@ -1,7 +1,9 @@
 //! EnsureNetwork, DeleteNetwork: the overlay switch behind the contract.
 //! Each request is the complete desired state of one network on this node; it is
 //! persisted (protobuf, `agent/networks/<vni>.pb`) so a restarted agent or a
-//! rebooted node re-applies it before the operator calls again.
+//! rebooted node re-applies it before the operator calls again. Networks with
+//! overlapping (even identical) subnets share a node: each network's gateway,
+//! dnsmasq, NAT and firewall live in its own network namespace (`hvx_overlay`).
 
 use super::convert::{network_spec, parse_leases};
 use super::error::AgentError;
@@ -57,41 +59,6 @@ pub fn leases(agent: &Agent, vni: u32) -> Vec<pb::Lease> {
         .unwrap_or_default()
 }
 
-/// The subnets of another network on this node that overlap `spec`'s (pure): every
-/// network's gateways, DHCP and NAT live in the node's one network namespace, so two
-/// networks with overlapping subnets cannot both work on one node.
-pub fn overlapping(
-    spec: &hvx_overlay::NetworkSpec,
-    other: &hvx_overlay::NetworkSpec,
-) -> Option<(String, String)> {
-    spec.subnets.iter().find_map(|a| {
-        other
-            .subnets
-            .iter()
-            .find(|b| a.cidr.overlaps(&b.cidr))
-            .map(|b| (a.cidr.network().to_string(), b.cidr.network().to_string()))
-    })
-}
-
-fn refuse_overlaps(
-    agent: &Agent,
-    req: &pb::EnsureNetworkRequest,
-    spec: &hvx_overlay::NetworkSpec,
-) -> Result<(), AgentError> {
-    for other in persisted(agent).iter().filter(|o| o.vni != req.vni) {
-        let Ok(o) = network_spec(other, agent.config.node_ip, agent.config.underlay_mtu) else {
-            continue;
-        };
-        if let Some((mine, theirs)) = overlapping(spec, &o) {
-            return Err(AgentError::Precondition(format!(
-                "subnet {mine} of network {}/{} overlaps subnet {theirs} of network {}/{} on this node: VMs of networks with overlapping subnets cannot share a node yet",
-                req.namespace, req.name, other.namespace, other.name
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Converges network `req.vni` on this node to `req`.
 pub async fn ensure(
     agent: &Arc<Agent>,
@@ -110,7 +77,6 @@ async fn apply_locked(
         agent.config.node_ip,
         agent.config.underlay_mtu,
     )?);
-    refuse_overlaps(agent, &req, &spec)?;
     if req.mtu > 0 {
         // The guest MTU the user asked for caps what the underlay allows.
         spec.underlay_mtu = spec.underlay_mtu.min(req.mtu + 50);
