@@ -15,6 +15,7 @@ use crate::host::{self, Host, run};
 use crate::names::{self, OwnedLink, VXLAN_PORT};
 use crate::nft::marker_chain;
 use crate::observe::{self, LinkState};
+use crate::pin;
 use crate::plan::{NetworkPlan, build_plan, needs_transit};
 use crate::spec::NetworkSpec;
 use crate::transit;
@@ -360,16 +361,67 @@ impl Switch {
         Ok(report)
     }
 
-    /// Makes sure the network's gateway namespace exists under its name. A named
-    /// one is adopted (a re-apply, a restarted agent process in the same mount
-    /// namespace). A name whose mount is gone (the agent's mount namespace died, as
-    /// with `ip netns exec` or a container, while its dnsmasq lived on) is bound
-    /// again to the namespace that dnsmasq serves, so the gateway, its NAT state and
-    /// dnsmasq are kept; with no dnsmasq left, the namespace is made afresh.
+    /// Makes sure the network's gateway namespace exists under its name, and is
+    /// pinned ([`pin`]). A named one is adopted (a re-apply, a restarted agent
+    /// process in the same mount namespace). A name whose mount is gone (the agent's
+    /// mount namespace died, as with a container or `ip netns exec`) is bound again
+    /// to the namespace its pin holds, or else to the one its dnsmasq still serves,
+    /// so the gateway and its NAT state are kept; with neither, it is made afresh.
     fn ensure_netns(&self, plan: &NetworkPlan, report: &mut ApplyReport) -> Result<()> {
         let dir = std::path::Path::new(NETNS_DIR);
         let path = dir.join(&plan.netns);
-        if is_netns_mount(&path) {
+        if !is_netns_mount(&path) {
+            self.name_netns(plan, &path, report)?;
+        }
+        let pin_at = pin_of(&plan.state_dir);
+        let host_pid = self.host.pin_host_pid;
+        if pin::possible(host_pid) && !pin::pinned(host_pid, &pin_at, &path) {
+            match pin::pin(host_pid, &pin_at, &path) {
+                Ok(()) => {
+                    report
+                        .changes
+                        .push(format!("pinned {} at {}", plan.netns, pin_at.display()))
+                }
+                Err(e) => {
+                    tracing::warn!(netns = %plan.netns, error = %e, "gateway namespace not pinned: it lives only as long as this agent's mount namespace")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn name_netns(
+        &self,
+        plan: &NetworkPlan,
+        path: &std::path::Path,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let dir = std::path::Path::new(NETNS_DIR);
+        let path = path.to_path_buf();
+        let pin_at = pin_of(&plan.state_dir);
+        if is_netns_mount(&pin_at) {
+            // This container's copy of the host's pin: the namespace of an agent
+            // before this one.
+            std::fs::create_dir_all(dir).map_err(|source| OverlayError::WriteFile {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            if !path.exists() {
+                host::write_file(&path, "")?;
+            }
+            let target = path.display().to_string();
+            run(
+                &[
+                    "mount".into(),
+                    "--bind".into(),
+                    pin_at.display().to_string(),
+                    target.clone(),
+                ],
+                None,
+            )?;
+            report
+                .changes
+                .push(format!("re-attached {target} from its pin"));
             return Ok(());
         }
         let dnsmasq = daemon::running(&DnsmasqPaths::new(&plan.state_dir));
@@ -608,6 +660,7 @@ impl Switch {
             }
             Err(e) => errors.push(e.to_string()),
         }
+        pin::unpin(self.host.pin_host_pid, &pin_of(&dir));
         if dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&dir)
         {
@@ -707,6 +760,12 @@ impl Switch {
 
 /// A `link del` that failed because the device went meanwhile (a veth whose
 /// peer's namespace was just freed) did what it was asked.
+/// The pin of the gateway namespace whose network keeps its state in `state_dir`
+/// (absolute: the host resolves it from its own root).
+fn pin_of(state_dir: &std::path::Path) -> std::path::PathBuf {
+    pin::pin_path(&std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()))
+}
+
 fn gone_meanwhile(e: &OverlayError) -> bool {
     matches!(e, OverlayError::CommandFailed { stderr, .. } if stderr.contains("Cannot find device"))
 }

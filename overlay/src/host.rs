@@ -26,6 +26,11 @@ pub struct Host {
     /// ([`names::GATEWAY_NETNS_PREFIX`] on a real node; a test "node" that is itself
     /// a namespace gets its own, so several share one machine's `/run/netns`).
     pub gateway_netns_prefix: String,
+    /// The process whose mount namespace holds gateway namespace pins ([`crate::pin`]):
+    /// the host's pid 1 on a node (the agent's own mount namespace ends with its
+    /// container); None for this process's own (tests and lab nodes, which run in the
+    /// host's already).
+    pub pin_host_pid: Option<u32>,
 }
 
 impl Host {
@@ -34,6 +39,7 @@ impl Host {
             netns: None,
             state_root: state_root.into(),
             gateway_netns_prefix: names::GATEWAY_NETNS_PREFIX.to_string(),
+            pin_host_pid: Some(1),
         }
     }
 
@@ -43,6 +49,7 @@ impl Host {
             gateway_netns_prefix: format!("{netns}-g"),
             netns: Some(netns),
             state_root: state_root.into(),
+            pin_host_pid: None,
         }
     }
 

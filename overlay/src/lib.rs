@@ -46,6 +46,7 @@ pub mod lab;
 pub mod names;
 pub mod nft;
 pub mod observe;
+pub mod pin;
 pub mod plan;
 pub mod port;
 pub mod spec;

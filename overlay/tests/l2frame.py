@@ -60,17 +60,27 @@ def recv(iface, marker, seconds):
     s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     s.bind((iface, 0))
     print("ready", flush=True)
-    deadline = time.time() + float(seconds)
+    # The window is `seconds` after the sender is done (stdin closed), not after
+    # start: receivers started one after another on a loaded machine would otherwise
+    # stop listening before the frame is sent. Frames queue in the bound socket
+    # meanwhile, so none is missed however late this process runs.
+    import select
+    stdin_open = True
+    deadline = None
     m = marker.encode()
     while True:
-        left = deadline - time.time()
-        if left <= 0:
+        if deadline is not None and deadline - time.time() <= 0:
             return
-        s.settimeout(left)
-        try:
-            data, anc, _flags, addr = s.recvmsg(65535, socket.CMSG_SPACE(20))
-        except socket.timeout:
-            return
+        wait = None if deadline is None else deadline - time.time()
+        ready, _, _ = select.select([s] + ([sys.stdin] if stdin_open else []), [], [], wait)
+        if sys.stdin in ready:
+            if not sys.stdin.readline():
+                stdin_open = False
+                deadline = time.time() + float(seconds)
+            continue
+        if s not in ready:
+            continue
+        data, anc, _flags, addr = s.recvmsg(65535, socket.CMSG_SPACE(20))
         if addr[2] == socket.PACKET_OUTGOING or m not in data:
             continue
         vlan = None

@@ -315,6 +315,47 @@ fn same_subnet_twice_on_one_node() {
     assert!(ping(&lab, "a", gw) && ping(&lab, "a", outside));
     assert_eq!(lab.gateway_namespaces(), before);
 
+    // The agent's container ended: its mount namespace took the name and its dnsmasq
+    // died too. The pin (a mount in the host's mount namespace) kept the namespace:
+    // the next agent binds the name to it again, with its gateway, firewall and NAT
+    // state, rather than making an empty one.
+    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let blue_ino = ino(&path);
+    let pin = hvx_overlay::pin::pin_path(&host.state_dir(BLUE));
+    assert!(
+        hvx_overlay::pin::pinned(host.pin_host_pid, &pin, std::path::Path::new(&path)),
+        "the gateway namespace is pinned at {}",
+        pin.display()
+    );
+    let blue_dnsmasq = hvx_overlay::daemon::running_pid(&DnsmasqPaths::new(&host.state_dir(BLUE)))
+        .expect("blue's dnsmasq runs");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &blue_dnsmasq.to_string()])
+        .status();
+    let status = std::process::Command::new("umount")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let again = Switch::new(host.clone());
+    let report = again.apply(&blue.spec_for(&lab, 0)).unwrap();
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.starts_with("re-attached") && c.ends_with("from its pin")),
+        "{:?}",
+        report.changes
+    );
+    assert!(
+        !report.changes.iter().any(|c| c.starts_with("ip netns add")),
+        "a new namespace was made: {:?}",
+        report.changes
+    );
+    assert_eq!(ino(&path), blue_ino, "the same namespace");
+    assert!(ping(&lab, "a", gw) && ping(&lab, "a", outside));
+    assert_eq!(lab.gateway_namespaces(), before);
+
     // Delete the clone: blue keeps working, nothing of the clone is left.
     let clone_dnsmasq =
         hvx_overlay::daemon::running_pid(&DnsmasqPaths::new(&host.state_dir(CLONE)))

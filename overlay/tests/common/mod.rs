@@ -158,7 +158,7 @@ pub fn capture(
     for name in listeners {
         let ns = lab.vm(name).ns.clone();
         let mut child = lab
-            .spawn(&ns, &["python3", &script, "recv", "eth0", marker, "2"])
+            .spawn_piped(&ns, &["python3", &script, "recv", "eth0", marker, "2"])
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
@@ -167,6 +167,10 @@ pub fn capture(
         children.push((name.to_string(), child, out));
     }
     send();
+    // Each receiver listens 2 s more from here (its stdin closing).
+    for (_, child, _) in &mut children {
+        drop(child.stdin.take());
+    }
     let mut seen = BTreeMap::new();
     for (name, mut child, out) in children {
         let lines: Vec<String> = out
