@@ -66,8 +66,11 @@ pub struct DiskSource {
     /// Download over HTTP(S), resumed after interruptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSource>,
-    /// A file on a PersistentVolumeClaim.
+    /// A file on a PersistentVolumeClaim. Not supported by this hvx version (no
+    /// importer mounts claims): refused at admission with a clear message. The field
+    /// stays so that message, not an unknown-field error, is what users see.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "false", "message": "pvc sources are not supported by this hvx version: use http, ova, upload or clone"}]))]
     pub pvc: Option<PvcSource>,
     /// Uploaded by `kubectl hvx import --upload`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,13 +122,19 @@ pub struct UploadSource {
     pub size_bytes: Option<u64>,
 }
 
-/// A disk inside an OVA, fetched by URL or uploaded whole.
+/// A disk inside an OVA served over HTTP(S): the node agent downloads the archive
+/// (same egress policy as `http`), checks the member against the OVA's manifest when
+/// it lists it, and imports the member. An OVA on your machine is imported with
+/// `kubectl hvx import --upload`, which makes `upload` disks instead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.url)", "message": "an ova source needs url (the OVA's http or https URL); to import an OVA from your machine use `kubectl hvx import --upload`"}]))]
 pub struct OvaSource {
-    /// URL of the OVA; omit when the OVA is uploaded.
+    /// URL of the OVA (required; optional in the schema only so that leaving it out
+    /// gets the message above).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "isURL(self) && url(self).getScheme() in ['http', 'https']", "message": "url must be an http or https URL"}]))]
     pub url: Option<String>,
     /// Member file name inside the OVA (a plain name, as the OVF's References list it).
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/\\]+$"))]
