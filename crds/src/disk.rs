@@ -142,15 +142,19 @@ pub struct OvaSource {
     pub member: String,
 }
 
-/// Clone source.
+/// Clone source: the named OverlayDisk (same namespace) is imported on the node and
+/// the clone shares its content-addressed base; clones of clones are followed (at
+/// most 8 deep). The clone waits (Pending) while the named disk does not exist.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneSource {
     /// OverlayDisk to clone.
     #[schemars(length(min = 1, max = 253))]
     pub overlay_disk: String,
-    /// Snapshot of it to clone from (default: its current content).
+    /// Snapshot of it to clone from. Not supported by this hvx version (refused at
+    /// admission): a clone has the named disk's base content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "false", "message": "cloning a snapshot is not supported by this hvx version: clone the disk itself"}]))]
     pub snapshot: Option<String>,
 }
 

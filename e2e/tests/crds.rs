@@ -300,6 +300,17 @@ async fn crds_install_examples_apply_and_invalid_objects_are_rejected() {
     )
     .await;
 
+    let mut bad = renamed(disk.clone(), "clone-snapshot");
+    bad["spec"]["source"] = json!({"clone": {"overlayDisk": "web-root", "snapshot": "before"}});
+    expect_rejected(
+        &client,
+        &ns,
+        "clone of a snapshot",
+        bad,
+        "cloning a snapshot is not supported by this hvx version",
+    )
+    .await;
+
     let mut bad = renamed(disk.clone(), "ova-no-url");
     bad["spec"]["source"] = json!({"ova": {"member": "disk1.vmdk"}});
     expect_rejected(

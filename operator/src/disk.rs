@@ -5,6 +5,7 @@
 use crate::context::{Context, ImportDone, ImportState};
 use crate::error::Error;
 use crate::finalize::Cleanup;
+use crate::hostplan::CloneBlocked;
 use crate::hostprep;
 use hvx_api::{DiskPhase, OverlayDisk, VmApplication, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -145,7 +146,10 @@ pub fn import_fields(
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };
-    if let Err(reason) = crate::hostplan::prepare_disk_request(disk) {
+    // A clone's imports are its origin's (`clone_fields`), whose spec is checked there.
+    if disk.spec.source.clone.is_none()
+        && let Err(reason) = crate::hostplan::prepare_disk_request(disk)
+    {
         return fields(json!({"phase": DiskPhase::Failed, "progress": reason}));
     }
     if let Some((node, p)) = imports.iter().find_map(|(n, s)| match s {
@@ -196,6 +200,31 @@ pub fn import_fields(
     }))
 }
 
+/// The UID whose imports give the disk's status: its own, or for a clone its
+/// origin's (a clone is imported as the disk it clones: `hostplan::clone_origin`).
+fn clone_origin_uid(ctx: &Context, disk: &OverlayDisk) -> Result<String, CloneBlocked> {
+    if disk.spec.source.clone.is_none() {
+        return Ok(disk.uid().unwrap_or_default());
+    }
+    let ns = disk.namespace().unwrap_or_default();
+    let origin =
+        crate::hostplan::clone_origin(Arc::new(disk.clone()), |name| ctx.stores.disk(&ns, name))?;
+    Ok(origin.uid().unwrap_or_default())
+}
+
+/// A clone that cannot be imported says why: Pending while the disk it names is
+/// missing (it may be created), Failed for a chain that can never end (pure).
+pub fn clone_blocked_fields(blocked: &CloneBlocked) -> serde_json::Map<String, serde_json::Value> {
+    let phase = match blocked {
+        CloneBlocked::Missing(_) => DiskPhase::Pending,
+        CloneBlocked::Invalid(_) => DiskPhase::Failed,
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("phase".into(), json!(phase));
+    m.insert("progress".into(), json!(blocked.to_string()));
+    m
+}
+
 /// Writes the disk's status: the import fields (`import_fields`), the initial phase of
 /// a new disk, and the conditions. This controller is the only writer of those fields
 /// once an import runs (the upload endpoint writes progress while bytes arrive, before
@@ -207,7 +236,10 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>, ctx: &Context) -> Res
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut conditions = status.conditions.clone();
     let current = serde_json::to_value(&status).unwrap_or_default();
-    let mut patch = import_fields(disk, &imports_of(ctx, &disk.uid().unwrap_or_default()));
+    let mut patch = match clone_origin_uid(ctx, disk) {
+        Ok(uid) => import_fields(disk, &imports_of(ctx, &uid)),
+        Err(blocked) => clone_blocked_fields(&blocked),
+    };
     patch.retain(|k, v| current.get(k) != Some(v));
     if status.phase.is_none() && !patch.contains_key("phase") {
         let (phase, message) = initial_phase(disk);
@@ -304,6 +336,26 @@ mod tests {
             format: "vmdk".into(),
             seconds: 3,
         })
+    }
+
+    /// A clone's status is its origin's imports (ready with the origin's digest), or
+    /// why it waits: Pending for a missing origin, Failed for a cycle.
+    #[test]
+    fn a_clone_reports_its_origins_import_or_what_blocks_it() {
+        let clone: OverlayDisk = serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+            "metadata": {"name": "web-copy", "namespace": "shop", "uid": "d-2"},
+            "spec": {"source": {"clone": {"overlayDisk": "web-root"}}},
+        }))
+        .expect("disk");
+        let f = import_fields(&clone, &[("n1".into(), ready("sha256:aa"))]);
+        assert_eq!(f["phase"], json!("Ready"));
+        assert_eq!(f["digest"], json!("sha256:aa"));
+        let f = clone_blocked_fields(&CloneBlocked::Missing("waiting for OverlayDisk x".into()));
+        assert_eq!(f["phase"], json!("Pending"));
+        assert_eq!(f["progress"], json!("waiting for OverlayDisk x"));
+        let f = clone_blocked_fields(&CloneBlocked::Invalid("clone cycle: a -> a".into()));
+        assert_eq!(f["phase"], json!("Failed"));
     }
 
     #[test]

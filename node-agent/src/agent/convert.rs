@@ -257,8 +257,10 @@ pub fn import_source(src: &pb::DiskSource) -> Result<ImportSource, AgentError> {
                 ca_pem: None,
             })
         }
-        Some(Kind::CloneOf(d)) => Err(AgentError::Precondition(format!(
-            "cloning OverlayDisk {d} is not supported by this agent yet"
+        // The operator imports a clone as the disk it clones (same source, same base):
+        // a clone request never reaches an agent from it.
+        Some(Kind::CloneOf(d)) => Err(AgentError::Invalid(format!(
+            "clone of {d}: the operator imports clones as the disk they clone"
         ))),
         // Blank disks have no bytes to import: `disks::prepare` makes them from the
         // store's empty base without calling this.
