@@ -101,6 +101,14 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                 if let Some(waiting) = Cleanup::wait_for_users(&users) {
                     return Ok(waiting);
                 }
+                // A clone is imported as this disk: it needs it while it exists.
+                let clones = clones_of(&ctx.stores.disks.state(), ns, &disk.name_any());
+                if !clones.is_empty() {
+                    return Ok(Cleanup::waiting(format!(
+                        "cloned by OverlayDisk {}; deleting after it",
+                        clones.join(", ")
+                    )));
+                }
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.
                 // Lost nodes owe the release (recorded), Suspect ones make it wait.
@@ -117,6 +125,27 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
         },
     )
     .await
+}
+
+/// The OverlayDisks of `ns` that clone `name` and are not being deleted (pure): a
+/// clone being deleted no longer needs its origin, so deleting a clone cycle at once
+/// never waits on itself.
+pub fn clones_of(disks: &[Arc<OverlayDisk>], ns: &str, name: &str) -> Vec<String> {
+    let mut v: Vec<String> = disks
+        .iter()
+        .filter(|d| d.metadata.namespace.as_deref() == Some(ns))
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .filter(|d| {
+            d.spec
+                .source
+                .clone
+                .as_ref()
+                .is_some_and(|c| c.overlay_disk == name)
+        })
+        .map(|d| d.name_any())
+        .collect();
+    v.sort();
+    v
 }
 
 /// What this process knows of the imports of one disk: (node, state), by node.
@@ -356,6 +385,38 @@ mod tests {
         assert_eq!(f["progress"], json!("waiting for OverlayDisk x"));
         let f = clone_blocked_fields(&CloneBlocked::Invalid("clone cycle: a -> a".into()));
         assert_eq!(f["phase"], json!("Failed"));
+    }
+
+    #[test]
+    fn an_origin_waits_for_its_live_clones_only() {
+        let disk = |name: &str, ns: &str, of: Option<&str>, deleting: bool| {
+            let source = match of {
+                Some(o) => json!({"clone": {"overlayDisk": o}}),
+                None => json!({"blank": {}}),
+            };
+            let mut meta = json!({"name": name, "namespace": ns});
+            if deleting {
+                meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            Arc::new(
+                serde_json::from_value::<OverlayDisk>(json!({
+                    "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+                    "metadata": meta, "spec": {"source": source},
+                }))
+                .expect("disk"),
+            )
+        };
+        let disks = [
+            disk("base", "a", None, false),
+            disk("c2", "a", Some("base"), false),
+            disk("c1", "a", Some("base"), false),
+            disk("gone", "a", Some("base"), true),
+            disk("other-ns", "b", Some("base"), false),
+            disk("grandchild", "a", Some("c1"), false),
+        ];
+        assert_eq!(clones_of(&disks, "a", "base"), ["c1", "c2"]);
+        assert_eq!(clones_of(&disks, "a", "c1"), ["grandchild"]);
+        assert!(clones_of(&disks, "a", "grandchild").is_empty());
     }
 
     #[test]
