@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -275,6 +276,58 @@ async fn import_upload_migrate_snapshot_against_the_api_server() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no VmApplication in namespace"));
+}
+
+/// `import --source-url` of an OVA: the generated OverlayDisks (`ova` sources) pass
+/// the CRD's schema and CEL rules (a server-side dry run: nothing is created).
+#[tokio::test]
+#[ignore = "cluster: needs KUBECONFIG (make cluster-up)"]
+async fn ova_sources_from_source_url_pass_the_api_server() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("skipped: KUBECONFIG is not set (no cluster to test against)");
+        return;
+    }
+    let client = Client::try_default().await.expect("kubeconfig");
+    ensure_crds(&client).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ova, disks) = shop_ova(dir.path());
+    let out = Command::new(BIN)
+        .args([
+            "import",
+            ova.to_str().expect("utf8"),
+            "-n",
+            "default",
+            "--source-url",
+            "http://files.example/shop.ova",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let odisks: Api<OverlayDisk> = Api::namespaced(client.clone(), "default");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let mut seen = 0;
+    for doc in serde_yaml::Deserializer::from_str(&yaml) {
+        let value = serde_yaml::Value::deserialize(doc).expect("yaml doc");
+        if value["kind"].as_str() != Some("OverlayDisk") {
+            continue;
+        }
+        let disk: OverlayDisk = serde_yaml::from_value(value).expect("OverlayDisk");
+        assert!(disk.spec.source.ova.is_some(), "{disk:?}");
+        odisks
+            .create(&dry_run, &disk)
+            .await
+            .unwrap_or_else(|e| panic!("{}: refused: {e}", disk.name_any()));
+        seen += 1;
+    }
+    assert_eq!(seen, disks.len());
 }
 
 /// A stand-in launcher pod, labelled as the operator labels launcher pods (the shared

@@ -700,3 +700,35 @@ fn appliance_ova_uploads_its_disk_and_iso_but_no_blank_disk() {
         Some(format!("sha256:{}", hex(&disk)))
     );
 }
+
+/// `--source-url` with an OVA: each disk is an `ova` source naming the archive's URL
+/// and the disk's member, as the node agent imports it (a plain member name, an http
+/// URL: what the CRD's CEL rules require), with the member's digest as checksum.
+#[test]
+fn ova_served_by_url_becomes_ova_sources_the_crd_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ova, digest) = single_vm_ova(dir.path(), None);
+    let url = "https://files.example/exports/web-01.ova";
+    let out = run(&[
+        "import",
+        ova.to_str().expect("utf8"),
+        "-n",
+        "lift",
+        "--source-url",
+        url,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = objects(&text(&out.stdout));
+    let [disk] = o.disks.as_slice() else {
+        panic!("one disk")
+    };
+    let src = &disk.spec.source;
+    let ova_src = src.ova.as_ref().expect("an ova source");
+    assert_eq!(ova_src.url.as_deref(), Some(url));
+    assert_eq!(ova_src.member, "web-01-disk1.vmdk");
+    assert!(
+        src.http.is_none() && src.pvc.is_none() && src.upload.is_none() && src.clone.is_none(),
+        "exactly one source: {src:?}"
+    );
+    assert_eq!(disk.spec.checksum, Some(format!("sha256:{digest}")));
+}

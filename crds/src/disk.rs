@@ -66,8 +66,11 @@ pub struct DiskSource {
     /// Download over HTTP(S), resumed after interruptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSource>,
-    /// A file on a PersistentVolumeClaim.
+    /// A file on a PersistentVolumeClaim. Not supported by this hvx version (no
+    /// importer mounts claims): refused at admission with a clear message. The field
+    /// stays so that message, not an unknown-field error, is what users see.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "false", "message": "pvc sources are not supported by this hvx version: use http, ova, upload or clone"}]))]
     pub pvc: Option<PvcSource>,
     /// Uploaded by `kubectl hvx import --upload`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,13 +122,19 @@ pub struct UploadSource {
     pub size_bytes: Option<u64>,
 }
 
-/// A disk inside an OVA, fetched by URL or uploaded whole.
+/// A disk inside an OVA served over HTTP(S): the node agent downloads the archive
+/// (same egress policy as `http`), checks the member against the OVA's manifest when
+/// it lists it, and imports the member. An OVA on your machine is imported with
+/// `kubectl hvx import --upload`, which makes `upload` disks instead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.url)", "message": "an ova source needs url (the OVA's http or https URL); to import an OVA from your machine use `kubectl hvx import --upload`"}]))]
 pub struct OvaSource {
-    /// URL of the OVA; omit when the OVA is uploaded.
+    /// URL of the OVA (required; optional in the schema only so that leaving it out
+    /// gets the message above).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "isURL(self) && url(self).getScheme() in ['http', 'https']", "message": "url must be an http or https URL"}]))]
     pub url: Option<String>,
     /// Member file name inside the OVA (a plain name, as the OVF's References list it).
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/\\]+$"))]
@@ -133,15 +142,19 @@ pub struct OvaSource {
     pub member: String,
 }
 
-/// Clone source.
+/// Clone source: the named OverlayDisk (same namespace) is imported on the node and
+/// the clone shares its content-addressed base; clones of clones are followed (at
+/// most 8 deep). The clone waits (Pending) while the named disk does not exist.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneSource {
     /// OverlayDisk to clone.
     #[schemars(length(min = 1, max = 253))]
     pub overlay_disk: String,
-    /// Snapshot of it to clone from (default: its current content).
+    /// Snapshot of it to clone from. Not supported by this hvx version (refused at
+    /// admission): a clone has the named disk's base content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "false", "message": "cloning a snapshot is not supported by this hvx version: clone the disk itself"}]))]
     pub snapshot: Option<String>,
 }
 

@@ -289,6 +289,50 @@ async fn crds_install_examples_apply_and_invalid_objects_are_rejected() {
     )
     .await;
 
+    let mut bad = renamed(disk.clone(), "pvc-unsupported");
+    bad["spec"]["source"] = json!({"pvc": {"claimName": "images", "path": "disk.vmdk"}});
+    expect_rejected(
+        &client,
+        &ns,
+        "pvc source",
+        bad,
+        "pvc sources are not supported by this hvx version: use http, ova, upload or clone",
+    )
+    .await;
+
+    let mut bad = renamed(disk.clone(), "clone-snapshot");
+    bad["spec"]["source"] = json!({"clone": {"overlayDisk": "web-root", "snapshot": "before"}});
+    expect_rejected(
+        &client,
+        &ns,
+        "clone of a snapshot",
+        bad,
+        "cloning a snapshot is not supported by this hvx version",
+    )
+    .await;
+
+    let mut bad = renamed(disk.clone(), "ova-no-url");
+    bad["spec"]["source"] = json!({"ova": {"member": "disk1.vmdk"}});
+    expect_rejected(
+        &client,
+        &ns,
+        "ova source without url",
+        bad,
+        "an ova source needs url",
+    )
+    .await;
+
+    let mut bad = renamed(disk.clone(), "ova-file-url");
+    bad["spec"]["source"] = json!({"ova": {"url": "file:///srv/app.ova", "member": "disk1.vmdk"}});
+    expect_rejected(
+        &client,
+        &ns,
+        "ova source with a file URL",
+        bad,
+        "url must be an http or https URL",
+    )
+    .await;
+
     // Immutable fields: change the MAC of an existing NIC.
     let mut changed = app.clone();
     changed["spec"]["vms"][0]["nics"][0]["macAddress"] = json!("00:50:56:a1:00:99");

@@ -1291,3 +1291,145 @@ async fn agent_makes_a_blank_disk_of_the_declared_size() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     drop(node);
 }
+
+/// Imports `member` of the OVA at `url` through `c`; returns the final message.
+async fn import_ova_member(
+    c: &mut NodeAgentClient<Channel>,
+    uid: &str,
+    url: &str,
+    member: &str,
+) -> pb::DiskProgress {
+    let req = pb::PrepareDiskRequest {
+        disk_uid: uid.into(),
+        namespace: "ns".into(),
+        name: format!("ova-{}", &uid[uid.len() - 2..]),
+        source: Some(pb::DiskSource {
+            kind: Some(pb::disk_source::Kind::Ova(pb::OvaMember {
+                url: url.into(),
+                member: member.into(),
+            })),
+        }),
+        format: "auto".into(),
+        ..Default::default()
+    };
+    let mut stream = c.prepare_disk(req).await.expect("prepare").into_inner();
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("progress") {
+        last = Some(m);
+    }
+    last.expect("import result")
+}
+
+#[tokio::test]
+#[ignore = "privileged: netns, qemu-img (root)"]
+async fn agent_imports_a_member_of_an_ova_served_over_http() {
+    assert!(is_root(), "run as root");
+    let guest = guest_dir();
+    let vmdk = guest.join("disk-stream.vmdk");
+    let work = tempfile::tempdir().expect("tmp");
+    let ova = work.path().join("app.ova");
+    hvx_storage::ova::write_ova(
+        &ova,
+        "app",
+        "<Envelope/>",
+        &[
+            ("db-disk1.vmdk".into(), vmdk.clone()),
+            ("web-disk1.vmdk".into(), vmdk.clone()),
+        ],
+    )
+    .expect("write ova");
+    // The same archive whose manifest lists a wrong SHA256 for the disk.
+    let tampered = work.path().join("tampered.ova");
+    {
+        let p = tampered.as_path();
+        let mut out = std::fs::File::create(p).expect("create");
+        let mf = format!("SHA256(web-disk1.vmdk)= {}\n", "0".repeat(64));
+        hvx_storage::tar::append_file(&mut out, "app.ovf", &mut &b"<Envelope/>"[..], 11, p)
+            .expect("ovf");
+        hvx_storage::tar::append_file(&mut out, "app.mf", &mut mf.as_bytes(), mf.len() as u64, p)
+            .expect("mf");
+        let len = std::fs::metadata(&vmdk).expect("vmdk").len();
+        let mut disk = std::fs::File::open(&vmdk).expect("vmdk");
+        hvx_storage::tar::append_file(&mut out, "web-disk1.vmdk", &mut disk, len, p).expect("disk");
+        out.write_all(&[0u8; 1024]).expect("end");
+    }
+    let mut node = TestNode::new();
+    let direct = serve_file(vmdk.clone());
+    let served = serve_file(ova.clone());
+    let served_tampered = serve_file(tampered.clone());
+    let port = free_port();
+    node.start_agent(port, None);
+    let mut c = connect(port, None).await.expect("agent serves");
+
+    let url = format!("http://{HOST_IP}:{served}/app.ova");
+    let last = import_ova_member(
+        &mut c,
+        "0b1c2d3e-0000-4000-8000-0000000000c1",
+        &url,
+        "web-disk1.vmdk",
+    )
+    .await;
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Ready as i32,
+        "{last:?}"
+    );
+    // The member's bytes are the VMDK's: the same base as importing it directly.
+    let (digest, virtual_bytes) = import_guest(&mut c, direct).await;
+    assert_eq!(last.digest, digest);
+    assert_eq!(last.virtual_bytes, virtual_bytes);
+
+    let last = import_ova_member(
+        &mut c,
+        "0b1c2d3e-0000-4000-8000-0000000000c2",
+        &url,
+        "nope.vmdk",
+    )
+    .await;
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Failed as i32,
+        "{last:?}"
+    );
+    assert!(
+        last.message
+            .contains("no regular file member \"nope.vmdk\""),
+        "{last:?}"
+    );
+    assert!(
+        last.message.contains(&url),
+        "names the OVA by its URL: {last:?}"
+    );
+
+    let bad_url = format!("http://{HOST_IP}:{served_tampered}/tampered.ova");
+    let last = import_ova_member(
+        &mut c,
+        "0b1c2d3e-0000-4000-8000-0000000000c3",
+        &bad_url,
+        "web-disk1.vmdk",
+    )
+    .await;
+    assert_eq!(
+        last.phase,
+        pb::disk_progress::Phase::Failed as i32,
+        "{last:?}"
+    );
+    assert!(last.message.contains("manifest"), "{last:?}");
+
+    // A traversal name never reaches the store: refused as invalid, not retried.
+    let e = c
+        .prepare_disk(pb::PrepareDiskRequest {
+            disk_uid: "0b1c2d3e-0000-4000-8000-0000000000c4".into(),
+            source: Some(pb::DiskSource {
+                kind: Some(pb::disk_source::Kind::Ova(pb::OvaMember {
+                    url,
+                    member: "../web-disk1.vmdk".into(),
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    drop(node);
+}

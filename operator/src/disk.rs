@@ -5,6 +5,7 @@
 use crate::context::{Context, ImportDone, ImportState};
 use crate::error::Error;
 use crate::finalize::Cleanup;
+use crate::hostplan::CloneBlocked;
 use crate::hostprep;
 use hvx_api::{DiskPhase, OverlayDisk, VmApplication, condition, new_condition, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -100,6 +101,14 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                 if let Some(waiting) = Cleanup::wait_for_users(&users) {
                     return Ok(waiting);
                 }
+                // A clone is imported as this disk: it needs it while it exists.
+                let clones = clones_of(&ctx.stores.disks.state(), ns, &disk.name_any());
+                if !clones.is_empty() {
+                    return Ok(Cleanup::waiting(format!(
+                        "cloned by OverlayDisk {}; deleting after it",
+                        clones.join(", ")
+                    )));
+                }
                 // Bases shared with other disks (same content) stay: the agent only
                 // removes a base nothing references any more.
                 // Lost nodes owe the release (recorded), Suspect ones make it wait.
@@ -116,6 +125,27 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
         },
     )
     .await
+}
+
+/// The OverlayDisks of `ns` that clone `name` and are not being deleted (pure): a
+/// clone being deleted no longer needs its origin, so deleting a clone cycle at once
+/// never waits on itself.
+pub fn clones_of(disks: &[Arc<OverlayDisk>], ns: &str, name: &str) -> Vec<String> {
+    let mut v: Vec<String> = disks
+        .iter()
+        .filter(|d| d.metadata.namespace.as_deref() == Some(ns))
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .filter(|d| {
+            d.spec
+                .source
+                .clone
+                .as_ref()
+                .is_some_and(|c| c.overlay_disk == name)
+        })
+        .map(|d| d.name_any())
+        .collect();
+    v.sort();
+    v
 }
 
 /// What this process knows of the imports of one disk: (node, state), by node.
@@ -145,7 +175,10 @@ pub fn import_fields(
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };
-    if let Err(reason) = crate::hostplan::prepare_disk_request(disk) {
+    // A clone's imports are its origin's (`clone_fields`), whose spec is checked there.
+    if disk.spec.source.clone.is_none()
+        && let Err(reason) = crate::hostplan::prepare_disk_request(disk)
+    {
         return fields(json!({"phase": DiskPhase::Failed, "progress": reason}));
     }
     if let Some((node, p)) = imports.iter().find_map(|(n, s)| match s {
@@ -196,6 +229,31 @@ pub fn import_fields(
     }))
 }
 
+/// The UID whose imports give the disk's status: its own, or for a clone its
+/// origin's (a clone is imported as the disk it clones: `hostplan::clone_origin`).
+fn clone_origin_uid(ctx: &Context, disk: &OverlayDisk) -> Result<String, CloneBlocked> {
+    if disk.spec.source.clone.is_none() {
+        return Ok(disk.uid().unwrap_or_default());
+    }
+    let ns = disk.namespace().unwrap_or_default();
+    let origin =
+        crate::hostplan::clone_origin(Arc::new(disk.clone()), |name| ctx.stores.disk(&ns, name))?;
+    Ok(origin.uid().unwrap_or_default())
+}
+
+/// A clone that cannot be imported says why: Pending while the disk it names is
+/// missing (it may be created), Failed for a chain that can never end (pure).
+pub fn clone_blocked_fields(blocked: &CloneBlocked) -> serde_json::Map<String, serde_json::Value> {
+    let phase = match blocked {
+        CloneBlocked::Missing(_) => DiskPhase::Pending,
+        CloneBlocked::Invalid(_) => DiskPhase::Failed,
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("phase".into(), json!(phase));
+    m.insert("progress".into(), json!(blocked.to_string()));
+    m
+}
+
 /// Writes the disk's status: the import fields (`import_fields`), the initial phase of
 /// a new disk, and the conditions. This controller is the only writer of those fields
 /// once an import runs (the upload endpoint writes progress while bytes arrive, before
@@ -207,7 +265,10 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>, ctx: &Context) -> Res
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut conditions = status.conditions.clone();
     let current = serde_json::to_value(&status).unwrap_or_default();
-    let mut patch = import_fields(disk, &imports_of(ctx, &disk.uid().unwrap_or_default()));
+    let mut patch = match clone_origin_uid(ctx, disk) {
+        Ok(uid) => import_fields(disk, &imports_of(ctx, &uid)),
+        Err(blocked) => clone_blocked_fields(&blocked),
+    };
     patch.retain(|k, v| current.get(k) != Some(v));
     if status.phase.is_none() && !patch.contains_key("phase") {
         let (phase, message) = initial_phase(disk);
@@ -304,6 +365,58 @@ mod tests {
             format: "vmdk".into(),
             seconds: 3,
         })
+    }
+
+    /// A clone's status is its origin's imports (ready with the origin's digest), or
+    /// why it waits: Pending for a missing origin, Failed for a cycle.
+    #[test]
+    fn a_clone_reports_its_origins_import_or_what_blocks_it() {
+        let clone: OverlayDisk = serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+            "metadata": {"name": "web-copy", "namespace": "shop", "uid": "d-2"},
+            "spec": {"source": {"clone": {"overlayDisk": "web-root"}}},
+        }))
+        .expect("disk");
+        let f = import_fields(&clone, &[("n1".into(), ready("sha256:aa"))]);
+        assert_eq!(f["phase"], json!("Ready"));
+        assert_eq!(f["digest"], json!("sha256:aa"));
+        let f = clone_blocked_fields(&CloneBlocked::Missing("waiting for OverlayDisk x".into()));
+        assert_eq!(f["phase"], json!("Pending"));
+        assert_eq!(f["progress"], json!("waiting for OverlayDisk x"));
+        let f = clone_blocked_fields(&CloneBlocked::Invalid("clone cycle: a -> a".into()));
+        assert_eq!(f["phase"], json!("Failed"));
+    }
+
+    #[test]
+    fn an_origin_waits_for_its_live_clones_only() {
+        let disk = |name: &str, ns: &str, of: Option<&str>, deleting: bool| {
+            let source = match of {
+                Some(o) => json!({"clone": {"overlayDisk": o}}),
+                None => json!({"blank": {}}),
+            };
+            let mut meta = json!({"name": name, "namespace": ns});
+            if deleting {
+                meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            Arc::new(
+                serde_json::from_value::<OverlayDisk>(json!({
+                    "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+                    "metadata": meta, "spec": {"source": source},
+                }))
+                .expect("disk"),
+            )
+        };
+        let disks = [
+            disk("base", "a", None, false),
+            disk("c2", "a", Some("base"), false),
+            disk("c1", "a", Some("base"), false),
+            disk("gone", "a", Some("base"), true),
+            disk("other-ns", "b", Some("base"), false),
+            disk("grandchild", "a", Some("c1"), false),
+        ];
+        assert_eq!(clones_of(&disks, "a", "base"), ["c1", "c2"]);
+        assert_eq!(clones_of(&disks, "a", "c1"), ["grandchild"]);
+        assert!(clones_of(&disks, "a", "grandchild").is_empty());
     }
 
     #[test]

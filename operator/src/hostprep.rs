@@ -114,6 +114,20 @@ pub async fn ensure_vm_bases(
             ));
             continue;
         };
+        // A clone is imported as the disk it clones: one import per node for both,
+        // one content-addressed base; a missing origin or a cycle waits here, never
+        // reaching the agent.
+        if obj.spec.source.clone.is_some() {
+            // Its status follows the origin's import (`disk::clone_origin_uid`).
+            let _ = ctx.disk_wakeups.send(ObjectRef::from_obj(&*obj));
+        }
+        let obj = match hostplan::clone_origin(obj, |name| ctx.stores.disk(&ls.namespace, name)) {
+            Ok(origin) => origin,
+            Err(blocked) => {
+                waiting.push(format!("OverlayDisk {}: {blocked}", vd.overlay_disk.name));
+                continue;
+            }
+        };
         let uid = obj.uid().unwrap_or_default();
         let key = (node.to_string(), uid.clone());
         let state = ctx

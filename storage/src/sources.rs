@@ -33,6 +33,14 @@ pub enum ImportSource {
     },
     /// A member of an OVA (tar), read by name without extracting other members.
     OvaMember { ova: PathBuf, member: String },
+    /// A member of an OVA served over HTTP(S): the archive is downloaded like an
+    /// `Http` source (same egress policy, redirect checks, size limit, resume), then
+    /// the member is staged from it as for `OvaMember` and the archive deleted.
+    HttpOvaMember {
+        url: String,
+        member: String,
+        ca_pem: Option<Vec<u8>>,
+    },
 }
 
 /// Writes `data` at the current position, seeking over all-zero chunks so raw images
@@ -140,6 +148,14 @@ impl DiskStore {
             }
             ImportSource::OvaMember { ova, member } => {
                 self.stage_ova_member(ova, member, progress.clone()).await?
+            }
+            ImportSource::HttpOvaMember {
+                url,
+                member,
+                ca_pem,
+            } => {
+                self.stage_http_ova_member(url, member, ca_pem.as_deref(), progress.clone())
+                    .await?
             }
         };
         self.import_staged(staged, expected_sha256, progress).await
@@ -283,7 +299,47 @@ impl DiskStore {
         staged_or_cleanup(staging, entry, result)
     }
 
-    /// Stages one member of an OVA (and the extents a VMDK descriptor member names).
+    /// Downloads the OVA at `url` and stages its member `member` (see
+    /// `ImportSource::HttpOvaMember`). The downloaded archive is removed once the
+    /// member is staged or refused; an interrupted download is resumed by the next try.
+    pub async fn stage_http_ova_member(
+        &self,
+        url: &str,
+        member: &str,
+        ca_pem: Option<&[u8]>,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        format::check_plain_name(member)?;
+        let downloads = self.root().join("downloads");
+        std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+        let part = downloads.join(format!("{}.part", hex(&Sha256::digest(url.as_bytes()))));
+        let limit = self.limits().max_virtual_size.saturating_add(1 << 30);
+        crate::http::download_resumable(
+            url,
+            &part,
+            limit,
+            5,
+            ca_pem,
+            &self.cfg.http_policy,
+            progress.as_ref(),
+        )
+        .await?;
+        let staged = self.stage_ova_member(&part, member, progress).await;
+        // A refused archive (missing member, bad manifest, hostile header) would be
+        // refused again: keeping it only costs space.
+        let _ = std::fs::remove_file(&part);
+        // Name the archive by its URL, not by the download's private file name.
+        staged.map_err(|e| match e {
+            StorageError::Ova { reason, .. } => StorageError::Ova {
+                path: PathBuf::from(url),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Stages one member of an OVA (and the extents a VMDK descriptor member names),
+    /// checking each staged member against the OVA's manifest (`.mf`) when it lists it.
     pub async fn stage_ova_member(
         &self,
         ova: &Path,
@@ -326,6 +382,25 @@ impl DiskStore {
                     }
                 }
             }
+            let manifest = match index.iter().find(|m| m.name.ends_with(".mf")) {
+                Some(mf) if mf.size <= MAX_MANIFEST_BYTES => {
+                    file.seek(SeekFrom::Start(mf.offset))
+                        .map_err(io_err(&ova))?;
+                    let mut text = vec![0u8; usize::try_from(mf.size).unwrap_or(0)];
+                    file.read_exact(&mut text).map_err(io_err(&ova))?;
+                    String::from_utf8_lossy(&text).into_owned()
+                }
+                Some(mf) => {
+                    return Err(StorageError::Ova {
+                        path: ova.clone(),
+                        reason: format!(
+                            "manifest {:?} is {} bytes (at most {MAX_MANIFEST_BYTES})",
+                            mf.name, mf.size
+                        ),
+                    });
+                }
+                None => String::new(),
+            };
             let total: u64 = wanted.iter().map(|m| m.size).sum();
             let mut parts = Vec::new();
             let mut done_before = 0u64;
@@ -337,12 +412,69 @@ impl DiskStore {
                     }
                 })?;
                 done_before += m.size;
+                check_manifest(&manifest, &m.name, &digest, &staging_c.join(&m.name))?;
                 parts.push((m.name.clone(), digest));
             }
             Ok((combined_digest(&parts), total))
         })
         .await;
         staged_or_cleanup(staging, member, result)
+    }
+}
+
+/// Larger `.mf` members are refused rather than read into memory: a real manifest
+/// has one short line per file.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// A digest an OVA manifest lists for a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestDigest {
+    Sha256(String),
+    Sha1(String),
+}
+
+/// The digest `manifest` (`ALGO(name)= hex` lines, as ovftool writes them) lists for
+/// `member`, if any. Unknown algorithms and malformed lines are skipped: they say
+/// nothing about this member.
+pub fn manifest_digest(manifest: &str, member: &str) -> Option<ManifestDigest> {
+    manifest.lines().find_map(|line| {
+        let (lhs, digest) = line.split_once('=')?;
+        let (algo, rest) = lhs.trim().split_once('(')?;
+        let name = rest.strip_suffix(')')?;
+        if name != member {
+            return None;
+        }
+        let digest = digest.trim().to_ascii_lowercase();
+        match algo.trim().to_ascii_uppercase().as_str() {
+            "SHA256" => Some(ManifestDigest::Sha256(digest)),
+            "SHA1" => Some(ManifestDigest::Sha1(digest)),
+            _ => None,
+        }
+    })
+}
+
+/// Compares a staged member with what the manifest lists for it (nothing to check
+/// when it lists nothing). `sha256` was computed while staging; SHA1 re-reads `staged`.
+fn check_manifest(manifest: &str, name: &str, sha256: &str, staged: &Path) -> Result<()> {
+    let (expected, actual) = match manifest_digest(manifest, name) {
+        None => return Ok(()),
+        Some(ManifestDigest::Sha256(expected)) => (expected, sha256.to_string()),
+        Some(ManifestDigest::Sha1(expected)) => {
+            use sha1::Digest as _;
+            let mut f = open_regular(staged)?;
+            let mut h = sha1::Sha1::new();
+            std::io::copy(&mut f, &mut h).map_err(io_err(staged))?;
+            (expected, hex(&h.finalize()))
+        }
+    };
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(StorageError::Checksum {
+            what: format!("OVA member {name} (against the OVA's manifest)"),
+            expected,
+            actual,
+        })
     }
 }
 
@@ -358,5 +490,60 @@ fn staged_or_cleanup(dir: PathBuf, entry: &str, result: Result<(String, u64)>) -
             let _ = std::fs::remove_dir_all(&dir);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_lines_by_member_and_algorithm() {
+        let mf = "SHA256(app.ovf)= AA\nSHA1(disk1.vmdk)=bb\ngarbage\nMD5(disk2.vmdk)= cc\nSHA256(disk2.vmdk) = dd\n";
+        assert_eq!(
+            manifest_digest(mf, "app.ovf"),
+            Some(ManifestDigest::Sha256("aa".into()))
+        );
+        assert_eq!(
+            manifest_digest(mf, "disk1.vmdk"),
+            Some(ManifestDigest::Sha1("bb".into()))
+        );
+        // The unknown MD5 line is skipped, the SHA256 line for the same member used.
+        assert_eq!(
+            manifest_digest(mf, "disk2.vmdk"),
+            Some(ManifestDigest::Sha256("dd".into()))
+        );
+        assert_eq!(manifest_digest(mf, "disk3.vmdk"), None);
+        assert_eq!(manifest_digest(mf, "disk1"), None, "names match exactly");
+    }
+
+    #[test]
+    fn staged_members_are_checked_against_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = dir.path().join("d.vmdk");
+        std::fs::write(&staged, b"abc").unwrap();
+        let sha256 = hex(&Sha256::digest(b"abc"));
+        // Well-known SHA1 of "abc".
+        let sha1 = "a9993e364706816aba3e25717850c26c9cd0d89d";
+        check_manifest("", "d.vmdk", &sha256, &staged).unwrap();
+        check_manifest(
+            &format!("SHA256(d.vmdk)= {sha256}\n"),
+            "d.vmdk",
+            &sha256,
+            &staged,
+        )
+        .unwrap();
+        check_manifest(
+            &format!("SHA1(d.vmdk)= {sha1}\n"),
+            "d.vmdk",
+            &sha256,
+            &staged,
+        )
+        .unwrap();
+        let err = check_manifest("SHA256(d.vmdk)= 00\n", "d.vmdk", &sha256, &staged).unwrap_err();
+        assert!(matches!(err, StorageError::Checksum { .. }), "{err}");
+        let err = check_manifest("SHA1(d.vmdk)= 00\n", "d.vmdk", &sha256, &staged).unwrap_err();
+        assert!(err.to_string().contains("manifest"), "{err}");
     }
 }

@@ -270,3 +270,121 @@ async fn https_import_trusts_only_the_given_ca() {
         .unwrap();
     assert!(same_content(&disk.active_path, "qcow2", &raw, "raw"));
 }
+
+/// An OVA member over HTTP (`HttpOvaMember`): the archive is downloaded (resumed
+/// after a dropped connection), the member staged and checked against the manifest;
+/// the base is the very one a direct import of the same VMDK makes (the store dedupes
+/// by digest: a second import adds no base). A missing member and a truncated
+/// archive are clear errors naming the URL, and no download is left behind.
+#[tokio::test]
+#[ignore = "privileged: make test-integration"]
+async fn ova_member_over_http_is_the_same_base_as_the_vmdk() {
+    let t = loopback_store();
+    let work = t.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let raw = work.join("d.raw");
+    pattern_raw(&raw, 8);
+    let vmdk = work.join("d1.vmdk");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        raw.to_str().unwrap(),
+        vmdk.to_str().unwrap(),
+    ]);
+    let ova = work.join("app.ova");
+    hvx_storage::ova::write_ova(
+        &ova,
+        "app",
+        "<Envelope/>",
+        &[("d1.vmdk".into(), vmdk.clone())],
+    )
+    .unwrap();
+    let ova_bytes = std::fs::read(&ova).unwrap();
+    let (base_url, ranges) = serve(ova_bytes.clone(), 1).await;
+    let url = format!("{base_url}/disk.vmdk");
+    let from_ova = t
+        .store
+        .import(
+            &ImportSource::HttpOvaMember {
+                url: url.clone(),
+                member: "d1.vmdk".into(),
+                ca_pem: None,
+            },
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        !ranges.lock().unwrap().is_empty(),
+        "the dropped download was resumed"
+    );
+    let bases = |t: &TestStore| file_list(&t.dir.path().join("store/bases")).len();
+    let before = bases(&t);
+    let direct = t
+        .store
+        .import(
+            &ImportSource::Local {
+                dir: work.clone(),
+                entry: "d1.vmdk".into(),
+            },
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(from_ova.digest, direct.digest);
+    assert_eq!(bases(&t), before, "the same bytes add no base");
+    let d = t
+        .store
+        .create_disk("ns", "from-ova", &from_ova.digest, None)
+        .await
+        .unwrap();
+    assert!(same_content(&d.active_path, "qcow2", &raw, "raw"));
+
+    let err = t
+        .store
+        .import(
+            &ImportSource::HttpOvaMember {
+                url: url.clone(),
+                member: "nope.vmdk".into(),
+                ca_pem: None,
+            },
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Ova { path, reason } if path.to_str() == Some(url.as_str()) && reason.contains("nope.vmdk")),
+        "{err}"
+    );
+
+    // The archive cut inside the member: the tar walk says truncated.
+    let (cut_url, _) = serve(ova_bytes[..ova_bytes.len() / 2].to_vec(), 0).await;
+    let err = t
+        .store
+        .import(
+            &ImportSource::HttpOvaMember {
+                url: format!("{cut_url}/disk.vmdk"),
+                member: "d1.vmdk".into(),
+                ca_pem: None,
+            },
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    let downloads = t.dir.path().join("store/downloads");
+    assert!(
+        file_list(&downloads).is_empty(),
+        "no download left behind: {:?}",
+        file_list(&downloads)
+    );
+}

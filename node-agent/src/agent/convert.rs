@@ -234,16 +234,33 @@ pub fn import_source(src: &pb::DiskSource) -> Result<ImportSource, AgentError> {
                 ca_pem: None,
             })
         }
-        Some(Kind::Pvc(_)) => Err(AgentError::Precondition(
-            "PVC disk sources are not supported by this agent yet: use an http source or --upload"
+        // The CRD refuses pvc sources (no importer mounts claims); an old object
+        // created before that rule is a permanent error, not a retry.
+        Some(Kind::Pvc(_)) => Err(AgentError::Invalid(
+            "pvc sources are not supported by this hvx version: use http, ova, upload or clone"
                 .into(),
         )),
-        Some(Kind::Ova(o)) => Err(AgentError::Precondition(format!(
-            "OVA member {} must be imported with `kubectl hvx import --upload` (the agent reads http sources)",
-            o.member
-        ))),
-        Some(Kind::CloneOf(d)) => Err(AgentError::Precondition(format!(
-            "cloning OverlayDisk {d} is not supported by this agent yet"
+        Some(Kind::Ova(o)) => {
+            if !(o.url.starts_with("http://") || o.url.starts_with("https://")) {
+                return Err(AgentError::Invalid(format!(
+                    "an ova source needs an http or https url, not {:?} (an OVA on your machine is imported with `kubectl hvx import --upload`)",
+                    o.url
+                )));
+            }
+            // A plain name, as the OVF's References list it: "../x" or "a/b" can
+            // never select a member.
+            hvx_storage::format::check_plain_name(&o.member)
+                .map_err(|e| AgentError::Invalid(format!("OVA member: {e}")))?;
+            Ok(ImportSource::HttpOvaMember {
+                url: o.url.clone(),
+                member: o.member.clone(),
+                ca_pem: None,
+            })
+        }
+        // The operator imports a clone as the disk it clones (same source, same base):
+        // a clone request never reaches an agent from it.
+        Some(Kind::CloneOf(d)) => Err(AgentError::Invalid(format!(
+            "clone of {d}: the operator imports clones as the disk they clone"
         ))),
         // Blank disks have no bytes to import: `disks::prepare` makes them from the
         // store's empty base without calling this.
@@ -379,6 +396,41 @@ mod tests {
         // Blank disks never reach the import path (`disks::prepare` makes them).
         let e = import_source(&src(Kind::BlankBytes(1))).expect_err("no source");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let ova = |url: &str, member: &str| {
+            import_source(&src(Kind::Ova(pb::OvaMember {
+                url: url.into(),
+                member: member.into(),
+            })))
+        };
+        assert_eq!(
+            ova("http://h/app.ova", "disk1.vmdk").expect("ova"),
+            ImportSource::HttpOvaMember {
+                url: "http://h/app.ova".into(),
+                member: "disk1.vmdk".into(),
+                ca_pem: None
+            }
+        );
+        for (url, member) in [
+            ("", "disk1.vmdk"),
+            ("file:///x.ova", "disk1.vmdk"),
+            ("http://h/app.ova", "../disk1.vmdk"),
+            ("http://h/app.ova", "a/disk1.vmdk"),
+            ("http://h/app.ova", ".."),
+        ] {
+            let e = ova(url, member).expect_err("refused");
+            assert_eq!(
+                e.code(),
+                tonic::Code::InvalidArgument,
+                "{url} {member}: {e}"
+            );
+        }
+        let e = import_source(&src(Kind::Pvc(pb::PvcPath {
+            mount: "c".into(),
+            path: "d.vmdk".into(),
+        })))
+        .expect_err("pvc");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("not supported"), "{e}");
     }
 
     #[test]

@@ -300,6 +300,70 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// How many clones of clones are followed before giving up.
+pub const MAX_CLONE_DEPTH: usize = 8;
+
+/// Why a clone has no origin (yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloneBlocked {
+    /// A disk the chain names does not exist (yet): the clone waits for it.
+    Missing(String),
+    /// The chain can never end (a cycle, too deep, or a snapshot to clone from).
+    Invalid(String),
+}
+
+impl std::fmt::Display for CloneBlocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloneBlocked::Missing(m) | CloneBlocked::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The disk whose bytes `disk` has: itself unless it is a clone, else the first disk
+/// of its clone chain that is not a clone (looked up by name in its namespace). A
+/// clone is imported as that disk: the same request, the same content-addressed base,
+/// so a node holding the origin's base imports nothing again.
+pub fn clone_origin<D>(disk: D, lookup: impl Fn(&str) -> Option<D>) -> Result<D, CloneBlocked>
+where
+    D: std::ops::Deref<Target = OverlayDisk>,
+{
+    let mut chain = vec![disk.metadata.name.clone().unwrap_or_default()];
+    let mut cur = disk;
+    loop {
+        let Some(c) = cur.spec.source.clone.clone() else {
+            return Ok(cur);
+        };
+        let name = chain.last().cloned().unwrap_or_default();
+        if c.snapshot.is_some() {
+            return Err(CloneBlocked::Invalid(format!(
+                "OverlayDisk {name} clones a snapshot of {}: not supported by this hvx version",
+                c.overlay_disk
+            )));
+        }
+        if chain.contains(&c.overlay_disk) {
+            chain.push(c.overlay_disk);
+            return Err(CloneBlocked::Invalid(format!(
+                "clone cycle: {}",
+                chain.join(" -> ")
+            )));
+        }
+        if chain.len() > MAX_CLONE_DEPTH {
+            return Err(CloneBlocked::Invalid(format!(
+                "clone chain longer than {MAX_CLONE_DEPTH}: {} -> ...",
+                chain.join(" -> ")
+            )));
+        }
+        cur = lookup(&c.overlay_disk).ok_or_else(|| {
+            CloneBlocked::Missing(format!(
+                "waiting for OverlayDisk {} (cloned by {name}), which does not exist",
+                c.overlay_disk
+            ))
+        })?;
+        chain.push(c.overlay_disk);
+    }
+}
+
 /// The agent's import request for an OverlayDisk, or why it cannot be made.
 pub fn prepare_disk_request(disk: &OverlayDisk) -> Result<pb::PrepareDiskRequest, String> {
     use pb::disk_source::Kind;
@@ -319,7 +383,12 @@ pub fn prepare_disk_request(disk: &OverlayDisk) -> Result<pb::PrepareDiskRequest
             member: o.member.clone(),
         })
     } else if let Some(c) = &src.clone {
-        Kind::CloneOf(c.overlay_disk.clone())
+        // Callers import a clone as its origin (`clone_origin`); the agent has no
+        // way to resolve names.
+        return Err(format!(
+            "a clone of {} is imported as the disk it clones: resolve it with clone_origin",
+            c.overlay_disk
+        ));
     } else if src.blank.is_some() {
         // CEL requires a capacity; one this parser cannot read (decimal units) is a
         // build error the user sees, never an import the agent refuses every 30 s.
@@ -466,6 +535,94 @@ mod tests {
         assert!(!r.firewall_rules[0].allow);
         assert_eq!(r.firewall_rules[0].protocol, "tcp");
         assert!(r.firewall_default_allow);
+    }
+
+    fn named(name: &str, source: serde_json::Value) -> OverlayDisk {
+        serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}")},
+            "spec": {"source": source},
+        }))
+        .expect("disk")
+    }
+
+    fn clone_of(name: &str, of: &str) -> OverlayDisk {
+        named(name, json!({"clone": {"overlayDisk": of}}))
+    }
+
+    fn origin_in(disks: &[OverlayDisk], name: &str) -> Result<String, CloneBlocked> {
+        let find = |n: &str| disks.iter().find(|d| d.metadata.name.as_deref() == Some(n));
+        clone_origin(find(name).expect("start"), find)
+            .map(|d| d.metadata.name.clone().unwrap_or_default())
+    }
+
+    #[test]
+    fn clones_resolve_to_their_origin_through_chains() {
+        let disks = [
+            named("base", json!({"http": {"url": "http://h/d.vmdk"}})),
+            clone_of("a", "base"),
+            clone_of("b", "a"),
+        ];
+        assert_eq!(origin_in(&disks, "base"), Ok("base".into()));
+        assert_eq!(origin_in(&disks, "a"), Ok("base".into()));
+        assert_eq!(origin_in(&disks, "b"), Ok("base".into()));
+        // The origin's request is what a clone sends: its source, its checksum.
+        let find = |n: &str| disks.iter().find(|d| d.metadata.name.as_deref() == Some(n));
+        let origin = clone_origin(find("b").expect("b"), find).expect("origin");
+        let req = prepare_disk_request(origin).expect("request");
+        assert_eq!(
+            req.source.and_then(|s| s.kind),
+            Some(pb::disk_source::Kind::HttpUrl("http://h/d.vmdk".into()))
+        );
+        assert_eq!(req.disk_uid, "uid-base");
+        // Never sent as such.
+        assert!(prepare_disk_request(&disks[1]).is_err());
+    }
+
+    #[test]
+    fn clone_chains_that_cannot_end_say_why() {
+        let disks = [clone_of("a", "b"), clone_of("b", "c"), clone_of("c", "a")];
+        let Err(CloneBlocked::Invalid(m)) = origin_in(&disks, "a") else {
+            panic!("a cycle")
+        };
+        assert_eq!(m, "clone cycle: a -> b -> c -> a");
+        let disks = [clone_of("self", "self")];
+        assert!(matches!(
+            origin_in(&disks, "self"),
+            Err(CloneBlocked::Invalid(_))
+        ));
+
+        let disks = [clone_of("a", "gone")];
+        assert_eq!(
+            origin_in(&disks, "a"),
+            Err(CloneBlocked::Missing(
+                "waiting for OverlayDisk gone (cloned by a), which does not exist".into()
+            ))
+        );
+
+        // A chain of MAX_CLONE_DEPTH clones resolves; one more is refused.
+        let mut disks = vec![named("d0", json!({"blank": {}}))];
+        for i in 1..=MAX_CLONE_DEPTH + 1 {
+            disks.push(clone_of(&format!("d{i}"), &format!("d{}", i - 1)));
+        }
+        assert_eq!(
+            origin_in(&disks, &format!("d{MAX_CLONE_DEPTH}")),
+            Ok("d0".into())
+        );
+        let Err(CloneBlocked::Invalid(m)) = origin_in(&disks, &format!("d{}", MAX_CLONE_DEPTH + 1))
+        else {
+            panic!("too deep")
+        };
+        assert!(m.contains("longer than"), "{m}");
+
+        let disks = [named(
+            "s",
+            json!({"clone": {"overlayDisk": "x", "snapshot": "before"}}),
+        )];
+        assert!(matches!(
+            origin_in(&disks, "s"),
+            Err(CloneBlocked::Invalid(_))
+        ));
     }
 
     #[test]
