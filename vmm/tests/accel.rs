@@ -14,6 +14,9 @@ async fn probe_reports_accelerator_with_reason() {
     let guest = common::guest_dir();
     let opts = ProbeOptions {
         kernel: Some(guest.join("vmlinuz")),
+        // Whether it boots is what is checked here, not how fast: a TCG boot on a
+        // loaded 2-core machine took longer than the agent's 10 s default.
+        timeout: std::time::Duration::from_secs(90),
         ..ProbeOptions::default()
     };
     let report = probe_accelerator(&opts).await;
