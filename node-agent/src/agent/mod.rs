@@ -10,6 +10,7 @@
 //! their own launcher pods and never depend on the agent process being up.
 
 pub mod convert;
+pub mod csi;
 pub mod disks;
 pub mod error;
 pub mod http_policy;
