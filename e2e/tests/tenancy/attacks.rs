@@ -461,7 +461,12 @@ pub async fn attacks_from_another_namespace_fail(admin: &Client, v: &Victim) {
         copy["spec"].as_object_mut().map(|s| s.remove(k));
     }
     for vol in copy["spec"]["volumes"].as_array_mut().into_iter().flatten() {
-        if let Some(attrs) = vol["csi"]["volumeAttributes"].as_object_mut() {
+        // `get_mut`, not indexing: indexing would add a csi source to every volume.
+        if let Some(attrs) = vol
+            .get_mut("csi")
+            .and_then(|c| c.get_mut("volumeAttributes"))
+            .and_then(|a| a.as_object_mut())
+        {
             attrs.insert(
                 "csi.storage.k8s.io/pod.name".into(),
                 json!(victim_pod.metadata.name),
