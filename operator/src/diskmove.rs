@@ -59,6 +59,16 @@ pub fn placement<'a>(disks_on: Option<&'a str>, pod_node: &str) -> DiskPlacement
     }
 }
 
+/// Whether `pod` is bound to another node than the one its `disks-on` names: a move
+/// it has not recorded yet (pure).
+pub fn move_unrecorded(pod: &Pod) -> bool {
+    let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    match (pod.annotations().get(ANNOTATION_DISKS_ON), bound) {
+        (Some(from), Some(node)) => placement(Some(from), node) != DiskPlacement::Here,
+        _ => false,
+    }
+}
+
 fn state(ctx: &Context, id: &str) -> Option<MoveState> {
     ctx.disk_moves
         .lock()
@@ -418,6 +428,29 @@ pub async fn clean_old_copy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_move_is_unrecorded_while_disks_on_names_another_node() {
+        let pod = |disks_on: Option<&str>, node: Option<&str>| -> Pod {
+            let mut p = Pod::default();
+            if let Some(d) = disks_on {
+                p.annotations_mut()
+                    .insert(ANNOTATION_DISKS_ON.into(), d.into());
+            }
+            p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: node.map(str::to_string),
+                ..Default::default()
+            });
+            p
+        };
+        assert!(move_unrecorded(&pod(Some("n1"), Some("n2"))));
+        assert!(!move_unrecorded(&pod(Some("n2"), Some("n2"))));
+        assert!(!move_unrecorded(&pod(None, Some("n2"))));
+        assert!(
+            !move_unrecorded(&pod(Some("n1"), None)),
+            "not bound: nothing moved yet"
+        );
+    }
 
     #[test]
     fn disks_move_only_when_the_pod_is_bound_elsewhere() {

@@ -190,12 +190,23 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
         {
             tracing::warn!(vm = %vm.name, error = %e, "deleting the old copy of moved disks");
         }
-        if phase == VmPhase::Starting
+        // A move the pod does not record yet is finished here even when the VM runs:
+        // its launcher starts QEMU as soon as the moved overlay lands, which can be
+        // before this pass records the move (`disks-on` would then name the old node
+        // forever, in status too, and the old copy would never go).
+        let unrecorded_move = pod.is_some_and(diskmove::move_unrecorded);
+        if (phase == VmPhase::Starting || (phase == VmPhase::Running && unrecorded_move))
             && let Some(pod) = pod
             && let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone())
             && let Some(ls) = hostplan::pod_launch_spec(pod)
         {
-            match diskmove::prepare_disks(ctx, app, &cluster, pod, &node, &ls).await {
+            let prepared = diskmove::prepare_disks(ctx, app, &cluster, pod, &node, &ls).await;
+            match prepared {
+                _ if phase == VmPhase::Running => {
+                    if let Err(e) = prepared {
+                        tracing::warn!(vm = %vm.name, error = %e, "recording the disk move of a running VM");
+                    }
+                }
                 Ok(DisksState::Ready) => {
                     if let Some(problem) = &network_problem {
                         reason = Some(format!("network: {problem}"));
