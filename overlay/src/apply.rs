@@ -396,29 +396,12 @@ impl Switch {
         path: &std::path::Path,
         report: &mut ApplyReport,
     ) -> Result<()> {
-        let dir = std::path::Path::new(NETNS_DIR);
         let path = path.to_path_buf();
         let pin_at = pin_of(&plan.state_dir);
         if is_netns_mount(&pin_at) {
             // This container's copy of the host's pin: the namespace of an agent
             // before this one.
-            std::fs::create_dir_all(dir).map_err(|source| OverlayError::WriteFile {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-            if !path.exists() {
-                host::write_file(&path, "")?;
-            }
-            let target = path.display().to_string();
-            run(
-                &[
-                    "mount".into(),
-                    "--bind".into(),
-                    pin_at.display().to_string(),
-                    target.clone(),
-                ],
-                None,
-            )?;
+            let target = bind_name(&path, &pin_at.display().to_string())?;
             report
                 .changes
                 .push(format!("re-attached {target} from its pin"));
@@ -426,23 +409,7 @@ impl Switch {
         }
         let dnsmasq = daemon::running(&DnsmasqPaths::new(&plan.state_dir));
         if let Some(id) = dnsmasq {
-            std::fs::create_dir_all(dir).map_err(|source| OverlayError::WriteFile {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-            if !path.exists() {
-                host::write_file(&path, "")?;
-            }
-            let target = path.display().to_string();
-            run(
-                &[
-                    "mount".into(),
-                    "--bind".into(),
-                    format!("/proc/{}/ns/net", id.pid),
-                    target.clone(),
-                ],
-                None,
-            )?;
+            let target = bind_name(&path, &format!("/proc/{}/ns/net", id.pid))?;
             report
                 .changes
                 .push(format!("re-attached {target} from dnsmasq {}", id.pid));
@@ -760,6 +727,25 @@ impl Switch {
 
 /// A `link del` that failed because the device went meanwhile (a veth whose
 /// peer's namespace was just freed) did what it was asked.
+/// Names the namespace at `source` (a namespace file) `path` under `/run/netns`;
+/// returns the name's path as text.
+fn bind_name(path: &std::path::Path, source: &str) -> Result<String> {
+    let dir = std::path::Path::new(NETNS_DIR);
+    std::fs::create_dir_all(dir).map_err(|source| OverlayError::WriteFile {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !path.exists() {
+        host::write_file(path, "")?;
+    }
+    let target = path.display().to_string();
+    run(
+        &["mount".into(), "--bind".into(), source.to_string(), target.clone()],
+        None,
+    )?;
+    Ok(target)
+}
+
 /// The pin of the gateway namespace whose network keeps its state in `state_dir`
 /// (absolute: the host resolves it from its own root).
 fn pin_of(state_dir: &std::path::Path) -> std::path::PathBuf {

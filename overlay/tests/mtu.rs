@@ -40,14 +40,7 @@ fn small_underlay_pushes_mtu_and_clamps_mss() {
     assert!(bridge.contains("mtu 1450"), "{bridge}");
 
     // DHCP option 26 reaches the guest (udhcpc exports it as $mtu to its script).
-    let script = lab.state_root.join("udhcpc-mtu.sh");
-    std::fs::create_dir_all(&lab.state_root).unwrap();
-    std::fs::write(&script, "#!/bin/sh\necho \"hvx-mtu=$mtu\"\n").unwrap();
-    let run = format!(
-        "chmod +x {0}; busybox udhcpc -i eth0 -n -q -f -t 10 -T 2 -s {0} 2>&1",
-        script.display()
-    );
-    let out = lab.exec(&lab.vm("d").ns, &["sh", "-c", &run]).unwrap();
+    let out = udhcpc(&lab, "d", "udhcpc-mtu.sh", "#!/bin/sh\necho \"hvx-mtu=$mtu\"\n");
     assert!(
         out.contains("hvx-mtu=1450"),
         "DHCP did not announce MTU 1450: {out}"

@@ -20,17 +20,8 @@ const CLONE: u32 = 200;
 
 /// busybox udhcpc once; its script configures the lease like a guest would.
 fn dhcp(lab: &Lab, vm: &str) -> String {
-    let ns = lab.vm(vm).ns.clone();
-    let script = lab.state_root.join("udhcpc-configure.sh");
-    std::fs::create_dir_all(&lab.state_root).unwrap();
     let body = "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\nip addr add \"$ip/$mask\" dev \"$interface\"\nip route add default via \"$router\"\necho \"hvx-lease ip=$ip router=$router dns=$dns\"\n";
-    std::fs::write(&script, body).unwrap();
-    let cmd = format!(
-        "chmod +x {0}; busybox udhcpc -i eth0 -n -q -f -t 10 -T 2 -s {0} 2>&1",
-        script.display()
-    );
-    lab.exec(&ns, &["sh", "-c", &cmd])
-        .unwrap_or_else(|e| e.to_string())
+    udhcpc(lab, vm, "udhcpc-configure.sh", body)
 }
 
 fn neighbour_mac(lab: &Lab, vm: &str, ip: &str) -> String {

@@ -13,17 +13,8 @@ use hvx_overlay::*;
 
 /// Runs busybox udhcpc once; its script prints the options the server sent.
 fn dhcp(lab: &Lab, vm: &str) -> String {
-    let ns = lab.vm(vm).ns.clone();
-    let script = lab.state_root.join("udhcpc-opts.sh");
-    std::fs::create_dir_all(&lab.state_root).unwrap();
     let body = "#!/bin/sh\n[ \"$1\" = bound ] && echo \"hvx-opts router=$router dns=$dns domain=$domain\"\nexit 0\n";
-    std::fs::write(&script, body).unwrap();
-    let cmd = format!(
-        "chmod +x {0}; busybox udhcpc -i eth0 -n -q -f -t 10 -T 2 -s {0} 2>&1",
-        script.display()
-    );
-    lab.exec(&ns, &["sh", "-c", &cmd])
-        .unwrap_or_else(|e| e.to_string())
+    udhcpc(lab, vm, "udhcpc-opts.sh", body)
 }
 
 fn lookup(lab: &Lab, vm: &str, name: &str) -> String {

@@ -131,6 +131,20 @@ pub fn mac(s: &str) -> Mac {
     s.parse().unwrap()
 }
 
+/// Runs busybox udhcpc once in VM `vm` with `script` (named `name` in the lab's state
+/// dir) as its event script, as a guest's DHCP client would; returns what it printed.
+pub fn udhcpc(lab: &Lab, vm: &str, name: &str, script: &str) -> String {
+    let path = lab.state_root.join(name);
+    std::fs::create_dir_all(&lab.state_root).unwrap();
+    std::fs::write(&path, script).unwrap();
+    let cmd = format!(
+        "chmod +x {0}; busybox udhcpc -i eth0 -n -q -f -t 10 -T 2 -s {0} 2>&1",
+        path.display()
+    );
+    lab.exec(&lab.vm(vm).ns, &["sh", "-c", &cmd])
+        .unwrap_or_else(|e| e.to_string())
+}
+
 pub fn l2frame() -> String {
     format!("{}/tests/l2frame.py", env!("CARGO_MANIFEST_DIR"))
 }
