@@ -740,7 +740,12 @@ fn bind_name(path: &std::path::Path, source: &str) -> Result<String> {
     }
     let target = path.display().to_string();
     run(
-        &["mount".into(), "--bind".into(), source.to_string(), target.clone()],
+        &[
+            "mount".into(),
+            "--bind".into(),
+            source.to_string(),
+            target.clone(),
+        ],
         None,
     )?;
     Ok(target)

@@ -40,7 +40,12 @@ fn small_underlay_pushes_mtu_and_clamps_mss() {
     assert!(bridge.contains("mtu 1450"), "{bridge}");
 
     // DHCP option 26 reaches the guest (udhcpc exports it as $mtu to its script).
-    let out = udhcpc(&lab, "d", "udhcpc-mtu.sh", "#!/bin/sh\necho \"hvx-mtu=$mtu\"\n");
+    let out = udhcpc(
+        &lab,
+        "d",
+        "udhcpc-mtu.sh",
+        "#!/bin/sh\necho \"hvx-mtu=$mtu\"\n",
+    );
     assert!(
         out.contains("hvx-mtu=1450"),
         "DHCP did not announce MTU 1450: {out}"
