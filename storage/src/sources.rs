@@ -262,20 +262,7 @@ impl DiskStore {
         ca_pem: Option<&[u8]>,
         progress: Option<ProgressFn>,
     ) -> Result<Staged> {
-        let downloads = self.root().join("downloads");
-        std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
-        let part = downloads.join(format!("{}.part", hex(&Sha256::digest(url.as_bytes()))));
-        let limit = self.limits().max_virtual_size.saturating_add(1 << 30);
-        crate::http::download_resumable(
-            url,
-            &part,
-            limit,
-            5,
-            ca_pem,
-            &self.cfg.http_policy,
-            progress.as_ref(),
-        )
-        .await?;
+        let part = self.download(url, ca_pem, progress.as_ref()).await?;
         let staging = self.new_staging_dir(entry)?;
         let staged_file = staging.join(entry);
         let part_c = part.clone();
@@ -299,17 +286,14 @@ impl DiskStore {
         staged_or_cleanup(staging, entry, result)
     }
 
-    /// Downloads the OVA at `url` and stages its member `member` (see
-    /// `ImportSource::HttpOvaMember`). The downloaded archive is removed once the
-    /// member is staged or refused; an interrupted download is resumed by the next try.
-    pub async fn stage_http_ova_member(
+    /// Downloads `url` (resuming a partial download of the same URL) under the store's
+    /// http policy and size limit; returns the downloaded file.
+    async fn download(
         &self,
         url: &str,
-        member: &str,
         ca_pem: Option<&[u8]>,
-        progress: Option<ProgressFn>,
-    ) -> Result<Staged> {
-        format::check_plain_name(member)?;
+        progress: Option<&ProgressFn>,
+    ) -> Result<PathBuf> {
         let downloads = self.root().join("downloads");
         std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
         let part = downloads.join(format!("{}.part", hex(&Sha256::digest(url.as_bytes()))));
@@ -321,9 +305,24 @@ impl DiskStore {
             5,
             ca_pem,
             &self.cfg.http_policy,
-            progress.as_ref(),
+            progress,
         )
         .await?;
+        Ok(part)
+    }
+
+    /// Downloads the OVA at `url` and stages its member `member` (see
+    /// `ImportSource::HttpOvaMember`). The downloaded archive is removed once the
+    /// member is staged or refused; an interrupted download is resumed by the next try.
+    pub async fn stage_http_ova_member(
+        &self,
+        url: &str,
+        member: &str,
+        ca_pem: Option<&[u8]>,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        format::check_plain_name(member)?;
+        let part = self.download(url, ca_pem, progress.as_ref()).await?;
         let staged = self.stage_ova_member(&part, member, progress).await;
         // A refused archive (missing member, bad manifest, hostile header) would be
         // refused again: keeping it only costs space.
