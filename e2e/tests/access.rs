@@ -9,7 +9,9 @@
 //! - the operator, with the chart's ClusterRole, runs the upload endpoint's
 //!   TokenReview and SubjectAccessReview (`hvx_operator::upload::KubeAccess`): a
 //!   ServiceAccount with namespace `edit` may upload in its namespace (through the
-//!   aggregated role) and not in another one; a forged token is not accepted.
+//!   aggregated role) and not in another one; a forged token is not accepted;
+//! - that ServiceAccount may create and delete hvx objects in its namespace (the
+//!   chart's role aggregated into `edit`), not in another one, and never their status.
 //!
 //! The two fake Nodes are unschedulable and tainted; everything is deleted at the end.
 
@@ -488,4 +490,51 @@ async fn checks(admin: &Client, docs: &[Value]) {
         ),
         other => panic!("a tenant of {NS} may upload into {OTHER_NS}: {other:?}"),
     }
+
+    tenant_manages_own_objects(&client_with_token(&tenant_token).await).await;
+}
+
+/// Namespace `edit` includes hvx's resources (the chart's aggregated role) in its
+/// own namespace only, and never their status (the operator's alone).
+async fn tenant_manages_own_objects(tenant: &Client) {
+    let net = |name: &str| {
+        json!({"apiVersion": "hvx.dev/v1alpha1", "kind": "VirtualNetwork",
+               "metadata": {"name": name},
+               "spec": {"subnets": [{"name": "s", "cidr": "10.79.0.0/24", "gateway": "10.79.0.1"}]}})
+    };
+    let gvk = GroupVersionKind::gvk("hvx.dev", "v1alpha1", "VirtualNetwork");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "virtualnetworks");
+    let own: Api<DynamicObject> = Api::namespaced_with(tenant.clone(), NS, &ar);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let obj: DynamicObject = serde_json::from_value(net("tenant-net")).expect("object");
+        match own.create(&PostParams::default(), &obj).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(s)) if s.code == 403 => assert!(
+                tokio::time::Instant::now() < deadline,
+                "edit in {NS} does not grant creating VirtualNetworks: {}",
+                s.message
+            ),
+            Err(e) => panic!("creating a VirtualNetwork as the tenant: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = Patch::Merge(json!({"status": {"phase": "Ready"}}));
+    forbidden_saying(
+        own.patch_status("tenant-net", &PatchParams::default(), &status)
+            .await
+            .map(|_| ()),
+        "virtualnetworks/status",
+        "a tenant writing its VirtualNetwork's status",
+    );
+    let other: Api<DynamicObject> = Api::namespaced_with(tenant.clone(), OTHER_NS, &ar);
+    let obj: DynamicObject = serde_json::from_value(net("intruder-net")).expect("object");
+    forbidden_saying(
+        other.create(&PostParams::default(), &obj).await.map(|_| ()),
+        &format!("in the namespace \"{OTHER_NS}\""),
+        "a tenant creating a VirtualNetwork in another namespace",
+    );
+    own.delete("tenant-net", &DeleteParams::default())
+        .await
+        .expect("the tenant deletes its own VirtualNetwork");
 }

@@ -17,8 +17,8 @@
 //!
 //! Plus: the agents' unauthenticated metrics port names no VM.
 //!
-//! The tenant's own VmApplication is created by the test's admin client: `edit` does
-//! not include hvx's resources (the chart aggregates no role into it). Its VM never
+//! The tenant's own VmApplication is created by the test's admin client (that `edit`
+//! may manage hvx objects is checked in `access.rs`). Its VM never
 //! boots (a node selector no node matches keeps its pod pending): the attacks need
 //! its launcher pod, not a guest.
 
