@@ -30,6 +30,8 @@ pub struct TapPolicy {
     /// procfs (`/proc`): the caller's cgroup.
     pub proc_root: PathBuf,
     /// The kubelet's pod log root (`/var/log/pods`): which pod UIDs run here, by name.
+    /// A `*` component stands for every directory there (the local test harness
+    /// runs several kubelets on one host, each with its own root).
     pub pod_logs: PathBuf,
     /// `/sys/class/net`: whether the switch enslaved a tap.
     pub sys_net: PathBuf,
@@ -46,6 +48,34 @@ impl Default for TapPolicy {
             tun: "/dev/net/tun".into(),
         }
     }
+}
+
+/// The directories `pattern` names, each `*` component expanded to the
+/// directories present there.
+pub fn expand_dirs(pattern: &Path) -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::new()];
+    for c in pattern.components() {
+        if c.as_os_str() == "*" {
+            out = out
+                .iter()
+                .flat_map(|d| {
+                    std::fs::read_dir(d)
+                        .map(|r| {
+                            r.flatten()
+                                .map(|e| e.path())
+                                .filter(|p| p.is_dir())
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+        } else {
+            for d in &mut out {
+                d.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// Whether the launcher wants the fds or only to know they are ready.
@@ -173,10 +203,11 @@ pub fn authorize(
             req.namespace, req.pod
         ));
     }
-    let pod_dir = policy
-        .pod_logs
-        .join(format!("{}_{}_{uid}", req.namespace, req.pod));
-    if !pod_dir.is_dir() {
+    let pod_dir = format!("{}_{}_{uid}", req.namespace, req.pod);
+    if !expand_dirs(&policy.pod_logs)
+        .iter()
+        .any(|root| root.join(&pod_dir).is_dir())
+    {
         return Err(format!(
             "the caller (pod UID {uid}) is not pod {}/{} on this node",
             req.namespace, req.pod
@@ -553,6 +584,25 @@ mod tests {
     }
 
     #[test]
+    fn pod_log_roots_may_hold_one_level_wildcards() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for n in ["1", "2"] {
+            std::fs::create_dir_all(dir.path().join(n).join("pod-logs")).expect("mkdir");
+        }
+        std::fs::write(dir.path().join("file"), b"").expect("file");
+        let mut found = expand_dirs(&dir.path().join("*/pod-logs"));
+        found.sort();
+        assert_eq!(
+            found,
+            [dir.path().join("1/pod-logs"), dir.path().join("2/pod-logs")]
+        );
+        assert_eq!(
+            expand_dirs(Path::new("/var/log/pods")),
+            [PathBuf::from("/var/log/pods")]
+        );
+    }
+
+    #[test]
     fn pod_uid_from_cgroup_v2_systemd_and_cgroupfs() {
         let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b5e8c1a_4f2d_4c3b_9a7e_1d2c3b4a5f60.slice/cri-containerd-4e1f.scope\n";
         assert_eq!(pod_uid_from_cgroup(systemd).as_deref(), Ok(UID));
@@ -563,6 +613,11 @@ mod tests {
         // kind (kubelet cgroup root /kubelet), seen from the agent's cgroup namespace.
         let kind = "0::/../../kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod0b5e8c1a_4f2d_4c3b_9a7e_1d2c3b4a5f60.slice/cri-containerd-9a.scope\n";
         assert_eq!(pod_uid_from_cgroup(kind).as_deref(), Ok(UID));
+        // The local harness: cgroupfs under a per-node cgroup root, cgroup v1.
+        let harness = format!(
+            "11:memory:/hvx-node-2/kubepods/besteffort/pod{UID}/ab12\n4:pids:/hvx-node-2/kubepods/besteffort/pod{UID}/ab12\n"
+        );
+        assert_eq!(pod_uid_from_cgroup(&harness).as_deref(), Ok(UID));
     }
 
     #[test]
