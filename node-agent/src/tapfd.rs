@@ -18,7 +18,7 @@ use crate::sealcheck::{self, SealCheck};
 use hvx_api::launch::LaunchSpec;
 use hvx_api::seal::SealKey;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -346,8 +346,6 @@ fn ask_blocking(path: &Path, req: &TapRequest) -> std::io::Result<(TapAnswer, Ve
             return Err(std::io::Error::other("answer too long"));
         }
     }
-    // Nothing else is expected; the answer line ends the exchange.
-    let _ = sock.read(&mut [0u8; 0]);
     let line = got.split(|b| *b == b'\n').next().unwrap_or_default();
     let answer: TapAnswer = serde_json::from_slice(line)?;
     Ok((answer, fds))
