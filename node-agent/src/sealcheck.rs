@@ -3,7 +3,8 @@
 //! namespace can change before the container starts, and holds no key (its pod is
 //! the tenant's to read). So it asks its node's agent, which holds the key: over a
 //! Unix socket in the node's run dir (`NodePaths::seal_socket`), one JSON line each
-//! way. The socket is a yes/no oracle and tells nothing about the key.
+//! way. The socket is a yes/no oracle and tells nothing about the key. The same
+//! socket hands a launcher its VM's tap fds (`crate::tapfd`).
 
 use hvx_api::seal::{SealKey, Sealed, Subject};
 use serde::{Deserialize, Serialize};

@@ -581,6 +581,54 @@ mod tests {
         assert!(!a.ok && fds.is_empty(), "{a:?}");
     }
 
+    #[tokio::test]
+    async fn the_seal_socket_answers_tap_requests_by_the_callers_cgroup() {
+        let (_dir, policy) = node();
+        // This process is the caller: its pid's cgroup file says which pod it is.
+        let me = policy.proc_root.join(std::process::id().to_string());
+        std::fs::create_dir_all(&me).expect("mkdir");
+        let as_pod = |uid: &str| {
+            std::fs::write(
+                me.join("cgroup"),
+                format!("0::/kubepods/besteffort/pod{uid}/c\n"),
+            )
+            .expect("cgroup")
+        };
+        let socket = policy.sys_net.with_file_name("seal.sock");
+        let server = tokio::spawn({
+            let (socket, policy) = (socket.clone(), policy.clone());
+            async move { crate::sealcheck::serve_with(&socket, Some(key()), policy).await }
+        });
+        let (web, tap) = sealed("shop-web", "u-1/web");
+        let client = TapClient {
+            path: socket.clone(),
+            check: web.clone(),
+        };
+        as_pod(UID);
+        let mut waiting = Err(String::new());
+        for _ in 0..50 {
+            waiting = client.waiting().await;
+            if !matches!(&waiting, Ok(w) if w.iter().any(|m| m.contains("socket"))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            waiting,
+            Ok(vec![format!("tap {tap} of NIC eth0 on the overlay switch")])
+        );
+        as_pod(OTHER);
+        let refused = client.waiting().await.expect_err("another pod");
+        assert!(refused.contains("is not pod default/shop-web"), "{refused}");
+        assert!(client.open().await.is_err());
+        // A plain seal check on the same socket still gets its yes/no.
+        let plain = crate::sealcheck::ask(&socket, &web, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert!(plain.ok, "{plain:?}");
+        server.abort();
+    }
+
     #[test]
     fn pod_log_roots_may_hold_one_level_wildcards() {
         let dir = tempfile::tempdir().expect("tempdir");
