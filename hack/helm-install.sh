@@ -29,6 +29,7 @@ log "helm upgrade --install hvx charts/hvx -n ${NS}"
   --set images.registry=localhost --set images.tag="${TAG}" --set images.pullPolicy=Never \
   --set images.operator=hvx-operator --set images.agent=hvx-agent --set images.launcher=hvx-launcher \
   --set operator.cpuMillisPerVcpu=10 --set operator.logLevel=info \
+  --set "agent.podLogsPath=${HVX_CLUSTER_DIR:-/var/lib/hvx-cluster}/nodes/*/pod-logs" \
   --set agent.podCIDR="${HVX_POD_CIDR:-10.251.0.0/16}" --set agent.serviceCIDR="${HVX_SERVICE_CIDR:-10.252.0.0/24}" \
   --set "agent.httpSources.allowCIDRs={${HVX_SAMPLES_IP:-10.252.0.250}/32}" \
   --wait --timeout 5m "$@"

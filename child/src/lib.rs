@@ -26,4 +26,4 @@ pub use error::ChildError;
 pub use logcap::{cap_log, rotated_log};
 pub use procfs::{ProcId, group_members, kill_and_wait, kill_orphaned_group, pgid};
 pub use record::{Owner, ProcRecord, Reaped, Tracked, Tracker};
-pub use spawn::{die_with_parent, output, output_tokio, spawn, spawn_tokio};
+pub use spawn::{die_with_parent, keep_fds, output, output_tokio, spawn, spawn_tokio};

@@ -39,6 +39,30 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     }
 }
 
+/// Lets `cmd`'s child inherit `fds` (NIC taps the node agent passed, for QEMU's
+/// `fd=`): every fd hvx holds is close-on-exec, so only these cross the exec, and
+/// only into this child (the flag is cleared after the fork, in the child). The
+/// caller keeps the fds open until the spawn returned.
+#[allow(unsafe_code)]
+pub fn keep_fds(cmd: &mut std::process::Command, fds: Vec<std::os::fd::RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe syscall fcntl(2) on fds the parent holds open across the
+    // spawn; it allocates nothing (the Vec was moved in before the fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The spawner thread's queue. The thread is started once and never ends, so the
@@ -129,6 +153,24 @@ mod tests {
     use super::*;
     use crate::ProcId;
     use std::time::Duration;
+
+    #[test]
+    fn only_kept_fds_cross_the_exec() {
+        use std::os::fd::AsRawFd;
+        let kept = std::fs::File::open("/dev/null").expect("open");
+        let other = std::fs::File::open("/dev/null").expect("open");
+        let (k, o) = (kept.as_raw_fd(), other.as_raw_fd());
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "test -e /proc/self/fd/{k} && echo kept; test -e /proc/self/fd/{o} && echo leaked; true"
+            ))
+            .stdout(std::process::Stdio::piped());
+        keep_fds(&mut c, vec![k]);
+        let out = spawn(c).expect("spawn").wait_with_output().expect("wait");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+        drop((kept, other));
+    }
 
     #[test]
     fn child_of_a_thread_that_ended_lives_on() {

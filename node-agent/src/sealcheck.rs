@@ -3,7 +3,8 @@
 //! namespace can change before the container starts, and holds no key (its pod is
 //! the tenant's to read). So it asks its node's agent, which holds the key: over a
 //! Unix socket in the node's run dir (`NodePaths::seal_socket`), one JSON line each
-//! way. The socket is a yes/no oracle and tells nothing about the key.
+//! way. The socket is a yes/no oracle and tells nothing about the key. The same
+//! socket hands a launcher its VM's tap fds (`crate::tapfd`).
 
 use hvx_api::seal::{SealKey, Sealed, Subject};
 use serde::{Deserialize, Serialize};
@@ -68,32 +69,63 @@ pub fn answer(key: Option<&SealKey>, req: &SealCheck) -> SealAnswer {
 }
 
 /// Serves checks on `path` until the task is dropped (a stale socket file from an
-/// earlier agent is replaced).
+/// earlier agent is replaced), and tap requests (`tapfd`) with the default policy.
 pub async fn serve(path: &Path, key: Option<SealKey>) -> std::io::Result<()> {
+    serve_with(path, key, crate::tapfd::TapPolicy::default()).await
+}
+
+/// [`serve`] with the tap policy given (where callers' cgroups, pods and taps are).
+pub async fn serve_with(
+    path: &Path,
+    key: Option<SealKey>,
+    policy: crate::tapfd::TapPolicy,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
-    let key = std::sync::Arc::new(key);
+    let shared = std::sync::Arc::new((key, policy));
     loop {
         let (sock, _) = listener.accept().await?;
-        let key = key.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(sock, Option::as_ref(&*key)).await {
+            if let Err(e) = serve_one(sock, shared).await {
                 tracing::debug!(error = %e, "launch spec check");
             }
         });
     }
 }
 
-async fn serve_one(sock: UnixStream, key: Option<&SealKey>) -> std::io::Result<()> {
-    let (read, mut write) = sock.into_split();
+async fn serve_one(
+    mut sock: UnixStream,
+    shared: std::sync::Arc<(Option<SealKey>, crate::tapfd::TapPolicy)>,
+) -> std::io::Result<()> {
     let mut line = String::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+    {
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(&mut sock, MAX_REQUEST));
+        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    }
+    let key = shared.0.as_ref();
+    // A tap request is a seal check with a `taps` field.
+    if let Ok(req) = serde_json::from_str::<crate::tapfd::TapRequest>(&line) {
+        // The kernel's word on who is asking, not the request's.
+        let pid = sock.peer_cred().ok().and_then(|c| c.pid());
+        let shared2 = shared.clone();
+        let req2 = req.clone();
+        let (answer, fds) = tokio::task::spawn_blocking(move || {
+            crate::tapfd::answer(shared2.0.as_ref(), &shared2.1, &req2, pid)
+        })
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+        .map_err(std::io::Error::other)?;
+        if !answer.ok {
+            tracing::warn!(namespace = %req.check.namespace, pod = %req.check.pod, ?pid, reason = ?answer.reason, "refused a launcher's taps");
+        }
+        // The agent's copies of the fds close once sent (or on error).
+        return crate::tapfd::reply(&sock, &answer, &fds).await;
+    }
     let reply = match serde_json::from_str::<SealCheck>(&line) {
         Ok(req) => {
             let a = answer(key, &req);
@@ -109,7 +141,7 @@ async fn serve_one(sock: UnixStream, key: Option<&SealKey>) -> std::io::Result<(
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await
+    sock.write_all(&out).await
 }
 
 /// Asks the agent at `path`; retries while it is not there (an agent restarting)

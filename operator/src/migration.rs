@@ -673,6 +673,11 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
         return fail(ctx, &t, "the target pod is not a migration target".into()).await;
     };
     let _ = source_pod;
+    // The target's QEMU listens in its pod's network namespace: the source connects
+    // to the pod's IP, whatever host the target's agent reported.
+    let Some(target_host) = migplan::target_address(target_pod) else {
+        return wait(ctx, t, "the target launcher pod has no IP yet".into()).await;
+    };
     let cluster = hostprep::cluster(ctx).await?;
     let src_client = hostprep::client_for(ctx, &cluster, &source)?;
     let dst_client = hostprep::client_for(ctx, &cluster, &target)?;
@@ -706,7 +711,7 @@ async fn transfer(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> {
             name: spec.vm.clone(),
         }),
         target: Some(pb::MigrationEndpoint {
-            host: inc.host.clone(),
+            host: target_host,
             migration_port: u32::from(inc.migration_port),
             nbd_port: u32::from(inc.nbd_port),
         }),

@@ -385,7 +385,8 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, paths: &RunPaths) -> Vec<String> 
     for (n, slot) in spec.nics.iter().zip(&layout.nic_slots) {
         let id = format!("net-{}", n.name);
         let netdev = match &n.backend {
-            NicBackend::Tap { name } => {
+            NicBackend::Tap { fd: Some(fd), .. } => format!("tap,id={id},fd={fd},vhost=off"),
+            NicBackend::Tap { name, fd: None } => {
                 format!("tap,id={id},ifname={name},script=no,downscript=no,vhost=off")
             }
             NicBackend::Socket {

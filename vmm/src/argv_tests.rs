@@ -327,3 +327,29 @@ fn socket_backend_and_virtio() {
             .any(|d| d.starts_with("virtio-net-pci,id=nic-ethernet0"))
     );
 }
+
+#[test]
+fn a_passed_tap_fd_replaces_the_name() {
+    let mut s = sample();
+    s.nics.truncate(1);
+    s.nics[0].backend = NicBackend::Tap {
+        name: "hvt0123456789ab".into(),
+        fd: Some(7),
+    };
+    let a = argv(&s);
+    assert_eq!(
+        values(&a, "-netdev"),
+        ["tap,id=net-ethernet0,fd=7,vhost=off"]
+    );
+    assert!(!a.iter().any(|x| x.contains("ifname=")));
+    // The fd never comes from a spec file.
+    let json = serde_json::to_string(&s).expect("json");
+    let back: VmSpec = serde_json::from_str(&json).expect("parse");
+    assert_eq!(
+        back.nics[0].backend,
+        NicBackend::Tap {
+            name: "hvt0123456789ab".into(),
+            fd: None
+        }
+    );
+}

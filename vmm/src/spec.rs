@@ -317,6 +317,11 @@ pub enum NicBackend {
     Tap {
         /// Interface name.
         name: String,
+        /// An open fd of the tap the node agent passed to the launcher (QEMU gets
+        /// `fd=`, inherits it, and needs no access to the node's network namespace).
+        /// Never read from a spec file: only the launcher sets it, per QEMU start.
+        #[serde(skip)]
+        fd: Option<i32>,
     },
     /// QEMU socket netdev (point-to-point L2 over TCP; tests and labs).
     Socket {

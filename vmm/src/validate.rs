@@ -233,7 +233,10 @@ fn check_nics(spec: &VmSpec, errs: &mut Vec<String>) {
             }
         }
         match &n.backend {
-            NicBackend::Tap { name } => {
+            NicBackend::Tap { name, fd } => {
+                if fd.is_some_and(|fd| fd < 3) {
+                    errs.push(format!("NIC {}: tap fd {fd:?} is not a passed fd", n.name));
+                }
                 if name.is_empty() || name.len() > 15 || name.contains(['/', ',', ' ']) {
                     errs.push(format!(
                         "NIC {}: tap name {name:?} is not a valid interface name",
@@ -487,6 +490,7 @@ mod tests {
         s.disks[1].boot_order = Some(1);
         s.nics[0].backend = NicBackend::Tap {
             name: "this-name-is-too-long".into(),
+            fd: None,
         };
         s.nics[1].name = "ethernet0".into();
         s.fw_cfg.insert("hvx/config".into(), String::new());

@@ -166,6 +166,16 @@ impl Vm {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // NIC taps the node agent passed: QEMU inherits exactly these (`fd=`).
+        let tap_fds: Vec<i32> = spec
+            .nics
+            .iter()
+            .filter_map(|n| match n.backend {
+                crate::spec::NicBackend::Tap { fd, .. } => fd,
+                _ => None,
+            })
+            .collect();
+        hvx_child::keep_fds(cmd.as_std_mut(), tap_fds);
         // Dies with the launcher (by design no QEMU outlives it: a new launcher
         // starts the VM afresh), and recorded so the next launcher reaps one that
         // escaped.

@@ -10,3 +10,8 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end -}}
+
+{{/* The directory mounted for agent.podLogsPath: the part before any `*`. */}}
+{{- define "hvx.podLogsRoot" -}}
+{{- regexReplaceAll "/[^/]*\\*.*$" .Values.agent.podLogsPath "" -}}
+{{- end -}}

@@ -19,6 +19,7 @@ use hvx_node_agent::launcher::supervise::{
     Incoming, choose_accel, migration_tls_dir, parse_spec, probe_running, run, write_identity,
     write_waiting,
 };
+use hvx_node_agent::tapfd::TapClient;
 use hvx_vmm::accel::ProbeOptions;
 use hvx_vmm::migration::TargetEndpoint;
 use hvx_vmm::vm::{ExitKind, StartOptions};
@@ -127,15 +128,36 @@ fn run_dir_of(a: &RunDirArgs) -> PathBuf {
     }
 }
 
-/// The VmSpec to run. For a LaunchSpec this first waits for the node agent.
-async fn load_spec(a: &SpecArgs, wait: bool) -> anyhow::Result<hvx_vmm::VmSpec> {
+/// What this launcher tells its node agent about itself: its pod (downward API), its
+/// application's uid (container spec), the launch spec and its seal (annotation).
+fn seal_request(text: String) -> hvx_node_agent::sealcheck::SealCheck {
+    let env = |name: &str| std::env::var(name).unwrap_or_default();
+    hvx_node_agent::sealcheck::SealCheck {
+        namespace: env("HVX_POD_NAMESPACE"),
+        pod: env("HVX_POD_NAME"),
+        owner_uid: env("HVX_OWNER_UID"),
+        spec: text,
+        seal: env("HVX_LAUNCH_SEAL"),
+    }
+}
+
+/// The VmSpec to run, and for a LaunchSpec where its NICs' taps come from (the node
+/// agent, by fd). For a LaunchSpec this first waits for the node agent.
+async fn load_spec(
+    a: &SpecArgs,
+    wait: bool,
+) -> anyhow::Result<(hvx_vmm::VmSpec, Option<TapClient>)> {
     let text = spec_text(a.spec.as_ref())?;
     let Some((ls, paths)) = as_launch(&text, &a.node)? else {
         // A VmSpec names its own run dir and disk paths.
         let unused = DirResolver {
             dir: PathBuf::from("/nonexistent"),
         };
-        return Ok(parse_spec(&text, Path::new("/nonexistent"), &unused)?);
+        return Ok((parse_spec(&text, Path::new("/nonexistent"), &unused)?, None));
+    };
+    let taps = TapClient {
+        path: paths.seal_socket(),
+        check: seal_request(text.clone()),
     };
     let run_dir = paths.vm_run_dir(&ls.vm_id);
     if wait {
@@ -150,7 +172,7 @@ async fn load_spec(a: &SpecArgs, wait: bool) -> anyhow::Result<hvx_vmm::VmSpec> 
         wait_ready(
             &ls,
             &store,
-            Path::new("/sys/class/net"),
+            || taps.waiting(),
             Duration::from_secs(a.node_wait_seconds),
             |missing| {
                 tracing::info!(waiting_for = ?missing, "waiting for the node agent");
@@ -165,7 +187,7 @@ async fn load_spec(a: &SpecArgs, wait: bool) -> anyhow::Result<hvx_vmm::VmSpec> 
             "node prepared: overlays and taps in place"
         );
     }
-    Ok(vm_spec_from_launch(&ls, &run_dir, &store)?)
+    Ok((vm_spec_from_launch(&ls, &run_dir, &store)?, Some(taps)))
 }
 
 /// Has the node agent check the seal of the launch spec in $HVX_LAUNCH_SPEC (a VmSpec
@@ -175,14 +197,7 @@ async fn check_seal(a: &SpecArgs) -> anyhow::Result<()> {
     let Some((_, paths)) = as_launch(&text, &a.node)? else {
         bail!("$HVX_LAUNCH_SPEC is not a LaunchSpec");
     };
-    let env = |name: &str| std::env::var(name).unwrap_or_default();
-    let req = hvx_node_agent::sealcheck::SealCheck {
-        namespace: env("HVX_POD_NAMESPACE"),
-        pod: env("HVX_POD_NAME"),
-        owner_uid: env("HVX_OWNER_UID"),
-        spec: text,
-        seal: env("HVX_LAUNCH_SEAL"),
-    };
+    let req = seal_request(text);
     let answer = hvx_node_agent::sealcheck::ask(
         &paths.seal_socket(),
         &req,
@@ -242,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
             }
             // Deleted while waiting for the node (or a migration target cancelled
             // before it started): nothing ran, so nothing of this VM stays here.
-            let spec = tokio::select! {
+            let (spec, taps) = tokio::select! {
                 s = load_spec(&a, true) => s?,
                 () = terminate() => {
                     if let Ok(Some((ls, paths))) = as_launch(&spec_text(a.spec.as_ref())?, &a.node) {
@@ -262,7 +277,13 @@ async fn main() -> anyhow::Result<()> {
                     let tls = migration_tls_dir(&spec.run_dir)?;
                     Ok::<_, anyhow::Error>(Incoming {
                         endpoint: TargetEndpoint {
-                            host: inc.host.clone(),
+                            // In its own pod network namespace QEMU listens on the
+                            // pod's address (the source is sent there); a launcher
+                            // run by hand listens where the agent said.
+                            host: std::env::var("HVX_POD_IP")
+                                .ok()
+                                .filter(|ip| !ip.is_empty())
+                                .unwrap_or_else(|| inc.host.clone()),
                             migration_port: inc.migration_port,
                             nbd_port: inc.nbd_port,
                         },
@@ -289,6 +310,7 @@ async fn main() -> anyhow::Result<()> {
                 &StartOptions::default(),
                 &ProbeOptions::default(),
                 incoming,
+                taps.as_ref(),
                 terminate(),
             )
             .await;
@@ -342,7 +364,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Argv { spec: a, json } => {
-            let spec = load_spec(&a, false).await?;
+            let (spec, _) = load_spec(&a, false).await?;
             hvx_vmm::validate(&spec)?;
             let argv = hvx_vmm::build_argv(
                 &spec,

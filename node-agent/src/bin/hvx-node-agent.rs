@@ -80,6 +80,10 @@ struct Cli {
     /// `hvx-seal-key` Secret). Without it every launcher's spec is refused.
     #[arg(long, env = "HVX_SEAL_KEY_FILE")]
     seal_key_file: Option<PathBuf>,
+    /// The kubelet's pod log root: its `<namespace>_<pod>_<uid>` directories tell
+    /// which pod a launcher asking for its taps is (by the UID in its cgroup).
+    #[arg(long, default_value = "/var/log/pods")]
+    pod_logs_dir: PathBuf,
     /// Per-VM metrics (labelled with VM ids) listen address: loopback by default, so
     /// only the node itself reads them; the metrics port has node totals only.
     #[arg(long, default_value = "127.0.0.1:9445")]
@@ -287,7 +291,8 @@ async fn main() -> anyhow::Result<()> {
         metrics::Detail::PerVm,
     ));
 
-    // Launchers have their launch spec's seal checked here before they boot.
+    // Launchers have their launch spec's seal checked here before they boot, and
+    // get their NICs' tap fds here (`tapfd`).
     let seal_key = match &cli.seal_key_file {
         Some(f) => Some(hvx_api::seal::SealKey::from_file(f).context("--seal-key-file")?),
         None => {
@@ -297,8 +302,13 @@ async fn main() -> anyhow::Result<()> {
     };
     {
         let path = agent.paths.seal_socket();
+        let pod_logs_dir = cli.pod_logs_dir.clone();
         tokio::spawn(async move {
-            if let Err(e) = hvx_node_agent::sealcheck::serve(&path, seal_key).await {
+            let policy = hvx_node_agent::tapfd::TapPolicy {
+                pod_logs: pod_logs_dir,
+                ..Default::default()
+            };
+            if let Err(e) = hvx_node_agent::sealcheck::serve_with(&path, seal_key, policy).await {
                 tracing::error!(error = %e, path = %path.display(), "launch spec checks stopped");
             }
         });

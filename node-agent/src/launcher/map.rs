@@ -141,6 +141,7 @@ pub fn vm_spec_from_launch(
             slot_number: n.pci_slot_number,
             backend: NicBackend::Tap {
                 name: resolved.tap.clone(),
+                fd: None,
             },
         });
         // The test guest (and hvx guest tooling) read static addresses from fw_cfg;
@@ -281,7 +282,8 @@ mod tests {
         assert_eq!(
             spec.nics[0].backend,
             NicBackend::Tap {
-                name: "hvt0123456789ab".into()
+                name: "hvt0123456789ab".into(),
+                fd: None,
             }
         );
         assert_eq!(

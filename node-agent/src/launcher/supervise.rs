@@ -196,12 +196,14 @@ pub fn migration_tls_dir(run_dir: &Path) -> Result<PathBuf, LauncherError> {
 /// Runs the VM until it stops for good; returns why it last exited. `stop` resolves
 /// when the pod is asked to terminate. With `incoming`, the first QEMU receives the
 /// running VM from a live migration (phase `Incoming` until it arrives); restarts
-/// after that boot normally.
+/// after that boot normally. With `taps`, every QEMU start gets its NICs' tap fds
+/// from the node agent afresh (the launcher holds none while QEMU runs).
 pub async fn run(
     spec: &VmSpec,
     start: &StartOptions,
     probe: &ProbeOptions,
     incoming: Option<Incoming>,
+    taps: Option<&crate::tapfd::TapClient>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ExitKind, LauncherError> {
     hvx_vmm::validate(spec)?;
@@ -227,13 +229,29 @@ pub async fn run(
             incoming: incoming.is_some(),
             ..start.clone()
         };
-        let mut vm = match Vm::start(spec, report.accel, &opts).await {
+        let started = async {
+            let Some(taps) = taps else {
+                return Vm::start(spec, report.accel, &opts)
+                    .await
+                    .map_err(LauncherError::from);
+            };
+            let fds = taps
+                .open()
+                .await
+                .map_err(|e| LauncherError::Map(format!("the NICs' taps: {e}")))?;
+            let with_fds = crate::tapfd::with_tap_fds(spec, &fds).map_err(LauncherError::Map)?;
+            // QEMU inherited its copies: the launcher's close when `fds` drops here.
+            Vm::start(&with_fds, report.accel, &opts)
+                .await
+                .map_err(LauncherError::from)
+        };
+        let mut vm = match started.await {
             Ok(vm) => vm,
             Err(e) => {
                 status.phase = LauncherPhase::Failed;
                 status.last_exit = Some(e.to_string());
                 write_status(&spec.run_dir, &status)?;
-                return Err(e.into());
+                return Err(e);
             }
         };
         let _serial_cap = cap_serial_log(&spec.run_dir);

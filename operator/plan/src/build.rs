@@ -223,12 +223,10 @@ pub fn launcher_pod(
             "ownerReferences": [owner],
         },
         "spec": {
-            // The VM's NIC taps live in the node's namespace, on the overlay bridge the
-            // agent programs; QEMU opens them by name.
-            "hostNetwork": true,
+            // No hostNetwork: the VM's NIC taps stay in the node's namespace on the
+            // overlay bridge, and the node agent passes QEMU open fds of them.
             // QEMU's pid in status.json must mean the same to the node agent.
             "hostPID": true,
-            "dnsPolicy": "ClusterFirstWithHostNet",
             // The operator decides about restarts (runStrategy), not the kubelet.
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": i64::from(vm.shutdown_grace_seconds) + 30,
@@ -250,6 +248,8 @@ pub fn launcher_pod(
                     {"name": "HVX_LAUNCH_SEAL", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.annotations['{}']", hvx_api::seal::Sealed::LaunchSpec.seal_key())}}},
                     {"name": "HVX_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                     {"name": "HVX_OWNER_UID", "value": app.metadata.uid.clone().unwrap_or_default()},
+                    // A migration target's QEMU listens on its pod's address.
+                    {"name": "HVX_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                 ],
                 // A refused spec's reason shows in the pod's status.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -385,6 +385,24 @@ mod tests {
         )
         .expect("launch spec round-trips");
         assert_eq!(launch, spec);
+    }
+
+    #[test]
+    fn launcher_pods_use_their_own_network_namespace() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("resolved");
+        let pod = serde_json::to_value(
+            launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod"),
+        )
+        .expect("json");
+        assert!(pod["spec"]["hostNetwork"].is_null(), "{}", pod["spec"]);
+        assert!(pod["spec"]["dnsPolicy"].is_null());
+        let env = pod["spec"]["containers"][0]["env"].as_array().expect("env");
+        assert!(
+            env.iter().any(|e| e["name"] == "HVX_POD_IP"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"),
+            "a migration target listens on its pod IP"
+        );
     }
 
     #[test]

@@ -111,6 +111,18 @@ pub fn choose_target(source: &NodeInfo, nodes: &[NodeInfo]) -> Option<String> {
         .map(|n| n.name.clone())
 }
 
+/// Where the source sends the VM: the target launcher pod's own IP, as its QEMU
+/// listens in the pod's network namespace (not the node's). None until the kubelet
+/// reported it.
+pub fn target_address(target: &Pod) -> Option<String> {
+    target
+        .status
+        .as_ref()?
+        .pod_ip
+        .clone()
+        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+}
+
 /// Whether a migration that allows post-copy may use it, given the two nodes'
 /// `hvx.dev/post-copy` labels: only between nodes whose agents found that their QEMU
 /// takes it (a target that cannot would fail the switch after the guest left the
@@ -220,6 +232,22 @@ pub fn vm_selector(app: &str, vm: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_source_sends_to_the_target_pods_ip() {
+        let mut pod = Pod::default();
+        assert_eq!(target_address(&pod), None);
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some(String::new()),
+            ..Default::default()
+        });
+        assert_eq!(target_address(&pod), None, "not set yet");
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some("10.244.1.7".into()),
+            ..Default::default()
+        });
+        assert_eq!(target_address(&pod).as_deref(), Some("10.244.1.7"));
+    }
     use serde_json::json;
 
     #[test]
