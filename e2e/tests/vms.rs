@@ -90,6 +90,35 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
 
     let vms = running_with_addresses(&client, NS).await;
     eprintln!("running: {vms:?}");
+    // Their launcher pods mount nothing of the node but what the agent's CSI driver
+    // gave them (the VM's own directories).
+    let launchers = Api::<Pod>::namespaced(client.clone(), NS)
+        .list(&ListParams::default().labels("hvx.dev/role=launcher"))
+        .await
+        .expect("launcher pods");
+    assert!(!launchers.items.is_empty(), "no launcher pods in {NS}");
+    for p in &launchers.items {
+        let spec = p.spec.clone().unwrap_or_default();
+        for v in spec.volumes.iter().flatten() {
+            assert!(
+                v.host_path.is_none(),
+                "launcher pod {:?} mounts hostPath {:?}",
+                p.metadata.name,
+                v.host_path
+            );
+        }
+        let csi = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| v.csi.as_ref().is_some_and(|c| c.driver == "vm.hvx.dev"))
+            .count();
+        assert_eq!(
+            csi, 2,
+            "launcher pod {:?} has its two vm.hvx.dev volumes",
+            p.metadata.name
+        );
+    }
     let find = |n: &str| {
         vms.iter()
             .find(|v| v.0 == n)

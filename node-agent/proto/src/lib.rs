@@ -14,5 +14,32 @@ pub mod v1 {
     include!("gen/hvx.agent.v1.rs");
 }
 
+/// The kubelet-facing APIs the agent serves on its node (`vm.hvx.dev` CSI driver):
+/// hand-written subsets of the upstream protos, in `csi.proto` and
+/// `pluginregistration.proto`.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod csi {
+    include!("gen/csi.v1.rs");
+}
+
+/// The kubelet's plugin registration API (`pluginregistration.proto`).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod pluginregistration {
+    include!("gen/pluginregistration.rs");
+}
+
+/// The `.proto` files `src/gen/` is generated from (`make generate`).
+pub const PROTO_FILES: [&str; 3] = ["agent.proto", "csi.proto", "pluginregistration.proto"];
+
 /// Default TCP port of the agent's gRPC server (hostNetwork).
 pub const AGENT_PORT: u16 = 9443;

@@ -98,6 +98,16 @@ struct Cli {
     /// authorized by a per-upload key only the operator hands out.
     #[arg(long, value_delimiter = ',')]
     http_trusted_origin: Vec<String>,
+    /// The kubelet's root dir on this node (its `--root-dir`), mounted at the same
+    /// path: the agent serves the `vm.hvx.dev` CSI driver that gives launcher pods
+    /// their VM's directories, registered in `<dir>/plugins_registry`. Unset: no
+    /// driver (launcher pods cannot start here).
+    #[arg(long, env = "HVX_KUBELET_ROOT_DIR")]
+    kubelet_root_dir: Option<PathBuf>,
+    /// Where the kubelet root's `plugins_registry/` and `plugins/vm.hvx.dev/` are
+    /// mounted in this container. Default: --kubelet-root-dir.
+    #[arg(long, requires = "kubelet_root_dir")]
+    kubelet_mount: Option<PathBuf>,
     /// Label this node `hvx.dev/agent=ready` (needs API access).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     label_node: bool,
@@ -295,6 +305,26 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(root) = &cli.kubelet_root_dir {
+        let driver = hvx_node_agent::agent::csi::CsiDriver {
+            agent: agent.clone(),
+            client: kube::Client::try_default()
+                .await
+                .context("Kubernetes client (for the CSI driver's pod checks)")?,
+            seal_key: Arc::new(seal_key.clone()),
+            kubelet_root: root.clone(),
+            kubelet_mount: cli.kubelet_mount.clone().unwrap_or_else(|| root.clone()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = hvx_node_agent::agent::csi::serve(driver).await {
+                tracing::error!(error = %e, "the vm.hvx.dev CSI driver stopped");
+            }
+        });
+    } else {
+        tracing::warn!(
+            "--kubelet-root-dir not set: no vm.hvx.dev CSI driver, launcher pods cannot start on this node"
+        );
+    }
     {
         let path = agent.paths.seal_socket();
         tokio::spawn(async move {
@@ -357,6 +387,9 @@ async fn main() -> anyhow::Result<()> {
                 renewal.abort();
                 hvx_node_agent::agent::lease::delete(&cli.node_name, &cli.namespace).await;
             }
+            if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
+                hvx_node_agent::agent::csi::remove_sockets(root);
+            }
         }
         None => {
             tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
@@ -368,6 +401,9 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .context("gRPC server")?;
+            if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
+                hvx_node_agent::agent::csi::remove_sockets(root);
+            }
         }
     }
     Ok(())

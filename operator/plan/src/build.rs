@@ -3,6 +3,7 @@
 
 use crate::context::OperatorConfig;
 use hvx_api::launch::{LaunchDisk, LaunchNic, LaunchSpec, tap_name};
+use hvx_api::node::{VM_CSI_DRIVER, VM_CSI_TREE};
 use hvx_api::{Accelerator, VirtualMachine, VmApplication};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
@@ -226,8 +227,9 @@ pub fn launcher_pod(
             // The VM's NIC taps live in the node's namespace, on the overlay bridge the
             // agent programs; QEMU opens them by name.
             "hostNetwork": true,
-            // QEMU's pid in status.json must mean the same to the node agent.
-            "hostPID": true,
+            // No hostPID: QEMU lives in the pod's own PID namespace, which the kernel
+            // empties when the launcher (its init) dies; the node agent finds QEMU by
+            // its command line (`hvx_node_agent::agent::vms::live_qemu`).
             "dnsPolicy": "ClusterFirstWithHostNet",
             // The operator decides about restarts (runStrategy), not the kubelet.
             "restartPolicy": "Never",
@@ -272,9 +274,12 @@ pub fn launcher_pod(
                     {"name": "run", "mountPath": "/run/hvx"},
                 ],
             }],
+            // Only this VM's directories, from its node's agent (the `vm.hvx.dev` CSI
+            // driver checks that this is the pod hvx sealed for the VM), at the paths
+            // they have on the node: qcow2 backing files name absolute store paths.
             "volumes": [
-                {"name": "store", "hostPath": {"path": "/var/lib/hvx", "type": "DirectoryOrCreate"}},
-                {"name": "run", "hostPath": {"path": "/run/hvx", "type": "DirectoryOrCreate"}},
+                {"name": "store", "csi": {"driver": VM_CSI_DRIVER, "volumeAttributes": {VM_CSI_TREE: "store"}}},
+                {"name": "run", "csi": {"driver": VM_CSI_DRIVER, "volumeAttributes": {VM_CSI_TREE: "run"}}},
             ],
         }
     });
@@ -449,6 +454,31 @@ mod tests {
             pdb["spec"]["selector"]["matchExpressions"][0],
             json!({"key": LABEL_MIGRATION_TARGET, "operator": "DoesNotExist"})
         );
+    }
+
+    #[test]
+    fn launcher_pods_mount_no_host_path_and_share_no_pids() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("spec");
+        let pod = serde_json::to_value(
+            launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod"),
+        )
+        .expect("json");
+        let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
+        assert_eq!(volumes.len(), 2);
+        assert!(
+            pod["spec"].get("hostPID").is_none(),
+            "no host PID namespace"
+        );
+        for v in volumes {
+            assert!(v.get("hostPath").is_none(), "{v}");
+            assert_eq!(v["csi"]["driver"], VM_CSI_DRIVER, "{v}");
+        }
+        let trees: Vec<_> = volumes
+            .iter()
+            .map(|v| v["csi"]["volumeAttributes"][VM_CSI_TREE].clone())
+            .collect();
+        assert_eq!(trees, vec![json!("store"), json!("run")]);
     }
 
     #[test]
