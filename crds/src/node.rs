@@ -97,6 +97,11 @@ pub const VM_CSI_DRIVER: &str = "vm.hvx.dev";
 /// root) or `run` (below the run root).
 pub const VM_CSI_TREE: &str = "hvx.dev/tree";
 
+/// The extended resource every launcher pod requests one unit of: the node agent's
+/// device plugin hands out `/dev/kvm` with it where KVM works (nothing on TCG nodes),
+/// so launchers need no privilege for it.
+pub const KVM_DEVICE_RESOURCE: &str = "devices.hvx.dev/kvm";
+
 /// Directory in a VM's run dir holding the TLS-PSK key of a migration in progress.
 pub const MIGRATION_TLS_DIR: &str = "migration-tls";
 

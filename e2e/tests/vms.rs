@@ -118,6 +118,38 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
             "launcher pod {:?} has its two vm.hvx.dev volumes",
             p.metadata.name
         );
+        // /dev/kvm comes from the agent's device plugin: one devices.hvx.dev/kvm
+        // unit, which the scheduler found on the pod's node (the pod runs).
+        let resources = spec.containers[0].resources.clone().unwrap_or_default();
+        for (what, list) in [
+            ("requests", resources.requests),
+            ("limits", resources.limits),
+        ] {
+            assert_eq!(
+                list.unwrap_or_default()
+                    .get("devices.hvx.dev/kvm")
+                    .map(|q| q.0.clone()),
+                Some("1".to_string()),
+                "launcher pod {:?} {what} one devices.hvx.dev/kvm",
+                p.metadata.name
+            );
+        }
+        let node_name = spec.node_name.clone().expect("scheduled");
+        let node = Api::<Node>::all(client.clone())
+            .get(&node_name)
+            .await
+            .expect("node");
+        let allocatable = node
+            .status
+            .and_then(|s| s.allocatable)
+            .unwrap_or_default()
+            .get("devices.hvx.dev/kvm")
+            .map(|q| q.0.clone());
+        assert_eq!(
+            allocatable.as_deref(),
+            Some("110"),
+            "node {node_name} advertises the agent's devices.hvx.dev/kvm units"
+        );
     }
     let find = |n: &str| {
         vms.iter()

@@ -38,8 +38,25 @@ pub mod pluginregistration {
     include!("gen/pluginregistration.rs");
 }
 
+/// The kubelet's device plugin API, v1beta1 (`deviceplugin.proto`): the agent's
+/// `devices.hvx.dev/kvm` resource.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod deviceplugin {
+    include!("gen/v1beta1.rs");
+}
+
 /// The `.proto` files `src/gen/` is generated from (`make generate`).
-pub const PROTO_FILES: [&str; 3] = ["agent.proto", "csi.proto", "pluginregistration.proto"];
+pub const PROTO_FILES: [&str; 4] = [
+    "agent.proto",
+    "csi.proto",
+    "pluginregistration.proto",
+    "deviceplugin.proto",
+];
 
 /// Default TCP port of the agent's gRPC server (hostNetwork).
 pub const AGENT_PORT: u16 = 9443;

@@ -12,7 +12,12 @@ fn committed_grpc_code_matches_the_proto() {
             &[root.to_path_buf()],
         )
         .expect("protoc must be installed (hack/install-deps.sh)");
-    for file in ["hvx.agent.v1.rs", "csi.v1.rs", "pluginregistration.rs"] {
+    for file in [
+        "hvx.agent.v1.rs",
+        "csi.v1.rs",
+        "pluginregistration.rs",
+        "v1beta1.rs",
+    ] {
         let want = std::fs::read_to_string(tmp.path().join(file)).expect("generated");
         let have = std::fs::read_to_string(root.join("src/gen").join(file)).unwrap_or_default();
         assert!(

@@ -12,6 +12,7 @@
 pub mod authority_shim;
 pub mod convert;
 pub mod csi;
+pub mod deviceplugin;
 pub mod disks;
 pub mod error;
 pub mod http_policy;

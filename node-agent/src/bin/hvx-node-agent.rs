@@ -100,11 +100,13 @@ struct Cli {
     http_trusted_origin: Vec<String>,
     /// The kubelet's root dir on this node (its `--root-dir`), mounted at the same
     /// path: the agent serves the `vm.hvx.dev` CSI driver that gives launcher pods
-    /// their VM's directories, registered in `<dir>/plugins_registry`. Unset: no
-    /// driver (launcher pods cannot start here).
+    /// their VM's directories, registered in `<dir>/plugins_registry`, and the
+    /// `devices.hvx.dev/kvm` device plugin in `<dir>/device-plugins`. Unset: neither
+    /// (launcher pods cannot start here).
     #[arg(long, env = "HVX_KUBELET_ROOT_DIR")]
     kubelet_root_dir: Option<PathBuf>,
-    /// Where the kubelet root's `plugins_registry/` and `plugins/vm.hvx.dev/` are
+    /// Where the kubelet root's `plugins_registry/`, `plugins/vm.hvx.dev/` and
+    /// `device-plugins/` are
     /// mounted in this container. Default: --kubelet-root-dir.
     #[arg(long, requires = "kubelet_root_dir")]
     kubelet_mount: Option<PathBuf>,
@@ -219,13 +221,25 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Accelerator probe (a probe guest boots) and post-copy probe, then the labels.
+    // The devices.hvx.dev/kvm device plugin starts once the probe says what a unit
+    // brings (/dev/kvm or nothing).
+    let device_plugins = cli
+        .kubelet_mount
+        .as_ref()
+        .or(cli.kubelet_root_dir.as_ref())
+        .map(|root| root.join("device-plugins"));
     {
         let agent = agent.clone();
         let (node, label_node) = (cli.node_name.clone(), cli.label_node);
+        let device_plugins = device_plugins.clone();
         tokio::spawn(async move {
             let opts = hvx_vmm::accel::ProbeOptions::default();
             let report = hvx_vmm::probe_accelerator(&opts).await;
             tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator probed");
+            if let Some(dir) = device_plugins {
+                let kvm = report.accel == hvx_vmm::Accel::Kvm;
+                tokio::spawn(hvx_node_agent::agent::deviceplugin::run(dir, kvm));
+            }
             let post_copy = match hvx_vmm::postcopy::probe(&opts.qemu).await {
                 Ok(()) => true,
                 Err(why) => {
@@ -390,6 +404,9 @@ async fn main() -> anyhow::Result<()> {
             if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
                 hvx_node_agent::agent::csi::remove_sockets(root);
             }
+            if let Some(dir) = &device_plugins {
+                hvx_node_agent::agent::deviceplugin::remove_socket(dir);
+            }
         }
         None => {
             tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
@@ -403,6 +420,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("gRPC server")?;
             if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
                 hvx_node_agent::agent::csi::remove_sockets(root);
+            }
+            if let Some(dir) = &device_plugins {
+                hvx_node_agent::agent::deviceplugin::remove_socket(dir);
             }
         }
     }

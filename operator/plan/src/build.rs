@@ -3,7 +3,7 @@
 
 use crate::context::OperatorConfig;
 use hvx_api::launch::{LaunchDisk, LaunchNic, LaunchSpec, tap_name};
-use hvx_api::node::{VM_CSI_DRIVER, VM_CSI_TREE};
+use hvx_api::node::{KVM_DEVICE_RESOURCE, VM_CSI_DRIVER, VM_CSI_TREE};
 use hvx_api::{Accelerator, VirtualMachine, VmApplication};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
@@ -255,9 +255,11 @@ pub fn launcher_pod(
                 ],
                 // A refused spec's reason shows in the pod's status.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                // One devices.hvx.dev/kvm unit: /dev/kvm from the node agent's device
+                // plugin where KVM works (extended resources need requests = limits).
                 "resources": {
-                    "requests": {"cpu": cpu, "memory": memory},
-                    "limits": {"memory": memory},
+                    "requests": {"cpu": cpu, "memory": memory, KVM_DEVICE_RESOURCE: "1"},
+                    "limits": {"memory": memory, KVM_DEVICE_RESOURCE: "1"},
                 },
                 "securityContext": {"privileged": true},
                 // The kubelet's 1 s default timed the exec out on busy nodes (it forks
@@ -377,6 +379,8 @@ mod tests {
         assert_eq!(c["resources"]["requests"]["cpu"], "1000m", "4 vCPUs x 250m");
         // 1024 guest + 160 + 64 + 16*4 + 1024/128
         assert_eq!(c["resources"]["requests"]["memory"], "1320Mi");
+        assert_eq!(c["resources"]["requests"]["devices.hvx.dev/kvm"], "1");
+        assert_eq!(c["resources"]["limits"]["devices.hvx.dev/kvm"], "1");
         assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/accelerator"], "kvm");
         assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/agent"], "ready");
         assert_eq!(pod["spec"]["nodeSelector"]["zone"], "a");
