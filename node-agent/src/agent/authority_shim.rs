@@ -295,7 +295,18 @@ where
     let downstream = async {
         let copied = tokio::io::copy(&mut server_read, &mut client_write).await;
         let _ = client_write.shutdown().await;
-        copied.map_err(AgentError::io("copy to the registration client"))
+        match copied {
+            // The kubelet hangs up once it has its answers; not a failure.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(0)
+            }
+            other => other.map_err(AgentError::io("copy to the registration client")),
+        }
     };
     tokio::pin!(upstream, downstream);
     tokio::select! {

@@ -7,17 +7,22 @@
 //! accelerator probe found KVM usable, nothing where VMs run on TCG. The agent
 //! registers only after the probe, so a node offers no units before it knows.
 //!
-//! The kubelet serves Registration on `<device-plugins>/kubelet.sock`; the agent
-//! serves DevicePlugin on `<device-plugins>/hvx-kvm.sock` (through the authority
-//! shim, harmless for kubelets that already send `localhost`). A kubelet restart
-//! wipes that directory and makes a new `kubelet.sock`: the agent notices either and
-//! serves and registers again.
+//! Registration goes through the kubelet's plugin watcher (`<kubelet root>/plugins_registry/`,
+//! plugin type `DevicePlugin`), like the CSI driver's, not through
+//! `/var/lib/kubelet/device-plugins/kubelet.sock`: that path is fixed in the kubelet
+//! whatever its `--root-dir`, so kubelets sharing a host (the local test harness) would
+//! share it. The plugin watcher finds the registration socket again after a kubelet
+//! restart; the agent re-creates its sockets if they vanish. DevicePlugin is served
+//! on `<kubelet root>/plugins/devices.hvx.dev/kvm.sock`; both sockets go through the
+//! authority shim (the registration client needs it, the device-plugin client of
+//! current kubelets sends `localhost` and is passed unchanged).
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
 use hvx_proto::deviceplugin as dp;
+use hvx_proto::pluginregistration as reg;
 use tokio_stream::Stream;
 
 use super::error::AgentError;
@@ -29,19 +34,18 @@ pub const RESOURCE_NAME: &str = hvx_api::node::KVM_DEVICE_RESOURCE;
 pub const UNITS: usize = 110;
 /// The device-plugin API version the agent speaks.
 const API_VERSION: &str = "v1beta1";
-/// The agent's DevicePlugin socket, in the kubelet's device-plugins directory.
-pub const PLUGIN_SOCKET: &str = "hvx-kvm.sock";
-/// The kubelet's Registration socket there.
-const KUBELET_SOCKET: &str = "kubelet.sock";
+/// The plugin's directory below the kubelet root (its DevicePlugin socket).
+const PLUGIN_DIR: &str = "plugins/devices.hvx.dev";
+/// The DevicePlugin socket in it.
+const PLUGIN_SOCKET: &str = "kvm.sock";
+/// The registration socket in `<kubelet root>/plugins_registry/`.
+const REGISTRATION_SOCKET: &str = "devices.hvx.dev-kvm-reg.sock";
 /// The device a unit brings where KVM is usable.
 const KVM_DEVICE: &str = "/dev/kvm";
-/// How often the agent checks that the kubelet and its own socket are the ones it
-/// registered with.
+/// How often the agent checks that its sockets are still the ones it serves.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
-/// Pause before serving again after a failure (no kubelet yet, register refused).
+/// Pause before serving again after a failure.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
-/// Bound on one Register call.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The device IDs advertised: `kvm-0` .. `kvm-109`.
 pub fn device_ids() -> Vec<String> {
@@ -164,104 +168,147 @@ fn socket_identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Aborts a task when dropped (the plugin's server when it must be replaced).
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), tonic::transport::Error>>);
+/// The plugin-watcher side: tells the kubelet what this plugin is and where it
+/// listens.
+#[derive(Clone, Debug)]
+pub struct DeviceRegistration {
+    /// The DevicePlugin socket as a path on the kubelet's host.
+    pub endpoint: PathBuf,
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+#[tonic::async_trait]
+impl reg::registration_server::Registration for DeviceRegistration {
+    async fn get_info(
+        &self,
+        _: tonic::Request<reg::InfoRequest>,
+    ) -> Result<tonic::Response<reg::PluginInfo>, tonic::Status> {
+        Ok(tonic::Response::new(reg::PluginInfo {
+            r#type: "DevicePlugin".into(),
+            name: RESOURCE_NAME.into(),
+            endpoint: self.endpoint.to_string_lossy().into_owned(),
+            supported_versions: vec![API_VERSION.into()],
+        }))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        req: tonic::Request<reg::RegistrationStatus>,
+    ) -> Result<tonic::Response<reg::RegistrationStatusResponse>, tonic::Status> {
+        let r = req.get_ref();
+        if r.plugin_registered {
+            tracing::info!(
+                resource = RESOURCE_NAME,
+                "kubelet registered the device plugin"
+            );
+        } else {
+            tracing::error!(error = %r.error, resource = RESOURCE_NAME, "kubelet refused the device plugin");
+        }
+        Ok(tonic::Response::new(reg::RegistrationStatusResponse {}))
     }
 }
 
-/// Registers the plugin with the kubelet listening on `kubelet_socket`.
-async fn register(kubelet_socket: &Path) -> Result<(), AgentError> {
-    let path = kubelet_socket.to_path_buf();
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let path = path.clone();
-        async move {
-            tokio::net::UnixStream::connect(path)
-                .await
-                .map(hyper_util::rt::TokioIo::new)
-        }
-    });
-    let call = async {
-        // The URI is a placeholder: the connector decides where to go.
-        let channel = tonic::transport::Endpoint::from_static("http://localhost")
-            .connect_with_connector(connector)
-            .await
-            .map_err(|e| AgentError::Precondition(format!("connecting to the kubelet: {e}")))?;
-        dp::registration_client::RegistrationClient::new(channel)
-            .register(dp::RegisterRequest {
-                version: API_VERSION.into(),
-                endpoint: PLUGIN_SOCKET.into(),
-                resource_name: RESOURCE_NAME.into(),
-                options: Some(dp::DevicePluginOptions::default()),
-            })
-            .await
-            .map_err(|s| {
-                AgentError::Precondition(format!("the kubelet refused {RESOURCE_NAME}: {s}"))
-            })
-    };
-    tokio::time::timeout(REGISTER_TIMEOUT, call)
-        .await
-        .map_err(|_| AgentError::Retry("the kubelet did not answer Register".into()))?
-        .map(drop)
+/// The plugin's socket and its registration socket below a kubelet root dir.
+fn socket_paths(kubelet_root: &Path) -> (PathBuf, PathBuf) {
+    (
+        kubelet_root.join(PLUGIN_DIR).join(PLUGIN_SOCKET),
+        kubelet_root
+            .join("plugins_registry")
+            .join(REGISTRATION_SOCKET),
+    )
 }
 
-/// Serves the plugin in `dir` (the kubelet's device-plugins directory, as mounted
-/// here) and registers it; returns Ok when the kubelet or the plugin's socket was
-/// replaced since (serve and register again), Err when either step failed.
-async fn serve_once(dir: &Path, kvm_usable: bool) -> Result<(), AgentError> {
-    let kubelet = dir.join(KUBELET_SOCKET);
-    let kubelet_id = socket_identity(&kubelet).ok_or_else(|| {
-        AgentError::Precondition(format!("no kubelet socket {} yet", kubelet.display()))
-    })?;
-    let own = dir.join(PLUGIN_SOCKET);
-    let _ = std::fs::remove_file(&own);
-    let listener = tokio::net::UnixListener::bind(&own)
-        .map_err(AgentError::io(format!("listen on {}", own.display())))?;
-    let own_id = socket_identity(&own);
-    let server = AbortOnDrop(tokio::spawn(
+fn listen(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(AgentError::io(format!("create {}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(path);
+    tokio::net::UnixListener::bind(path)
+        .map_err(AgentError::io(format!("listen on {}", path.display())))
+}
+
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Aborts the servers when dropped (they are replaced).
+struct AbortOnDrop(Vec<ServerTask>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Serves the plugin and its registration below `kubelet_mount` (the kubelet root as
+/// mounted here; `kubelet_root` is its path on the host, which the kubelet dials).
+/// Returns Ok when a socket vanished or was replaced (serve again), Err when serving
+/// failed.
+async fn serve_once(
+    kubelet_root: &Path,
+    kubelet_mount: &Path,
+    kvm_usable: bool,
+) -> Result<(), AgentError> {
+    let (endpoint, _) = socket_paths(kubelet_root);
+    let (local_endpoint, registration) = socket_paths(kubelet_mount);
+    let plugin_listener = listen(&local_endpoint)?;
+    let plugin = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(dp::device_plugin_server::DevicePluginServer::new(
                 KvmDevicePlugin { kvm_usable },
             ))
-            .serve_with_incoming(super::authority_shim::incoming(listener)),
-    ));
-    register(&kubelet).await?;
+            .serve_with_incoming(super::authority_shim::incoming(plugin_listener)),
+    );
+    // The registration socket last: the kubelet dials the plugin right away.
+    let registration_listener = listen(&registration)?;
+    let registrar = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(reg::registration_server::RegistrationServer::new(
+                DeviceRegistration { endpoint },
+            ))
+            .serve_with_incoming(super::authority_shim::incoming(registration_listener)),
+    );
+    let servers = AbortOnDrop(vec![plugin, registrar]);
+    let ids = (
+        socket_identity(&local_endpoint),
+        socket_identity(&registration),
+    );
     tracing::info!(
         resource = RESOURCE_NAME,
         units = UNITS,
         kvm = kvm_usable,
-        "device plugin registered with the kubelet"
+        "device plugin serving, waiting for the kubelet's plugin watcher"
     );
     loop {
         tokio::time::sleep(WATCH_INTERVAL).await;
-        if server.0.is_finished() {
+        if servers.0.iter().any(|t| t.is_finished()) {
             return Err(AgentError::Host(format!(
                 "the {RESOURCE_NAME} device plugin server stopped"
             )));
         }
-        if socket_identity(&kubelet) != Some(kubelet_id) || socket_identity(&own) != own_id {
+        let now = (
+            socket_identity(&local_endpoint),
+            socket_identity(&registration),
+        );
+        if now != ids {
             tracing::info!(
                 resource = RESOURCE_NAME,
-                "kubelet restarted (its socket or the plugin's changed): registering again"
+                "a device plugin socket vanished or was replaced: serving again"
             );
             return Ok(());
         }
     }
 }
 
-/// Runs the `devices.hvx.dev/kvm` plugin in the kubelet's device-plugins directory
-/// `dir` for as long as the task lives.
-pub async fn run(dir: PathBuf, kvm_usable: bool) {
+/// Runs the `devices.hvx.dev/kvm` plugin for the kubelet whose root dir is
+/// `kubelet_root` on the host and `kubelet_mount` here, for as long as the task lives.
+pub async fn run(kubelet_root: PathBuf, kubelet_mount: PathBuf, kvm_usable: bool) {
     let mut last_error = String::new();
     loop {
-        match serve_once(&dir, kvm_usable).await {
+        match serve_once(&kubelet_root, &kubelet_mount, kvm_usable).await {
             Ok(()) => last_error.clear(),
             Err(e) => {
-                // Once per distinct failure: a kubelet that is down for a while would
-                // otherwise fill the log.
+                // Once per distinct failure, not every retry.
                 let text = e.to_string();
                 if text != last_error {
                     tracing::warn!(error = %text, "device plugin {RESOURCE_NAME}: retrying");
@@ -273,16 +320,17 @@ pub async fn run(dir: PathBuf, kvm_usable: bool) {
     }
 }
 
-/// Removes the plugin's socket (agent shutdown): the kubelet drops the resource's
-/// endpoint instead of calling a dead one.
-pub fn remove_socket(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(PLUGIN_SOCKET));
+/// Removes the plugin's sockets (agent shutdown): the kubelet deregisters it when
+/// its registration socket goes, instead of calling a dead one.
+pub fn remove_sockets(kubelet_mount: &Path) {
+    let (endpoint, registration) = socket_paths(kubelet_mount);
+    let _ = std::fs::remove_file(registration);
+    let _ = std::fs::remove_file(endpoint);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::mpsc;
 
     fn request(containers: &[&[&str]]) -> dp::AllocateRequest {
         dp::AllocateRequest {
@@ -345,52 +393,8 @@ mod tests {
         assert!(ids.iter().all(|id| is_device_id(id)));
     }
 
-    /// A kubelet's Registration service that reports each Register.
-    #[derive(Clone)]
-    struct FakeKubelet(mpsc::UnboundedSender<dp::RegisterRequest>);
-
-    #[tonic::async_trait]
-    impl dp::registration_server::Registration for FakeKubelet {
-        async fn register(
-            &self,
-            req: tonic::Request<dp::RegisterRequest>,
-        ) -> Result<tonic::Response<dp::Empty>, tonic::Status> {
-            let _ = self.0.send(req.into_inner());
-            Ok(tonic::Response::new(dp::Empty {}))
-        }
-    }
-
-    fn start_kubelet(
-        dir: &Path,
-        tx: mpsc::UnboundedSender<dp::RegisterRequest>,
-    ) -> tokio::task::JoinHandle<()> {
-        let sock = dir.join(KUBELET_SOCKET);
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock).expect("bind kubelet.sock");
-        tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(dp::registration_server::RegistrationServer::new(
-                    FakeKubelet(tx),
-                ))
-                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-                .await;
-        })
-    }
-
-    async fn next_register(
-        rx: &mut mpsc::UnboundedReceiver<dp::RegisterRequest>,
-    ) -> dp::RegisterRequest {
-        tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("registered in time")
-            .expect("kubelet running")
-    }
-
-    async fn plugin_client(
-        dir: &Path,
-    ) -> dp::device_plugin_client::DevicePluginClient<tonic::transport::Channel> {
-        let path = dir.join(PLUGIN_SOCKET);
-        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+    async fn unix_channel(path: PathBuf) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_static("http://localhost")
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -400,23 +404,46 @@ mod tests {
                 }
             }))
             .await
-            .expect("connect to the plugin");
-        dp::device_plugin_client::DevicePluginClient::new(channel)
+            .expect("connect")
+    }
+
+    /// What the kubelet's plugin watcher learns from the registration socket, once it
+    /// is there.
+    async fn get_info(registration: &Path) -> reg::PluginInfo {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !registration.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "registration socket"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let channel = unix_channel(registration.to_path_buf()).await;
+        reg::registration_client::RegistrationClient::new(channel)
+            .get_info(reg::InfoRequest {})
+            .await
+            .expect("GetInfo")
+            .into_inner()
     }
 
     #[tokio::test]
-    async fn registers_serves_and_registers_again_after_a_kubelet_restart() {
+    async fn the_plugin_watcher_finds_the_plugin_which_serves_and_comes_back_when_its_sockets_go() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let kubelet = start_kubelet(dir.path(), tx.clone());
-        let plugin = tokio::spawn(run(dir.path().to_path_buf(), false));
+        let (root, mount) = (PathBuf::from("/var/lib/kubelet"), dir.path().to_path_buf());
+        let plugin = tokio::spawn(run(root, mount.clone(), false));
+        let (endpoint, registration) = socket_paths(&mount);
 
-        let first = next_register(&mut rx).await;
-        assert_eq!(first.version, "v1beta1");
-        assert_eq!(first.resource_name, RESOURCE_NAME);
-        assert_eq!(first.endpoint, PLUGIN_SOCKET);
+        let info = get_info(&registration).await;
+        assert_eq!(info.r#type, "DevicePlugin");
+        assert_eq!(info.name, RESOURCE_NAME);
+        assert_eq!(
+            info.endpoint,
+            "/var/lib/kubelet/plugins/devices.hvx.dev/kvm.sock"
+        );
+        assert_eq!(info.supported_versions, vec!["v1beta1".to_string()]);
 
-        let mut client = plugin_client(dir.path()).await;
+        let mut client =
+            dp::device_plugin_client::DevicePluginClient::new(unix_channel(endpoint.clone()).await);
         let mut list = client
             .list_and_watch(dp::Empty {})
             .await
@@ -441,14 +468,19 @@ mod tests {
             tonic::Code::InvalidArgument
         );
 
-        // A kubelet restart: it wipes the directory and listens on a new socket.
-        kubelet.abort();
-        let _ = std::fs::remove_file(dir.path().join(PLUGIN_SOCKET));
-        let _ = std::fs::remove_file(dir.path().join(KUBELET_SOCKET));
-        let _kubelet = start_kubelet(dir.path(), tx);
-        let again = next_register(&mut rx).await;
-        assert_eq!(again.resource_name, RESOURCE_NAME);
-        assert!(dir.path().join(PLUGIN_SOCKET).exists(), "serving again");
+        // Its sockets removed (someone cleaned the directories): served again.
+        std::fs::remove_file(&registration).expect("rm");
+        std::fs::remove_file(&endpoint).expect("rm");
+        let again = get_info(&registration).await;
+        assert_eq!(again.name, RESOURCE_NAME);
+        let mut client =
+            dp::device_plugin_client::DevicePluginClient::new(unix_channel(endpoint).await);
+        let options = client
+            .get_device_plugin_options(dp::Empty {})
+            .await
+            .expect("options")
+            .into_inner();
+        assert!(!options.pre_start_required);
         plugin.abort();
     }
 }

@@ -100,13 +100,13 @@ struct Cli {
     http_trusted_origin: Vec<String>,
     /// The kubelet's root dir on this node (its `--root-dir`), mounted at the same
     /// path: the agent serves the `vm.hvx.dev` CSI driver that gives launcher pods
-    /// their VM's directories, registered in `<dir>/plugins_registry`, and the
-    /// `devices.hvx.dev/kvm` device plugin in `<dir>/device-plugins`. Unset: neither
+    /// their VM's directories, and the `devices.hvx.dev/kvm` device plugin, both
+    /// registered in `<dir>/plugins_registry`. Unset: neither
     /// (launcher pods cannot start here).
     #[arg(long, env = "HVX_KUBELET_ROOT_DIR")]
     kubelet_root_dir: Option<PathBuf>,
     /// Where the kubelet root's `plugins_registry/`, `plugins/vm.hvx.dev/` and
-    /// `device-plugins/` are
+    /// `plugins/devices.hvx.dev/` are
     /// mounted in this container. Default: --kubelet-root-dir.
     #[arg(long, requires = "kubelet_root_dir")]
     kubelet_mount: Option<PathBuf>,
@@ -223,11 +223,10 @@ async fn main() -> anyhow::Result<()> {
     // Accelerator probe (a probe guest boots) and post-copy probe, then the labels.
     // The devices.hvx.dev/kvm device plugin starts once the probe says what a unit
     // brings (/dev/kvm or nothing).
-    let device_plugins = cli
-        .kubelet_mount
-        .as_ref()
-        .or(cli.kubelet_root_dir.as_ref())
-        .map(|root| root.join("device-plugins"));
+    let device_plugins = cli.kubelet_root_dir.clone().map(|root| {
+        let mount = cli.kubelet_mount.clone().unwrap_or_else(|| root.clone());
+        (root, mount)
+    });
     {
         let agent = agent.clone();
         let (node, label_node) = (cli.node_name.clone(), cli.label_node);
@@ -236,9 +235,9 @@ async fn main() -> anyhow::Result<()> {
             let opts = hvx_vmm::accel::ProbeOptions::default();
             let report = hvx_vmm::probe_accelerator(&opts).await;
             tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator probed");
-            if let Some(dir) = device_plugins {
+            if let Some((root, mount)) = device_plugins {
                 let kvm = report.accel == hvx_vmm::Accel::Kvm;
-                tokio::spawn(hvx_node_agent::agent::deviceplugin::run(dir, kvm));
+                tokio::spawn(hvx_node_agent::agent::deviceplugin::run(root, mount, kvm));
             }
             let post_copy = match hvx_vmm::postcopy::probe(&opts.qemu).await {
                 Ok(()) => true,
@@ -404,8 +403,8 @@ async fn main() -> anyhow::Result<()> {
             if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
                 hvx_node_agent::agent::csi::remove_sockets(root);
             }
-            if let Some(dir) = &device_plugins {
-                hvx_node_agent::agent::deviceplugin::remove_socket(dir);
+            if let Some((_, mount)) = &device_plugins {
+                hvx_node_agent::agent::deviceplugin::remove_sockets(mount);
             }
         }
         None => {
@@ -421,8 +420,8 @@ async fn main() -> anyhow::Result<()> {
             if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
                 hvx_node_agent::agent::csi::remove_sockets(root);
             }
-            if let Some(dir) = &device_plugins {
-                hvx_node_agent::agent::deviceplugin::remove_socket(dir);
+            if let Some((_, mount)) = &device_plugins {
+                hvx_node_agent::agent::deviceplugin::remove_sockets(mount);
             }
         }
     }
