@@ -16,6 +16,7 @@ cargo run -q -p kubectl-hvx --example sample_ova -- "${GUEST}/disk-stream.vmdk" 
 log "sample OVA: _out/sample-shop.ova ($(stat -c %s _out/sample-shop.ova) bytes)"
 "$KUBECTL" delete namespace "${NS}" --ignore-not-found --wait=true --timeout=300s >/dev/null
 "$KUBECTL" create namespace "${NS}" >/dev/null
+"$KUBECTL" label namespace "${NS}" pod-security.kubernetes.io/enforce=baseline >/dev/null
 cargo run -q -p kubectl-hvx -- import _out/sample-shop.ova --dry-run
 # Uploads act as the user: a ServiceAccount with only the built-in `edit` role in
 # this namespace (the harness's admin kubeconfig holds a client certificate, which

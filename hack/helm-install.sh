@@ -24,6 +24,9 @@ for crd in $("$KUBECTL" get crd -o name | grep '\.hvx\.dev$' || true); do
 done
 # Guests' egress NAT refuses the cluster's pod and service ranges: the local harness's
 # (e2e/harness/lib/common.sh CLUSTER_CIDR, SERVICE_CIDR) unless the caller says others.
+# The harness runs one kubelet per node on this host, each with its own root dir
+# (e2e/harness/lib/common.sh node_kubelet_root): each agent registers its CSI driver
+# with its own kubelet.
 log "helm upgrade --install hvx charts/hvx -n ${NS}"
 "$HELM" upgrade --install hvx charts/hvx -n "${NS}" --create-namespace \
   --set images.registry=localhost --set images.tag="${TAG}" --set images.pullPolicy=Never \
@@ -32,6 +35,7 @@ log "helm upgrade --install hvx charts/hvx -n ${NS}"
   --set "agent.podLogsPath=${HVX_CLUSTER_DIR:-/var/lib/hvx-cluster}/nodes/*/pod-logs" \
   --set agent.podCIDR="${HVX_POD_CIDR:-10.251.0.0/16}" --set agent.serviceCIDR="${HVX_SERVICE_CIDR:-10.252.0.0/24}" \
   --set "agent.httpSources.allowCIDRs={${HVX_SAMPLES_IP:-10.252.0.250}/32}" \
+  --set agent.kubelet.perNodeRootParent="${HVX_KUBELET_ROOT_PARENT:-/var/lib/hvx-cluster/kubelets}" \
   --wait --timeout 5m "$@"
 # Pods of an upgrade with the same tag keep the old image: restart them.
 "$KUBECTL" -n "${NS}" rollout restart deployment/hvx-operator daemonset/hvx-agent >/dev/null

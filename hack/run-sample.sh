@@ -9,6 +9,9 @@ KUBECTL="${HVX_CACHE:-/var/cache/hvx}/k8s/${K8S_VERSION}/bin/kubectl"
 export KUBECONFIG="${KUBECONFIG:-$PWD/_out/kubeconfig}"
 NS="${1:-hvx-demo}"
 "$KUBECTL" create namespace "${NS}" --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+# Tenant namespaces need no more than Pod Security `baseline` (launcher pods are
+# unprivileged); the sample enforces it.
+"$KUBECTL" label namespace "${NS}" --overwrite pod-security.kubernetes.io/enforce=baseline >/dev/null
 "$KUBECTL" -n "${NS}" apply --server-side --field-manager=hvx-sample -f examples/two-vm-app.yaml
 deadline=$(( $(date +%s) + ${HVX_SAMPLE_TIMEOUT:-900} ))
 last=""

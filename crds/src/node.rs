@@ -60,10 +60,17 @@ impl NodePaths {
         self.run.join("vms").join(vm_key(vm_id))
     }
 
+    /// Directory of the agent's Unix sockets that launchers use. A directory, not the
+    /// socket file, is what a launcher pod gets mounted (the `vm.hvx.dev` CSI volume):
+    /// a restarted agent makes a new socket inode, which a file mount would miss.
+    pub fn launcher_socket_dir(&self) -> PathBuf {
+        self.run.join("launcher-api")
+    }
+
     /// The agent's Unix socket where launchers have their launch spec's seal checked
     /// (`hvx-node-agent`'s `sealcheck`).
     pub fn seal_socket(&self) -> PathBuf {
-        self.run.join("seal.sock")
+        self.launcher_socket_dir().join("seal.sock")
     }
 
     /// Parent of every VM run dir (the agent lists it to find running VMs).
@@ -82,6 +89,18 @@ pub fn vm_key(vm_id: &str) -> String {
 pub fn vm_overlay_ref(vm_id: &str, disk: &str) -> (String, String) {
     (vm_key(vm_id), disk.to_string())
 }
+
+/// The node agent's CSI driver that mounts a VM's own directories into its launcher
+/// pod (CSI ephemeral inline volumes; the chart's CSIDriver object).
+pub const VM_CSI_DRIVER: &str = "vm.hvx.dev";
+/// Its volume attribute naming the tree a volume carries: `store` (below the store
+/// root) or `run` (below the run root).
+pub const VM_CSI_TREE: &str = "hvx.dev/tree";
+
+/// The extended resource every launcher pod requests one unit of: the node agent's
+/// device plugin hands out `/dev/kvm` with it where KVM works (nothing on TCG nodes),
+/// so launchers need no privilege for it.
+pub const KVM_DEVICE_RESOURCE: &str = "devices.hvx.dev/kvm";
 
 /// Directory in a VM's run dir holding the TLS-PSK key of a migration in progress.
 pub const MIGRATION_TLS_DIR: &str = "migration-tls";

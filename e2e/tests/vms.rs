@@ -90,6 +90,98 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
 
     let vms = running_with_addresses(&client, NS).await;
     eprintln!("running: {vms:?}");
+    // Their launcher pods mount nothing of the node but what the agent's CSI driver
+    // gave them (the VM's own directories).
+    let launchers = Api::<Pod>::namespaced(client.clone(), NS)
+        .list(&ListParams::default().labels("hvx.dev/role=launcher"))
+        .await
+        .expect("launcher pods");
+    assert!(!launchers.items.is_empty(), "no launcher pods in {NS}");
+    for p in &launchers.items {
+        let spec = p.spec.clone().unwrap_or_default();
+        for v in spec.volumes.iter().flatten() {
+            assert!(
+                v.host_path.is_none(),
+                "launcher pod {:?} mounts hostPath {:?}",
+                p.metadata.name,
+                v.host_path
+            );
+        }
+        let csi = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| v.csi.as_ref().is_some_and(|c| c.driver == "vm.hvx.dev"))
+            .count();
+        assert_eq!(
+            csi, 2,
+            "launcher pod {:?} has its two vm.hvx.dev volumes",
+            p.metadata.name
+        );
+        // /dev/kvm comes from the agent's device plugin: one devices.hvx.dev/kvm
+        // unit, which the scheduler found on the pod's node (the pod runs).
+        let resources = spec.containers[0].resources.clone().unwrap_or_default();
+        for (what, list) in [
+            ("requests", resources.requests),
+            ("limits", resources.limits),
+        ] {
+            assert_eq!(
+                list.unwrap_or_default()
+                    .get("devices.hvx.dev/kvm")
+                    .map(|q| q.0.clone()),
+                Some("1".to_string()),
+                "launcher pod {:?} {what} one devices.hvx.dev/kvm",
+                p.metadata.name
+            );
+        }
+        let node_name = spec.node_name.clone().expect("scheduled");
+        let node = Api::<Node>::all(client.clone())
+            .get(&node_name)
+            .await
+            .expect("node");
+        let allocatable = node
+            .status
+            .and_then(|s| s.allocatable)
+            .unwrap_or_default()
+            .get("devices.hvx.dev/kvm")
+            .map(|q| q.0.clone());
+        assert_eq!(
+            allocatable.as_deref(),
+            Some("110"),
+            "node {node_name} advertises the agent's devices.hvx.dev/kvm units"
+        );
+    }
+    // They run in a namespace that enforces Pod Security `baseline` (the admission
+    // plugin would have refused them otherwise), and nothing in them is privileged.
+    let ns = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get(NS)
+        .await
+        .expect("namespace");
+    assert_eq!(
+        ns.metadata
+            .labels
+            .unwrap_or_default()
+            .get(PSA_ENFORCE)
+            .map(String::as_str),
+        Some("baseline"),
+        "{NS} enforces Pod Security baseline"
+    );
+    for p in &launchers.items {
+        let spec = p.spec.clone().unwrap_or_default();
+        assert!(
+            spec.host_network != Some(true) && spec.host_pid != Some(true) && spec.host_ipc != Some(true),
+            "launcher pod {:?} uses a host namespace",
+            p.metadata.name
+        );
+        let sc = spec.containers[0].security_context.clone().unwrap_or_default();
+        assert_eq!(sc.privileged, Some(false), "launcher pod {:?}", p.metadata.name);
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()]),
+            "launcher pod {:?} drops every capability",
+            p.metadata.name
+        );
+    }
     let find = |n: &str| {
         vms.iter()
             .find(|v| v.0 == n)

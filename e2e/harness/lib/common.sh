@@ -33,6 +33,11 @@ node_ip() { echo "${NODE_NET_PREFIX}.$((10 + $1))"; }
 node_pod_cidr() { echo "${POD_NET_PREFIX}.$1.0/24"; }
 node_dir() { echo "${CLUSTER_DIR}/nodes/$1"; }
 node_netns() { node_name "$1"; }
+# The kubelet's --root-dir, keyed by node name: the hvx agent of a node finds its own
+# kubelet's plugins_registry as <parent>/$(NODE_NAME) (chart value
+# agent.kubelet.perNodeRootParent, set by hack/helm-install.sh).
+KUBELET_ROOT_PARENT="${CLUSTER_DIR}/kubelets"
+node_kubelet_root() { echo "${KUBELET_ROOT_PARENT}/$(node_name "$1")"; }
 
 # hvx's per-node host directories (the chart's storePath and run root, keyed by node
 # name): a node of this harness is new at every cluster-up, so whatever an earlier

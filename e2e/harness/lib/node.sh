@@ -39,6 +39,7 @@ write_node_configs() {
   dir="$(node_dir "${n}")"
   name="$(node_name "${n}")"
   mkdir -p "${dir}"/{containerd/root,containerd/state,runc,cni/net.d,cni/ipam,kubelet,pod-logs,kube-proxy}
+  mkdir -p "$(node_kubelet_root "${n}")"
   cat > "${dir}/containerd/config.toml" <<TOML
 version = 2
 root = "${dir}/containerd/root"
@@ -179,7 +180,7 @@ start_node() {
   start_daemon "kubelet-${n}" "${cg}" "${ns}" "${BIN_DIR}/kubelet" \
     --config "${dir}/kubelet/config.yaml" \
     --kubeconfig "${PKI_DIR}/kubelet-${n}.kubeconfig" \
-    --root-dir "${dir}/kubelet" \
+    --root-dir "$(node_kubelet_root "${n}")" \
     --hostname-override "${name}" \
     --node-ip "$(node_ip "${n}")" \
     --node-labels "hvx.dev/local-node=${n}" \

@@ -56,6 +56,11 @@ pub async fn install_crds(client: &Client) {
     }
 }
 
+/// The Pod Security admission label that enforces a level in a namespace.
+pub const PSA_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+/// Which version of the level's rules.
+pub const PSA_ENFORCE_VERSION: &str = "pod-security.kubernetes.io/enforce-version";
+
 pub async fn fresh_namespace(client: &Client, name: &str) -> String {
     let nss: Api<Namespace> = Api::all(client.clone());
     let _ = nss.delete(name, &DeleteParams::default()).await;
@@ -66,7 +71,13 @@ pub async fn fresh_namespace(client: &Client, name: &str) -> String {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns");
+    // Every test namespace enforces Pod Security `baseline`, the level hvx's launcher
+    // pods are made for: a launcher needing more fails its test.
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {
+        "name": name,
+        "labels": {PSA_ENFORCE: "baseline", PSA_ENFORCE_VERSION: "latest"},
+    }}))
+    .expect("ns");
     nss.create(&PostParams::default(), &ns)
         .await
         .expect("create namespace");

@@ -8,10 +8,10 @@
 //!     victim's VM: the victim's overlay stays, its VM keeps running, and a Warning
 //!     event names the forged pod;
 //! (b) its own application's real launcher pod with the launch spec edited to the
-//!     victim's VM: the operator replaces the pod; a copy of that pod running the hvx
-//!     launcher with the edited spec (the spec a pod edited before its container
-//!     started would carry) is refused by the node agent and never opens the victim's
-//!     disk;
+//!     victim's VM: the operator replaces the pod; a copy of that pod bound to the
+//!     victim's node, whose `vm.hvx.dev` volumes' attributes also name the victim's
+//!     pod, gets nothing mounted (the node agent's CSI driver refuses it: a
+//!     FailedMount event) and never starts;
 //! (c) a pod naming the victim's tap in its launch spec: the tap stays on the
 //!     victim's bridge.
 //!
@@ -437,8 +437,19 @@ pub async fn attacks_from_another_namespace_fail(admin: &Client, v: &Victim) {
         annotation(&own, "hvx.dev/launch-spec"),
         "the new pod carries the spec hvx made"
     );
-    // A launcher whose spec was edited before it started (the same pod, run where the
-    // victim's disk is): the node agent refuses it before it opens anything.
+    // A launcher whose spec was edited before it started (the same pod, bound where
+    // the victim's VM runs), its vm.hvx.dev volumes' attributes also naming the
+    // victim's pod: the node agent refuses to mount anything into it, so it never
+    // starts (the launcher's own seal check, behind this, is unit-tested).
+    let victim_pod: Api<Pod> = Api::namespaced(admin.clone(), &v.ns);
+    let victim_pod = victim_pod
+        .list(&ListParams::default().labels(&format!("hvx.dev/vm={},hvx.dev/role=launcher", v.vm)))
+        .await
+        .expect("victim's pods")
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(v.node.as_str()))
+        .expect("the victim's launcher pod");
     let mut copy = serde_json::to_value(&own).expect("pod json");
     copy["metadata"] = json!({
         "name": "forged-launcher",
@@ -449,28 +460,61 @@ pub async fn attacks_from_another_namespace_fail(admin: &Client, v: &Victim) {
     for k in ["affinity", "nodeSelector"] {
         copy["spec"].as_object_mut().map(|s| s.remove(k));
     }
+    for vol in copy["spec"]["volumes"].as_array_mut().into_iter().flatten() {
+        // `get_mut`, not indexing: indexing would add a csi source to every volume.
+        if let Some(attrs) = vol
+            .get_mut("csi")
+            .and_then(|c| c.get_mut("volumeAttributes"))
+            .and_then(|a| a.as_object_mut())
+        {
+            attrs.insert(
+                "csi.storage.k8s.io/pod.name".into(),
+                json!(victim_pod.metadata.name),
+            );
+            attrs.insert("csi.storage.k8s.io/pod.namespace".into(), json!(v.ns));
+            attrs.insert(
+                "csi.storage.k8s.io/pod.uid".into(),
+                json!(victim_pod.metadata.uid),
+            );
+        }
+    }
     copy.as_object_mut().map(|o| o.remove("status"));
     create_as(&intruder, &copy).await;
-    let log = wait_or_dump(
+    let events: Api<Event> = Api::namespaced(admin.clone(), TENANT_NS);
+    let refusal = wait_or_dump(
         admin,
         TENANT_NS,
-        "the copied launcher to refuse its edited spec",
-        Duration::from_secs(180),
+        "the node agent to refuse the copied launcher's volumes",
+        Duration::from_secs(120),
         || {
-            let pods = pods.clone();
+            let events = events.clone();
             async move {
-                let p = pods.get("forged-launcher").await.ok()?;
-                if hvx_e2e::objects::pod_phase(&p) != "Failed" {
-                    return None;
-                }
-                pods.logs("forged-launcher", &Default::default()).await.ok()
+                let list = events.list(&ListParams::default()).await.ok()?;
+                list.items.into_iter().find_map(|e| {
+                    let message = e.message.unwrap_or_default();
+                    (e.involved_object.name.as_deref() == Some("forged-launcher")
+                        && e.reason.as_deref() == Some("FailedMount")
+                        && message.contains("only into launcher pods hvx made"))
+                    .then_some(message)
+                })
             }
         },
     )
     .await;
+    eprintln!("refused: {refusal}");
+    let copied = pods.get("forged-launcher").await.expect("copied launcher");
+    assert_eq!(
+        hvx_e2e::objects::pod_phase(&copied),
+        "Pending",
+        "the copied launcher never starts"
+    );
+    let uid = copied.metadata.uid.clone().unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(
-        log.contains("refusing to start") && log.contains("not one hvx made"),
-        "{log}"
+        !mounts
+            .lines()
+            .any(|l| l.contains(&uid) && l.contains("kubernetes.io~csi")),
+        "something is mounted for the refused pod:\n{mounts}"
     );
     assert_eq!(
         victim_state(admin, v).await,

@@ -1,4 +1,4 @@
-//! Regenerates `src/gen/` from `agent.proto` (`make generate`). Needs `protoc`.
+//! Regenerates `src/gen/` from the `.proto` files (`make generate`). Needs `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .out_dir(&out)
         .emit_rerun_if_changed(false)
-        .compile_protos(&[root.join("agent.proto")], &[root.to_path_buf()])?;
+        .compile_protos(
+            &hvx_proto::PROTO_FILES.map(|f| root.join(f)),
+            &[root.to_path_buf()],
+        )?;
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The committed generated code must be what `agent.proto` generates today.
+//! The committed generated code must be what the `.proto` files generate today.
 
 #[test]
 fn committed_grpc_code_matches_the_proto() {
@@ -7,13 +7,22 @@ fn committed_grpc_code_matches_the_proto() {
     tonic_prost_build::configure()
         .out_dir(tmp.path())
         .emit_rerun_if_changed(false)
-        .compile_protos(&[root.join("agent.proto")], &[root.to_path_buf()])
+        .compile_protos(
+            &hvx_proto::PROTO_FILES.map(|f| root.join(f)),
+            &[root.to_path_buf()],
+        )
         .expect("protoc must be installed (hack/install-deps.sh)");
-    let file = "hvx.agent.v1.rs";
-    let want = std::fs::read_to_string(tmp.path().join(file)).expect("generated");
-    let have = std::fs::read_to_string(root.join("src/gen").join(file)).unwrap_or_default();
-    assert!(
-        have == want,
-        "src/gen/{file} is stale: run `make generate` and commit"
-    );
+    for file in [
+        "hvx.agent.v1.rs",
+        "csi.v1.rs",
+        "pluginregistration.rs",
+        "v1beta1.rs",
+    ] {
+        let want = std::fs::read_to_string(tmp.path().join(file)).expect("generated");
+        let have = std::fs::read_to_string(root.join("src/gen").join(file)).unwrap_or_default();
+        assert!(
+            have == want,
+            "src/gen/{file} is stale: run `make generate` and commit"
+        );
+    }
 }

@@ -35,6 +35,13 @@ pub enum AgentError {
     /// The call is not implemented by this agent.
     #[error("{0}")]
     Unimplemented(String),
+    /// The caller may not have this (a volume for a pod hvx did not make):
+    /// PERMISSION_DENIED.
+    #[error("{0}")]
+    Refused(String),
+    /// A host tool (mount) failed.
+    #[error("{0}")]
+    Host(String),
     /// Not decidable right now (a QEMU that does not answer, a rollback still
     /// settling): the caller asks again (ABORTED, which clients retry).
     #[error("{0}")]
@@ -55,6 +62,8 @@ impl AgentError {
             AgentError::Precondition(_) => Code::FailedPrecondition,
             AgentError::Unimplemented(_) => Code::Unimplemented,
             AgentError::Retry(_) => Code::Aborted,
+            AgentError::Refused(_) => Code::PermissionDenied,
+            AgentError::Host(_) => Code::Internal,
             AgentError::Storage(e) => match e {
                 StorageError::Refused { .. }
                 | StorageError::TooLarge { .. }

@@ -9,7 +9,10 @@
 //! digest each OverlayDisk was imported as (`agent/disks/<uid>.json`). VMs run in
 //! their own launcher pods and never depend on the agent process being up.
 
+pub mod authority_shim;
 pub mod convert;
+pub mod csi;
+pub mod deviceplugin;
 pub mod disks;
 pub mod error;
 pub mod http_policy;

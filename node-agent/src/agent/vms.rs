@@ -48,14 +48,50 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }
 
-/// The QEMU pid of a run dir if that process is alive and is QEMU.
+/// What identifies the QEMU of `run_dir` in a command line: its QMP socket's path
+/// below the run root (`nodes/<node>/vms/<vm key>/qmp.sock`), the same in the
+/// launcher pod (the `vm.hvx.dev` volume mirrors node paths below its root) as here.
+fn qmp_suffix(run_dir: &Path) -> String {
+    let parts: Vec<_> = run_dir
+        .components()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let rel: PathBuf = parts.iter().collect();
+    format!("/{}", rel.join("qmp.sock").display())
+}
+
+/// Whether a NUL-separated command line is QEMU's for the run dir `suffix` names.
+/// Pure.
+pub fn is_qemu_of(cmdline: &[u8], suffix: &str) -> bool {
+    let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
+    args.next().is_some_and(|bin| bin.contains("qemu-system")) && args.any(|a| a.contains(suffix))
+}
+
+/// The host pid of the QEMU of a run dir if it is alive. The launcher's
+/// `status.json` has QEMU's pid in the launcher pod's PID namespace, which is the
+/// agent's only when the pod shares the host's; so it is a hint, checked against the
+/// process's command line (this VM's QMP socket), and otherwise /proc is searched.
 pub fn live_qemu(run_dir: &Path) -> Option<u32> {
     let st: ReadStatus = read_json(&status_path(run_dir))?;
-    let pid = st.qemu_pid?;
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    String::from_utf8_lossy(&cmd)
-        .contains("qemu-system")
-        .then_some(pid)
+    let hint = st.qemu_pid?;
+    let suffix = qmp_suffix(run_dir);
+    let matches = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .is_some_and(|cmd| is_qemu_of(&cmd, &suffix))
+    };
+    if matches(hint) {
+        return Some(hint);
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| matches(*pid))
 }
 
 /// Every VM with a run dir here.
@@ -219,6 +255,35 @@ pub async fn metrics(agent: &Agent, vm_uid: &str) -> Result<pb::VmMetrics, Agent
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_is_recognised_by_its_own_qmp_socket() {
+        let run = Path::new("/run/hvx/nodes/n1/vms/vm-0123456789ab");
+        let suffix = qmp_suffix(run);
+        assert_eq!(suffix, "/nodes/n1/vms/vm-0123456789ab/qmp.sock");
+        let cmd = |args: &[&str]| args.join("\0").into_bytes();
+        let ours = cmd(&[
+            "qemu-system-x86_64",
+            "-qmp",
+            "unix:/run/hvx/nodes/n1/vms/vm-0123456789ab/qmp.sock,server=on",
+        ]);
+        assert!(is_qemu_of(&ours, &suffix));
+        // Mounted at another root in the pod: still ours.
+        let elsewhere = cmd(&[
+            "/usr/bin/qemu-system-x86_64",
+            "-chardev",
+            "socket,id=qmp,path=/pod/nodes/n1/vms/vm-0123456789ab/qmp.sock,server=on",
+        ]);
+        assert!(is_qemu_of(&elsewhere, &suffix));
+        let other_vm = cmd(&[
+            "qemu-system-x86_64",
+            "-qmp",
+            "unix:/run/hvx/nodes/n1/vms/vm-ffffffffffff/qmp.sock",
+        ]);
+        assert!(!is_qemu_of(&other_vm, &suffix));
+        let not_qemu = cmd(&["sleep", "/run/hvx/nodes/n1/vms/vm-0123456789ab/qmp.sock"]);
+        assert!(!is_qemu_of(&not_qemu, &suffix));
+    }
 
     #[test]
     fn proc_usage_of_this_process() {

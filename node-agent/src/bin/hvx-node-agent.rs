@@ -102,6 +102,18 @@ struct Cli {
     /// authorized by a per-upload key only the operator hands out.
     #[arg(long, value_delimiter = ',')]
     http_trusted_origin: Vec<String>,
+    /// The kubelet's root dir on this node (its `--root-dir`), mounted at the same
+    /// path: the agent serves the `vm.hvx.dev` CSI driver that gives launcher pods
+    /// their VM's directories, and the `devices.hvx.dev/kvm` device plugin, both
+    /// registered in `<dir>/plugins_registry`. Unset: neither
+    /// (launcher pods cannot start here).
+    #[arg(long, env = "HVX_KUBELET_ROOT_DIR")]
+    kubelet_root_dir: Option<PathBuf>,
+    /// Where the kubelet root's `plugins_registry/`, `plugins/vm.hvx.dev/` and
+    /// `plugins/devices.hvx.dev/` are
+    /// mounted in this container. Default: --kubelet-root-dir.
+    #[arg(long, requires = "kubelet_root_dir")]
+    kubelet_mount: Option<PathBuf>,
     /// Label this node `hvx.dev/agent=ready` (needs API access).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     label_node: bool,
@@ -213,13 +225,28 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Accelerator probe (a probe guest boots) and post-copy probe, then the labels.
+    // The devices.hvx.dev/kvm device plugin starts once the probe says what a unit
+    // brings (/dev/kvm or nothing).
+    let device_plugins = cli.kubelet_root_dir.clone().map(|root| {
+        let mount = cli.kubelet_mount.clone().unwrap_or_else(|| root.clone());
+        (root, mount)
+    });
     {
         let agent = agent.clone();
         let (node, label_node) = (cli.node_name.clone(), cli.label_node);
+        let device_plugins = device_plugins.clone();
         tokio::spawn(async move {
             let opts = hvx_vmm::accel::ProbeOptions::default();
             let report = hvx_vmm::probe_accelerator(&opts).await;
             tracing::info!(accel = report.accel.as_str(), reason = %report.reason, "accelerator probed");
+            if let Some((root, mount)) = device_plugins {
+                use hvx_node_agent::agent::deviceplugin;
+                let node = deviceplugin::NodeDevices {
+                    kvm: report.accel == hvx_vmm::Accel::Kvm,
+                    userfaultfd: Path::new(deviceplugin::USERFAULTFD_DEVICE).exists(),
+                };
+                tokio::spawn(deviceplugin::run(root, mount, node));
+            }
             let post_copy = match hvx_vmm::postcopy::probe(&opts.qemu).await {
                 Ok(()) => true,
                 Err(why) => {
@@ -300,6 +327,26 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(root) = &cli.kubelet_root_dir {
+        let driver = hvx_node_agent::agent::csi::CsiDriver {
+            agent: agent.clone(),
+            client: kube::Client::try_default()
+                .await
+                .context("Kubernetes client (for the CSI driver's pod checks)")?,
+            seal_key: Arc::new(seal_key.clone()),
+            kubelet_root: root.clone(),
+            kubelet_mount: cli.kubelet_mount.clone().unwrap_or_else(|| root.clone()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = hvx_node_agent::agent::csi::serve(driver).await {
+                tracing::error!(error = %e, "the vm.hvx.dev CSI driver stopped");
+            }
+        });
+    } else {
+        tracing::warn!(
+            "--kubelet-root-dir not set: no vm.hvx.dev CSI driver, launcher pods cannot start on this node"
+        );
+    }
     {
         let path = agent.paths.seal_socket();
         let pod_logs_dir = cli.pod_logs_dir.clone();
@@ -367,6 +414,12 @@ async fn main() -> anyhow::Result<()> {
                 renewal.abort();
                 hvx_node_agent::agent::lease::delete(&cli.node_name, &cli.namespace).await;
             }
+            if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
+                hvx_node_agent::agent::csi::remove_sockets(root);
+            }
+            if let Some((_, mount)) = &device_plugins {
+                hvx_node_agent::agent::deviceplugin::remove_sockets(mount);
+            }
         }
         None => {
             tracing::warn!("--tls-dir not set: serving gRPC WITHOUT TLS (development only)");
@@ -378,6 +431,12 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .context("gRPC server")?;
+            if let Some(root) = cli.kubelet_mount.as_ref().or(cli.kubelet_root_dir.as_ref()) {
+                hvx_node_agent::agent::csi::remove_sockets(root);
+            }
+            if let Some((_, mount)) = &device_plugins {
+                hvx_node_agent::agent::deviceplugin::remove_sockets(mount);
+            }
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 
 use crate::context::OperatorConfig;
 use hvx_api::launch::{LaunchDisk, LaunchNic, LaunchSpec, tap_name};
+use hvx_api::node::{KVM_DEVICE_RESOURCE, VM_CSI_DRIVER, VM_CSI_TREE};
 use hvx_api::{Accelerator, VirtualMachine, VmApplication};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
@@ -225,8 +226,9 @@ pub fn launcher_pod(
         "spec": {
             // No hostNetwork: the VM's NIC taps stay in the node's namespace on the
             // overlay bridge, and the node agent passes QEMU open fds of them.
-            // QEMU's pid in status.json must mean the same to the node agent.
-            "hostPID": true,
+            // No hostPID: QEMU lives in the pod's own PID namespace, which the kernel
+            // empties when the launcher (its init) dies; the node agent finds QEMU by
+            // its command line (`hvx_node_agent::agent::vms::live_qemu`).
             // The operator decides about restarts (runStrategy), not the kubelet.
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": i64::from(vm.shutdown_grace_seconds) + 30,
@@ -253,11 +255,21 @@ pub fn launcher_pod(
                 ],
                 // A refused spec's reason shows in the pod's status.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                // One devices.hvx.dev/kvm unit: /dev/kvm from the node agent's device
+                // plugin where KVM works (extended resources need requests = limits).
                 "resources": {
-                    "requests": {"cpu": cpu, "memory": memory},
-                    "limits": {"memory": memory},
+                    "requests": {"cpu": cpu, "memory": memory, KVM_DEVICE_RESOURCE: "1"},
+                    "limits": {"memory": memory, KVM_DEVICE_RESOURCE: "1"},
                 },
-                "securityContext": {"privileged": true},
+                // Pod Security `baseline` (and `restricted` but for running as uid 0,
+                // which owns the files the agent made, and the seccomp profile, left
+                // to QEMU's own `-sandbox on`: the runtime default blocks syscalls
+                // post-copy needs). Devices come from the device plugin, taps as fds.
+                "securityContext": {
+                    "privileged": false,
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                },
                 // The kubelet's 1 s default timed the exec out on busy nodes (it forks
                 // a process in the container); three misses in a row before a running
                 // VM counts as not ready, so one slow probe does not flip its PDB.
@@ -272,9 +284,12 @@ pub fn launcher_pod(
                     {"name": "run", "mountPath": "/run/hvx"},
                 ],
             }],
+            // Only this VM's directories, from its node's agent (the `vm.hvx.dev` CSI
+            // driver checks that this is the pod hvx sealed for the VM), at the paths
+            // they have on the node: qcow2 backing files name absolute store paths.
             "volumes": [
-                {"name": "store", "hostPath": {"path": "/var/lib/hvx", "type": "DirectoryOrCreate"}},
-                {"name": "run", "hostPath": {"path": "/run/hvx", "type": "DirectoryOrCreate"}},
+                {"name": "store", "csi": {"driver": VM_CSI_DRIVER, "volumeAttributes": {VM_CSI_TREE: "store"}}},
+                {"name": "run", "csi": {"driver": VM_CSI_DRIVER, "volumeAttributes": {VM_CSI_TREE: "run"}}},
             ],
         }
     });
@@ -372,6 +387,8 @@ mod tests {
         assert_eq!(c["resources"]["requests"]["cpu"], "1000m", "4 vCPUs x 250m");
         // 1024 guest + 160 + 64 + 16*4 + 1024/128
         assert_eq!(c["resources"]["requests"]["memory"], "1320Mi");
+        assert_eq!(c["resources"]["requests"]["devices.hvx.dev/kvm"], "1");
+        assert_eq!(c["resources"]["limits"]["devices.hvx.dev/kvm"], "1");
         assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/accelerator"], "kvm");
         assert_eq!(pod["spec"]["nodeSelector"]["hvx.dev/agent"], "ready");
         assert_eq!(pod["spec"]["nodeSelector"]["zone"], "a");
@@ -467,6 +484,54 @@ mod tests {
             pdb["spec"]["selector"]["matchExpressions"][0],
             json!({"key": LABEL_MIGRATION_TARGET, "operator": "DoesNotExist"})
         );
+    }
+
+    #[test]
+    fn launcher_pods_mount_no_host_path_and_share_no_pids() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("spec");
+        let pod = serde_json::to_value(
+            launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod"),
+        )
+        .expect("json");
+        let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
+        assert_eq!(volumes.len(), 2);
+        assert!(
+            pod["spec"].get("hostPID").is_none(),
+            "no host PID namespace"
+        );
+        for v in volumes {
+            assert!(v.get("hostPath").is_none(), "{v}");
+            assert_eq!(v["csi"]["driver"], VM_CSI_DRIVER, "{v}");
+        }
+        let trees: Vec<_> = volumes
+            .iter()
+            .map(|v| v["csi"]["volumeAttributes"][VM_CSI_TREE].clone())
+            .collect();
+        assert_eq!(trees, vec![json!("store"), json!("run")]);
+    }
+
+    #[test]
+    fn launcher_pods_meet_pod_security_baseline() {
+        let app = app();
+        let spec = launch_spec(&app, &app.spec.vms[0], &resolved()).expect("spec");
+        let pod = serde_json::to_value(
+            launcher_pod(&app, &spec, &OperatorConfig::default(), None).expect("pod"),
+        )
+        .expect("json");
+        for host_ns in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert!(pod["spec"].get(host_ns).is_none(), "{host_ns}");
+        }
+        for c in pod["spec"]["containers"].as_array().expect("containers") {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["privileged"], false, "{sc}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+            assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{sc}");
+            assert!(sc["capabilities"].get("add").is_none(), "{sc}");
+            assert!(c.get("ports").is_none_or(|p| p
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p.get("hostPort").is_none()))));
+        }
     }
 
     #[test]
