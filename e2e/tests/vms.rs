@@ -169,12 +169,22 @@ async fn two_vm_application_boots_talks_and_cleans_up() {
     for p in &launchers.items {
         let spec = p.spec.clone().unwrap_or_default();
         assert!(
-            spec.host_network != Some(true) && spec.host_pid != Some(true) && spec.host_ipc != Some(true),
+            spec.host_network != Some(true)
+                && spec.host_pid != Some(true)
+                && spec.host_ipc != Some(true),
             "launcher pod {:?} uses a host namespace",
             p.metadata.name
         );
-        let sc = spec.containers[0].security_context.clone().unwrap_or_default();
-        assert_eq!(sc.privileged, Some(false), "launcher pod {:?}", p.metadata.name);
+        let sc = spec.containers[0]
+            .security_context
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(
+            sc.privileged,
+            Some(false),
+            "launcher pod {:?}",
+            p.metadata.name
+        );
         assert_eq!(
             sc.capabilities.and_then(|c| c.drop),
             Some(vec!["ALL".to_string()]),

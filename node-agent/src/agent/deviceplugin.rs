@@ -409,13 +409,23 @@ mod tests {
             &["kvm-0", "kvm--1"],
             &[],
         ] {
-            let got = allocate(true, &request(&[ids]));
+            let got = allocate(
+                NodeDevices {
+                    kvm: true,
+                    userfaultfd: true,
+                },
+                &request(&[ids]),
+            );
             assert!(
                 matches!(got, Err(AgentError::Invalid(_))),
                 "{ids:?}: {got:?}"
             );
         }
-        let none = allocate(true, &request(&[])).expect("no containers");
+        let node = NodeDevices {
+            kvm: true,
+            userfaultfd: true,
+        };
+        let none = allocate(node, &request(&[])).expect("no containers");
         assert!(none.container_responses.is_empty());
     }
 

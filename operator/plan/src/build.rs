@@ -528,9 +528,10 @@ mod tests {
             assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
             assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{sc}");
             assert!(sc["capabilities"].get("add").is_none(), "{sc}");
-            assert!(c.get("ports").is_none_or(|p| p
-                .as_array()
-                .is_some_and(|p| p.iter().all(|p| p.get("hostPort").is_none()))));
+            assert!(c.get("ports").is_none_or(|p| {
+                p.as_array()
+                    .is_some_and(|p| p.iter().all(|p| p.get("hostPort").is_none()))
+            }));
         }
     }
 
