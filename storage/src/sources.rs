@@ -92,8 +92,9 @@ fn open_regular(path: &Path) -> Result<std::fs::File> {
 }
 
 /// Bytes per staging read and write: large enough that syscalls and channel hand-offs
-/// cost nothing next to the copy.
-const STAGE_CHUNK: usize = 4 << 20;
+/// cost nothing next to the copy, small enough that the buffers of many imports at once
+/// (4 MiB each) stay far under the agent's memory limit.
+const STAGE_CHUNK: usize = 1 << 20;
 /// Chunks in flight between the reading-and-hashing thread and the writing one.
 const STAGE_DEPTH: usize = 3;
 
