@@ -18,6 +18,7 @@ pub mod sources;
 pub mod status;
 pub mod store;
 pub mod tar;
+pub mod writeback;
 
 pub use error::{Result, StorageError};
 pub use sources::ImportSource;

@@ -127,6 +127,9 @@ pub struct IncomingDisk {
     /// Index of the file being written, its bytes so far, their digest.
     current: usize,
     file: Option<std::fs::File>,
+    /// Writes the current file back to disk while it arrives, so closing it (its
+    /// `fsync`) waits for little.
+    writeback: Option<crate::writeback::Writeback>,
     written: u64,
     hash: Sha256,
     /// Digests of the completed files.
@@ -196,7 +199,13 @@ impl IncomingDisk {
 
     fn open_current(&mut self) -> Result<()> {
         let path = self.dir.join(&self.files[self.current].0);
-        self.file = Some(std::fs::File::create_new(&path).map_err(io_err(&path))?);
+        let file = std::fs::File::create_new(&path).map_err(io_err(&path))?;
+        self.writeback = Some(crate::writeback::Writeback::of_file(
+            &file,
+            &path,
+            crate::writeback::INTERVAL,
+        )?);
+        self.file = Some(file);
         self.written = 0;
         self.hash = Sha256::new();
         Ok(())
@@ -208,6 +217,9 @@ impl IncomingDisk {
             return Err(self.protocol(format!("{name} ended at {} bytes of {size}", self.written)));
         }
         let path = self.dir.join(&name);
+        if let Some(wb) = self.writeback.take() {
+            wb.finish()?;
+        }
         if let Some(f) = self.file.take() {
             f.sync_all().map_err(io_err(&path))?;
         }
@@ -335,6 +347,7 @@ impl DiskStore {
             files: files.to_vec(),
             current: 0,
             file: None,
+            writeback: None,
             written: 0,
             hash: Sha256::new(),
             digests: Vec::new(),

@@ -56,9 +56,10 @@ fn write_sparse(f: &mut std::fs::File, data: &[u8], path: &Path) -> Result<()> {
 }
 
 /// Sets the final length (a trailing zero hole is not written by `write_sparse`).
+/// Staged files are not synced: they are read once by the conversion through the page
+/// cache and thrown away, and a crash empties tmp/ at the next `DiskStore::open`.
 fn finish_file(f: &std::fs::File, len: u64, path: &Path) -> Result<()> {
-    f.set_len(len).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    f.set_len(len).map_err(io_err(path))
 }
 
 fn create_new(path: &Path) -> Result<std::fs::File> {
@@ -90,8 +91,17 @@ fn open_regular(path: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
+/// Bytes per staging read and write: large enough that syscalls and channel hand-offs
+/// cost nothing next to the copy, small enough that the buffers of many imports at once
+/// (4 MiB each) stay far under the agent's memory limit.
+const STAGE_CHUNK: usize = 1 << 20;
+/// Chunks in flight between the reading-and-hashing thread and the writing one.
+const STAGE_DEPTH: usize = 3;
+
 /// Copies `src` (read from its current position, `len` bytes) into a new file `dst`,
-/// returning its sha256.
+/// returning its sha256. One pass over the data: this thread reads and hashes each
+/// chunk while a second one writes the previous chunks (two cores busy instead of one
+/// doing everything in turn); buffers go round between the two, so memory is bounded.
 fn copy_hashing(
     src: &mut dyn Read,
     len: u64,
@@ -99,23 +109,60 @@ fn copy_hashing(
     progress: &mut dyn FnMut(u64),
 ) -> Result<String> {
     let mut out = create_new(dst)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < len {
-        let want = usize::try_from((len - done).min(CHUNK as u64)).unwrap_or(CHUNK);
-        src.read_exact(&mut buf[..want])
-            .map_err(|source| StorageError::Io {
-                path: dst.to_path_buf(),
-                source,
-            })?;
-        hasher.update(&buf[..want]);
-        write_sparse(&mut out, &buf[..want], dst)?;
-        done += want as u64;
-        progress(done);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(STAGE_DEPTH);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(STAGE_DEPTH + 1);
+    for _ in 0..=STAGE_DEPTH {
+        // The channel holds them all: this send cannot block or fail.
+        let _ = free_tx.send(vec![0u8; STAGE_CHUNK]);
     }
-    finish_file(&out, len, dst)?;
-    Ok(hex(&hasher.finalize()))
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            for (buf, n) in full_rx {
+                write_sparse(&mut out, &buf[..n], dst)?;
+                // The reader may have stopped (an error): nobody needs the buffer then.
+                let _ = free_tx.send(buf);
+            }
+            finish_file(&out, len, dst)
+        });
+        let mut hasher = Sha256::new();
+        let mut done = 0u64;
+        let read = loop {
+            if done >= len {
+                break Ok(());
+            }
+            // The writer failed and went away: its error is reported below.
+            let Ok(mut buf) = free_rx.recv() else {
+                break Ok(());
+            };
+            let want = usize::try_from((len - done).min(STAGE_CHUNK as u64)).unwrap_or(STAGE_CHUNK);
+            if let Err(source) = src.read_exact(&mut buf[..want]) {
+                break Err(StorageError::Io {
+                    path: dst.to_path_buf(),
+                    source,
+                });
+            }
+            hasher.update(&buf[..want]);
+            if full_tx.send((buf, want)).is_err() {
+                break Ok(());
+            }
+            done += want as u64;
+            progress(done);
+        };
+        // Ends the writer's loop once it has written what was sent.
+        drop(full_tx);
+        let written = writer
+            .join()
+            .map_err(|_| StorageError::Join("the staging writer panicked".into()))?;
+        read?;
+        written?;
+        if done != len {
+            return Err(StorageError::Io {
+                path: dst.to_path_buf(),
+                source: std::io::Error::other(format!("staged {done} of {len} bytes")),
+            });
+        }
+        Ok(hex(&hasher.finalize()))
+    })
 }
 
 /// The digest of a multi-file image: sha256 over "name sha256\n" lines in file order.
@@ -496,6 +543,118 @@ fn staged_or_cleanup(dir: PathBuf, entry: &str, result: Result<(String, u64)>) -
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Deterministic bytes with all-zero stretches (kept sparse) between data.
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                if (i / STAGE_CHUNK) % 3 == 1 {
+                    0
+                } else {
+                    (i % 251) as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn staging_copies_and_hashes_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a multiple of the chunk: the last chunk is short.
+        let data = sample(3 * STAGE_CHUNK + 12345);
+        let dst = dir.path().join("staged");
+        let mut seen = Vec::new();
+        let digest = copy_hashing(
+            &mut std::io::Cursor::new(&data),
+            data.len() as u64,
+            &dst,
+            &mut |d| seen.push(d),
+        )
+        .unwrap();
+        assert_eq!(digest, hex(&Sha256::digest(&data)));
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+        assert_eq!(seen.last().copied(), Some(data.len() as u64));
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[test]
+    fn staging_keeps_a_trailing_zero_stretch_and_copies_only_len() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![1u8; 1000];
+        data.extend(vec![0u8; 2 * STAGE_CHUNK]);
+        let dst = dir.path().join("staged");
+        // The reader holds more than `len`: only `len` bytes are staged and hashed.
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"not part of the file");
+        let digest = copy_hashing(
+            &mut std::io::Cursor::new(&longer),
+            data.len() as u64,
+            &dst,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(digest, hex(&Sha256::digest(&data)));
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+    }
+
+    #[test]
+    fn a_source_shorter_than_announced_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample(STAGE_CHUNK + 10);
+        let err = copy_hashing(
+            &mut std::io::Cursor::new(&data),
+            data.len() as u64 + STAGE_CHUNK as u64,
+            &dir.path().join("staged"),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(err, StorageError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_write_error_stops_the_copy_with_that_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample(4 * STAGE_CHUNK);
+        // The destination exists already: the writer's file cannot be created.
+        let dst = dir.path().join("staged");
+        std::fs::write(&dst, b"x").unwrap();
+        let err = copy_hashing(
+            &mut std::io::Cursor::new(&data),
+            data.len() as u64,
+            &dst,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(err, StorageError::Io { .. }), "{err}");
+    }
+
+    /// A digest that does not match, found by the hash of the staging pass, leaves no
+    /// staged file and no base behind.
+    #[tokio::test]
+    async fn a_checksum_mismatch_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("disk.raw"), sample(STAGE_CHUNK + 4096)).unwrap();
+        let store =
+            DiskStore::open(crate::store::StoreConfig::new(dir.path().join("store"))).unwrap();
+        let source = ImportSource::Local {
+            dir: src.clone(),
+            entry: "disk.raw".into(),
+        };
+        let err = store
+            .import(&source, Some(&"0".repeat(64)), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Checksum { .. }), "{err}");
+        let left = |sub: &str| {
+            std::fs::read_dir(dir.path().join("store").join(sub))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(left("tmp"), 0, "staging removed");
+        assert_eq!(left("bases"), 0, "no base");
+    }
 
     #[test]
     fn manifest_lines_by_member_and_algorithm() {

@@ -257,6 +257,10 @@ impl DiskStore {
                 )
             }
         });
+        // The output is written back while qemu-img still converts (it writes through
+        // the page cache and never syncs), so the sync before the rename is short.
+        let writeback =
+            crate::writeback::Writeback::of_path(&tmp_path, crate::writeback::INTERVAL)?;
         let converted = self
             .cfg
             .qemu_img
@@ -265,9 +269,10 @@ impl DiskStore {
                 cb.as_ref().map(|c| c as &(dyn Fn(f64) + Send + Sync)),
             )
             .await;
-        let checked = match converted {
-            Ok(_) => self.verify_converted(&tmp_path, info).await,
-            Err(e) => Err(e),
+        let written_back = writeback.finish();
+        let checked = match (converted, written_back) {
+            (Ok(_), Ok(())) => self.verify_converted(&tmp_path, info).await,
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
         };
         if let Err(e) = checked {
             let _ = std::fs::remove_file(&tmp_path);

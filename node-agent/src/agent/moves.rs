@@ -73,18 +73,19 @@ pub async fn export(
                 let mut file = tokio::fs::File::open(&f.path).await?;
                 let mut hash = Sha256::new();
                 let mut offset = 0u64;
-                let mut buf = vec![0u8; CHUNK_BYTES];
                 // Exactly the size announced: a file that grew would break the header.
                 while offset < f.size {
                     let want = usize::try_from(f.size - offset)
                         .unwrap_or(CHUNK_BYTES)
                         .min(CHUNK_BYTES);
-                    file.read_exact(&mut buf[..want]).await?;
-                    hash.update(&buf[..want]);
+                    // Read straight into the message's own buffer (no second copy).
+                    let mut bytes = vec![0u8; want];
+                    file.read_exact(&mut bytes).await?;
+                    hash.update(&bytes);
                     let data = pb::OverlayData {
                         file: i as u32,
                         offset,
-                        bytes: buf[..want].to_vec(),
+                        bytes,
                     };
                     if tx.send(Ok(send(Part::Data(data)))).await.is_err() {
                         return Err(std::io::Error::other("the receiver went away"));
