@@ -7,6 +7,9 @@
 //!
 //! `cargo test -p hvx-node-agent --test agent -- --ignored --test-threads=1` as root.
 
+mod common;
+
+use common::{guest_dir, is_root};
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_client::NodeAgentClient;
 use std::io::{Read, Write};
@@ -32,21 +35,6 @@ fn sh(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn guest_dir() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-guest.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run hack/build-guest.sh");
-    assert!(out.status.success(), "build-guest failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("guest dir")
-            .trim(),
-    )
 }
 
 /// A node: netns + veth, removed (with whatever runs in it) on drop.
@@ -223,10 +211,6 @@ async fn connect(
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
-}
-
-fn is_root() -> bool {
-    sh(&["id", "-u"]).trim() == "0"
 }
 
 #[tokio::test]

@@ -3,38 +3,15 @@
 //! and pvscsi bound to their drivers, the declared MAC, the VMware DMI strings and the
 //! disk at its declared SCSI address. SIGTERM shuts it down cleanly, leaving nothing.
 
+mod common;
+
+use common::{guest_dir, is_root};
 use hvx_vmm::console::{SerialConsole, SerialLog};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LAUNCHER: &str = env!("CARGO_BIN_EXE_hvx-launcher");
-
-fn guest_dir() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-guest.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run hack/build-guest.sh");
-    assert!(
-        out.status.success(),
-        "build-guest failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("guest dir")
-            .trim(),
-    )
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
 
 /// Ends the launcher (and, through its pid file, QEMU) even when an assertion fails.
 struct LauncherGuard {

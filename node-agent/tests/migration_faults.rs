@@ -20,6 +20,9 @@
 //!
 //! `cargo test -p hvx-node-agent --test migration_faults -- --ignored` as root.
 
+mod common;
+
+use common::{guest_dir, is_root};
 use hvx_node_agent::agent::migration::{self as agent_migration, SourceState};
 use hvx_node_agent::agent::{Agent, AgentConfig};
 use hvx_proto::v1 as pb;
@@ -40,28 +43,6 @@ const CMD: Duration = Duration::from_secs(30);
 const MIGRATE: Duration = Duration::from_secs(300);
 const VM_UID: &str = "app-uid/web";
 const PSK: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn guest_dir() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-guest.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run hack/build-guest.sh");
-    assert!(out.status.success(), "build-guest failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("guest dir")
-            .trim(),
-    )
-}
 
 fn sh(args: &[&str]) {
     let st = Command::new(args[0])

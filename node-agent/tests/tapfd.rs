@@ -5,6 +5,9 @@
 //! gets a DHCP lease across the bridge and answers ping. The caller's cgroup file is
 //! a stand-in (the test is one process): `TapPolicy::proc_root` points at it.
 
+mod common;
+
+use common::{guest_dir, is_root};
 use hvx_api::seal::{SealKey, Sealed, Subject};
 use hvx_node_agent::sealcheck::SealCheck;
 use hvx_node_agent::tapfd::{TapClient, TapPolicy};
@@ -17,32 +20,6 @@ use std::time::Duration;
 const WEB_UID: &str = "0b5e8c1a-4f2d-4c3b-9a7e-1d2c3b4a5f60";
 const DB_UID: &str = "11111111-2222-3333-4444-555555555555";
 const SUBNET: &str = "10.213.77";
-
-fn guest_dir() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/build-guest.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run hack/build-guest.sh");
-    assert!(
-        out.status.success(),
-        "build-guest failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("guest dir")
-            .trim(),
-    )
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
 
 fn ip(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("ip");

@@ -357,7 +357,7 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::csi::Registration;
+    use crate::agent::csi::registration;
     use fluke_hpack::encoder::Encoder;
     use hvx_proto::pluginregistration as reg;
     use prost::Message;
@@ -372,9 +372,7 @@ mod tests {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(reg::registration_server::RegistrationServer::new(
-                    Registration {
-                        endpoint: PathBuf::from(ENDPOINT),
-                    },
+                    registration(PathBuf::from(ENDPOINT)),
                 ))
                 .serve_with_incoming(ReceiverStream::new(rx)),
         );

@@ -17,6 +17,7 @@
 
 use super::Agent;
 use super::error::AgentError;
+use super::plugin_registration::PluginRegistration;
 use hvx_api::labels::{ANNOTATION_LAUNCH_SPEC, LABEL_ROLE, ROLE_LAUNCHER};
 use hvx_api::launch::LaunchSpec;
 use hvx_api::node::NodePaths;
@@ -666,38 +667,14 @@ impl pb::node_server::Node for CsiDriver {
     }
 }
 
-/// The kubelet's plugin registration of this driver.
-#[derive(Clone, Debug)]
-pub struct Registration {
-    /// The driver's socket as a node path.
-    pub endpoint: PathBuf,
-}
-
-#[tonic::async_trait]
-impl reg::registration_server::Registration for Registration {
-    async fn get_info(
-        &self,
-        _: tonic::Request<reg::InfoRequest>,
-    ) -> Result<tonic::Response<reg::PluginInfo>, tonic::Status> {
-        Ok(tonic::Response::new(reg::PluginInfo {
-            r#type: "CSIPlugin".into(),
-            name: DRIVER_NAME.into(),
-            endpoint: self.endpoint.to_string_lossy().into_owned(),
-            supported_versions: vec!["1.0.0".into()],
-        }))
-    }
-
-    async fn notify_registration_status(
-        &self,
-        req: tonic::Request<reg::RegistrationStatus>,
-    ) -> Result<tonic::Response<reg::RegistrationStatusResponse>, tonic::Status> {
-        let r = req.get_ref();
-        if r.plugin_registered {
-            tracing::info!("kubelet registered the {DRIVER_NAME} CSI driver");
-        } else {
-            tracing::error!(error = %r.error, "kubelet refused the {DRIVER_NAME} CSI driver");
-        }
-        Ok(tonic::Response::new(reg::RegistrationStatusResponse {}))
+/// The kubelet's plugin registration of this driver, whose socket is `endpoint` on
+/// the kubelet's host.
+pub fn registration(endpoint: PathBuf) -> PluginRegistration {
+    PluginRegistration {
+        kind: "CSIPlugin",
+        name: DRIVER_NAME,
+        endpoint,
+        versions: &["1.0.0"],
     }
 }
 
@@ -748,7 +725,7 @@ pub async fn serve(driver: CsiDriver) -> std::io::Result<()> {
     let reg_listener = unix_listener(&registration)?;
     let reg_server = tonic::transport::Server::builder()
         .add_service(reg::registration_server::RegistrationServer::new(
-            Registration { endpoint },
+            registration(endpoint),
         ))
         .serve_with_incoming(super::authority_shim::incoming(reg_listener));
     let (a, b) = tokio::join!(csi_server, reg_server);

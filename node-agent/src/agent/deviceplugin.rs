@@ -26,6 +26,7 @@ use hvx_proto::pluginregistration as reg;
 use tokio_stream::Stream;
 
 use super::error::AgentError;
+use super::plugin_registration::PluginRegistration;
 
 /// The extended resource launcher pods request.
 pub const RESOURCE_NAME: &str = hvx_api::node::KVM_DEVICE_RESOURCE;
@@ -188,45 +189,6 @@ fn socket_identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// The plugin-watcher side: tells the kubelet what this plugin is and where it
-/// listens.
-#[derive(Clone, Debug)]
-pub struct DeviceRegistration {
-    /// The DevicePlugin socket as a path on the kubelet's host.
-    pub endpoint: PathBuf,
-}
-
-#[tonic::async_trait]
-impl reg::registration_server::Registration for DeviceRegistration {
-    async fn get_info(
-        &self,
-        _: tonic::Request<reg::InfoRequest>,
-    ) -> Result<tonic::Response<reg::PluginInfo>, tonic::Status> {
-        Ok(tonic::Response::new(reg::PluginInfo {
-            r#type: "DevicePlugin".into(),
-            name: RESOURCE_NAME.into(),
-            endpoint: self.endpoint.to_string_lossy().into_owned(),
-            supported_versions: vec![API_VERSION.into()],
-        }))
-    }
-
-    async fn notify_registration_status(
-        &self,
-        req: tonic::Request<reg::RegistrationStatus>,
-    ) -> Result<tonic::Response<reg::RegistrationStatusResponse>, tonic::Status> {
-        let r = req.get_ref();
-        if r.plugin_registered {
-            tracing::info!(
-                resource = RESOURCE_NAME,
-                "kubelet registered the device plugin"
-            );
-        } else {
-            tracing::error!(error = %r.error, resource = RESOURCE_NAME, "kubelet refused the device plugin");
-        }
-        Ok(tonic::Response::new(reg::RegistrationStatusResponse {}))
-    }
-}
-
 /// The plugin's socket and its registration socket below a kubelet root dir.
 fn socket_paths(kubelet_root: &Path) -> (PathBuf, PathBuf) {
     (
@@ -284,7 +246,12 @@ async fn serve_once(
     let registrar = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(reg::registration_server::RegistrationServer::new(
-                DeviceRegistration { endpoint },
+                PluginRegistration {
+                    kind: "DevicePlugin",
+                    name: RESOURCE_NAME,
+                    endpoint,
+                    versions: &[API_VERSION],
+                },
             ))
             .serve_with_incoming(super::authority_shim::incoming(registration_listener)),
     );

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod migration;
 pub mod moves;
 pub mod network;
+pub mod plugin_registration;
 pub mod server;
 pub mod taps;
 pub mod vms;
