@@ -13,7 +13,7 @@ use hvx_node_agent::sealcheck::SealCheck;
 use hvx_node_agent::tapfd::{TapClient, TapPolicy};
 use hvx_vmm::console::SerialLog;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

@@ -713,7 +713,7 @@ pub fn remove_sockets(kubelet_mount: &Path) {
 /// (both reached through `kubelet_mount`).
 pub async fn serve(driver: CsiDriver) -> std::io::Result<()> {
     let (endpoint, _) = socket_paths(&driver.kubelet_root);
-    let (local_endpoint, registration) = socket_paths(&driver.kubelet_mount);
+    let (local_endpoint, registration_socket) = socket_paths(&driver.kubelet_mount);
     let csi = unix_listener(&local_endpoint)?;
     let csi_server = tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(driver.clone()))
@@ -722,7 +722,7 @@ pub async fn serve(driver: CsiDriver) -> std::io::Result<()> {
     // The registration socket last: the kubelet connects to the driver right away.
     // Through the authority shim: the kubelet's registration client sends this
     // socket's path as :authority, which tonic's h2 refuses.
-    let reg_listener = unix_listener(&registration)?;
+    let reg_listener = unix_listener(&registration_socket)?;
     let reg_server = tonic::transport::Server::builder()
         .add_service(reg::registration_server::RegistrationServer::new(
             registration(endpoint),
