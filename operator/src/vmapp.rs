@@ -23,6 +23,20 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+/// Event reason of a launcher pod the API server's admission refused.
+pub const REASON_POD_REFUSED: &str = "LauncherPodRefused";
+
+/// The VM's reason when admission refused its launcher pod: the API server's words,
+/// and what hvx needs where it is Pod Security.
+pub fn refused_pod_reason(pod_name: &str, api_message: &str) -> String {
+    let hint = if api_message.contains("PodSecurity") {
+        " (launcher pods need the namespace's Pod Security level to be at most `baseline`: label it pod-security.kubernetes.io/enforce=baseline)"
+    } else {
+        ""
+    };
+    format!("the API server refused launcher pod {pod_name}: {api_message}{hint}")
+}
+
 /// Entry point for the controller runtime.
 pub async fn reconcile(app: Arc<VmApplication>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = app.namespace().unwrap_or_default();
@@ -252,22 +266,36 @@ async fn apply(app: &VmApplication, ctx: &Arc<Context>) -> Result<Action, Error>
                     }
                     let pod_name = pod.name_any();
                     ensure_disruption_budget(ctx, app, vm).await?;
-                    crate::trust::create_pod(ctx, &uid, pod).await?;
-                    publish(
-                        ctx,
-                        app,
-                        EventType::Normal,
-                        "VmStarting",
-                        &match &disks_on {
-                            Some(from) => format!(
-                                "created launcher pod {pod_name} for VM {}: {from}, holding its disks, is cordoned, so it starts on another node and its disks move there",
-                                vm.name
-                            ),
-                            None => format!("created launcher pod {pod_name} for VM {}", vm.name),
-                        },
-                    )
-                    .await;
-                    (phase, reason) = (VmPhase::Scheduling, Some("launcher pod created".into()));
+                    match crate::trust::create_pod(ctx, &uid, pod).await {
+                        Ok(()) => {
+                            publish(
+                                ctx,
+                                app,
+                                EventType::Normal,
+                                "VmStarting",
+                                &match &disks_on {
+                                    Some(from) => format!(
+                                        "created launcher pod {pod_name} for VM {}: {from}, holding its disks, is cordoned, so it starts on another node and its disks move there",
+                                        vm.name
+                                    ),
+                                    None => format!("created launcher pod {pod_name} for VM {}", vm.name),
+                                },
+                            )
+                            .await;
+                            (phase, reason) =
+                                (VmPhase::Scheduling, Some("launcher pod created".into()));
+                        }
+                        // Admission said no (Pod Security stricter than `baseline`, a
+                        // quota, a policy): the user's to fix, so it goes in the VM's
+                        // reason and an event, not only the operator's log; retried at
+                        // the busy resync, as the namespace may change.
+                        Err(Error::Kube(kube::Error::Api(e))) if e.code == 403 => {
+                            let why = refused_pod_reason(&pod_name, &e.message);
+                            publish(ctx, app, EventType::Warning, REASON_POD_REFUSED, &why).await;
+                            (phase, reason) = (VmPhase::Pending, Some(why));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(waiting) => (phase, reason) = (VmPhase::Pending, Some(waiting.to_string())),
             },

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ApiHandle, agent_node, operator_context, respond, serve, store_of};
+use common::{ApiHandle, agent_node, operator_context, respond, serve, serve_refusing, store_of};
 use http::{Method, Request, Response};
 use hvx_api::{VirtualNetwork, VmApplication};
 use hvx_operator::context::{Context, OperatorConfig};
@@ -740,4 +740,57 @@ async fn an_edited_launch_spec_gets_the_pod_replaced_not_used() {
         reason.contains("replaced") && reason.contains("launch-spec"),
         "{status}"
     );
+}
+
+#[tokio::test]
+async fn a_launcher_pod_refused_by_admission_shows_in_the_vms_reason_and_an_event() {
+    let obj = one_vm_app();
+    let (ctx, handle) = context(vec![obj.clone()], vec![]);
+    let refusal = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "reason": "Forbidden", "code": 403,
+        "message": "pods \"shop-db\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true",
+    });
+    let server = serve_refusing(
+        handle,
+        serde_json::to_value(&obj).expect("json"),
+        vec![],
+        vec![(Method::POST, "/api/v1/namespaces/prod/pods", refusal)],
+    );
+    let action = tokio::time::timeout(
+        Duration::from_secs(10),
+        hvx_operator::vmapp::reconcile(Arc::new(obj.clone()), ctx.clone()),
+    )
+    .await
+    .expect("pass ends")
+    .expect("a refused pod is the user's to fix, not a reconcile error");
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let paths: Vec<String> = seen.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    assert!(
+        seen.iter().any(|(m, p, b)| *m == Method::POST
+            && p.ends_with("/events")
+            && b["reason"] == hvx_operator::vmapp::REASON_POD_REFUSED
+            && b["type"] == "Warning"
+            && b["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("PodSecurity"))),
+        "{paths:#?}"
+    );
+    let status = seen
+        .iter()
+        .rev()
+        .find(|(_, p, _)| p.ends_with("/vmapplications/shop/status"))
+        .map(|(_, _, b)| b["status"].clone())
+        .expect("status written");
+    assert_eq!(status["vms"][0]["phase"], "Pending", "{status}");
+    let reason = status["vms"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("refused launcher pod shop-db")
+            && reason.contains("restricted:latest")
+            && reason.contains("pod-security.kubernetes.io/enforce=baseline"),
+        "{reason}"
+    );
+    // Looked at again soon: the namespace's level may change.
+    assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_BUSY));
 }

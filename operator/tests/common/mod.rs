@@ -87,9 +87,20 @@ pub async fn body_json_or_null(req: Request<Body>) -> Value {
 /// by path prefix (else an empty list), DELETEs a Status. Records every request until
 /// the client is dropped.
 pub fn serve(
+    handle: ApiHandle,
+    own: Value,
+    lists: Vec<(&'static str, Value)>,
+) -> tokio::task::JoinHandle<Requests> {
+    serve_refusing(handle, own, lists, Vec::new())
+}
+
+/// [`serve`], except that a request of `refusals`' method and path gets their
+/// Status (whose `code` is the HTTP status), as an admission plugin would answer.
+pub fn serve_refusing(
     mut handle: ApiHandle,
     own: Value,
     lists: Vec<(&'static str, Value)>,
+    refusals: Vec<(Method, &'static str, Value)>,
 ) -> tokio::task::JoinHandle<Requests> {
     let own_path = format!(
         "/{}s/",
@@ -103,6 +114,19 @@ pub fn serve(
         while let Some((req, send)) = handle.next_request().await {
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let body = body_json_or_null(req).await;
+            if let Some((_, _, status)) =
+                refusals.iter().find(|(m, p, _)| *m == method && *p == path)
+            {
+                let code = status["code"].as_u64().and_then(|c| u16::try_from(c).ok());
+                send.send_response(
+                    Response::builder()
+                        .status(code.unwrap_or(500))
+                        .body(Body::from(serde_json::to_vec(status).expect("json")))
+                        .expect("response"),
+                );
+                seen.push((method, path, body));
+                continue;
+            }
             let mut answer = if method == Method::GET {
                 lists
                     .iter()
