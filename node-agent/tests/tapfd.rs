@@ -20,6 +20,8 @@ use std::time::Duration;
 const WEB_UID: &str = "0b5e8c1a-4f2d-4c3b-9a7e-1d2c3b4a5f60";
 const DB_UID: &str = "11111111-2222-3333-4444-555555555555";
 const SUBNET: &str = "10.213.77";
+/// The migrating VM's NIC (the same on both ends).
+const MIGRATING_MAC: &str = "00:50:56:7a:00:02";
 
 fn ip(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("ip");
@@ -222,21 +224,8 @@ async fn a_vm_boots_on_fd_passed_taps_and_no_other_pod_gets_them() {
         .expect("qemu-img");
     assert!(st.success());
     let run_dir = tmp.path().join("run");
-    let vm: hvx_vmm::VmSpec = serde_json::from_value(serde_json::json!({
-        "name": "web",
-        "cpu": {"sockets": 1, "cores": 1},
-        "memory_mib": 256,
-        "accelerator": "tcg",
-        "controllers": [{"type": "pvscsi", "bus": 0, "pci_slot": 16}],
-        "disks": [{"name": "boot", "path": disk, "format": "qcow2", "controller": "pvscsi",
-                   "bus": 0, "unit": 0, "boot_order": 1}],
-        "nics": [{"name": "ethernet0", "model": "vmxnet3", "mac": "00:50:56:7a:00:01",
-                  "pci_slot": 17, "backend": {"tap": {"name": tap}}}],
-        "run_dir": run_dir,
-        "restart_policy": {"policy": "never"},
-        "shutdown_timeout_s": 30
-    }))
-    .expect("vm spec");
+    // By name only: the supervisor asks the agent for the fd before QEMU starts.
+    let vm = vm_spec(&disk, &run_dir, &tap, "00:50:56:7a:00:01", None);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let supervisor = tokio::spawn({
         let (vm, client) = (vm.clone(), client.clone());
@@ -322,7 +311,9 @@ impl Drop for Netdevs {
     }
 }
 
-fn vm_spec(disk: &Path, run_dir: &Path, tap: &str, fd: i32) -> hvx_vmm::VmSpec {
+/// The test guest with one vmxnet3 NIC on `tap` (`fd`: already open, as a launcher
+/// passes it; None: the supervisor asks the agent).
+fn vm_spec(disk: &Path, run_dir: &Path, tap: &str, mac: &str, fd: Option<i32>) -> hvx_vmm::VmSpec {
     let mut spec: hvx_vmm::VmSpec = serde_json::from_value(serde_json::json!({
         "name": "web",
         "uuid": "421a5b3c-1111-4222-8333-444455556688",
@@ -332,7 +323,7 @@ fn vm_spec(disk: &Path, run_dir: &Path, tap: &str, fd: i32) -> hvx_vmm::VmSpec {
         "controllers": [{"type": "pvscsi", "bus": 0, "pci_slot": 16}],
         "disks": [{"name": "boot", "path": disk, "format": "qcow2", "controller": "pvscsi",
                    "bus": 0, "unit": 3, "boot_order": 1}],
-        "nics": [{"name": "ethernet0", "model": "vmxnet3", "mac": "00:50:56:7a:00:02",
+        "nics": [{"name": "ethernet0", "model": "vmxnet3", "mac": mac,
                   "pci_slot": 17, "backend": {"tap": {"name": tap}}}],
         "run_dir": run_dir,
         "restart_policy": {"policy": "never"},
@@ -341,7 +332,7 @@ fn vm_spec(disk: &Path, run_dir: &Path, tap: &str, fd: i32) -> hvx_vmm::VmSpec {
     .expect("vm spec");
     spec.nics[0].backend = hvx_vmm::spec::NicBackend::Tap {
         name: tap.into(),
-        fd: Some(fd),
+        fd,
     };
     spec
 }
@@ -503,7 +494,13 @@ async fn a_vm_migrates_into_a_target_in_its_own_network_namespace() {
     let tun = Path::new("/dev/net/tun");
     let src_fd = hvx_node_agent::fdpass::open_tap(tun, &src_tap).expect("source tap");
     let source = hvx_vmm::vm::Vm::start(
-        &vm_spec(&overlay("a"), &src_run, &src_tap, src_fd.as_raw_fd()),
+        &vm_spec(
+            &overlay("a"),
+            &src_run,
+            &src_tap,
+            MIGRATING_MAC,
+            Some(src_fd.as_raw_fd()),
+        ),
         hvx_vmm::Accel::Tcg,
         &hvx_vmm::vm::StartOptions::default(),
     )
@@ -533,7 +530,13 @@ async fn a_vm_migrates_into_a_target_in_its_own_network_namespace() {
     let dst_run = node_paths("node-b").vm_run_dir(VM_UID);
     let dst_fd = hvx_node_agent::fdpass::open_tap(tun, &dst_tap).expect("target tap");
     let target = hvx_vmm::vm::Vm::start(
-        &vm_spec(&overlay("b"), &dst_run, &dst_tap, dst_fd.as_raw_fd()),
+        &vm_spec(
+            &overlay("b"),
+            &dst_run,
+            &dst_tap,
+            MIGRATING_MAC,
+            Some(dst_fd.as_raw_fd()),
+        ),
         hvx_vmm::Accel::Tcg,
         &hvx_vmm::vm::StartOptions {
             incoming: true,
