@@ -181,25 +181,37 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
         .expect("the pass ends")
 }
 
-// ---- tests ----------------------------------------------------------------------
-
-#[tokio::test]
-async fn deleting_a_network_with_a_lost_node_records_its_share_and_completes() {
+/// One pass of the network controller over the deleting network "front", with n1
+/// alive and n2 as given: its result, the API requests and each agent's calls.
+async fn network_deletion_pass(
+    n2_state: N2,
+) -> (
+    Result<Action, hvx_operator::error::Error>,
+    Requests,
+    Calls,
+    Calls,
+) {
     let FakeAgents { port, n1, n2, .. } = fake_agents(vec![]).await;
     let net = network();
     let (ctx, handle) = context(World {
         apps: vec![],
         networks: vec![net.clone()],
         disks: vec![],
-        n2: N2::Lost,
+        n2: n2_state,
         port,
     });
     let server = serve(handle, serde_json::to_value(&net).expect("json"), vec![]);
-    let action = within(hvx_operator::network::reconcile(Arc::new(net), ctx.clone()))
-        .await
-        .expect("cleanup with a lost node is done");
+    let action = within(hvx_operator::network::reconcile(Arc::new(net), ctx.clone())).await;
     drop(ctx);
-    let seen = server.await.expect("server");
+    (action, server.await.expect("server"), n1, n2)
+}
+
+// ---- tests ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn deleting_a_network_with_a_lost_node_records_its_share_and_completes() {
+    let (action, seen, n1, n2) = network_deletion_pass(N2::Lost).await;
+    let action = action.expect("cleanup with a lost node is done");
     assert_eq!(action, Action::await_change());
     assert_eq!(calls(&n1), vec!["DeleteNetwork net-1 4097"]);
     assert!(
@@ -225,21 +237,8 @@ async fn deleting_a_network_with_a_lost_node_records_its_share_and_completes() {
 
 #[tokio::test]
 async fn a_suspect_node_makes_the_cleanup_wait_without_an_error_or_a_record() {
-    let FakeAgents { port, n1, n2, .. } = fake_agents(vec![]).await;
-    let net = network();
-    let (ctx, handle) = context(World {
-        apps: vec![],
-        networks: vec![net.clone()],
-        disks: vec![],
-        n2: N2::Suspect,
-        port,
-    });
-    let server = serve(handle, serde_json::to_value(&net).expect("json"), vec![]);
-    let action = within(hvx_operator::network::reconcile(Arc::new(net), ctx.clone()))
-        .await
-        .expect("waiting is not an error");
-    drop(ctx);
-    let seen = server.await.expect("server");
+    let (action, seen, n1, n2) = network_deletion_pass(N2::Suspect).await;
+    let action = action.expect("waiting is not an error");
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     assert!(seen.is_empty(), "no record, no finalizer change: {seen:?}");
     assert!(calls(&n1).is_empty() && calls(&n2).is_empty());
