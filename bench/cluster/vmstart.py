@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VM start on the local cluster with hvx installed: apply -> VM Running (QEMU
 started: launcher pod ready) and apply -> guest reachable (DHCP lease in status and
-the guest answers ping from its node), p50/p95 over N VMs applied in batches.
+the guest answers ping from its network's gateway on its node), p50/p95 over N VMs applied in batches.
 Baseline in the same run: plain QEMU started by hand on this host with the same guest,
 memory and accelerator (process start -> guest's `HVX-GUEST ready` on serial).
 Prints `BENCH {json}` lines; the published anchor is KubeVirt's creation -> Running.
@@ -38,6 +38,27 @@ def app(i):
                            "bus": 0, "unit": 0, "bootOrder": 1}],
                 "nics": [{"name": "ethernet0", "network": {"name": "net"}, "model": "vmxnet3",
                           "macAddress": f"00:50:56:b0:00:{i:02x}", "pciSlot": 16}]}]}}
+
+
+def gateway_netns(node, vni):
+    """The network namespace of network `vni`'s gateway on `node`: since each
+    VirtualNetwork has its own gateway namespace per node (so subnets may overlap),
+    the node's own namespace has no route to guests. Found through the dnsmasq the
+    agent runs there (its config path names node and VNI)."""
+    conf = f"/nodes/{node}/overlay/{vni}/dnsmasq.conf"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != "dnsmasq":
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if conf.encode() in f.read():
+                    return f"/proc/{pid}/ns/net"
+        except OSError:
+            continue
+    return None
 
 
 def pct(v, p):
@@ -78,6 +99,15 @@ def main():
                                   "dhcp": {"rangeStart": "10.88.0.10", "rangeEnd": "10.88.0.250"}}]}},
            {"apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk", "metadata": {"name": "root"},
             "spec": {"source": {"http": {"url": URL}}, "format": "Vmdk"}}])
+    vni, vni_deadline = None, time.monotonic() + 120
+    while vni is None:
+        if time.monotonic() > vni_deadline:
+            sys.exit("VirtualNetwork net has no VNI in its status after 120 s")
+        out = k("-n", NS, "get", "virtualnetwork", "net", "-o", "json", check=False)
+        try:
+            vni = json.loads(out)["status"]["vni"]
+        except Exception:
+            time.sleep(0.2)
     running, reachable = [], []
     for b in range(0, N, BATCH):
         ids = list(range(b, min(N, b + BATCH)))
@@ -101,8 +131,9 @@ def main():
                     done_run[i] = now - t0[i]
                 ip = (vm.get("interfaces") or [{}])[0].get("ipAddress")
                 node = vm.get("node")
-                if i in done_run and ip and node:
-                    r = subprocess.run(["ip", "netns", "exec", node, "ping", "-c1", "-W1", ip],
+                netns = gateway_netns(node, vni) if i in done_run and ip and node else None
+                if netns:
+                    r = subprocess.run(["nsenter", f"--net={netns}", "ping", "-c1", "-W1", ip],
                                        capture_output=True)
                     if r.returncode == 0:
                         done_reach[i] = time.monotonic() - t0[i]

@@ -592,7 +592,18 @@ async fn scheduling(t: Target<'_>, ctx: &Arc<Context>) -> Result<Action, Error> 
         pod.metadata.name = Some(name.clone());
         pod.labels_mut()
             .insert(LABEL_MIGRATION_TARGET.into(), t.name());
-        crate::trust::create_pod(ctx, &app.uid().unwrap_or_default(), pod).await?;
+        match crate::trust::create_pod(ctx, &app.uid().unwrap_or_default(), pod).await {
+            Ok(()) => {}
+            // Admission said no (Pod Security, a quota, a policy): retrying cannot
+            // help until the namespace changes, so the migration fails with the API
+            // server's words (the VM stays on its source; the target the agent
+            // prepared is removed like any failed migration's).
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 403 => {
+                let why = crate::vmapp::refused_pod_reason(&name, &e.message);
+                return fail(ctx, &t, format!("migration target: {why}")).await;
+            }
+            Err(e) => return Err(e),
+        }
         // The target's tap must be on the overlay before its launcher starts QEMU.
         let nets: Vec<String> = ls.vm.nics.iter().map(|n| n.network.name.clone()).collect();
         if let Err(e) = hostprep::sync_networks(ctx, &t.ns, nets, &cluster).await {

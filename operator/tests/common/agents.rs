@@ -6,7 +6,9 @@
 //! at once ([`BASE_DIGEST`]); ExportOverlay serves [`overlay_bytes`] but the first
 //! export of a run stalls after one chunk (the relaying operator dies meanwhile);
 //! ImportOverlay installs only a complete stream whose trailer matches, as the real
-//! agent; the rest answer Ok where a cleanup or a start calls them.
+//! agent; PrepareMigrationTarget answers an endpoint on n2's address; CancelMigration
+//! says the migration never started there; the rest answer Ok where a cleanup or a
+//! start calls them.
 
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::{NodeAgent, NodeAgentServer};
@@ -305,9 +307,17 @@ impl NodeAgent for FakeAgent {
 
     async fn prepare_migration_target(
         &self,
-        _: Request<pb::PrepareMigrationTargetRequest>,
+        r: Request<pb::PrepareMigrationTargetRequest>,
     ) -> Result<Response<pb::MigrationEndpoint>, Status> {
-        unused()
+        self.record(format!(
+            "PrepareMigrationTarget {}",
+            r.into_inner().migration_uid
+        ));
+        Ok(Response::new(pb::MigrationEndpoint {
+            host: "127.0.0.2".into(),
+            migration_port: 4444,
+            nbd_port: 4445,
+        }))
     }
 
     type StartMigrationStream = Boxed<pb::MigrationProgress>;
@@ -318,10 +328,14 @@ impl NodeAgent for FakeAgent {
         unused()
     }
 
+    /// A migration that never started on this node (the source never got StartMigration).
     async fn cancel_migration(
         &self,
-        _: Request<pb::CancelMigrationRequest>,
+        r: Request<pb::CancelMigrationRequest>,
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
-        unused()
+        self.record(format!("CancelMigration {}", r.into_inner().migration_uid));
+        Ok(Response::new(pb::CancelMigrationResponse {
+            outcome: pb::cancel_migration_response::Outcome::Unspecified as i32,
+        }))
     }
 }
