@@ -56,6 +56,7 @@ test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harnes
 
 e2e: cluster-up images ## end to end on real kubelets: helm install, the two-VM example on the overlay, kubectl drain live-migrating a VM, an OVA imported with --upload, helm uninstall
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/helm-install.sh
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p kubectl-hvx --test doctor -- --ignored --test-threads=1
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/samples-server.sh
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test vms -- --test-threads=1 --nocapture
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test migrate -- --test-threads=1 --nocapture
