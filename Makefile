@@ -11,7 +11,7 @@ OUT := _out
 export KUBECONFIG_HVX := $(CURDIR)/$(OUT)/kubeconfig
 
 .PHONY: deps build generate check-generated fmt lint test test-unit test-integration \
-        test-cluster e2e e2e-kind bench images chart-lint cluster-up cluster-down demo \
+        test-cluster e2e e2e-kind bench images push chart-package chart-lint cluster-up cluster-down demo \
         guest-image deny clean cluster-down-check fuzz fuzz-smoke test-mark
 
 deps: ## system packages (apt, bookworm + backports)
@@ -56,6 +56,7 @@ test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harnes
 
 e2e: cluster-up images ## end to end on real kubelets: helm install, the two-VM example on the overlay, kubectl drain live-migrating a VM, an OVA imported with --upload, helm uninstall
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/helm-install.sh
+	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p kubectl-hvx --test doctor -- --ignored --test-threads=1
 	KUBECONFIG=$(KUBECONFIG_HVX) hack/samples-server.sh
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test vms -- --test-threads=1 --nocapture
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test migrate -- --test-threads=1 --nocapture
@@ -76,8 +77,20 @@ cluster-up: deps
 cluster-down:
 	e2e/harness/cluster-down.sh
 
-images: deps
-	images/build.sh
+# Image coordinates: <REGISTRY>/hvx-{operator,agent,launcher}:<TAG>. The defaults are
+# the local cluster's; a release uses TAG=$(VERSION) (the chart's appVersion).
+REGISTRY ?= localhost
+TAG ?= dev
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+
+images: deps ## images <REGISTRY>/hvx-*:<TAG> (buildah here, Docker where an engine answers)
+	HVX_IMAGE_REGISTRY=$(REGISTRY) HVX_IMAGE_TAG=$(TAG) images/build.sh
+
+push: ## push the images `make images REGISTRY=... TAG=...` built
+	HVX_IMAGE_REGISTRY=$(REGISTRY) HVX_IMAGE_TAG=$(TAG) images/push.sh
+
+chart-package: ## charts/hvx as _out/hvx-$(VERSION).tgz (push: helm push _out/hvx-$(VERSION).tgz oci://REGISTRY/charts)
+	mkdir -p $(OUT) && $(HVX_CACHE)/k8s/$$(sed -n 's/^K8S_VERSION=//p' e2e/harness/versions.env)/bin/helm package charts/hvx -d $(OUT)
 
 chart-lint:
 	charts/lint.sh

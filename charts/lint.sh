@@ -10,6 +10,10 @@ HELM="${BIN}/helm"; KUBECTL="${BIN}/kubectl"
 [ -x "$HELM" ] || e2e/harness/build-k8s.sh
 export KUBECONFIG="${KUBECONFIG:-$PWD/_out/kubeconfig}"
 
+# The chart's appVersion (the default image tag) follows the release: the workspace version.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+app_version=$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/hvx/Chart.yaml)
+[ "$version" = "$app_version" ] || { echo "chart-lint: Chart.yaml appVersion ${app_version} != workspace version ${version}" >&2; exit 1; }
 echo "chart-lint: helm lint"
 "$HELM" lint --strict charts/hvx
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT

@@ -11,6 +11,7 @@ HELM="${BIN}/helm"; KUBECTL="${BIN}/kubectl"
 export KUBECONFIG="${KUBECONFIG:-$PWD/_out/kubeconfig}"
 NS="${HVX_NAMESPACE:-hvx-system}"
 TAG="${HVX_IMAGE_TAG:-dev}"
+REGISTRY="${HVX_IMAGE_REGISTRY:-localhost}"
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 # CRDs applied before hvx was installed by Helm (kubectl apply -f crds/, tests) are
@@ -29,7 +30,7 @@ done
 # with its own kubelet.
 log "helm upgrade --install hvx charts/hvx -n ${NS}"
 "$HELM" upgrade --install hvx charts/hvx -n "${NS}" --create-namespace \
-  --set images.registry=localhost --set images.tag="${TAG}" --set images.pullPolicy=Never \
+  --set images.registry="${REGISTRY}" --set images.tag="${TAG}" --set images.pullPolicy=Never \
   --set images.operator=hvx-operator --set images.agent=hvx-agent --set images.launcher=hvx-launcher \
   --set operator.cpuMillisPerVcpu=10 --set operator.logLevel=info \
   --set "agent.podLogsPath=${HVX_CLUSTER_DIR:-/var/lib/hvx-cluster}/nodes/*/pod-logs" \

@@ -3,19 +3,31 @@
 # Builder: Docker when a Docker engine answers, else buildah (no engine here).
 # With buildah, the base image the Dockerfiles name (debian:bookworm-slim) is made
 # locally with debootstrap (no registry) and cached in ${HVX_CACHE}/images.
-# Built images are saved as docker-archive tars in ${HVX_CACHE}/images/extra, which
-# cluster-up imports into every node; if the local cluster is up they are imported
-# into its nodes right away.
+# Images are named <registry>/hvx-{operator,agent,launcher}:<tag>: `make images
+# REGISTRY=registry.example.com/team TAG=0.1.0` (defaults localhost and dev: the
+# local cluster's). With the default registry they are saved as docker-archive tars
+# in ${HVX_CACHE}/images/extra, which cluster-up imports into every node, and
+# imported into the running local cluster's nodes right away; with another registry
+# the tars go to _out/images/ and the local cluster is left alone (`make push`
+# pushes them; HVX_IMAGE_LOAD=1 imports them into the local cluster too).
 set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "${REPO_DIR}/e2e/harness/lib/common.sh"
 
 IMG_DIR="${HVX_CACHE}/images"
 TAG="${HVX_IMAGE_TAG:-dev}"
-REPO_PREFIX="${HVX_IMAGE_REPO:-localhost/hvx}"
+REGISTRY="${HVX_IMAGE_REGISTRY:-localhost}"
+REGISTRY="${REGISTRY%/}"
+[[ "${TAG}" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "TAG=${TAG}: not a valid image tag"
+[[ "${REGISTRY}" =~ ^[a-z0-9]([a-z0-9.:-]*[a-z0-9])?(/[a-z0-9._-]+)*$ ]] || die "REGISTRY=${REGISTRY}: not a registry host[/path]"
+if [[ "${REGISTRY}" == localhost ]]; then
+  TAR_DIR="${IMG_DIR}/extra"; LOAD="${HVX_IMAGE_LOAD:-1}"
+else
+  TAR_DIR="${REPO_DIR}/_out/images"; LOAD="${HVX_IMAGE_LOAD:-0}"
+fi
 CARGO_TARGET="${CARGO_TARGET_DIR:-${REPO_DIR}/target}"
 PROFILE="${HVX_IMAGE_PROFILE:-debug}"
-mkdir -p "${IMG_DIR}/extra" "${REPO_DIR}/_out/bin"
+mkdir -p "${IMG_DIR}/extra" "${TAR_DIR}" "${REPO_DIR}/_out/bin"
 
 if [[ -n "${HVX_IMAGE_BUILDER:-}" ]]; then
   BUILDER="${HVX_IMAGE_BUILDER}"
@@ -85,7 +97,7 @@ ensure_base_image() {
 }
 
 build_one() {
-  local component="$1" image="${REPO_PREFIX}-$1:${TAG}" tar="${IMG_DIR}/extra/hvx-$1.tar"
+  local component="$1" image="${REGISTRY}/hvx-$1:${TAG}" tar="${TAR_DIR}/hvx-$1.tar"
   log "images: building ${image}"
   if [[ "${BUILDER}" == docker ]]; then
     docker build -f "${REPO_DIR}/images/Dockerfile.${component}" -t "${image}" "${REPO_DIR}"
@@ -115,13 +127,15 @@ components=()
 [[ -x "${REPO_DIR}/_out/bin/hvx-launcher" ]] && components+=(launcher)
 for c in "${components[@]}"; do build_one "${c}"; done
 
-# 3. Into the running local cluster, if any.
-for n in $(seq 1 "${NODE_COUNT}"); do
-  sock="$(node_dir "${n}")/containerd.sock"
-  [[ -S "${sock}" ]] || continue
-  for c in "${components[@]}"; do
-    import_image "${sock}" "${IMG_DIR}/extra/hvx-${c}.tar" || die "importing hvx-${c} into $(node_name "${n}") failed"
+# 3. Into the running local cluster, if any (and asked for).
+if [[ "${LOAD}" == 1 ]]; then
+  for n in $(seq 1 "${NODE_COUNT}"); do
+    sock="$(node_dir "${n}")/containerd.sock"
+    [[ -S "${sock}" ]] || continue
+    for c in "${components[@]}"; do
+      import_image "${sock}" "${TAR_DIR}/hvx-${c}.tar" || die "importing hvx-${c} into $(node_name "${n}") failed"
+    done
+    log "images: imported ${components[*]} into $(node_name "${n}")"
   done
-  log "images: imported ${components[*]} into $(node_name "${n}")"
-done
-log "images: done (${components[*]:-none}) -> ${IMG_DIR}/extra"
+fi
+log "images: done (${components[*]:-none} as ${REGISTRY}/hvx-*:${TAG}) -> ${TAR_DIR}"

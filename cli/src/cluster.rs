@@ -118,3 +118,53 @@ pub async fn snapshot_app(
     }
     Ok(changed)
 }
+
+/// Every Node (`kubectl hvx doctor`, `status`).
+pub async fn nodes(client: &Client) -> Result<Vec<k8s_openapi::api::core::v1::Node>> {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    Ok(api
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("cannot list nodes"))?
+        .items)
+}
+
+/// What `kubectl hvx status` shows: applications and migrations of `namespace` (all
+/// when `None`) and the nodes (left empty when the caller may not list them).
+pub async fn status_inputs(
+    client: &Client,
+    namespace: Option<&str>,
+) -> Result<crate::status::Inputs> {
+    fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let apps = scoped::<VmApplication>(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("cannot list VmApplications"))?
+        .items;
+    let migrations = scoped::<VmMigration>(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("cannot list VmMigrations"))?
+        .items;
+    let nodes = match nodes(client).await {
+        Ok(n) => n,
+        Err(CliError::Kube {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 403 => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    Ok(crate::status::Inputs {
+        apps,
+        migrations,
+        nodes,
+    })
+}

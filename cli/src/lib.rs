@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod console;
 pub mod credentials;
+pub mod doctor;
 pub mod error;
 pub mod manifests;
 pub mod names;
@@ -12,6 +13,8 @@ pub mod objects;
 pub mod plan;
 pub mod render;
 pub mod slots;
+pub mod status;
+pub mod table;
 pub mod upload;
 pub mod vm_spec;
 

@@ -1,4 +1,4 @@
-//! kubectl-hvx: `kubectl hvx import|console|migrate|snapshot`.
+//! kubectl-hvx: `kubectl hvx import|console|migrate|snapshot|status|doctor`.
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, bail};
@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use hvx_import::LoadOptions;
 use kubectl_hvx::manifests::{self, DiskSourceMode, MapOptions};
 use kubectl_hvx::upload::{self, HttpEndpoint, Progress, ProxyEndpoint, Tuning};
-use kubectl_hvx::{cluster, console, objects, plan, render};
+use kubectl_hvx::{cluster, console, doctor, objects, plan, render, status};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -58,6 +58,19 @@ enum Command {
         /// Print the VmMigration instead of creating it (needs --app).
         #[arg(long)]
         print: bool,
+    },
+    /// Every node's prerequisite checks (its hvx agent's report): exits 1 when a
+    /// node fails a required check.
+    Doctor {
+        /// Show only the checks that did not pass.
+        #[arg(long)]
+        failed_only: bool,
+    },
+    /// Applications, VMs, nodes and migrations in progress, on one screen.
+    Status {
+        /// Every namespace (default: the current or -n namespace).
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
     },
     /// Request a snapshot of every disk of an application.
     Snapshot {
@@ -124,7 +137,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -132,15 +145,45 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Import(args) => import(args, cli.namespace).await,
+        Command::Doctor { failed_only } => {
+            let client = cluster::client().await?;
+            let nodes = cluster::nodes(&client).await?;
+            let d = doctor::doctor(&nodes, failed_only);
+            print!("{}", d.table);
+            if d.failed_nodes.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "prerequisites failed on: {} (the Node's {} condition and events say why too)",
+                    d.failed_nodes.join(", "),
+                    hvx_api::prereq::CONDITION
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Status { all_namespaces } => {
+            let client = cluster::client().await?;
+            let ns = (!all_namespaces).then(|| {
+                cli.namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_owned())
+            });
+            let inputs = cluster::status_inputs(&client, ns.as_deref()).await?;
+            print!("{}", status::render(&inputs));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import(args) => import(args, cli.namespace)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Console { vm, app } => {
             let client = cluster::client().await?;
             let ns = cli
                 .namespace
                 .unwrap_or_else(|| client.default_namespace().to_owned());
-            Ok(console::attach(&client, &ns, &vm, app.as_deref()).await?)
+            console::attach(&client, &ns, &vm, app.as_deref()).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate {
             vm,
@@ -166,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let m = build(&app, cli.namespace);
                 print!("---\n{}", serde_yaml::to_string(&m)?);
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             let client = cluster::client().await?;
             let ns = cli
@@ -181,7 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "vmmigration.hvx.dev/{name} created (watch: kubectl get vmmig -n {ns} {name} -w)"
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot { app, name } => {
             let name = name.unwrap_or_else(|| {
@@ -203,7 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!(
                 "note: this hvx version records snapshot requests but does not take them on the cluster yet (OverlayDisk condition Degraded=SnapshotsNotTaken)"
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod launch;
 pub mod migration;
 pub mod network;
 pub mod node;
+pub mod prereq;
 pub mod seal;
 pub mod validate;
 pub mod vmapp;

@@ -137,6 +137,39 @@ fn in_namespace_of<K: Resource<DynamicType = ()>>(
         .collect()
 }
 
+/// VMs by phase and migrations in progress, from the caches (scrape time).
+fn cache_gauges(
+    apps: &[Arc<hvx_api::VmApplication>],
+    migrations: &[Arc<hvx_api::VmMigration>],
+) -> crate::metrics::CacheGauges {
+    let mut g = crate::metrics::CacheGauges::default();
+    for app in apps {
+        let status = app.status.as_ref();
+        for vm in &app.spec.vms {
+            let phase = status
+                .and_then(|s| s.vms.iter().find(|v| v.name == vm.name))
+                .map_or_else(|| "Pending".to_string(), |v| format!("{:?}", v.phase));
+            *g.vms_by_phase.entry(phase).or_default() += 1;
+        }
+    }
+    let now = k8s_openapi::jiff::Timestamp::now();
+    for m in migrations {
+        if m.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p.is_final())
+        {
+            continue;
+        }
+        g.migrations_in_progress += 1;
+        if let Some(created) = &m.metadata.creation_timestamp {
+            let age = now.duration_since(created.0).as_secs_f64().max(0.0);
+            g.oldest_migration_seconds = g.oldest_migration_seconds.max(age);
+        }
+    }
+    g
+}
+
 /// `run`, recording into `metrics`.
 pub async fn run_with_metrics(
     client: Client,
@@ -161,6 +194,10 @@ pub async fn run_with_metrics(
     };
     let feeds = Feeds::new(&client, &config.namespace);
     let stores = feeds.stores(seal);
+    {
+        let (apps, migrations) = (stores.apps.clone(), stores.migrations.clone());
+        metrics.set_cache_gauges(move || cache_gauges(&apps.state(), &migrations.state()));
+    }
     let concurrency = config.reconcile_concurrency;
     let controller_config = || ControllerConfig::default().concurrency(concurrency);
     let ctx = Arc::new(Context::with_metrics(

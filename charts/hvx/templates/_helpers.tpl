@@ -1,6 +1,6 @@
 {{- define "hvx.image" -}}
 {{- $root := index . 0 -}}{{- $name := index . 1 -}}
-{{- with $root.Values.images -}}{{- if .registry -}}{{ .registry }}/{{- end -}}{{ $name }}:{{ .tag }}{{- end -}}
+{{- with $root.Values.images -}}{{- if .registry -}}{{ trimSuffix "/" .registry }}/{{- end -}}{{ $name }}:{{ .tag | default $root.Chart.AppVersion }}{{- end -}}
 {{- end -}}
 
 {{- define "hvx.labels" -}}

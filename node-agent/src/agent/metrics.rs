@@ -55,6 +55,14 @@ pub async fn render(agent: &Agent, detail: Detail) -> String {
             esc(&code)
         );
     }
+    let report = agent
+        .prereq
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(report) = report {
+        write_prerequisites(&mut out, &report);
+    }
     if let Ok(space) = agent.store.space().await {
         let _ = writeln!(
             out,
@@ -144,6 +152,25 @@ fn write_totals(out: &mut String, series: &[Series], rows: &[(String, hvx_proto:
     }
 }
 
+/// The prerequisite report: 1 per check that did not fail, and the failed count.
+fn write_prerequisites(out: &mut String, report: &hvx_api::prereq::Report) {
+    use hvx_api::prereq::Outcome;
+    let _ = writeln!(out, "# TYPE hvx_agent_prerequisite_ok gauge");
+    for c in &report.checks {
+        let _ = writeln!(
+            out,
+            "hvx_agent_prerequisite_ok{{check=\"{}\"}} {}",
+            esc(&c.name),
+            u8::from(c.result != Outcome::Fail)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE hvx_agent_prerequisites_failed gauge\nhvx_agent_prerequisites_failed {}",
+        report.failed().count()
+    );
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>, detail: Detail) {
     loop {
@@ -179,6 +206,36 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>, detail: Detail) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prerequisites_are_one_series_per_check() {
+        use hvx_api::prereq::{Check, Outcome, Report};
+        let c = |name: &str, result| Check {
+            name: name.into(),
+            result,
+            message: String::new(),
+        };
+        let mut out = String::new();
+        write_prerequisites(
+            &mut out,
+            &Report {
+                checks: vec![
+                    c("tun", Outcome::Ok),
+                    c("kvm", Outcome::Warn),
+                    c("nftables", Outcome::Fail),
+                ],
+            },
+        );
+        assert!(
+            out.contains("hvx_agent_prerequisite_ok{check=\"kvm\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("hvx_agent_prerequisite_ok{check=\"nftables\"} 0\n"),
+            "{out}"
+        );
+        assert!(out.contains("hvx_agent_prerequisites_failed 1\n"), "{out}");
+    }
 
     #[test]
     fn node_totals_name_no_vm() {

@@ -23,6 +23,7 @@ pub mod migration;
 pub mod moves;
 pub mod network;
 pub mod plugin_registration;
+pub mod prereq;
 pub mod server;
 pub mod taps;
 pub mod vms;
@@ -95,6 +96,8 @@ pub struct Agent {
     pub migrations: Mutex<HashMap<String, migration::Running>>,
     /// RPC counters by (method, code) for /metrics.
     pub rpc_counts: Mutex<HashMap<(String, String), u64>>,
+    /// The latest node prerequisite report (`prereq`), for /metrics.
+    pub prereq: Mutex<Option<hvx_api::prereq::Report>>,
 }
 
 impl Agent {
@@ -123,6 +126,7 @@ impl Agent {
             locks: Mutex::default(),
             migrations: Mutex::default(),
             rpc_counts: Mutex::default(),
+            prereq: Mutex::default(),
         })
     }
 

@@ -114,6 +114,14 @@ struct Cli {
     /// mounted in this container. Default: --kubelet-root-dir.
     #[arg(long, requires = "kubelet_root_dir")]
     kubelet_mount: Option<PathBuf>,
+    /// Prerequisite check settings (JSON: `defaults` and per-node `nodes` overrides
+    /// of minFreeBytes, qemuSystem, qemuImg, nft, tunDevice, kvmDevice; the chart's
+    /// `agent.prerequisites`), re-read at every check. Unset: built-in defaults.
+    #[arg(long, env = "HVX_PREREQUISITES_FILE")]
+    prerequisites_file: Option<PathBuf>,
+    /// Seconds between prerequisite checks (also run at start).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..))]
+    prerequisites_interval_seconds: u64,
     /// Label this node `hvx.dev/agent=ready` (needs API access).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     label_node: bool,
@@ -261,6 +269,15 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+
+    // Node prerequisites: condition HvxReady, annotation, Warning event on failure.
+    tokio::spawn(hvx_node_agent::agent::prereq::run_forever(
+        agent.clone(),
+        cli.prerequisites_file.clone(),
+        cli.namespace.clone(),
+        std::time::Duration::from_secs(cli.prerequisites_interval_seconds),
+        cli.label_node,
+    ));
 
     // Orphaned bases (released while still in use) go once unused for 10 minutes.
     {

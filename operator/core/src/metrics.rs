@@ -26,6 +26,28 @@ pub struct Metrics {
     agent_calls: Mutex<AgentCalls>,
     /// Cleanup entries owed to lost nodes, by node (`owed`).
     owed: Mutex<BTreeMap<String, u64>>,
+    /// Gauges read from the operator's caches at scrape time.
+    cache_gauges: Mutex<Option<GaugeSource>>,
+}
+
+/// What the caches say at scrape time (VMs by phase, migrations in progress).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheGauges {
+    /// VMs of every application by phase (`Pending` when the status has none yet).
+    pub vms_by_phase: BTreeMap<String, u64>,
+    /// VmMigrations not yet Completed, Failed or Cancelled.
+    pub migrations_in_progress: u64,
+    /// Age of the oldest of them, seconds (0 when none).
+    pub oldest_migration_seconds: f64,
+}
+
+/// Computes [`CacheGauges`] (a closure over the caches).
+pub struct GaugeSource(Arc<dyn Fn() -> CacheGauges + Send + Sync>);
+
+impl std::fmt::Debug for GaugeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GaugeSource")
+    }
 }
 
 /// Agent calls: (rpc, gRPC code) -> count; rpc -> (seconds sum, count).
@@ -84,9 +106,18 @@ impl Metrics {
         *lock(&self.owed) = by_node;
     }
 
+    /// Sets where the cache gauges come from (once the caches exist).
+    pub fn set_cache_gauges(&self, source: impl Fn() -> CacheGauges + Send + Sync + 'static) {
+        *lock(&self.cache_gauges) = Some(GaugeSource(Arc::new(source)));
+    }
+
     /// The Prometheus text.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        let source = lock(&self.cache_gauges).as_ref().map(|s| s.0.clone());
+        if let Some(source) = source {
+            write_cache_gauges(&mut out, &source());
+        }
         let _ = writeln!(out, "# TYPE hvx_operator_reconciles_total counter");
         for ((c, r), n) in lock(&self.reconciles).iter() {
             let _ = writeln!(
@@ -152,6 +183,42 @@ impl Metrics {
     }
 }
 
+/// The cache gauges in Prometheus text. Every phase is written (0 when none), so a
+/// phase's series does not vanish when its last VM leaves it.
+fn write_cache_gauges(out: &mut String, g: &CacheGauges) {
+    let _ = writeln!(out, "# TYPE hvx_operator_vms gauge");
+    let mut phases: BTreeMap<&str, u64> = [
+        "Pending",
+        "Scheduling",
+        "Starting",
+        "Running",
+        "Migrating",
+        "Paused",
+        "Stopping",
+        "Stopped",
+        "Failed",
+    ]
+    .into_iter()
+    .map(|p| (p, 0))
+    .collect();
+    for (phase, n) in &g.vms_by_phase {
+        *phases.entry(phase.as_str()).or_default() += n;
+    }
+    for (phase, n) in phases {
+        let _ = writeln!(out, "hvx_operator_vms{{phase=\"{phase}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE hvx_operator_migrations_in_progress gauge\nhvx_operator_migrations_in_progress {}",
+        g.migrations_in_progress
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE hvx_operator_migration_oldest_in_progress_seconds gauge\nhvx_operator_migration_oldest_in_progress_seconds {}",
+        g.oldest_migration_seconds
+    );
+}
+
 /// Serves `/metrics` and `/healthz` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
@@ -184,6 +251,40 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_gauges_cover_every_phase() {
+        let m = Metrics::default();
+        assert!(!m.render().contains("hvx_operator_vms"));
+        m.set_cache_gauges(|| CacheGauges {
+            vms_by_phase: [("Running".to_string(), 3), ("Failed".to_string(), 1)]
+                .into_iter()
+                .collect(),
+            migrations_in_progress: 2,
+            oldest_migration_seconds: 42.5,
+        });
+        let text = m.render();
+        assert!(
+            text.contains("hvx_operator_vms{phase=\"Running\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_vms{phase=\"Failed\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_vms{phase=\"Stopped\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_migrations_in_progress 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hvx_operator_migration_oldest_in_progress_seconds 42.5\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_counts_by_controller_and_error_kind() {
