@@ -324,4 +324,39 @@ impl NodeAgent for FakeAgent {
     ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
         unused()
     }
+
+    async fn prepare_replica(
+        &self,
+        _: Request<pb::PrepareReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaEndpoint>, Status> {
+        unused()
+    }
+
+    async fn stop_replica(
+        &self,
+        _: Request<pb::StopReplicaRequest>,
+    ) -> Result<Response<pb::StopReplicaResponse>, Status> {
+        unused()
+    }
+
+    async fn start_replication(
+        &self,
+        _: Request<pb::StartReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        unused()
+    }
+
+    async fn get_replication(
+        &self,
+        _: Request<pb::GetReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        unused()
+    }
+
+    async fn stop_replication(
+        &self,
+        _: Request<pb::StopReplicationRequest>,
+    ) -> Result<Response<pb::StopReplicationResponse>, Status> {
+        unused()
+    }
 }
