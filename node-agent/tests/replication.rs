@@ -10,7 +10,9 @@
 //!    on the replica node's files alone (base + replica overlay) boots the VM, and
 //!    every acknowledged counter value is on its disk.
 //! 2. The replica becomes unreachable mid-run (its daemon dies): the replication
-//!    turns Broken with QEMU's reason, and the VM keeps running and writing.
+//!    turns Broken with QEMU's reason, and the VM keeps running and writing. A new
+//!    generation of the replica gets in sync again; then the replica's agent restarts
+//!    and serves it again from its record before the mirror gives up: still in sync.
 //!
 //! `cargo test -p hvx-node-agent --test replication -- --ignored --test-threads=1` as
 //! root.
@@ -472,6 +474,22 @@ async fn an_unreachable_replica_breaks_replication_and_the_vm_runs_on() {
     replicate(&a, &b, &digest, 2).await;
     let n2 = last_ack(&on_a).unwrap_or(n1);
     acks_pass(&on_a, n2 + 5).await;
+
+    // The replica's agent restarts (its daemon dies with it) and serves the recorded
+    // replica again on the same port within the NBD client's reconnect delay: the
+    // mirror reconnects and stays in sync, nothing to rebuild.
+    b.kill();
+    b.restart();
+    assert_eq!(
+        replica::restore(&b.agent()).await,
+        1,
+        "the replica is served again"
+    );
+    let n3 = last_ack(&on_a).unwrap_or(n2);
+    acks_pass(&on_a, n3 + 10).await;
+    let s = get(&a).await;
+    assert_eq!(s.state, State::InSync as i32, "{s:?}");
+    assert_eq!(s.replica.expect("endpoint").generation, 2);
     replica::stop_replication(
         &a.agent(),
         &pb::StopReplicationRequest {

@@ -384,10 +384,18 @@ pub async fn restore(agent: &Agent) -> usize {
         let _guard = agent
             .lock(&format!("replica/{}", replica_key(&rec.vm_uid, &rec.disk)))
             .await;
-        match ensure_serving(agent, &rec).await {
-            Ok(()) => n += 1,
-            Err(e) => {
-                tracing::warn!(vm = %rec.vm_uid, disk = %rec.disk, error = %e, "serving a recorded replica again")
+        // The previous daemon may hold the overlay's lock for a moment after its
+        // agent died (its kill is asynchronous): a few tries.
+        for attempt in 1..=5 {
+            match ensure_serving(agent, &rec).await {
+                Ok(()) => {
+                    n += 1;
+                    break;
+                }
+                Err(e) if attempt == 5 => {
+                    tracing::warn!(vm = %rec.vm_uid, disk = %rec.disk, error = %e, "serving a recorded replica again")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }
