@@ -338,24 +338,30 @@ async fn stop_serving(agent: &Agent, key: &str) {
     }
 }
 
+/// Stops serving a replica of (`vm`, `disk`) and forgets it (record and key); the
+/// overlay stays. Nothing served: nothing to do. Also the first step of
+/// DeleteOverlay: a daemon must never go on serving (and acknowledging writes into)
+/// files deleted under it.
+pub async fn forget(agent: &Agent, vm: &str, disk: &str) -> Result<(), AgentError> {
+    let key = replica_key(vm, disk);
+    let _guard = agent.lock(&format!("replica/{key}")).await;
+    stop_serving(agent, &key).await;
+    let dir = replica_dir(agent, vm, disk);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::Io {
+            what: format!("removing {}", dir.display()),
+            source: e,
+        }),
+    }
+}
+
 /// StopReplica.
 pub async fn stop(agent: &Agent, req: &pb::StopReplicaRequest) -> Result<(), AgentError> {
     let vm = vm_of(req.vm.as_ref())?;
     check_disk_name(&req.disk_name)?;
-    let key = replica_key(&vm, &req.disk_name);
-    let _guard = agent.lock(&format!("replica/{key}")).await;
-    stop_serving(agent, &key).await;
-    let dir = replica_dir(agent, &vm, &req.disk_name);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(AgentError::Io {
-                what: format!("removing {}", dir.display()),
-                source: e,
-            });
-        }
-    }
+    forget(agent, &vm, &req.disk_name).await?;
     if req.discard {
         let (ns, name) = hvx_api::node::vm_overlay_ref(&vm, &req.disk_name);
         let _disk = agent.lock(&format!("overlay/{ns}/{name}")).await;

@@ -1151,7 +1151,8 @@ pub mod node_agent_client {
             self.inner.unary(req, path, codec).await
         }
         /// Deletes a VM disk's overlay and its snapshots. Refused with FAILED_PRECONDITION
-        /// while a running VM uses it. Already gone: OK.
+        /// while a running VM uses it. A replica of the disk served here (PrepareReplica)
+        /// stops first. Already gone: OK.
         pub async fn delete_overlay(
             &mut self,
             request: impl tonic::IntoRequest<super::DeleteOverlayRequest>,
@@ -1610,7 +1611,8 @@ pub mod node_agent_server {
             request: tonic::Request<super::EnsureOverlayRequest>,
         ) -> std::result::Result<tonic::Response<super::OverlayInfo>, tonic::Status>;
         /// Deletes a VM disk's overlay and its snapshots. Refused with FAILED_PRECONDITION
-        /// while a running VM uses it. Already gone: OK.
+        /// while a running VM uses it. A replica of the disk served here (PrepareReplica)
+        /// stops first. Already gone: OK.
         async fn delete_overlay(
             &self,
             request: tonic::Request<super::DeleteOverlayRequest>,
