@@ -93,6 +93,14 @@ pub enum VmmError {
         /// Why.
         reason: String,
     },
+    /// Disk replication to another node's NBD export failed.
+    #[error("replication of disk {disk}: {reason}")]
+    Replication {
+        /// The VM disk.
+        disk: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Crate result alias.

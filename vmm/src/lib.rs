@@ -11,6 +11,7 @@ mod error;
 pub mod migration;
 pub mod postcopy;
 pub mod qmp;
+pub mod replication;
 pub mod spec;
 pub mod validate;
 pub mod vm;

@@ -135,11 +135,21 @@ pub fn write_psk(dir: &Path, key: &[u8]) -> Result<PathBuf> {
 }
 
 async fn add_tls(qmp: &QmpClient, dir: &Path, endpoint: &str) -> Result<()> {
+    add_tls_object(qmp, TLS_CREDS_ID, dir, endpoint).await
+}
+
+/// Adds (or replaces) the `tls-creds-psk` object `id` reading `<dir>/keys.psk`, as
+/// `endpoint` (`client` or `server`). Shared with disk replication, whose mirrors
+/// take the same kind of key.
+pub(crate) async fn add_tls_object(
+    qmp: &QmpClient,
+    id: &str,
+    dir: &Path,
+    endpoint: &str,
+) -> Result<()> {
     // Idempotent: a retried call finds the object already there.
-    let _ = qmp
-        .execute("object-del", Some(json!({"id": TLS_CREDS_ID})))
-        .await;
-    let mut args = json!({"qom-type": "tls-creds-psk", "id": TLS_CREDS_ID,
+    let _ = qmp.execute("object-del", Some(json!({"id": id}))).await;
+    let mut args = json!({"qom-type": "tls-creds-psk", "id": id,
                           "dir": dir, "endpoint": endpoint});
     if endpoint == "client" {
         // The server looks the identity up in its keys.psk.
@@ -152,7 +162,7 @@ fn mirror_job(disk: &str) -> String {
     format!("mig-{disk}")
 }
 
-fn disk_node(disk: &str) -> String {
+pub(crate) fn disk_node(disk: &str) -> String {
     format!("disk-{disk}")
 }
 
@@ -378,18 +388,30 @@ async fn mirror_disks(
     }
 }
 
-#[derive(Debug)]
-struct MirrorJob {
-    id: String,
-    ready: bool,
-    offset: u64,
-    len: u64,
-    status: String,
-    error: Option<String>,
+/// One block job as `query-block-jobs` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MirrorJob {
+    /// Job id.
+    pub id: String,
+    /// In sync (a mirror's `BLOCK_JOB_READY`).
+    pub ready: bool,
+    /// Bytes copied so far.
+    pub offset: u64,
+    /// Bytes to copy in all (grows with guest writes not yet copied).
+    pub len: u64,
+    /// `running`, `ready`, `concluded`, ...
+    pub status: String,
+    /// Why it failed, once it did.
+    pub error: Option<String>,
 }
 
 async fn mirror_jobs(qmp: &QmpClient, disks: &[String]) -> Result<Vec<MirrorJob>> {
     let ours: Vec<String> = disks.iter().map(|d| mirror_job(d)).collect();
+    block_jobs(qmp, &ours).await
+}
+
+/// The block jobs among `ours` that QEMU has.
+pub(crate) async fn block_jobs(qmp: &QmpClient, ours: &[String]) -> Result<Vec<MirrorJob>> {
     let v = qmp.execute("query-block-jobs", None).await?;
     Ok(v.as_array()
         .into_iter()

@@ -246,6 +246,11 @@ pub async fn delete_overlay(
     req: &pb::DeleteOverlayRequest,
 ) -> Result<(), AgentError> {
     let (ns, name) = hvx_api::node::vm_overlay_ref(&req.vm_uid, &req.disk_name);
+    // A replica of this disk served here goes first (before the overlay's lock:
+    // PrepareReplica takes the replica's lock, then the overlay's).
+    if super::replica::check_disk_name(&req.disk_name).is_ok() {
+        super::replica::forget(agent, &req.vm_uid, &req.disk_name).await?;
+    }
     let _guard = agent.lock(&format!("overlay/{ns}/{name}")).await;
     let run_dir = agent.paths.vm_run_dir(&req.vm_uid);
     if let Some(pid) = vms::live_qemu(&run_dir) {

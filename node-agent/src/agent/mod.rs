@@ -24,6 +24,7 @@ pub mod moves;
 pub mod network;
 pub mod plugin_registration;
 pub mod prereq;
+pub mod replica;
 pub mod server;
 pub mod taps;
 pub mod vms;
@@ -94,6 +95,8 @@ pub struct Agent {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Outgoing live migrations by migration UID.
     pub migrations: Mutex<HashMap<String, migration::Running>>,
+    /// Replica daemons this agent runs, by `<vm key>.<disk>`.
+    pub replicas: Mutex<HashMap<String, replica::Serving>>,
     /// RPC counters by (method, code) for /metrics.
     pub rpc_counts: Mutex<HashMap<(String, String), u64>>,
     /// The latest node prerequisite report (`prereq`), for /metrics.
@@ -125,6 +128,7 @@ impl Agent {
             imports: Mutex::default(),
             locks: Mutex::default(),
             migrations: Mutex::default(),
+            replicas: Mutex::default(),
             rpc_counts: Mutex::default(),
             prereq: Mutex::default(),
         })

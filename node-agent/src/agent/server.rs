@@ -2,7 +2,7 @@
 //! above, each call counted for /metrics.
 
 use super::error::AgentError;
-use super::{Agent, disks, migration, moves, network, vms};
+use super::{Agent, disks, migration, moves, network, replica, vms};
 use futures::Stream;
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::NodeAgent;
@@ -251,6 +251,50 @@ impl NodeAgent for AgentService {
                 outcome: outcome as i32,
             });
         self.done("CancelMigration", r)
+    }
+
+    async fn prepare_replica(
+        &self,
+        req: Request<pb::PrepareReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaEndpoint>, Status> {
+        let r = replica::prepare(&self.agent, &req.into_inner()).await;
+        self.done("PrepareReplica", r)
+    }
+
+    async fn stop_replica(
+        &self,
+        req: Request<pb::StopReplicaRequest>,
+    ) -> Result<Response<pb::StopReplicaResponse>, Status> {
+        let r = replica::stop(&self.agent, &req.into_inner())
+            .await
+            .map(|()| pb::StopReplicaResponse {});
+        self.done("StopReplica", r)
+    }
+
+    async fn start_replication(
+        &self,
+        req: Request<pb::StartReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        let r = replica::start_replication(&self.agent, &req.into_inner()).await;
+        self.done("StartReplication", r)
+    }
+
+    async fn get_replication(
+        &self,
+        req: Request<pb::GetReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        let r = replica::get_replication(&self.agent, &req.into_inner()).await;
+        self.done("GetReplication", r)
+    }
+
+    async fn stop_replication(
+        &self,
+        req: Request<pb::StopReplicationRequest>,
+    ) -> Result<Response<pb::StopReplicationResponse>, Status> {
+        let r = replica::stop_replication(&self.agent, &req.into_inner())
+            .await
+            .map(|()| pb::StopReplicationResponse {});
+        self.done("StopReplication", r)
     }
 }
 

@@ -231,6 +231,10 @@ async fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::info!(networks = n, "persisted networks re-applied"),
         Err(e) => tracing::warn!(error = %e, "re-applying persisted networks"),
     }
+    // Replica daemons died with the previous agent (and were reaped above): serve
+    // the recorded replicas again, on their ports, before the operator asks.
+    let replicas = hvx_node_agent::agent::replica::restore(&agent).await;
+    tracing::info!(replicas, "recorded disk replicas served again");
 
     // Accelerator probe (a probe guest boots) and post-copy probe, then the labels.
     // The devices.hvx.dev/kvm device plugin starts once the probe says what a unit

@@ -338,4 +338,39 @@ impl NodeAgent for FakeAgent {
             outcome: pb::cancel_migration_response::Outcome::Unspecified as i32,
         }))
     }
+
+    async fn prepare_replica(
+        &self,
+        _: Request<pb::PrepareReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaEndpoint>, Status> {
+        unused()
+    }
+
+    async fn stop_replica(
+        &self,
+        _: Request<pb::StopReplicaRequest>,
+    ) -> Result<Response<pb::StopReplicaResponse>, Status> {
+        unused()
+    }
+
+    async fn start_replication(
+        &self,
+        _: Request<pb::StartReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        unused()
+    }
+
+    async fn get_replication(
+        &self,
+        _: Request<pb::GetReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        unused()
+    }
+
+    async fn stop_replication(
+        &self,
+        _: Request<pb::StopReplicationRequest>,
+    ) -> Result<Response<pb::StopReplicationResponse>, Status> {
+        unused()
+    }
 }

@@ -799,6 +799,188 @@ pub mod cancel_migration_response {
         }
     }
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PrepareReplicaRequest {
+    #[prost(message, optional, tag = "1")]
+    pub vm: ::core::option::Option<VmRef>,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub base_digest: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub virtual_bytes: u64,
+    /// Pre-shared key (32 random bytes made by the operator for this replica) for the
+    /// NBD export's TLS. Never all zero.
+    #[prost(bytes = "vec", tag = "5")]
+    pub tls_psk: ::prost::alloc::vec::Vec<u8>,
+    /// Which build of the replica this is (the operator bumps it for every fresh
+    /// replica; with the VM's epoch it tells a stale copy from the current one).
+    #[prost(uint64, tag = "6")]
+    pub generation: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReplicaEndpoint {
+    /// The replica node's address and NBD port.
+    #[prost(string, tag = "1")]
+    pub host: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    /// The NBD export's name.
+    #[prost(string, tag = "3")]
+    pub export_name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub generation: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StopReplicaRequest {
+    #[prost(message, optional, tag = "1")]
+    pub vm: ::core::option::Option<VmRef>,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+    /// Also delete the replica overlay.
+    #[prost(bool, tag = "3")]
+    pub discard: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StopReplicaResponse {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StartReplicationRequest {
+    #[prost(message, optional, tag = "1")]
+    pub vm: ::core::option::Option<VmRef>,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub replica: ::core::option::Option<ReplicaEndpoint>,
+    #[prost(enumeration = "ReplicationMode", tag = "4")]
+    pub mode: i32,
+    /// The key PrepareReplica got.
+    #[prost(bytes = "vec", tag = "5")]
+    pub tls_psk: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetReplicationRequest {
+    #[prost(message, optional, tag = "1")]
+    pub vm: ::core::option::Option<VmRef>,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReplicationStatus {
+    #[prost(enumeration = "replication_status::State", tag = "1")]
+    pub state: i32,
+    #[prost(enumeration = "ReplicationMode", tag = "2")]
+    pub mode: i32,
+    #[prost(uint64, tag = "3")]
+    pub copied_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub total_bytes: u64,
+    #[prost(uint64, tag = "5")]
+    pub lag_bytes: u64,
+    #[prost(string, tag = "6")]
+    pub message: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "7")]
+    pub replica: ::core::option::Option<ReplicaEndpoint>,
+}
+/// Nested message and enum types in `ReplicationStatus`.
+pub mod replication_status {
+    #[allow(clippy::all)]
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum State {
+        Unspecified = 0,
+        /// First copy of the top overlay in progress.
+        Syncing = 1,
+        /// Synchronous: every acknowledged write is on the replica. Asynchronous:
+        /// lag_bytes are still to copy.
+        InSync = 2,
+        /// Failed (message says why): the VM runs unreplicated until a new replica.
+        Broken = 3,
+    }
+    impl State {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Unspecified => "STATE_UNSPECIFIED",
+                Self::Syncing => "STATE_SYNCING",
+                Self::InSync => "STATE_IN_SYNC",
+                Self::Broken => "STATE_BROKEN",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "STATE_UNSPECIFIED" => Some(Self::Unspecified),
+                "STATE_SYNCING" => Some(Self::Syncing),
+                "STATE_IN_SYNC" => Some(Self::InSync),
+                "STATE_BROKEN" => Some(Self::Broken),
+                _ => None,
+            }
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StopReplicationRequest {
+    #[prost(message, optional, tag = "1")]
+    pub vm: ::core::option::Option<VmRef>,
+    #[prost(string, tag = "2")]
+    pub disk_name: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StopReplicationResponse {}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ReplicationMode {
+    Unspecified = 0,
+    /// blockdev-mirror copy-mode write-blocking: no acknowledged write is lost.
+    Synchronous = 1,
+    /// copy-mode background: writes complete locally; the lag is what a node loss loses.
+    Asynchronous = 2,
+}
+impl ReplicationMode {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REPLICATION_MODE_UNSPECIFIED",
+            Self::Synchronous => "REPLICATION_MODE_SYNCHRONOUS",
+            Self::Asynchronous => "REPLICATION_MODE_ASYNCHRONOUS",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REPLICATION_MODE_UNSPECIFIED" => Some(Self::Unspecified),
+            "REPLICATION_MODE_SYNCHRONOUS" => Some(Self::Synchronous),
+            "REPLICATION_MODE_ASYNCHRONOUS" => Some(Self::Asynchronous),
+            _ => None,
+        }
+    }
+}
 /// Generated client implementations.
 pub mod node_agent_client {
     #![allow(
@@ -969,7 +1151,8 @@ pub mod node_agent_client {
             self.inner.unary(req, path, codec).await
         }
         /// Deletes a VM disk's overlay and its snapshots. Refused with FAILED_PRECONDITION
-        /// while a running VM uses it. Already gone: OK.
+        /// while a running VM uses it. A replica of the disk served here (PrepareReplica)
+        /// stops first. Already gone: OK.
         pub async fn delete_overlay(
             &mut self,
             request: impl tonic::IntoRequest<super::DeleteOverlayRequest>,
@@ -1239,6 +1422,146 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "CancelMigration"));
             self.inner.unary(req, path, codec).await
         }
+        /// Replicated disks, replica side: makes an empty overlay of the VM's disk over the
+        /// same base (which must be on this node: FAILED_PRECONDITION otherwise) and serves
+        /// it as a writable NBD export over TLS-PSK (qemu-storage-daemon, a child of the
+        /// agent). Idempotent by (VM, disk, generation): again with the same generation
+        /// serves the same overlay (with the key of the request); a new generation discards
+        /// the old overlay first (a replica is always built from an empty overlay by a full
+        /// mirror of the VM's top overlay). Persisted: a restarted agent serves it again
+        /// on the same port. FAILED_PRECONDITION while the VM runs on this node.
+        pub async fn prepare_replica(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PrepareReplicaRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReplicaEndpoint>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/PrepareReplica",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "PrepareReplica"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Replica side: stops serving. The overlay stays (it is the VM's disk should it
+        /// fail over here) unless discard is set. Already stopped: OK.
+        pub async fn stop_replica(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StopReplicaRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::StopReplicaResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/StopReplica",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "StopReplica"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// VM side: QEMU mirrors the disk's top overlay into the replica's export and keeps
+        /// the mirror running (never completed). Synchronous: once in sync, a guest write
+        /// completes only when the replica has it. Idempotent: a running replication of the
+        /// disk is kept; a broken one is restarted (the replica must then be a fresh
+        /// generation). Answers the state right after starting (usually SYNCING).
+        /// FAILED_PRECONDITION when the VM does not run here or the disk has snapshots.
+        pub async fn start_replication(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StartReplicationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReplicationStatus>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/StartReplication",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "StartReplication"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// VM side: where a disk's replication is (from QEMU's job): in-sync state, bytes
+        /// copied, lag. A replication that failed (replica unreachable) is BROKEN with
+        /// QEMU's reason; the VM keeps running. FAILED_PRECONDITION if never started here.
+        pub async fn get_replication(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetReplicationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReplicationStatus>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/GetReplication",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "GetReplication"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// VM side: stops replicating (the replica keeps what it had). Already stopped: OK.
+        pub async fn stop_replication(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StopReplicationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::StopReplicationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/StopReplication",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "StopReplication"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1288,7 +1611,8 @@ pub mod node_agent_server {
             request: tonic::Request<super::EnsureOverlayRequest>,
         ) -> std::result::Result<tonic::Response<super::OverlayInfo>, tonic::Status>;
         /// Deletes a VM disk's overlay and its snapshots. Refused with FAILED_PRECONDITION
-        /// while a running VM uses it. Already gone: OK.
+        /// while a running VM uses it. A replica of the disk served here (PrepareReplica)
+        /// stops first. Already gone: OK.
         async fn delete_overlay(
             &self,
             request: tonic::Request<super::DeleteOverlayRequest>,
@@ -1396,6 +1720,58 @@ pub mod node_agent_server {
             request: tonic::Request<super::CancelMigrationRequest>,
         ) -> std::result::Result<
             tonic::Response<super::CancelMigrationResponse>,
+            tonic::Status,
+        >;
+        /// Replicated disks, replica side: makes an empty overlay of the VM's disk over the
+        /// same base (which must be on this node: FAILED_PRECONDITION otherwise) and serves
+        /// it as a writable NBD export over TLS-PSK (qemu-storage-daemon, a child of the
+        /// agent). Idempotent by (VM, disk, generation): again with the same generation
+        /// serves the same overlay (with the key of the request); a new generation discards
+        /// the old overlay first (a replica is always built from an empty overlay by a full
+        /// mirror of the VM's top overlay). Persisted: a restarted agent serves it again
+        /// on the same port. FAILED_PRECONDITION while the VM runs on this node.
+        async fn prepare_replica(
+            &self,
+            request: tonic::Request<super::PrepareReplicaRequest>,
+        ) -> std::result::Result<tonic::Response<super::ReplicaEndpoint>, tonic::Status>;
+        /// Replica side: stops serving. The overlay stays (it is the VM's disk should it
+        /// fail over here) unless discard is set. Already stopped: OK.
+        async fn stop_replica(
+            &self,
+            request: tonic::Request<super::StopReplicaRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::StopReplicaResponse>,
+            tonic::Status,
+        >;
+        /// VM side: QEMU mirrors the disk's top overlay into the replica's export and keeps
+        /// the mirror running (never completed). Synchronous: once in sync, a guest write
+        /// completes only when the replica has it. Idempotent: a running replication of the
+        /// disk is kept; a broken one is restarted (the replica must then be a fresh
+        /// generation). Answers the state right after starting (usually SYNCING).
+        /// FAILED_PRECONDITION when the VM does not run here or the disk has snapshots.
+        async fn start_replication(
+            &self,
+            request: tonic::Request<super::StartReplicationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReplicationStatus>,
+            tonic::Status,
+        >;
+        /// VM side: where a disk's replication is (from QEMU's job): in-sync state, bytes
+        /// copied, lag. A replication that failed (replica unreachable) is BROKEN with
+        /// QEMU's reason; the VM keeps running. FAILED_PRECONDITION if never started here.
+        async fn get_replication(
+            &self,
+            request: tonic::Request<super::GetReplicationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReplicationStatus>,
+            tonic::Status,
+        >;
+        /// VM side: stops replicating (the replica keeps what it had). Already stopped: OK.
+        async fn stop_replication(
+            &self,
+            request: tonic::Request<super::StopReplicationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::StopReplicationResponse>,
             tonic::Status,
         >;
     }
@@ -2049,6 +2425,231 @@ pub mod node_agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CancelMigrationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/PrepareReplica" => {
+                    #[allow(non_camel_case_types)]
+                    struct PrepareReplicaSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::PrepareReplicaRequest>
+                    for PrepareReplicaSvc<T> {
+                        type Response = super::ReplicaEndpoint;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PrepareReplicaRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::prepare_replica(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PrepareReplicaSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/StopReplica" => {
+                    #[allow(non_camel_case_types)]
+                    struct StopReplicaSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::StopReplicaRequest>
+                    for StopReplicaSvc<T> {
+                        type Response = super::StopReplicaResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StopReplicaRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::stop_replica(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StopReplicaSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/StartReplication" => {
+                    #[allow(non_camel_case_types)]
+                    struct StartReplicationSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::StartReplicationRequest>
+                    for StartReplicationSvc<T> {
+                        type Response = super::ReplicationStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StartReplicationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::start_replication(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StartReplicationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/GetReplication" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetReplicationSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::GetReplicationRequest>
+                    for GetReplicationSvc<T> {
+                        type Response = super::ReplicationStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetReplicationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::get_replication(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetReplicationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/StopReplication" => {
+                    #[allow(non_camel_case_types)]
+                    struct StopReplicationSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::StopReplicationRequest>
+                    for StopReplicationSvc<T> {
+                        type Response = super::StopReplicationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StopReplicationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::stop_replication(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StopReplicationSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
