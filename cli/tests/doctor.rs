@@ -212,7 +212,7 @@ fn doctor_reports_exactly_the_node_and_check_that_fail() {
                 "get",
                 "events",
                 "-n",
-                &ns,
+                "default",
                 "--field-selector",
                 &selector,
                 "-o",

@@ -1,5 +1,6 @@
-//! Node prerequisite checks, on start and every `interval`: kernel modules (bridge,
-//! vxlan, tun), `/dev/net/tun` openable, nftables usable, the QEMU binaries runnable,
+//! Node prerequisite checks, on start and every `interval`: kernel modules bridge and
+//! vxlan, tun by its function (`/dev/net/tun` openable: a built-in tun need not show
+//! in `/sys/module`, and a node may have no module tree), nftables usable, the QEMU binaries runnable,
 //! KVM (informational: without it VMs run under TCG), free space in the disk store,
 //! and the underlay MTU against the overlay's VXLAN overhead.
 //!
@@ -19,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 /// VXLAN over IPv4 adds 50 bytes: a 1500-byte guest frame needs this underlay MTU.
 pub const OVERLAY_UNDERLAY_MTU: u32 = 1550;
-/// Kernel modules the overlay and the taps need (loaded, built in, or loadable).
-pub const MODULES: [&str; 3] = ["bridge", "vxlan", "tun"];
+/// Kernel modules the overlay needs (loaded, built in, or loadable). tun is checked
+/// by opening its device instead.
+pub const MODULES: [&str; 2] = ["bridge", "vxlan"];
 
 /// Settings of the checks; every field optional in the file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -346,12 +348,15 @@ pub fn node_patches(
     (status, annotation)
 }
 
-/// The Warning event of a report with failed checks (core/v1, in the agent's
-/// namespace, about the Node: `kubectl describe node` lists it).
+/// Where events about Nodes go: the API server accepts an event about a
+/// cluster-scoped object only in `default` (where the kubelet's node events are too).
+pub const EVENT_NAMESPACE: &str = "default";
+
+/// The Warning event of a report with failed checks (core/v1, about the Node:
+/// `kubectl describe node` lists it).
 pub fn warning_event(
     report: &Report,
     node: &str,
-    namespace: &str,
     now: k8s_openapi::jiff::Timestamp,
 ) -> Option<serde_json::Value> {
     report.failed().next()?;
@@ -359,7 +364,7 @@ pub fn warning_event(
     Some(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": format!("{node}.hvx-prerequisites."), "namespace": namespace},
+        "metadata": {"generateName": format!("{node}.hvx-prerequisites."), "namespace": EVENT_NAMESPACE},
         "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node},
         "type": "Warning",
         "reason": prereq::REASON_FAILED,
@@ -376,7 +381,6 @@ pub fn warning_event(
 /// `event` is set.
 pub async fn publish(
     node: &str,
-    namespace: &str,
     report: &Report,
     transitioned: bool,
     event: bool,
@@ -393,9 +397,9 @@ pub async fn publish(
     nodes
         .patch(node, &PatchParams::default(), &Patch::Merge(&annotation))
         .await?;
-    if event && let Some(e) = warning_event(report, node, namespace, now) {
+    if event && let Some(e) = warning_event(report, node, now) {
         let e: Event = serde_json::from_value(e).map_err(kube::Error::SerdeError)?;
-        Api::<Event>::namespaced(client, namespace)
+        Api::<Event>::namespaced(client, EVENT_NAMESPACE)
             .create(&PostParams::default(), &e)
             .await?;
     }
@@ -424,7 +428,6 @@ pub fn load_settings(file: Option<&Path>, node: &str) -> Settings {
 pub async fn run_forever(
     agent: std::sync::Arc<super::Agent>,
     settings_file: Option<PathBuf>,
-    namespace: String,
     interval: std::time::Duration,
     publish_on_node: bool,
 ) {
@@ -454,7 +457,7 @@ pub async fn run_forever(
                 *agent.prereq.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
                 if publish_on_node {
                     let transitioned = published.as_ref().is_none_or(|(was, _)| *was != ok);
-                    match publish(&node, &namespace, &report, transitioned, changed && !ok).await {
+                    match publish(&node, &report, transitioned, changed && !ok).await {
                         Ok(()) => published = Some((ok, failed)),
                         Err(e) => {
                             tracing::warn!(error = %e, "publishing the prerequisite report on the node")
@@ -495,7 +498,7 @@ mod tests {
     #[test]
     fn a_good_node_passes_every_check() {
         let r = evaluate(&good(), &Settings::default());
-        assert_eq!(r.checks.len(), 10);
+        assert_eq!(r.checks.len(), 9);
         assert!(r.checks.iter().all(|c| c.result == Outcome::Ok), "{r:?}");
     }
 
@@ -607,9 +610,10 @@ mod tests {
             .unwrap_or_default();
         let back: Report = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, r);
-        let e = warning_event(&r, "n1", "hvx-system", now).unwrap_or_default();
+        let e = warning_event(&r, "n1", now).unwrap_or_default();
         assert_eq!(e["type"], "Warning");
+        assert_eq!(e["metadata"]["namespace"], "default");
         assert_eq!(e["involvedObject"]["name"], "n1");
-        assert!(warning_event(&evaluate(&good(), &Settings::default()), "n1", "x", now).is_none());
+        assert!(warning_event(&evaluate(&good(), &Settings::default()), "n1", now).is_none());
     }
 }

@@ -278,7 +278,6 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(hvx_node_agent::agent::prereq::run_forever(
         agent.clone(),
         cli.prerequisites_file.clone(),
-        cli.namespace.clone(),
         std::time::Duration::from_secs(cli.prerequisites_interval_seconds),
         cli.label_node,
     ));
