@@ -3,7 +3,8 @@
 //! "VM" on another node reaches it through the overlay on its original address,
 //! once through a node uplink (a veth into the datacenter) and once through a
 //! VXLAN tunnel to an external VTEP (a kernel VXLAN device in the datacenter
-//! namespace, with its own VNI and UDP port).
+//! namespace, with its own VNI and UDP port). With hvx's gateway and DHCP off, the
+//! datacenter's router and DHCP server serve the VMs on other nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -99,6 +100,42 @@ fn a_datacenter_host_behind_a_node_uplink_and_a_vm_on_another_node_ping_each_oth
     assert!(
         !ping_from(&lab, &dc, "10.77.0.1"),
         "the distributed gateway answered on the uplink"
+    );
+
+    // The old datacenter keeps its router and DHCP server: hvx's gateway and DHCP
+    // off, the datacenter host takes the router address, and a VM on B without an
+    // address gets a lease from the datacenter's server across the overlay.
+    lab.add_vm("c", 1, mac("00:50:56:00:05:03")).unwrap();
+    net.gateway = false;
+    net.subnet.dhcp = None;
+    net.apply_all(&lab);
+    let conf = lab.state_root.join("udhcpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.77.0.150\nend 10.77.0.160\ninterface eth0\nlease_file {}\noption router 10.77.0.1\noption subnet 255.255.255.0\n",
+            lab.state_root.join("udhcpd.leases").display()
+        ),
+    )
+    .unwrap();
+    lab.exec(&dc, &["ip", "addr", "add", "10.77.0.1/24", "dev", "eth0"])
+        .unwrap();
+    let _server = lab
+        .spawn(
+            &dc,
+            &["busybox", "udhcpd", "-f", &conf.display().to_string()],
+        )
+        .unwrap();
+    assert!(
+        ping_from(&lab, &b_ns, "10.77.0.1"),
+        "VM on B cannot reach the outside router"
+    );
+    let body =
+        "#!/bin/sh\n[ \"$1\" = bound ] && echo \"hvx-lease ip=$ip router=$router\"\nexit 0\n";
+    let got = udhcpc(&lab, "c", "udhcpc-ext.sh", body);
+    assert!(
+        got.contains("hvx-lease ip=10.77.0.15") && got.contains("router=10.77.0.1"),
+        "no lease from the datacenter's DHCP server: {got}"
     );
 
     // The uplink is the node's: teardown releases it, never deletes it.
