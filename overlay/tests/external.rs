@@ -120,7 +120,7 @@ fn a_datacenter_host_behind_a_node_uplink_and_a_vm_on_another_node_ping_each_oth
     .unwrap();
     lab.exec(&dc, &["ip", "addr", "add", "10.77.0.1/24", "dev", "eth0"])
         .unwrap();
-    let _server = lab
+    let mut server = lab
         .spawn(
             &dc,
             &["busybox", "udhcpd", "-f", &conf.display().to_string()],
@@ -137,6 +137,8 @@ fn a_datacenter_host_behind_a_node_uplink_and_a_vm_on_another_node_ping_each_oth
         got.contains("hvx-lease ip=10.77.0.15") && got.contains("router=10.77.0.1"),
         "no lease from the datacenter's DHCP server: {got}"
     );
+    server.kill().unwrap();
+    server.wait().unwrap();
 
     // The uplink is the node's: teardown releases it, never deletes it.
     lab.nodes[0].switch.teardown(net.vni).unwrap();
