@@ -395,6 +395,7 @@ fn network_spec(cidr: &str) -> Result<VirtualNetworkSpec> {
         dns: None,
         firewall: None,
         external: None,
+        broadcast_limit_pps: None,
     })
 }
 

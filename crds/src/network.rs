@@ -46,10 +46,20 @@ pub struct VirtualNetworkSpec {
     /// Firewall between VMs (micro-segmentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firewall: Option<Firewall>,
-    /// Routing to other VirtualNetworks and out of the cluster.
+    /// Routing to other VirtualNetworks and out of the cluster, and the L2 segment
+    /// outside the cluster the network joins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalAccess>,
+    /// Broadcast frames per second each VM NIC may send; the excess is dropped at
+    /// its port (storm control: a looping guest cannot flood the segment). Default
+    /// 1000; 0 turns the limit off. Multicast is not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000000))]
+    pub broadcast_limit_pps: Option<u32>,
 }
+
+/// Broadcast frames per second per VM NIC when `broadcastLimitPps` is not set.
+pub const DEFAULT_BROADCAST_LIMIT_PPS: u32 = 1000;
 
 /// One IPv4 subnet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -275,9 +285,15 @@ pub enum Protocol {
     Icmp,
 }
 
-/// Traffic leaving the segment.
+/// Traffic leaving the segment, and the segment outside the cluster it joins.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.uplink) && has(self.vtep))", "message": "external: set uplink or vtep, not both (one way out of the cluster per network)"},
+    {"rule": "!has(self.gateway) || self.gateway || (has(self.dhcp) && !self.dhcp)", "message": "external: dhcp needs the hvx gateway (it serves leases from the gateway address); set dhcp: false when gateway is false"},
+    {"rule": "!has(self.gateway) || self.gateway || (!(has(self.egressNat) && self.egressNat) && !has(self.routedNetworks) && !has(self.exposedPorts))", "message": "external: egressNat, routedNetworks and exposedPorts need the hvx gateway"},
+    {"rule": "!has(self.nodeSelector) || has(self.uplink) || has(self.vtep)", "message": "external: nodeSelector picks the node carrying an uplink or vtep; set one of them"}
+]))]
 pub struct ExternalAccess {
     /// Masquerade VM traffic leaving the overlay through the node (egress NAT).
     #[serde(default)]
@@ -290,6 +306,76 @@ pub struct ExternalAccess {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub exposed_ports: Option<Vec<ExposedPort>>,
+    /// Join an existing L2 segment through a node interface (optionally a VLAN on
+    /// it). Exactly one node carries it (see `nodeSelector`), so the segment and the
+    /// overlay never form a loop; VMs on other nodes reach it through the overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<Uplink>,
+    /// Join an existing L2 segment through a VXLAN tunnel to a VTEP outside the
+    /// cluster (a switch or host of the old datacenter). The VTEP must send to the
+    /// carrying node's InternalIP (list every node `nodeSelector` matches there, for
+    /// failover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<ExternalVtep>,
+    /// Labels of the nodes that may carry the uplink or tunnel; the first ready hvx
+    /// node by name among them carries it (the next one takes over when it goes).
+    /// Default: any hvx node. With an uplink, every matching node needs the
+    /// interface: a node without it refuses and the network reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// Serve DHCP from hvx (default true). Set false when the outside segment has
+    /// its DHCP server; it then serves the VMs on every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<bool>,
+    /// Serve the subnets' gateway addresses from hvx's distributed router (default
+    /// true). Set false when the outside segment has the router: `subnets[].gateway`
+    /// is then its address, and hvx serves no DHCP, DNS, NAT or routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<bool>,
+}
+
+/// A node interface bridged into the network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Uplink {
+    /// Node interface name, e.g. `eth1`. It must carry no node addresses (it becomes a
+    /// bridge port) and its MTU must fit the network's.
+    #[schemars(length(min = 1, max = 15))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.matches('^[A-Za-z0-9_-][A-Za-z0-9_.-]*$')", "message": "interface must be a Linux interface name: up to 15 letters, digits, '-', '_' or '.', not starting with '.'"}
+    ]))]
+    pub interface: String,
+    /// 802.1Q VLAN on the interface: hvx creates the sub-interface (the node kernel
+    /// needs the 8021q module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1 && self <= 4094", "message": "vlan must be between 1 and 4094"}
+    ]))]
+    pub vlan: Option<u16>,
+}
+
+/// A VXLAN tunnel endpoint outside the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalVtep {
+    /// The VTEP's IPv4 address, reachable from the nodes' InternalIPs.
+    #[schemars(length(max = 15))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isIP(self) && ip(self).family() == 4", "message": "address must be an IPv4 address"}
+    ]))]
+    pub address: String,
+    /// UDP port of the tunnel (default 4789).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1 && self <= 65535", "message": "port must be between 1 and 65535"}
+    ]))]
+    pub port: Option<u16>,
+    /// The segment's VNI on the external VTEP.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1 && self <= 16777215", "message": "vni must be between 1 and 16777215"}
+    ]))]
+    pub vni: u32,
 }
 
 /// A VM port published as a Service.

@@ -47,6 +47,7 @@ pub fn client_for(ctx: &Context, cluster: &Cluster, node: &str) -> Result<AgentC
 pub async fn cluster(ctx: &Context) -> Result<Cluster, Error> {
     Ok(Cluster {
         node_ips: ctx.stores.agent_nodes(),
+        node_labels: ctx.stores.agent_node_labels(),
     })
 }
 
@@ -368,8 +369,9 @@ pub async fn sync_network_except(
     let uid = net.uid().unwrap_or_default();
     let mut out = NetworkSync::default();
     let mut first_err = None;
+    let carrying = hostplan::network_nodes(net, nics, cluster);
     for (node, ip) in cluster.node_ips.iter().filter(|(n, _)| !skip.contains(*n)) {
-        let hosts = nics.iter().any(|n| n.network_uid == uid && &n.node == node);
+        let hosts = carrying.contains(node);
         let client = match ctx.agents.client(node, ip, &ctx.metrics) {
             Ok(c) => c,
             Err(e) => {

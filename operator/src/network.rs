@@ -182,7 +182,25 @@ async fn apply(net: &VirtualNetwork, ctx: &Context) -> Result<Action, Error> {
         let pods = hostprep::launcher_pods(ctx, &ns).await?;
         let nics = hostplan::placed_nics(&pods);
         let cluster = hostprep::cluster(ctx).await?;
-        match hostprep::sync_network(ctx, &with_vni, &nics, &cluster).await {
+        let synced = hostprep::sync_network(ctx, &with_vni, &nics, &cluster).await;
+        // What a node refused (an uplink it lacks, a VNI clash) is the user's to
+        // see here, not only in the operator's log.
+        let (degraded, reason, message) = match &synced {
+            Ok(_) => (false, "NodesProgrammed", String::new()),
+            Err(e) => (true, "NodeSyncFailed", e.to_string()),
+        };
+        set_condition(
+            &mut status.conditions,
+            new_condition(
+                condition::DEGRADED,
+                degraded,
+                reason,
+                message,
+                generation,
+                Time(k8s_openapi::jiff::Timestamp::now()),
+            ),
+        );
+        match synced {
             Ok(sync) => {
                 status.port_count = sync.ports.values().map(|p| p.len() as u32).sum();
                 status.nodes = sync

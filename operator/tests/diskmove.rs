@@ -110,6 +110,7 @@ fn api_server(handle: ApiHandle) -> tokio::task::JoinHandle<Requests> {
 async fn passes_until_ready(ctx: &Arc<Context>, deadline: Duration) -> Vec<DisksState> {
     let cluster = Cluster {
         node_ips: ctx.stores.agent_nodes(),
+        node_labels: ctx.stores.agent_node_labels(),
     };
     let (app, pod, ls) = (application(), moving_pod(), launch_spec());
     let started = Instant::now();

@@ -61,6 +61,9 @@ fn spec_for(lab: &Lab, ips: &BTreeMap<String, Ipv4Addr>, node: usize) -> Network
         exposed: vec![],
         egress_denied: vec![],
         egress_allowed: vec![],
+        external: None,
+        gateway: true,
+        broadcast_limit_pps: 0,
     }
 }
 

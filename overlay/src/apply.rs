@@ -17,7 +17,7 @@ use crate::nft::marker_chain;
 use crate::observe::{self, LinkState};
 use crate::pin;
 use crate::plan::{NetworkPlan, build_plan, needs_transit};
-use crate::spec::NetworkSpec;
+use crate::spec::{ExternalL2, NetworkSpec};
 use crate::transit;
 
 /// Where named network namespaces live (`ip netns`).
@@ -258,6 +258,7 @@ impl Switch {
             (None, Some(prev)) if prev.nft_hash == plan.nft_hash => {}
             (None, _) => self.apply_nft(plan, &[], &mut report)?,
         }
+        check_external(plan, &seen.links, &seen.addrs)?;
         let (link_cmds, missing) = link_commands(plan, &seen.links);
         report.missing_ports = missing;
         self.ip_batch(&link_cmds, &mut report)?;
@@ -585,6 +586,8 @@ impl Switch {
                     names::bridge(vni),
                     names::gateway_veth(vni),
                     names::transit_veth(vni),
+                    names::vlan_uplink(vni),
+                    names::external_vxlan(vni),
                 ] {
                     if links.iter().any(|l| l.name == name)
                         && let Err(e) = run(&self.host.ip_argv(&["link", "del", &name]), None)
@@ -653,7 +656,9 @@ impl Switch {
                     OwnedLink::Bridge(v)
                     | OwnedLink::Vxlan(v)
                     | OwnedLink::GatewayVeth(v)
-                    | OwnedLink::TransitVeth(v),
+                    | OwnedLink::TransitVeth(v)
+                    | OwnedLink::VlanUplink(v)
+                    | OwnedLink::ExternalVxlan(v),
                 ) => {
                     vnis.insert(v);
                 }
@@ -940,6 +945,22 @@ pub fn link_commands(
         (None, None) => {}
     }
 
+    let external_port = plan.external.as_ref().map(|(_, p)| p.as_str());
+    // A VLAN sub-interface or external VXLAN device of an earlier plan goes away.
+    let stale_external: Vec<String> = [
+        names::vlan_uplink(plan.vni),
+        names::external_vxlan(plan.vni),
+    ]
+    .into_iter()
+    .filter(|n| links.contains_key(n) && external_port != Some(n.as_str()))
+    .collect();
+    for stale in &stale_external {
+        c.push(format!("link del dev {stale}"));
+    }
+    if let Some((ext, port)) = &plan.external {
+        external_link_commands(&mut c, plan, ext, port, links.get(port));
+    }
+
     let mut missing = Vec::new();
     for p in &plan.ports {
         match links.get(p) {
@@ -962,6 +983,8 @@ pub fn link_commands(
         if l.master.as_deref() == Some(br.as_str())
             && l.name != *vx
             && l.name != *gv
+            && Some(l.name.as_str()) != external_port
+            && !stale_external.contains(&l.name)
             && !plan.ports.contains(&l.name)
         {
             c.push(format!("link set dev {} nomaster", l.name));
@@ -974,6 +997,145 @@ pub fn link_commands(
         c.push(format!("link set dev {br} up"));
     }
     (c, missing)
+}
+
+/// Lines creating or fixing the bridge port towards the outside segment. The
+/// uplink interface itself belongs to the node: it is enslaved and brought up,
+/// never created, deleted or resized; the VLAN sub-interface and the external VXLAN
+/// device are the switch's own.
+fn external_link_commands(
+    c: &mut Vec<String>,
+    plan: &NetworkPlan,
+    ext: &ExternalL2,
+    port: &str,
+    have: Option<&LinkState>,
+) {
+    let (br, mtu) = (&plan.bridge, plan.mtu.link_mtu);
+    let create = match ext {
+        ExternalL2::Uplink { vlan: None, .. } => None,
+        ExternalL2::Uplink {
+            interface,
+            vlan: Some(v),
+        } => {
+            let ok = have.is_some_and(|l| {
+                l.kind.as_deref() == Some("vlan")
+                    && l.vlan_id == Some(u32::from(*v))
+                    && l.parent.as_deref() == Some(interface.as_str())
+            });
+            (!ok).then(|| {
+                format!("link add link {interface} name {port} mtu {mtu} type vlan id {v}")
+            })
+        }
+        ExternalL2::Vtep {
+            address,
+            port: udp,
+            vni,
+        } => {
+            let ok = have.and_then(|l| l.vxlan.as_ref()).is_some_and(|x| {
+                x.id == *vni
+                    && x.local == Some(plan.local_vtep)
+                    && x.port == *udp
+                    && x.remote == Some(*address)
+                    && !x.learning
+            });
+            // `remote` is the device's default destination: everything without a
+            // more specific FDB entry (all of it, with learning off) goes there.
+            (!ok).then(|| {
+                format!(
+                    "link add name {port} mtu {mtu} type vxlan id {vni} local {} remote {address} dstport {udp} nolearning",
+                    plan.local_vtep
+                )
+            })
+        }
+    };
+    match (create, have) {
+        (Some(add), old) => {
+            if old.is_some() {
+                c.push(format!("link del dev {port}"));
+            }
+            c.push(add);
+            c.push(format!("link set dev {port} addrgenmode none"));
+            c.push(format!("link set dev {port} master {br}"));
+            c.push(format!("link set dev {port} up"));
+        }
+        (None, Some(l)) => {
+            if l.mtu != mtu && !matches!(ext, ExternalL2::Uplink { vlan: None, .. }) {
+                c.push(format!("link set dev {port} mtu {mtu}"));
+            }
+            if l.master.as_deref() != Some(br.as_str()) {
+                c.push(format!("link set dev {port} master {br}"));
+            }
+            if !l.up {
+                c.push(format!("link set dev {port} up"));
+            }
+        }
+        // A missing uplink is refused before any command runs ([`check_external`]).
+        (None, None) => {}
+    }
+}
+
+/// Refuses an outside segment this node cannot carry, with the reason: the uplink
+/// (or a VLAN's parent) does not exist, holds node addresses (enslaving it would cut
+/// the node off), or belongs to another bridge; another device already uses the
+/// external VNI and port.
+pub fn check_external(
+    plan: &NetworkPlan,
+    links: &BTreeMap<String, LinkState>,
+    addrs: &BTreeMap<String, BTreeSet<crate::addr::Ipv4Net>>,
+) -> Result<()> {
+    let Some((ext, port)) = &plan.external else {
+        return Ok(());
+    };
+    let refuse = |reason: String| {
+        Err(OverlayError::External {
+            network: plan.name.clone(),
+            reason,
+        })
+    };
+    match ext {
+        ExternalL2::Uplink { interface, vlan } => {
+            let Some(l) = links.get(interface) else {
+                return refuse(format!(
+                    "uplink interface {interface:?} does not exist on this node"
+                ));
+            };
+            if addrs.get(interface).is_some_and(|a| !a.is_empty()) {
+                return refuse(format!(
+                    "uplink interface {interface:?} has IPv4 addresses of the node; give the network a dedicated interface or VLAN"
+                ));
+            }
+            if vlan.is_none()
+                && let Some(m) = &l.master
+                && *m != plan.bridge
+            {
+                return refuse(format!(
+                    "uplink interface {interface:?} already belongs to {m}"
+                ));
+            }
+            if let Some(l) = links.get(port)
+                && vlan.is_some()
+                && l.master.as_deref().is_some_and(|m| m != plan.bridge)
+            {
+                return refuse(format!("{port} already belongs to another bridge"));
+            }
+            Ok(())
+        }
+        ExternalL2::Vtep { port: udp, vni, .. } => {
+            let clash = links.values().find(|l| {
+                l.name != *port
+                    && l.vxlan
+                        .as_ref()
+                        .is_some_and(|x| x.id == *vni && x.port == *udp)
+            });
+            match clash {
+                Some(l) => refuse(format!(
+                    "VNI {vni} on UDP port {udp} is already used by {} here",
+                    l.name
+                )),
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 /// `bridge -batch` lines turning the observed FDB into the planned one.
@@ -1193,7 +1355,10 @@ mod tests {
                     local: Some(p.local_vtep),
                     port: VXLAN_PORT,
                     learning: false,
+                    remote: None,
                 }),
+                vlan_id: None,
+                parent: None,
             };
         [
             mk(
@@ -1209,6 +1374,102 @@ mod tests {
         .into_iter()
         .map(|l| (l.name.clone(), l))
         .collect()
+    }
+
+    #[test]
+    fn the_external_port_is_created_enslaved_and_removed_with_its_mode() {
+        use crate::spec::ExternalL2;
+        let mut spec = sample();
+        spec.external = Some(ExternalL2::Vtep {
+            address: "192.0.2.9".parse().unwrap(),
+            port: 4790,
+            vni: 5000,
+        });
+        let p = build_plan(&spec, &Host::new("/x"), None).unwrap();
+        let mut links = converged_links(&p);
+        let (c, _) = link_commands(&p, &links);
+        assert!(
+            c.contains(&"link add name hve4242 mtu 1500 type vxlan id 5000 local 192.168.77.1 remote 192.0.2.9 dstport 4790 nolearning".to_string())
+                && c.contains(&"link set dev hve4242 master hvb4242".to_string()),
+            "{c:?}"
+        );
+        let mut hve = links["hvp1"].clone();
+        hve.name = "hve4242".into();
+        hve.kind = Some("vxlan".into());
+        hve.vxlan = Some(VxlanParams {
+            id: 5000,
+            local: Some(p.local_vtep),
+            port: 4790,
+            learning: false,
+            remote: Some("192.0.2.9".parse().unwrap()),
+        });
+        links.insert(hve.name.clone(), hve);
+        assert_eq!(link_commands(&p, &links).0, Vec::<String>::new());
+
+        // Back to a plain overlay: the device goes, and is not also released.
+        let plain = plan();
+        let (c, _) = link_commands(&plain, &links);
+        assert_eq!(c, vec!["link del dev hve4242".to_string()]);
+
+        // An uplink VLAN is a sub-interface of the node's interface.
+        spec.external = Some(ExternalL2::Uplink {
+            interface: "eth1".into(),
+            vlan: Some(30),
+        });
+        let p = build_plan(&spec, &Host::new("/x"), None).unwrap();
+        let (c, _) = link_commands(&p, &converged_links(&p));
+        assert!(
+            c.contains(&"link add link eth1 name hvl4242 mtu 1500 type vlan id 30".to_string()),
+            "{c:?}"
+        );
+        // A plain uplink is enslaved as it is (its MTU is the node's business).
+        spec.external = Some(ExternalL2::Uplink {
+            interface: "eth1".into(),
+            vlan: None,
+        });
+        let p = build_plan(&spec, &Host::new("/x"), None).unwrap();
+        let mut links = converged_links(&p);
+        let mut eth1 = links["hvp1"].clone();
+        eth1.name = "eth1".into();
+        eth1.master = None;
+        eth1.mtu = 9000;
+        links.insert("eth1".into(), eth1);
+        let (c, _) = link_commands(&p, &links);
+        assert_eq!(c, vec!["link set dev eth1 master hvb4242".to_string()]);
+    }
+
+    #[test]
+    fn an_uplink_the_node_cannot_give_is_refused_with_the_reason() {
+        use crate::spec::ExternalL2;
+        let mut spec = sample();
+        spec.external = Some(ExternalL2::Uplink {
+            interface: "eth1".into(),
+            vlan: None,
+        });
+        let p = build_plan(&spec, &Host::new("/x"), None).unwrap();
+        let mut links = converged_links(&p);
+        let mut addrs = BTreeMap::new();
+        let err = check_external(&p, &links, &addrs).unwrap_err().to_string();
+        assert!(
+            err.contains("\"eth1\" does not exist on this node"),
+            "{err}"
+        );
+        let mut eth1 = links["hvp1"].clone();
+        eth1.name = "eth1".into();
+        eth1.master = Some("hvb7".into());
+        links.insert("eth1".into(), eth1.clone());
+        let err = check_external(&p, &links, &addrs).unwrap_err().to_string();
+        assert!(err.contains("already belongs to hvb7"), "{err}");
+        eth1.master = None;
+        links.insert("eth1".into(), eth1);
+        addrs.insert(
+            "eth1".to_string(),
+            BTreeSet::from(["10.0.0.5/24".parse::<crate::addr::Ipv4Net>().unwrap()]),
+        );
+        let err = check_external(&p, &links, &addrs).unwrap_err().to_string();
+        assert!(err.contains("has IPv4 addresses of the node"), "{err}");
+        addrs.clear();
+        check_external(&p, &links, &addrs).unwrap();
     }
 
     #[test]
@@ -1354,6 +1615,8 @@ mod tests {
             up: true,
             addrgen_none: true,
             vxlan: None,
+            vlan_id: None,
+            parent: None,
         };
         let t = TransitPair::of_slot(3);
         ObservedNs {

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 pub enum OverlayError {
     #[error("invalid network spec for {network:?}: {reason}")]
     InvalidSpec { network: String, reason: String },
+    #[error("network {network:?} cannot join its external segment on this node: {reason}")]
+    External { network: String, reason: String },
     #[error("invalid MAC address {0:?}: expected six hex octets separated by ':'")]
     InvalidMac(String),
     #[error("invalid IPv4 CIDR {0:?}: expected A.B.C.D/N with N <= 32")]

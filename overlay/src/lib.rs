@@ -17,9 +17,14 @@
 //! pass through unchanged, across the tunnel too (VXLAN carries the whole inner
 //! frame). Access VLANs (a vSphere port group with a VLAN ID) are mapped by the
 //! operator to their own VirtualNetwork, hence their own VNI and bridge: isolation
-//! by construction instead of by tag. Firewall rules match untagged IPv4; tagged
-//! frames are governed by the network's default action only for untagged IP, and
-//! otherwise pass.
+//! by construction instead of by tag. Anti-spoofing and TCP/UDP/ICMP rules read the
+//! IPv4 inside a guest's tag (the kernel moves the tag to packet metadata first); a
+//! deny default drops tagged IP as well; protocol-`any` rules match untagged IPv4.
+//!
+//! External L2 ([`ExternalL2`]): on the one node the control plane picks, a node
+//! uplink (or a VLAN sub-interface of it) or a VXLAN device towards an external
+//! VTEP joins the bridge as an outward port like the tunnel: in the segment's
+//! firewall, kept from the distributed gateway, no anti-spoofing.
 //!
 //! MTU: VXLAN over IPv4 adds 50 bytes. With an underlay MTU >= 1550 the overlay keeps
 //! 1500 and guests need nothing ([`plan::MtuMode::Transparent`]); otherwise links

@@ -30,6 +30,17 @@ pub fn transit_veth(vni: u32) -> String {
     format!("hvu{vni}")
 }
 
+/// The 802.1Q sub-interface of a network's uplink (`ExternalL2::Uplink` with a VLAN),
+/// created and deleted by the switch.
+pub fn vlan_uplink(vni: u32) -> String {
+    format!("hvl{vni}")
+}
+
+/// The VXLAN device towards an external VTEP (`ExternalL2::Vtep`).
+pub fn external_vxlan(vni: u32) -> String {
+    format!("hve{vni}")
+}
+
 /// Inside the gateway namespace: the gateway's interface on the network (peer of
 /// [`gateway_veth`]), holding the gateway addresses and the anycast gateway MAC.
 pub const NS_GATEWAY_IF: &str = "gw0";
@@ -108,6 +119,8 @@ pub enum OwnedLink {
     Vxlan(u32),
     GatewayVeth(u32),
     TransitVeth(u32),
+    VlanUplink(u32),
+    ExternalVxlan(u32),
 }
 
 /// Parses `hvb<vni>` / `hvv<vni>` / `hvg<vni>` / `hvu<vni>`; anything else (including VM ports) is not ours.
@@ -122,6 +135,8 @@ pub fn parse_owned_link(name: &str) -> Option<OwnedLink> {
         "hvv" => Some(OwnedLink::Vxlan(vni)),
         "hvg" => Some(OwnedLink::GatewayVeth(vni)),
         "hvu" => Some(OwnedLink::TransitVeth(vni)),
+        "hvl" => Some(OwnedLink::VlanUplink(vni)),
+        "hve" => Some(OwnedLink::ExternalVxlan(vni)),
         _ => None,
     }
 }
@@ -146,9 +161,19 @@ mod tests {
             vxlan(vni),
             gateway_veth(vni),
             transit_veth(vni),
+            vlan_uplink(vni),
+            external_vxlan(vni),
         ] {
             assert!(name.len() <= 15, "{name}");
         }
+        assert_eq!(
+            parse_owned_link(&vlan_uplink(5)),
+            Some(OwnedLink::VlanUplink(5))
+        );
+        assert_eq!(
+            parse_owned_link(&external_vxlan(5)),
+            Some(OwnedLink::ExternalVxlan(5))
+        );
         assert!(peer_link(vni).len() <= 15);
         assert_eq!(
             parse_owned_link(&gateway_veth(5)),

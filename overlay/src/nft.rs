@@ -111,7 +111,11 @@ fn quoted_set<I: IntoIterator<Item = String>>(items: I) -> String {
 
 fn render_fw_body(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -> String {
     let vx = names::vxlan(spec.vni);
-    let mut members: Vec<String> = vec![format!("\"{vx}\"")];
+    // Ports leading off this node: the tunnel, and the outside segment when this
+    // node carries it. The gateway stays local on all of them.
+    let mut outward = vec![vx.clone()];
+    outward.extend(spec.external.as_ref().map(|e| e.port(spec.vni)));
+    let mut members: Vec<String> = outward.iter().map(|p| format!("\"{p}\"")).collect();
     members.extend(ports.iter().map(|p| format!("\"{p}\"")));
     let mut b = String::new();
     let _ = writeln!(
@@ -126,15 +130,19 @@ fn render_fw_body(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -
     // Other networks' frames are not ours to judge.
     let _ = writeln!(b, "    iifname != @ports accept");
     let gateways: Vec<String> = spec.subnets.iter().map(|s| s.gateway.to_string()).collect();
-    if !gateways.is_empty() {
+    // Without the hvx gateway, the outside router's ARP and the outside DHCP
+    // server must cross the tunnel and the uplink.
+    if !gateways.is_empty() && spec.gateway {
         let g = quoted_set(gateways);
-        let _ = writeln!(
-            b,
-            "    oifname \"{vx}\" arp operation request arp daddr ip {g} drop"
-        );
-        let _ = writeln!(b, "    iifname \"{vx}\" arp daddr ip {g} drop");
-        let _ = writeln!(b, "    oifname \"{vx}\" udp dport {{ 67, 68 }} drop");
-        let _ = writeln!(b, "    iifname \"{vx}\" udp dport {{ 67, 68 }} drop");
+        for out in &outward {
+            let _ = writeln!(
+                b,
+                "    oifname \"{out}\" arp operation request arp daddr ip {g} drop"
+            );
+            let _ = writeln!(b, "    iifname \"{out}\" arp daddr ip {g} drop");
+            let _ = writeln!(b, "    oifname \"{out}\" udp dport {{ 67, 68 }} drop");
+            let _ = writeln!(b, "    iifname \"{out}\" udp dport {{ 67, 68 }} drop");
+        }
     }
     // The overlay carries no IPv6 for the gateway: guests get no IPv6 path to it.
     let _ = writeln!(
@@ -180,6 +188,9 @@ fn render_fw_body(spec: &NetworkSpec, ports: &BTreeSet<String>, mtu: &MtuPlan) -
         // ARP and non-IP ethertypes (legacy L2 protocols, tagged frames) are left
         // alone; the default covers IP between VMs.
         let _ = writeln!(b, "    ether type {{ ip, ip6 }} drop");
+        // IP inside a guest-set 802.1Q tag would otherwise slip past every rule:
+        // with a deny default it is dropped too (tagged non-IP still passes).
+        let _ = writeln!(b, "    vlan type {{ ip, ip6 }} drop");
     }
     let _ = writeln!(b, "  }}");
     b
@@ -224,6 +235,15 @@ fn render_anti_spoofing(b: &mut String, spec: &NetworkSpec) {
             continue;
         };
         let mac = m.mac;
+        if spec.broadcast_limit_pps > 0 {
+            // One limit per port (each rule keeps its own bucket): a storming guest
+            // loses its excess broadcasts, the others keep theirs.
+            let n = spec.broadcast_limit_pps;
+            let _ = writeln!(
+                b,
+                "    iifname \"{port}\" ether daddr ff:ff:ff:ff:ff:ff limit rate over {n}/second burst {n} packets drop"
+            );
+        }
         let _ = writeln!(b, "    iifname \"{port}\" ether saddr != {mac} drop");
         let _ = writeln!(b, "    iifname \"{port}\" arp saddr ether != {mac} drop");
         if spec.subnets.is_empty() {
@@ -363,6 +383,13 @@ fn render_node_input(b: &mut String, spec: &NetworkSpec) {
     } else {
         let peers = quoted_set(spec.remote_vteps.iter().map(|v| v.to_string()));
         let _ = writeln!(b, "    {vni_match} ip saddr != {peers} drop");
+    }
+    if let Some(crate::spec::ExternalL2::Vtep { address, port, vni }) = &spec.external {
+        // The external VTEP's tunnel only from that VTEP.
+        let _ = writeln!(
+            b,
+            "    udp dport {port} @th,96,24 {vni} ip saddr != {address} drop"
+        );
     }
     let _ = writeln!(b, "    iifname \"{br}\" drop");
     let _ = writeln!(
@@ -589,6 +616,85 @@ mod tests {
 
     fn ports() -> BTreeSet<String> {
         ["hvp1".to_string()].into()
+    }
+
+    #[test]
+    fn the_outside_segment_is_an_outward_port_and_guests_are_rate_limited() {
+        use crate::spec::ExternalL2;
+        let mut spec = crate::plan::tests::sample();
+        spec.broadcast_limit_pps = 200;
+        spec.external = Some(ExternalL2::Uplink {
+            interface: "eth1".into(),
+            vlan: None,
+        });
+        let ports: BTreeSet<String> = ["hvp1".to_string()].into();
+        let mtu = crate::plan::plan_mtu(1600);
+        let r = render(&spec, &ports, &mtu, None);
+        // The uplink is judged by the segment rules and keeps the gateway local...
+        assert!(
+            r.script
+                .contains("elements = { \"hvv4242\", \"eth1\", \"hvp1\" }"),
+            "{}",
+            r.script
+        );
+        assert!(
+            r.script
+                .contains("oifname \"eth1\" udp dport { 67, 68 } drop")
+        );
+        assert!(
+            r.script
+                .contains("iifname \"eth1\" arp daddr ip { 10.50.0.1 } drop")
+        );
+        // ...but is no guest port: no anti-spoofing, no broadcast limit.
+        assert!(!r.script.contains("iifname \"eth1\" ether saddr"));
+        assert!(r.script.contains(
+            "iifname \"hvp1\" ether daddr ff:ff:ff:ff:ff:ff limit rate over 200/second burst 200 packets drop"
+        ));
+        assert_eq!(
+            r.script.matches("limit rate over").count(),
+            1,
+            "one guest port"
+        );
+
+        // The outside router and DHCP server must reach guests across the tunnel.
+        spec.gateway = false;
+        spec.subnets[0].dhcp = None;
+        let r = render(&spec, &ports, &mtu, None);
+        assert!(
+            !r.script.contains("udp dport { 67, 68 } drop"),
+            "{}",
+            r.script
+        );
+        assert!(!r.script.contains("arp daddr ip"));
+
+        spec.external = Some(ExternalL2::Vtep {
+            address: "192.0.2.9".parse().unwrap(),
+            port: 4790,
+            vni: 5000,
+        });
+        let r = render(&spec, &ports, &mtu, None);
+        assert!(
+            r.script
+                .contains("udp dport 4790 @th,96,24 5000 ip saddr != 192.0.2.9 drop")
+        );
+    }
+
+    #[test]
+    fn a_deny_default_also_drops_ip_inside_guest_vlan_tags() {
+        let mut spec = crate::plan::tests::sample();
+        let ports: BTreeSet<String> = ["hvp1".to_string()].into();
+        let mtu = crate::plan::plan_mtu(1600);
+        assert!(
+            !render(&spec, &ports, &mtu, None)
+                .script
+                .contains("vlan type")
+        );
+        spec.firewall.default_action = Action::Deny;
+        assert!(
+            render(&spec, &ports, &mtu, None)
+                .script
+                .contains("vlan type { ip, ip6 } drop")
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct VxlanParams {
     pub local: Option<Ipv4Addr>,
     pub port: u16,
     pub learning: bool,
+    /// Default destination (`remote`), set only on the external VTEP's device.
+    pub remote: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone)]
@@ -29,6 +31,10 @@ pub struct LinkState {
     /// IPv6 link-local generation turned off (`addrgenmode none`).
     pub addrgen_none: bool,
     pub vxlan: Option<VxlanParams>,
+    /// A VLAN sub-interface's tag.
+    pub vlan_id: Option<u32>,
+    /// The lower device of a stacked link (a VLAN's parent).
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +52,8 @@ struct JLink {
     linkinfo: Option<JLinkInfo>,
     #[serde(default)]
     inet6_addr_gen_mode: Option<String>,
+    #[serde(default)]
+    link: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +74,8 @@ struct JVxlan {
     port: Option<u16>,
     #[serde(default)]
     learning: Option<bool>,
+    #[serde(default)]
+    remote: Option<String>,
 }
 
 pub fn links(host: &Host) -> Result<Vec<LinkState>> {
@@ -75,13 +85,19 @@ pub fn links(host: &Host) -> Result<Vec<LinkState>> {
 
 fn link_state(l: JLink) -> LinkState {
     let kind = l.linkinfo.as_ref().and_then(|i| i.info_kind.clone());
+    let mut vlan_id = None;
     let vxlan = match (&kind, l.linkinfo.and_then(|i| i.info_data)) {
         (Some(k), Some(d)) if k == "vxlan" => Some(VxlanParams {
             id: d.id.unwrap_or(0),
             local: d.local.and_then(|s| s.parse().ok()),
             port: d.port.unwrap_or(0),
             learning: d.learning.unwrap_or(true),
+            remote: d.remote.and_then(|s| s.parse().ok()),
         }),
+        (Some(k), Some(d)) if k == "vlan" => {
+            vlan_id = d.id;
+            None
+        }
         _ => None,
     };
     LinkState {
@@ -93,6 +109,8 @@ fn link_state(l: JLink) -> LinkState {
         mac: l.address,
         master: l.master,
         vxlan,
+        vlan_id,
+        parent: l.link,
     }
 }
 
@@ -326,7 +344,8 @@ mod tests {
                 id: 5,
                 local: Some("10.9.9.1".parse().unwrap()),
                 port: 4789,
-                learning: false
+                learning: false,
+                remote: None,
             })
         );
     }

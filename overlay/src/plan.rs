@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::host::Host;
 use crate::names;
 use crate::nft;
-use crate::spec::{Location, NetworkSpec};
+use crate::spec::{ExternalL2, Location, NetworkSpec};
 use crate::transit::{TRANSIT_SLOTS, TransitPair};
 
 /// Frame size guests assume (VMware vSwitch default).
@@ -101,6 +101,10 @@ pub struct NetworkPlan {
     pub peer_routes: Vec<(u32, Vec<Ipv4Net>)>,
     /// Local VM ports to enslave to the bridge.
     pub ports: BTreeSet<String>,
+    /// The segment outside the cluster, when this node carries it, and the bridge
+    /// port leading there (the uplink, its VLAN sub-interface or the external
+    /// VXLAN device). Not a guest port: no anti-spoofing, no broadcast limit.
+    pub external: Option<(ExternalL2, String)>,
     pub vxlan_fdb: BTreeSet<VxlanFdb>,
     pub bridge_fdb: BTreeSet<BridgeFdb>,
     /// Static ARP entries on the gateway interface: with one gateway MAC on every node an ARP
@@ -148,9 +152,12 @@ pub fn build_plan(
     let transit = needs_transit(spec)
         .then(|| TransitPair::of_slot(transit_slot.unwrap_or(vni % TRANSIT_SLOTS)));
 
+    // Without the hvx gateway the namespace holds no address of the network: the
+    // outside router answers for the gateway address.
     let addresses = spec
         .subnets
         .iter()
+        .filter(|_| spec.gateway)
         .map(|s| Ipv4Net {
             addr: s.gateway,
             prefix: s.cidr.prefix,
@@ -201,7 +208,7 @@ pub fn build_plan(
 
     let rendered = nft::render(spec, &ports, &mtu, transit.as_ref());
     let state_dir = host.state_dir(vni);
-    let dnsmasq = if spec.subnets.is_empty() {
+    let dnsmasq = if spec.subnets.is_empty() || !spec.gateway {
         None
     } else {
         Some(dnsmasq::render(
@@ -237,6 +244,10 @@ pub fn build_plan(
         mtu,
         addresses,
         ports,
+        external: spec.external.clone().map(|e| {
+            let port = e.port(vni);
+            (e, port)
+        }),
         vxlan_fdb,
         bridge_fdb,
         neighbours,
@@ -308,6 +319,9 @@ pub(crate) mod tests {
             exposed: vec![],
             egress_denied: vec![],
             egress_allowed: vec![],
+            external: None,
+            gateway: true,
+            broadcast_limit_pps: 0,
         }
     }
 
@@ -428,6 +442,44 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_external_port_follows_the_mode_and_the_gateway_can_be_off() {
+        let mut s = sample();
+        assert_eq!(
+            build_plan(&s, &Host::new("/x"), None).unwrap().external,
+            None
+        );
+        s.external = Some(ExternalL2::Uplink {
+            interface: "eth1".into(),
+            vlan: None,
+        });
+        let p = build_plan(&s, &Host::new("/x"), None).unwrap();
+        assert_eq!(
+            p.external.as_ref().map(|(_, port)| port.as_str()),
+            Some("eth1")
+        );
+        assert!(!p.ports.contains("eth1"), "the uplink is not a VM port");
+        s.external = Some(ExternalL2::Uplink {
+            interface: "eth1".into(),
+            vlan: Some(30),
+        });
+        let p = build_plan(&s, &Host::new("/x"), None).unwrap();
+        assert_eq!(p.external.map(|(_, port)| port), Some("hvl4242".into()));
+        s.external = Some(ExternalL2::Vtep {
+            address: "192.0.2.9".parse().unwrap(),
+            port: 4790,
+            vni: 5000,
+        });
+        let p = build_plan(&s, &Host::new("/x"), None).unwrap();
+        assert_eq!(p.external.map(|(_, port)| port), Some("hve4242".into()));
+
+        // The outside router and DHCP server: no gateway address, no dnsmasq.
+        s.gateway = false;
+        s.subnets[0].dhcp = None;
+        let p = build_plan(&s, &Host::new("/x"), None).unwrap();
+        assert!(p.addresses.is_empty() && p.dnsmasq.is_none(), "{p:?}");
+    }
+
+    #[test]
     fn bad_specs_are_rejected_with_reasons() {
         type Case = (fn(&mut NetworkSpec), &'static str);
         let cases: Vec<Case> = vec![
@@ -492,6 +544,81 @@ pub(crate) mod tests {
             (
                 |s| s.members[0].mac = "01:00:5e:00:00:01".parse().unwrap(),
                 "non-unicast",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Uplink {
+                        interface: "eth1;rm".into(),
+                        vlan: None,
+                    })
+                },
+                "uplink \"eth1;rm\"",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Uplink {
+                        interface: "eth1".into(),
+                        vlan: Some(4095),
+                    })
+                },
+                "VLAN 4095 is outside 1..=4094",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Uplink {
+                        interface: "hvp1".into(),
+                        vlan: None,
+                    })
+                },
+                "also a VM port",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Uplink {
+                        interface: "hvb7".into(),
+                        vlan: None,
+                    })
+                },
+                "switch's own links",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Vtep {
+                        address: "192.168.77.2".parse().unwrap(),
+                        port: 4789,
+                        vni: 9,
+                    })
+                },
+                "is a node of the cluster",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Vtep {
+                        address: "192.0.2.9".parse().unwrap(),
+                        port: 4789,
+                        vni: 4242,
+                    })
+                },
+                "the network's own tunnel",
+            ),
+            (
+                |s| {
+                    s.external = Some(ExternalL2::Vtep {
+                        address: "192.0.2.9".parse().unwrap(),
+                        port: 4789,
+                        vni: 0,
+                    })
+                },
+                "external VNI 0",
+            ),
+            (|s| s.gateway = false, "DHCP needs the hvx gateway"),
+            (
+                |s| {
+                    s.gateway = false;
+                    s.subnets[0].dhcp = None;
+                    s.egress_nat = true;
+                },
+                "need the hvx gateway",
             ),
         ];
         for (mutate, want) in cases {

@@ -53,6 +53,57 @@ pub struct NetworkSpec {
     /// guests are meant to use); checked first.
     #[serde(default)]
     pub egress_allowed: Vec<Ipv4Net>,
+    /// The segment outside the cluster this network joins, when this node is the
+    /// one carrying it (the control plane picks one carrier per network, so the
+    /// outside segment and the overlay never form a loop).
+    #[serde(default)]
+    pub external: Option<ExternalL2>,
+    /// Whether hvx serves the gateway addresses (and DHCP/DNS from them). Off when
+    /// the outside segment has its own router: then the subnets' `gateway` is that
+    /// router's address, guarded against spoofing but never answered here.
+    #[serde(default = "yes")]
+    pub gateway: bool,
+    /// Broadcast frames per second one guest port may send (a storm from one guest,
+    /// e.g. a looping bridge inside it, is capped at the port); 0 = unlimited.
+    #[serde(default)]
+    pub broadcast_limit_pps: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a network reaches an L2 segment outside the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExternalL2 {
+    /// A node interface enslaved to the network's bridge; with `vlan`, an 802.1Q
+    /// sub-interface of it that the switch creates ([`crate::names::vlan_uplink`]).
+    Uplink {
+        interface: String,
+        vlan: Option<u16>,
+    },
+    /// A VXLAN tunnel to a VTEP outside the cluster (a switch or a host of the old
+    /// datacenter), with its own VNI and UDP port.
+    Vtep {
+        address: Ipv4Addr,
+        port: u16,
+        vni: u32,
+    },
+}
+
+impl ExternalL2 {
+    /// The bridge port that leads outside.
+    pub fn port(&self, vni: u32) -> String {
+        match self {
+            ExternalL2::Uplink {
+                interface,
+                vlan: None,
+            } => interface.clone(),
+            ExternalL2::Uplink { vlan: Some(_), .. } => crate::names::vlan_uplink(vni),
+            ExternalL2::Vtep { .. } => crate::names::external_vxlan(vni),
+        }
+    }
 }
 
 /// 169.254.0.0/16: cloud metadata services (169.254.169.254) and other link-local
@@ -307,6 +358,7 @@ impl NetworkSpec {
                 }
             }
         }
+        self.validate_external(&ports).map_err(bad)?;
         if let Some(d) = &self.dns.domain {
             for label in d.split('.') {
                 check_dns_label(label).map_err(|r| bad(format!("domain {d:?}: {r}")))?;
@@ -378,6 +430,64 @@ pub(crate) fn check_ifname(s: &str) -> std::result::Result<(), String> {
         return Err("interface names may hold only letters, digits, '-', '_' and '.'".into());
     }
     Ok(())
+}
+
+impl NetworkSpec {
+    /// The outside segment and the gateway switch; `ports` are the local VM ports.
+    fn validate_external(&self, ports: &BTreeSet<String>) -> std::result::Result<(), String> {
+        if !self.gateway && self.subnets.iter().any(|s| s.dhcp.is_some()) {
+            // dnsmasq answers from the gateway address; without it there is no
+            // server address to hand out leases from.
+            return Err("DHCP needs the hvx gateway: turn DHCP off too when the outside network provides the gateway".into());
+        }
+        if !self.gateway
+            && (self.egress_nat || !self.routed_peers.is_empty() || !self.exposed.is_empty())
+        {
+            return Err(
+                "egress NAT, routed networks and exposed ports need the hvx gateway".into(),
+            );
+        }
+        match &self.external {
+            None => Ok(()),
+            Some(ExternalL2::Uplink { interface, vlan }) => {
+                check_ifname(interface).map_err(|r| format!("uplink {interface:?}: {r}"))?;
+                if crate::names::parse_owned_link(interface).is_some() {
+                    return Err(format!(
+                        "uplink {interface:?} is one of the switch's own links"
+                    ));
+                }
+                if ports.contains(interface) {
+                    return Err(format!("uplink {interface:?} is also a VM port"));
+                }
+                if let Some(v) = vlan
+                    && !(1..=4094).contains(v)
+                {
+                    return Err(format!("uplink VLAN {v} is outside 1..=4094"));
+                }
+                Ok(())
+            }
+            Some(ExternalL2::Vtep { address, port, vni }) => {
+                if *vni == 0 || *vni > MAX_VNI {
+                    return Err(format!("external VNI {vni} is outside 1..={MAX_VNI}"));
+                }
+                if *port == 0 {
+                    return Err("external VTEP port must not be 0".into());
+                }
+                if *address == self.local_vtep || self.remote_vteps.contains(address) {
+                    return Err(format!("external VTEP {address} is a node of the cluster"));
+                }
+                if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
+                    return Err(format!("external VTEP {address} is not a unicast address"));
+                }
+                if *vni == self.vni && *port == crate::names::VXLAN_PORT {
+                    return Err(format!(
+                        "external VNI {vni} on port {port} is the network's own tunnel"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 #[cfg(test)]

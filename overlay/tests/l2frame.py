@@ -7,13 +7,15 @@ recv IFACE MARKER SECONDS                       prints one line per frame carryi
 arp IFACE SENDER_IP TARGET_IP MARKER             one broadcast ARP request (a
                                                 gratuitous one when both IPs are
                                                 equal), MARKER in the padding
+flood IFACE DST_MAC ETHERTYPE MARKER COUNT       COUNT frames back to back (a storm)
 tap TAP SRC_MAC DST_MAC MARKER_OUT MARKER_IN SECONDS
                                                 be the guest behind an existing tap:
                                                 write one frame when a line arrives on
                                                 stdin, print frames carrying MARKER_IN
 Received VLAN tags are reported whether they stay in the data or arrive in the
 kernel's PACKET_AUXDATA (rx VLAN offload).
-send and arp use the interface's MAC as source unless HVX_SRC_MAC is set (spoofing
+send with ETHERTYPE 0800 and HVX_IP=SRC,DST set sends a valid IPv4/UDP packet
+carrying MARKER. send and arp use the interface's MAC as source unless HVX_SRC_MAC is set (spoofing
 tests)."""
 import os, socket, struct, sys, time
 
@@ -33,9 +35,35 @@ def send(iface, dst, ethertype, marker, vlan=None):
     hdr = mac_bytes(dst) + src
     if vlan is not None:
         hdr += struct.pack("!HH", 0x8100, int(vlan))
-    frame = hdr + struct.pack("!H", int(ethertype, 16)) + marker.encode()
+    payload = marker.encode()
+    if ethertype == "0800" and os.environ.get("HVX_IP"):
+        payload = ipv4_udp(*os.environ["HVX_IP"].split(","), payload)
+    frame = hdr + struct.pack("!H", int(ethertype, 16)) + payload
     frame += b"\0" * max(0, 60 - len(frame))
     s.send(frame)
+
+
+def ipv4_udp(src, dst, payload):
+    """A valid IPv4/UDP packet (to port 9, discard) carrying payload."""
+    udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    total = sum(struct.unpack("!10H", hdr))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    hdr = hdr[:10] + struct.pack("!H", ~total & 0xFFFF) + hdr[12:]
+    return hdr + udp
+
+
+def flood(iface, dst, ethertype, marker, count):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    frame = mac_bytes(dst) + source_mac(s) + struct.pack("!H", int(ethertype, 16)) + marker.encode()
+    frame += b"\0" * max(0, 60 - len(frame))
+    start = time.time()
+    for _ in range(int(count)):
+        s.send(frame)
+    print("sent %s in %.3f s" % (count, time.time() - start), flush=True)
 
 
 def source_mac(sock):
@@ -125,6 +153,8 @@ if __name__ == "__main__":
         send(*sys.argv[2:])
     elif sys.argv[1] == "arp":
         arp(*sys.argv[2:])
+    elif sys.argv[1] == "flood":
+        flood(*sys.argv[2:])
     elif sys.argv[1] == "tap":
         tap(*sys.argv[2:])
     else:

@@ -4,8 +4,8 @@
 
 use super::error::AgentError;
 use hvx_overlay::{
-    Action, DhcpRange, DnsRecord, DnsSpec, FirewallRule, FirewallSpec, Ipv4Net, Location, Mac,
-    Member, NetworkSpec, Peers, Protocol, Reservation, SubnetSpec,
+    Action, DhcpRange, DnsRecord, DnsSpec, ExternalL2, FirewallRule, FirewallSpec, Ipv4Net,
+    Location, Mac, Member, NetworkSpec, Peers, Protocol, Reservation, SubnetSpec,
 };
 use hvx_proto::v1 as pb;
 use hvx_storage::ImportSource;
@@ -56,6 +56,42 @@ fn peers(macs: &[String], cidrs: &[String]) -> Result<Peers, AgentError> {
         ))
     } else {
         Ok(Peers::Any)
+    }
+}
+
+/// The outside segment this node carries, if any (uplink and VTEP are exclusive).
+fn external_l2(req: &pb::EnsureNetworkRequest) -> Result<Option<ExternalL2>, AgentError> {
+    match (
+        req.uplink_interface.is_empty(),
+        req.external_vtep.is_empty(),
+    ) {
+        (true, true) => Ok(None),
+        (false, false) => Err(AgentError::Invalid(
+            "a network joins the outside through an uplink or a VTEP, not both".into(),
+        )),
+        (false, true) => {
+            let vlan = match req.uplink_vlan {
+                0 => None,
+                v => Some(
+                    u16::try_from(v)
+                        .ok()
+                        .filter(|v| (1..=4094).contains(v))
+                        .ok_or_else(|| invalid("uplink VLAN", &v.to_string()))?,
+                ),
+            };
+            Ok(Some(ExternalL2::Uplink {
+                interface: req.uplink_interface.clone(),
+                vlan,
+            }))
+        }
+        (true, false) => Ok(Some(ExternalL2::Vtep {
+            address: ip("external VTEP", &req.external_vtep)?,
+            port: match req.external_vtep_port {
+                0 => hvx_overlay::names::VXLAN_PORT,
+                p => u16::try_from(p).map_err(|_| invalid("external VTEP port", &p.to_string()))?,
+            },
+            vni: req.external_vni,
+        })),
     }
 }
 
@@ -197,6 +233,9 @@ pub fn network_spec(
         // The node's policy, not the request's: see AgentConfig::with_egress_policy.
         egress_denied: Vec::new(),
         egress_allowed: Vec::new(),
+        external: external_l2(req)?,
+        gateway: !req.gateway_off,
+        broadcast_limit_pps: req.broadcast_limit_pps,
     };
     spec.validate().map_err(AgentError::from)?;
     Ok(spec)
@@ -362,6 +401,53 @@ mod tests {
         assert!(matches!(spec.firewall.rules[0].to, Peers::Macs(ref m) if m.len() == 1));
         assert!(matches!(spec.firewall.rules[0].from, Peers::Cidrs(_)));
         assert_eq!(spec.firewall.rules[0].action, Action::Deny);
+    }
+
+    #[test]
+    fn the_outside_segment_and_the_gateway_switch_reach_the_spec() {
+        let ip = "172.31.250.11".parse().expect("ip");
+        let spec = network_spec(&req(), ip, 1500).expect("valid");
+        assert_eq!((spec.external, spec.gateway), (None, true));
+        let mut r = req();
+        r.uplink_interface = "eth1".into();
+        r.uplink_vlan = 30;
+        r.broadcast_limit_pps = 500;
+        let spec = network_spec(&r, ip, 1500).expect("valid");
+        assert_eq!(
+            spec.external,
+            Some(ExternalL2::Uplink {
+                interface: "eth1".into(),
+                vlan: Some(30)
+            })
+        );
+        assert_eq!(spec.broadcast_limit_pps, 500);
+        let mut r = req();
+        r.external_vtep = "192.0.2.9".into();
+        r.external_vni = 5000;
+        let spec = network_spec(&r, ip, 1500).expect("valid");
+        assert_eq!(
+            spec.external,
+            Some(ExternalL2::Vtep {
+                address: "192.0.2.9".parse().expect("ip"),
+                port: 4789,
+                vni: 5000
+            })
+        );
+        r.uplink_interface = "eth1".into();
+        let e = network_spec(&r, ip, 1500).expect_err("both");
+        assert!(e.to_string().contains("not both"), "{e}");
+        let mut r = req();
+        r.uplink_interface = "eth1".into();
+        r.uplink_vlan = 4095;
+        assert!(network_spec(&r, ip, 1500).is_err());
+        // hvx DHCP without the hvx gateway is refused with the reason.
+        let mut r = req();
+        r.gateway_off = true;
+        let e = network_spec(&r, ip, 1500).expect_err("dhcp without gateway");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        r.subnets[0].dhcp = false;
+        let spec = network_spec(&r, ip, 1500).expect("valid");
+        assert!(!spec.gateway && spec.subnets[0].dhcp.is_none());
     }
 
     #[test]

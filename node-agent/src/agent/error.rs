@@ -84,6 +84,8 @@ impl AgentError {
                 hvx_overlay::OverlayError::InvalidSpec { .. }
                 | hvx_overlay::OverlayError::InvalidMac(_)
                 | hvx_overlay::OverlayError::InvalidCidr(_) => Code::InvalidArgument,
+                // The node lacks what the network asks of it (its uplink).
+                hvx_overlay::OverlayError::External { .. } => Code::FailedPrecondition,
                 _ => Code::Internal,
             },
             AgentError::Vmm(_) | AgentError::Io { .. } => Code::Internal,

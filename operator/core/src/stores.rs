@@ -177,6 +177,16 @@ impl Stores {
             .collect()
     }
 
+    /// Labels of the nodes [`Self::agent_nodes`] lists.
+    pub fn agent_node_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.nodes
+            .state()
+            .iter()
+            .filter(|n| n.labels().get(NODE_LABEL_AGENT).map(String::as_str) == Some("ready"))
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.labels().clone())))
+            .collect()
+    }
+
     /// Launcher pods hvx made, of a namespace (all namespaces with `None`).
     pub fn launcher_pods(&self, ns: Option<&str>) -> Vec<Arc<Pod>> {
         self.pods

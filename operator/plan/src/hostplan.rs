@@ -108,6 +108,9 @@ pub fn split_range(
 pub struct Cluster {
     /// Node name -> VTEP (InternalIP) of every node whose agent is ready.
     pub node_ips: BTreeMap<String, String>,
+    /// Node name -> labels, for the nodes in `node_ips` (the external segment's
+    /// node selector).
+    pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Cluster {
@@ -116,6 +119,46 @@ impl Cluster {
         let index = self.node_ips.keys().position(|n| n == node).unwrap_or(0);
         (index, self.node_ips.len().max(1))
     }
+}
+
+/// The node carrying the network's outside segment (uplink or external VTEP): the
+/// first ready agent node by name that matches `external.nodeSelector`. One node
+/// only, so the outside segment and the overlay never form a loop; when it goes,
+/// the next matching node takes over.
+pub fn external_carrier<'a>(net: &VirtualNetwork, cluster: &'a Cluster) -> Option<&'a str> {
+    let ext = net.spec.external.as_ref()?;
+    if ext.uplink.is_none() && ext.vtep.is_none() {
+        return None;
+    }
+    let none = BTreeMap::new();
+    cluster
+        .node_ips
+        .keys()
+        .find(|node| {
+            let labels = cluster.node_labels.get(*node).unwrap_or(&none);
+            ext.node_selector
+                .iter()
+                .flatten()
+                .all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .map(String::as_str)
+}
+
+/// The nodes that must carry the network: those hosting its VMs, and the carrier of
+/// its outside segment.
+pub fn network_nodes(
+    net: &VirtualNetwork,
+    nics: &[PlacedNic],
+    cluster: &Cluster,
+) -> BTreeSet<String> {
+    let uid = net.metadata.uid.clone().unwrap_or_default();
+    let mut nodes: BTreeSet<String> = nics
+        .iter()
+        .filter(|n| n.network_uid == uid)
+        .map(|n| n.node.clone())
+        .collect();
+    nodes.extend(external_carrier(net, cluster).map(String::from));
+    nodes
 }
 
 /// The complete EnsureNetwork request for `node`. `nics` are the NICs of every VM in
@@ -144,7 +187,13 @@ pub fn network_request(
                 (1u32 << (32 - len)) - 2
             };
             let gateway = s.gateway.clone().unwrap_or_else(|| host(1));
-            let dhcp = s.dhcp.as_ref().filter(|d| d.enabled);
+            // `external.dhcp: false`: the outside segment's server answers instead.
+            let hvx_dhcp = net
+                .spec
+                .external
+                .as_ref()
+                .is_none_or(|e| e.dhcp != Some(false) && e.gateway != Some(false));
+            let dhcp = s.dhcp.as_ref().filter(|d| d.enabled && hvx_dhcp);
             let (mut start, mut end) = (String::new(), String::new());
             if let Some(d) = dhcp {
                 for r in d.reservations.iter().flatten() {
@@ -190,7 +239,9 @@ pub fn network_request(
             });
         }
     }
-    let hosting: BTreeSet<&str> = mine.iter().map(|n| n.node.as_str()).collect();
+    let carrier = external_carrier(net, cluster);
+    let mut hosting: BTreeSet<&str> = mine.iter().map(|n| n.node.as_str()).collect();
+    hosting.extend(carrier);
     let remote_vteps = hosting
         .iter()
         .filter(|n| **n != node)
@@ -256,6 +307,10 @@ pub fn network_request(
         })
         .collect();
     let dns = net.spec.dns.clone().unwrap_or_default();
+    let ext = net.spec.external.clone().unwrap_or_default();
+    let carries = carrier == Some(node);
+    let uplink = ext.uplink.as_ref().filter(|_| carries);
+    let vtep = ext.vtep.as_ref().filter(|_| carries);
     pb::EnsureNetworkRequest {
         network_uid: uid,
         namespace: net.metadata.namespace.clone().unwrap_or_default(),
@@ -282,6 +337,16 @@ pub fn network_request(
         remote_vteps,
         remote_macs,
         local_ports,
+        uplink_interface: uplink.map(|u| u.interface.clone()).unwrap_or_default(),
+        uplink_vlan: uplink.and_then(|u| u.vlan).map_or(0, u32::from),
+        external_vtep: vtep.map(|v| v.address.clone()).unwrap_or_default(),
+        external_vtep_port: vtep.and_then(|v| v.port).map_or(0, u32::from),
+        external_vni: vtep.map_or(0, |v| v.vni),
+        gateway_off: ext.gateway == Some(false),
+        broadcast_limit_pps: net
+            .spec
+            .broadcast_limit_pps
+            .unwrap_or(hvx_api::network::DEFAULT_BROADCAST_LIMIT_PPS),
     }
 }
 
@@ -458,7 +523,72 @@ mod tests {
             .into_iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect(),
+            node_labels: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn one_selected_node_carries_the_outside_segment_for_the_others() {
+        let mut n = net();
+        n.spec.external = serde_json::from_value(json!({
+            "uplink": {"interface": "eth1", "vlan": 30},
+            "nodeSelector": {"hvx.dev/uplink": "dc1"},
+            "dhcp": false
+        }))
+        .expect("external");
+        let mut c = cluster();
+        for node in ["n2", "n3"] {
+            c.node_labels.insert(
+                node.into(),
+                [("hvx.dev/uplink".to_string(), "dc1".to_string())].into(),
+            );
+        }
+        // The first matching node by name; n1 does not match.
+        assert_eq!(external_carrier(&n, &c), Some("n2"));
+        let nics = vec![nic("web", "00:50:56:a1:00:01", "n1")];
+        assert_eq!(
+            network_nodes(&n, &nics, &c),
+            ["n1".to_string(), "n2".to_string()].into()
+        );
+        let on_n2 = network_request(&n, 4097, "n2", &nics, &c);
+        assert_eq!(
+            (on_n2.uplink_interface.as_str(), on_n2.uplink_vlan),
+            ("eth1", 30)
+        );
+        assert_eq!(on_n2.remote_vteps, vec!["172.31.250.11".to_string()]);
+        let on_n1 = network_request(&n, 4097, "n1", &nics, &c);
+        assert!(
+            on_n1.uplink_interface.is_empty(),
+            "only the carrier has the uplink"
+        );
+        assert_eq!(on_n1.remote_vteps, vec!["172.31.250.12".to_string()]);
+        // The outside DHCP server answers; the default storm limit applies.
+        assert!(!on_n1.subnets[0].dhcp && !on_n1.gateway_off);
+        assert_eq!(on_n1.broadcast_limit_pps, 1000);
+
+        // The carrier goes away: the next matching node takes over.
+        c.node_ips.remove("n2");
+        assert_eq!(external_carrier(&n, &c), Some("n3"));
+        // No selector: any node; a VTEP instead of an uplink.
+        n.spec.external = serde_json::from_value(json!({
+            "vtep": {"address": "192.0.2.9", "vni": 5000},
+            "gateway": false, "dhcp": false
+        }))
+        .expect("external");
+        assert_eq!(external_carrier(&n, &c), Some("n1"));
+        let r = network_request(&n, 4097, "n1", &nics, &c);
+        assert_eq!(
+            (
+                r.external_vtep.as_str(),
+                r.external_vtep_port,
+                r.external_vni,
+                r.gateway_off
+            ),
+            ("192.0.2.9", 0, 5000, true)
+        );
+        // Without an uplink or VTEP nothing extra is carried.
+        n.spec.external = None;
+        assert_eq!(external_carrier(&n, &c), None);
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct Net {
     pub exposed: Vec<ExposedPort>,
     pub egress_denied: Vec<Ipv4Net>,
     pub egress_allowed: Vec<Ipv4Net>,
+    /// The outside segment and the node carrying it.
+    pub external: Option<(usize, ExternalL2)>,
+    pub gateway: bool,
+    pub broadcast_limit_pps: u32,
 }
 
 impl Net {
@@ -65,6 +69,9 @@ impl Net {
             exposed: vec![],
             egress_denied: vec![],
             egress_allowed: vec![],
+            external: None,
+            gateway: true,
+            broadcast_limit_pps: 0,
         }
     }
 
@@ -110,6 +117,13 @@ impl Net {
             exposed: self.exposed.clone(),
             egress_denied: self.egress_denied.clone(),
             egress_allowed: self.egress_allowed.clone(),
+            external: self
+                .external
+                .as_ref()
+                .filter(|(carrier, _)| *carrier == node)
+                .map(|(_, e)| e.clone()),
+            gateway: self.gateway,
+            broadcast_limit_pps: self.broadcast_limit_pps,
         }
     }
 
@@ -217,6 +231,29 @@ pub fn send_frame(
         dst,
         ethertype,
         marker,
+    ];
+    if let Some(v) = &vlan_s {
+        argv.push(v);
+    }
+    lab.exec(&ns, &argv).unwrap();
+}
+
+/// A valid IPv4/UDP packet from VM `from` (its own address) to `dst_ip` at `dst`
+/// MAC, optionally inside an 802.1Q tag the guest sets itself.
+pub fn send_ipv4(
+    lab: &Lab,
+    from: &str,
+    ips: (std::net::Ipv4Addr, std::net::Ipv4Addr),
+    dst: &str,
+    marker: &str,
+    vlan: Option<u16>,
+) {
+    let ns = lab.vm(from).ns.clone();
+    let script = l2frame();
+    let env = format!("HVX_IP={},{}", ips.0, ips.1);
+    let vlan_s = vlan.map(|v| v.to_string());
+    let mut argv = vec![
+        "env", &env, "python3", &script, "send", "eth0", dst, "0800", marker,
     ];
     if let Some(v) = &vlan_s {
         argv.push(v);

@@ -422,6 +422,25 @@ pub struct EnsureNetworkRequest {
     /// VM NICs on this node: taps to connect to the bridge.
     #[prost(message, repeated, tag = "16")]
     pub local_ports: ::prost::alloc::vec::Vec<LocalPort>,
+    /// The L2 segment outside the cluster, set only in the request of the one node
+    /// carrying it: a node interface (with uplink_vlan > 0, an 802.1Q sub-interface
+    /// of it) or a VXLAN tunnel to an external VTEP (port 0 = 4789).
+    #[prost(string, tag = "17")]
+    pub uplink_interface: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "18")]
+    pub uplink_vlan: u32,
+    #[prost(string, tag = "19")]
+    pub external_vtep: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "20")]
+    pub external_vtep_port: u32,
+    #[prost(uint32, tag = "21")]
+    pub external_vni: u32,
+    /// The outside network provides the gateway: no hvx gateway address, DHCP or DNS.
+    #[prost(bool, tag = "22")]
+    pub gateway_off: bool,
+    /// Broadcast frames per second each local VM port may send; 0 = unlimited.
+    #[prost(uint32, tag = "23")]
+    pub broadcast_limit_pps: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
