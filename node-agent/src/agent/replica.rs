@@ -28,8 +28,9 @@ use std::time::Duration;
 
 /// The replica server binary.
 pub const DAEMON: &str = "qemu-storage-daemon";
-/// How long a new replica daemon may take to listen.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new replica daemon may take to listen (about 1 s on a busy 2-core
+/// node; seen above 10 s with the node's cores oversubscribed several times).
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A replica daemon this agent runs.
 #[derive(Debug)]
@@ -304,8 +305,11 @@ async fn ensure_serving(agent: &Agent, rec: &ReplicaRecord) -> Result<(), AgentE
         }
         if tokio::time::Instant::now() >= until {
             let _ = child.start_kill();
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(AgentError::Host(format!(
-                "{DAEMON} for replica {key} does not listen on {addr}"
+                "{DAEMON} for replica {key} does not listen on {addr} after {}s: {}",
+                LISTEN_TIMEOUT.as_secs(),
+                said.trim()
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
