@@ -304,9 +304,12 @@ pub struct UploadProgress {
 #[derive(Clone)]
 pub struct UploadBook {
     progress: Arc<Mutex<HashMap<String, UploadProgress>>>,
-    wake_tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
-    wake_rx: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(String, String)>>>>,
+    wake_tx: tokio::sync::mpsc::UnboundedSender<DiskName>,
+    wake_rx: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<DiskName>>>>,
 }
+
+/// An OverlayDisk's (namespace, name).
+pub type DiskName = (String, String);
 
 impl Default for UploadBook {
     fn default() -> Self {
