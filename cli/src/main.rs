@@ -115,6 +115,11 @@ struct ImportArgs {
     /// the kubeconfig user's token, tokenFile or exec plugin.
     #[arg(long, env = "HVX_UPLOAD_TOKEN", hide_env_values = true)]
     upload_token: Option<String>,
+    /// Bytes per upload request (4 KiB to 64 MiB). Smaller chunks mean more requests;
+    /// each is acknowledged once two nodes hold it.
+    #[arg(long, env = "HVX_UPLOAD_CHUNK_BYTES", default_value_t = 8 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
+    upload_chunk_bytes: u64,
     /// Print the plan (objects, sizes, warnings) and do nothing.
     #[arg(long)]
     dry_run: bool,
@@ -331,18 +336,18 @@ async fn import(args: ImportArgs, namespace: Option<String>) -> anyhow::Result<(
             None => None,
         };
         let proxy = ProxyEndpoint::new(client.clone(), &args.hvx_namespace, 8081, &ns, token);
+        let tuning = Tuning {
+            chunk_bytes: usize::try_from(args.upload_chunk_bytes).unwrap_or(8 << 20),
+            ..Tuning::default()
+        };
         for (disk, file) in &m.disk_files {
             let Some(location) = loaded.disks.get(file) else {
                 bail!("disk file {file} vanished");
             };
             let mut progress = Progress::default();
             match &direct {
-                Some(ep) => {
-                    upload::upload(ep, disk, location, Tuning::default(), &mut progress).await?
-                }
-                None => {
-                    upload::upload(&proxy, disk, location, Tuning::default(), &mut progress).await?
-                }
+                Some(ep) => upload::upload(ep, disk, location, tuning, &mut progress).await?,
+                None => upload::upload(&proxy, disk, location, tuning, &mut progress).await?,
             };
         }
         eprintln!(

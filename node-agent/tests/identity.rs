@@ -218,6 +218,7 @@ async fn agents_get_node_certificates_serve_only_the_operator_and_rotate_live() 
         egress_denied: Vec::new(),
         egress_allowed: Vec::new(),
         http_policy: Default::default(),
+        upload_capacity_bytes: None,
     })
     .expect("agent");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -487,6 +487,7 @@ async fn a_vm_migrates_into_a_target_in_its_own_network_namespace() {
             egress_denied: Vec::new(),
             egress_allowed: Vec::new(),
             http_policy: Default::default(),
+            upload_capacity_bytes: None,
         })
         .expect("agent"),
     );

@@ -2,7 +2,7 @@
 //! the agent of each node that runs a VM using the disk imports it (PrepareDisk) and
 //! reports progress, which the operator copies here.
 
-use crate::context::{Context, ImportDone, ImportState};
+use crate::context::{Context, ImportDone, ImportState, UploadProgress};
 use crate::error::Error;
 use crate::finalize::Cleanup;
 use crate::hostplan::CloneBlocked;
@@ -117,8 +117,10 @@ pub async fn reconcile(disk: Arc<OverlayDisk>, ctx: Arc<Context>) -> Result<Acti
                 {
                     return Ok(Cleanup::Waiting { reason, retry });
                 }
+                // ReleaseDisk removed the upload's copies from every node (lost nodes
+                // owe it); this process forgets its progress.
                 if let Some(up) = &ctx.config.upload {
-                    crate::upload::forget(up, &disk.uid().unwrap_or_default());
+                    up.book.forget(&disk.uid().unwrap_or_default());
                 }
                 Ok(Cleanup::Done)
             }
@@ -229,6 +231,54 @@ pub fn import_fields(
     }))
 }
 
+/// The status fields an upload decides before any import (pure): while bytes arrive,
+/// `WaitingForUpload` with the bytes every copy holds; once complete, `Pending` (a
+/// node imports it when a VM using it is scheduled). Only over the phases before an
+/// import: an imported disk stays as its import left it.
+pub fn upload_fields(
+    disk: &OverlayDisk,
+    progress: Option<&UploadProgress>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    let before_import = matches!(
+        disk.status.as_ref().and_then(|s| s.phase),
+        None | Some(DiskPhase::WaitingForUpload) | Some(DiskPhase::Pending)
+    );
+    let Some(p) = progress.filter(|_| disk.spec.source.upload.is_some() && before_import) else {
+        return m;
+    };
+    let mib = |b: u64| b >> 20;
+    let nodes = p.nodes.join(", ");
+    let (phase, text) = if p.complete {
+        (
+            DiskPhase::Pending,
+            format!(
+                "uploaded {} MiB (kept on {nodes}); imported on the node of each VM using it",
+                mib(p.bytes_total)
+            ),
+        )
+    } else {
+        let pct = p
+            .bytes_done
+            .saturating_mul(100)
+            .checked_div(p.bytes_total)
+            .unwrap_or(0);
+        (
+            DiskPhase::WaitingForUpload,
+            format!(
+                "uploading: {pct}% ({}/{} MiB, kept on {nodes})",
+                mib(p.bytes_done),
+                mib(p.bytes_total)
+            ),
+        )
+    };
+    m.insert("phase".into(), json!(phase));
+    m.insert("progress".into(), json!(text));
+    m.insert("bytesDone".into(), json!(p.bytes_done));
+    m.insert("bytesTotal".into(), json!(p.bytes_total));
+    m
+}
+
 /// The UID whose imports give the disk's status: its own, or for a clone its
 /// origin's (a clone is imported as the disk it clones: `hostplan::clone_origin`).
 fn clone_origin_uid(ctx: &Context, disk: &OverlayDisk) -> Result<String, CloneBlocked> {
@@ -254,11 +304,11 @@ pub fn clone_blocked_fields(blocked: &CloneBlocked) -> serde_json::Map<String, s
     m
 }
 
-/// Writes the disk's status: the import fields (`import_fields`), the initial phase of
-/// a new disk, and the conditions. This controller is the only writer of those fields
-/// once an import runs (the upload endpoint writes progress while bytes arrive, before
-/// any import); a merge patch of only what changed, so fields nobody decided keep the
-/// last written values.
+/// Writes the disk's status: the import fields (`import_fields`), before any import
+/// the upload's (`upload_fields`: what the upload endpoint recorded, or after a
+/// restart what the agents hold), the initial phase of a new disk, and the
+/// conditions. This controller is the only writer of the status; a merge patch of
+/// only what changed, so fields nobody decided keep the last written values.
 async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>, ctx: &Context) -> Result<Action, Error> {
     let status = disk.status.clone().unwrap_or_default();
     let generation = disk.meta().generation;
@@ -269,6 +319,15 @@ async fn apply(disk: &OverlayDisk, api: &Api<OverlayDisk>, ctx: &Context) -> Res
         Ok(uid) => import_fields(disk, &imports_of(ctx, &uid)),
         Err(blocked) => clone_blocked_fields(&blocked),
     };
+    if patch.is_empty() && disk.spec.source.upload.is_some() {
+        let uid = disk.uid().unwrap_or_default();
+        let recorded = ctx.config.upload.as_ref().and_then(|u| u.book.get(&uid));
+        let progress = match recorded {
+            Some(p) => Some(p),
+            None => crate::upload::progress(ctx, &uid).await,
+        };
+        patch = upload_fields(disk, progress.as_ref());
+    }
     patch.retain(|k, v| current.get(k) != Some(v));
     if status.phase.is_none() && !patch.contains_key("phase") {
         let (phase, message) = initial_phase(disk);
@@ -470,6 +529,45 @@ mod tests {
                 .contains("capacity"),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn upload_progress_becomes_the_status_until_an_import_runs() {
+        let mut disk: OverlayDisk = serde_json::from_value(json!({
+            "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+            "metadata": {"name": "web-root", "namespace": "shop", "uid": "d-1"},
+            "spec": {"source": {"upload": {}}},
+            "status": {"phase": "WaitingForUpload"},
+        }))
+        .expect("disk");
+        assert!(upload_fields(&disk, None).is_empty());
+        let going = UploadProgress {
+            bytes_done: 30 << 20,
+            bytes_total: 120 << 20,
+            complete: false,
+            nodes: vec!["n1".into(), "n3".into()],
+            sha256: String::new(),
+        };
+        let f = upload_fields(&disk, Some(&going));
+        assert_eq!(f["phase"], "WaitingForUpload");
+        assert_eq!(f["bytesDone"], json!(30u64 << 20));
+        assert_eq!(f["bytesTotal"], json!(120u64 << 20));
+        let text = f["progress"].as_str().unwrap_or_default();
+        assert!(text.contains("25%") && text.contains("n1, n3"), "{text}");
+        let done = UploadProgress {
+            bytes_done: 120 << 20,
+            complete: true,
+            ..going.clone()
+        };
+        let f = upload_fields(&disk, Some(&done));
+        assert_eq!(f["phase"], "Pending");
+        assert_eq!(f["bytesDone"], json!(120u64 << 20));
+        // An imported disk keeps what its import wrote.
+        disk.status = serde_json::from_value(json!({"phase": "Ready"})).ok();
+        assert!(upload_fields(&disk, Some(&done)).is_empty());
+        // Other sources never take upload fields.
+        let http = http_disk(&[]);
+        assert!(upload_fields(&http, Some(&done)).is_empty());
     }
 
     #[test]

@@ -157,7 +157,7 @@ pub async fn ensure_vm_bases(
                 ));
             }
             _ => {
-                let mut req = match hostplan::prepare_disk_request(&obj) {
+                let req = match hostplan::prepare_disk_request(&obj) {
                     Ok(req) => req,
                     Err(reason) => {
                         // The spec itself is wrong: the OverlayDisk controller says so
@@ -167,31 +167,93 @@ pub async fn ensure_vm_bases(
                         continue;
                     }
                 };
-                if obj.spec.source.upload.is_some() {
-                    // Uploaded bytes are served by this process; until they are all
-                    // here there is nothing to import.
-                    match &ctx.config.upload {
-                        Some(up) if crate::upload::complete(up, &uid) => {
-                            req.source = Some(pb::DiskSource {
-                                kind: Some(pb::disk_source::Kind::HttpUrl(
-                                    crate::upload::fetch_url(up, &uid),
-                                )),
-                            });
+                let upload = obj.spec.source.upload.is_some();
+                // A base another node holds comes from there by digest, never again
+                // from the original source (which may be gone: an expired URL, an
+                // upload kept on two other nodes); the source is the fallback.
+                if obj.spec.source.blank.is_none()
+                    && let Some((from, done)) = base_elsewhere(ctx, cluster, node, &obj)
+                {
+                    let source = client_for(ctx, cluster, &from)?;
+                    let target = client_for(ctx, cluster, node)?;
+                    start_running(ctx, &key, &obj, &format!("copying the base from {from}"));
+                    let fallback = (!upload).then(|| req.clone());
+                    tokio::spawn(follow_relay(
+                        ctx.clone(),
+                        Relay {
+                            from,
+                            source,
+                            target,
+                            key,
+                            disk: (*obj).clone(),
+                            done,
+                        },
+                        fallback,
+                    ));
+                    waiting.push(format!(
+                        "copying the base of {} to {node}",
+                        vd.overlay_disk.name
+                    ));
+                    continue;
+                }
+                if upload {
+                    // The upload is kept on (usually two) nodes: one of them imports
+                    // it from its own copy, and the others get the base from there.
+                    let progress = crate::upload::progress(ctx, &uid).await;
+                    let holder = progress.as_ref().filter(|p| p.complete).and_then(|p| {
+                        if p.nodes.iter().any(|n| n == node) {
+                            Some(node.to_string())
+                        } else {
+                            p.nodes
+                                .iter()
+                                .find(|n| cluster.node_ips.contains_key(*n))
+                                .cloned()
                         }
-                        Some(_) => {
-                            waiting.push(format!(
-                                "waiting for `kubectl hvx import --upload` of {}",
-                                vd.overlay_disk.name
-                            ));
-                            continue;
+                    });
+                    let Some(holder) = holder else {
+                        waiting.push(format!(
+                            "waiting for `kubectl hvx import --upload` of {}",
+                            vd.overlay_disk.name
+                        ));
+                        continue;
+                    };
+                    if holder != node {
+                        let at_holder = (holder.clone(), uid.clone());
+                        let there = ctx
+                            .imports
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&at_holder)
+                            .cloned();
+                        match there {
+                            Some(ImportState::Running(_)) => {}
+                            Some(ImportState::Failed { message, at })
+                                if at.elapsed()
+                                    < Timings::secs(ctx.config.timings.import_retry_seconds) =>
+                            {
+                                waiting.push(format!(
+                                    "import of {} on {holder} (which holds its upload) failed: {message}",
+                                    vd.overlay_disk.name
+                                ));
+                                continue;
+                            }
+                            _ => {
+                                let client = client_for(ctx, cluster, &holder)?;
+                                start_running(ctx, &at_holder, &obj, "starting");
+                                tokio::spawn(follow_import(
+                                    ctx.clone(),
+                                    client,
+                                    at_holder,
+                                    (*obj).clone(),
+                                    req,
+                                ));
+                            }
                         }
-                        None => {
-                            waiting.push(format!(
-                                "{} takes uploads but this operator has no upload endpoint (--upload-dir)",
-                                vd.overlay_disk.name
-                            ));
-                            continue;
-                        }
+                        waiting.push(format!(
+                            "importing {} on {holder} (which holds its upload), then copying it to {node}",
+                            vd.overlay_disk.name
+                        ));
+                        continue;
                     }
                 }
                 let client = client_for(ctx, cluster, node)?;
@@ -216,6 +278,245 @@ pub async fn ensure_vm_bases(
     } else {
         BasesState::Waiting(waiting.join("; "))
     })
+}
+
+/// Records an import (or a relay) of `key` as started and wakes the disk.
+fn start_running(ctx: &Context, key: &(String, String), obj: &OverlayDisk, text: &str) {
+    ctx.imports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            key.clone(),
+            ImportState::Running(ImportProgress {
+                text: text.into(),
+                ..Default::default()
+            }),
+        );
+    let _ = ctx.disk_wakeups.send(ObjectRef::from_obj(obj));
+}
+
+/// A ready node other than `node` that holds the disk's base, and what it was
+/// imported as: from the imports this process followed, else from the disk's status
+/// (digest and nodes survive an operator restart). The relay checks it really is
+/// there (ExportBase refuses otherwise).
+fn base_elsewhere(
+    ctx: &Context,
+    cluster: &Cluster,
+    node: &str,
+    obj: &OverlayDisk,
+) -> Option<(String, ImportDone)> {
+    let uid = obj.uid().unwrap_or_default();
+    let followed = ctx
+        .imports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|((n, u), _)| *u == uid && n != node && cluster.node_ips.contains_key(n))
+        .find_map(|((n, _), s)| match s {
+            ImportState::Ready(done) => Some((n.clone(), done.clone())),
+            _ => None,
+        });
+    followed.or_else(|| base_in_status(obj, node, cluster))
+}
+
+/// The base the disk's status names (digest, a node holding it other than `node`),
+/// pure.
+pub fn base_in_status(
+    obj: &OverlayDisk,
+    node: &str,
+    cluster: &Cluster,
+) -> Option<(String, ImportDone)> {
+    let status = obj.status.as_ref()?;
+    let digest = status.digest.clone().filter(|d| !d.is_empty())?;
+    let from = status
+        .nodes
+        .iter()
+        .find(|n| *n != node && cluster.node_ips.contains_key(*n))?;
+    Some((
+        from.clone(),
+        ImportDone {
+            digest,
+            format: status.format.clone().unwrap_or_default(),
+            ..Default::default()
+        },
+    ))
+}
+
+/// A base relay: from which node's agent to which, for which import.
+struct Relay {
+    from: String,
+    source: AgentClient,
+    target: AgentClient,
+    key: (String, String),
+    disk: OverlayDisk,
+    done: ImportDone,
+}
+
+/// Copies a base from another node (ExportBase into ImportBase), recording it like
+/// an import; when that fails, imports from the original source (`fallback`), or
+/// fails (an upload: no other source).
+async fn follow_relay(ctx: Arc<Context>, relay: Relay, fallback: Option<pb::PrepareDiskRequest>) {
+    let Relay {
+        from,
+        source,
+        target,
+        key,
+        disk,
+        done,
+    } = relay;
+    let me = ObjectRef::from_obj(&disk);
+    let node = key.0.clone();
+    let started = Instant::now();
+    let progress = |text: String| {
+        ctx.imports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key.clone(),
+                ImportState::Running(ImportProgress {
+                    text,
+                    ..Default::default()
+                }),
+            );
+        let _ = ctx.disk_wakeups.send(me.clone());
+    };
+    let outcome = relay_base(&source, &target, &key.1, &done, |d, of| {
+        let pct = d.saturating_mul(100).checked_div(of).unwrap_or(100);
+        progress(format!(
+            "copying the base from {from}: {pct}% ({}/{} MiB)",
+            d >> 20,
+            of >> 20
+        ));
+    })
+    .await;
+    match outcome {
+        Ok(p) => {
+            tracing::info!(disk = %disk.name_any(), %from, to = %node, digest = %p.digest, secs = started.elapsed().as_secs(), "base copied between nodes");
+            ctx.imports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    key.clone(),
+                    ImportState::Ready(ImportDone {
+                        digest: p.digest.clone(),
+                        virtual_bytes: p.virtual_bytes,
+                        actual_bytes: p.actual_bytes,
+                        bytes_total: p.bytes_total.max(p.bytes_done),
+                        format: done.format.clone(),
+                        seconds: started.elapsed().as_secs(),
+                    }),
+                );
+            let _ = ctx.disk_wakeups.send(me);
+        }
+        Err(message) => match fallback {
+            Some(req) => {
+                tracing::warn!(disk = %disk.name_any(), %from, to = %node, %message, "copying the base between nodes failed; importing from the source");
+                follow_import(ctx, target, key, disk, req).await;
+            }
+            None => {
+                tracing::warn!(disk = %disk.name_any(), %from, to = %node, %message, "copying the base between nodes failed");
+                ctx.imports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        key,
+                        ImportState::Failed {
+                            message: format!("copying the base from {from}: {message}"),
+                            at: Instant::now(),
+                        },
+                    );
+                let _ = ctx.disk_wakeups.send(me);
+            }
+        },
+    }
+}
+
+/// Longest pause in a base relay before it is given up.
+const RELAY_IDLE: Duration = Duration::from_secs(120);
+
+async fn next(s: &mut tonic::Streaming<pb::BaseChunk>) -> Result<Option<pb::BaseChunk>, String> {
+    match tokio::time::timeout(RELAY_IDLE, s.message()).await {
+        Err(_) => Err(format!(
+            "no data from the source for {}s",
+            RELAY_IDLE.as_secs()
+        )),
+        Ok(r) => r.map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+/// Relays one base: ExportBase on `source` into ImportBase on `target`, the header
+/// stamped with the disk to record there. Returns the target's Ready answer.
+pub async fn relay_base(
+    source: &AgentClient,
+    target: &AgentClient,
+    disk_uid: &str,
+    done: &ImportDone,
+    mut progress: impl FnMut(u64, u64) + Send,
+) -> Result<pb::DiskProgress, String> {
+    use pb::base_chunk::Part;
+    let text = |e: &Error| match e.code() {
+        Some(code) => format!("{code:?}: {}", e.message()),
+        None => e.to_string(),
+    };
+    let mut export = source
+        .export_base(pb::ExportBaseRequest {
+            digest: done.digest.clone(),
+        })
+        .await
+        .map_err(|e| format!("ExportBase on {}: {}", source.node(), text(&e)))?;
+    let mut header = match next(&mut export).await? {
+        Some(pb::BaseChunk {
+            part: Some(Part::Header(h)),
+        }) => h,
+        other => return Err(format!("the export did not start with a header: {other:?}")),
+    };
+    header.disk_uid = disk_uid.to_string();
+    header.detected_format = done.format.clone();
+    let of = header.size;
+    progress(0, of);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::BaseChunk>(4);
+    let _ = tx
+        .send(pb::BaseChunk {
+            part: Some(Part::Header(header)),
+        })
+        .await;
+    let target_c = target.clone();
+    let import = tokio::spawn(async move {
+        target_c
+            .import_base(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let mut sent = 0u64;
+    let mut last_report = Instant::now();
+    let forwarded: Result<(), String> = loop {
+        match next(&mut export).await {
+            Ok(Some(chunk)) => {
+                if let Some(Part::Data(d)) = &chunk.part {
+                    sent += d.bytes.len() as u64;
+                    if last_report.elapsed() >= PROGRESS_EVERY {
+                        last_report = Instant::now();
+                        progress(sent, of);
+                    }
+                }
+                if tx.send(chunk).await.is_err() {
+                    // The import ended early: its answer says why.
+                    break Ok(());
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    drop(tx);
+    let imported = import
+        .await
+        .map_err(|e| format!("import task: {e}"))?
+        .map_err(|e| format!("ImportBase on {}: {}", target.node(), text(&e)));
+    // A broken export explains a failed import better than the import does.
+    forwarded.map_err(|e| format!("ExportBase on {}: {e}", source.node()))?;
+    let p = imported?;
+    progress(of, of);
+    Ok(p)
 }
 
 fn phase_name(p: i32) -> &'static str {

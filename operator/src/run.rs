@@ -278,9 +278,20 @@ pub async fn run_with_metrics(
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .map(tokio_stream::wrappers::UnboundedReceiverStream::new);
+    // The upload endpoint records progress and wakes the disk the same way.
+    let upload_wakeups = ctx
+        .config
+        .upload
+        .as_ref()
+        .and_then(|u| u.book.take_wakeups())
+        .map(|rx| {
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+                .map(|(ns, name)| ObjectRef::<OverlayDisk>::new(&name).within(&ns))
+        });
     let disks = Controller::for_shared_stream(feeds.disks.subscribe(), stores.disks.clone())
         .with_config(controller_config())
         .reconcile_on(futures::stream::iter(disk_wakeups).flatten())
+        .reconcile_on(futures::stream::iter(upload_wakeups).flatten())
         // An application gone: a disk waiting for it to be deleted goes.
         .watches_shared_stream(feeds.apps.subscribe(), |a: Arc<VmApplication>| {
             in_namespace_of::<OverlayDisk>(&a, crate::disk::disk_names(&a))

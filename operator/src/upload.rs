@@ -8,32 +8,38 @@
 //! consumes `Authorization`): a TokenReview says who it is, a SubjectAccessReview
 //! whether they may `create` (PUT) or `get` (HEAD: the offset) the subresource
 //! `overlaydisks/upload` of that disk, so namespace RBAC decides, not reachability.
-//! Positive answers are cached for `CACHE_TTL`. Agents fetch completed uploads with
-//! a per-upload key (HMAC of the UID under a secret only this process holds).
+//! Positive answers are cached for `CACHE_TTL`.
 //!
-//! Bytes land in `<dir>/<disk uid>.part`, appended in order (a chunk is accepted only
-//! at the stored offset, fsynced before the answer), so a cut connection or a rerun
-//! resumes where the server is. The last byte renames the file to `.complete` and
-//! moves the OverlayDisk from `WaitingForUpload` to `Pending`; the agent of the node
-//! that runs a VM using it then imports it over HTTP from `/v1alpha1/uploads/<uid>`
-//! like any HTTP disk, with all of the agent's format checks. Why not straight to
-//! the node: the upload happens before any VM is scheduled, so no node is known yet.
+//! The bytes never stay here: each PUT is streamed as it arrives to the agents of
+//! two nodes (PutUpload; one when the cluster has one node), which append it to
+//! `uploads/<disk uid>.part` in their stores, and the chunk is acknowledged to the
+//! user only once both answered with the bytes fsynced. The two nodes are chosen from
+//! the disk's UID (rendezvous hashing over the ready agents with room; nodes already
+//! holding part of it first), so a restarted or moved operator picks the same ones,
+//! and HEAD asks them (GetUpload: the smallest offset of the copies), so nothing is
+//! lost with the operator pod. The last byte completes both copies (hashed, renamed).
+//! The endpoint records progress in memory (`UploadBook`) and wakes the disk's
+//! reconcile, the one writer of the OverlayDisk's status. The node that runs a VM
+//! imports the disk from its own copy, or gets the base from a node that has it
+//! (`hostprep`: bases travel by digest).
 
 use crate::error::Error;
 use bytes::Bytes;
-use futures::TryStreamExt;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hvx_api::OverlayDisk;
-use hyper::body::{Frame, Incoming};
+use hvx_proto::v1 as pb;
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::api::Api;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+
+/// Bytes per PutUpload message (well under gRPC's 4 MiB message limit).
+pub const MESSAGE_BYTES: usize = 1 << 20;
+/// Copies of every upload, on different nodes (fewer when the cluster has fewer).
+pub const COPIES: usize = 2;
 
 /// Largest chunk one PUT may carry.
 pub const MAX_CHUNK: u64 = 64 << 20;
@@ -46,7 +52,7 @@ pub const CACHE_TTL: Duration = Duration::from_secs(10);
 /// The header carrying the caller's token through the API server's service proxy.
 pub const PROXY_AUTH_HEADER: &str = "x-hvx-upload-authorization";
 
-pub use hvx_operator_core::context::{FetchSecret, UploadSettings};
+pub use hvx_operator_core::context::{UploadBook, UploadProgress, UploadSettings};
 
 /// Who a request comes from (a TokenReview's answer).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -264,73 +270,16 @@ pub fn bearer_token(headers: &hyper::HeaderMap) -> Option<&str> {
         })
 }
 
-/// HMAC-SHA256 of `msg` under `key`, hex (RFC 2104; the per-upload fetch key).
-pub fn hmac_hex(key: &[u8], msg: &[u8]) -> String {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(msg)
-        .finalize();
-    let outer = Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize();
-    outer.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Compares without an early exit (the key is a secret).
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
-/// The fetch secret kept beside the uploads (`<dir>/.fetch-secret`), created from
-/// the kernel's random source on first use: it lives exactly as long as the uploads
-/// it protects (the emptyDir), across operator restarts in the same pod.
-pub fn load_or_create_fetch_secret(dir: &Path) -> Result<FetchSecret, Error> {
-    let fail = |reason: String| Error::Build {
-        object: dir.display().to_string(),
-        reason,
-    };
-    std::fs::create_dir_all(dir)
-        .map_err(|e| fail(format!("creating the upload directory: {e}")))?;
-    let path = dir.join(".fetch-secret");
-    match std::fs::read(&path) {
-        Ok(b) if b.len() == 32 => return Ok(FetchSecret(b)),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("reading {}: {e}", path.display()))),
-    }
-    let mut b = vec![0u8; 32];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom")
-            .map_err(|e| fail(format!("opening /dev/urandom: {e}")))?,
-        &mut b,
-    )
-    .map_err(|e| fail(format!("reading /dev/urandom: {e}")))?;
-    let tmp = dir.join(".fetch-secret.tmp");
-    std::fs::write(&tmp, &b)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| fail(format!("writing {}: {e}", path.display())))?;
-    Ok(FetchSecret(b))
-}
-
 /// An OverlayDisk that takes uploads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadTarget {
-    /// Its UID (the file name).
+    /// Its UID (the name of the upload in the agents' stores).
     pub uid: String,
     /// Declared size, if any.
     pub size_bytes: Option<u64>,
 }
 
-/// How the server finds disks and reports progress (the cluster, or a map in tests).
+/// How the server finds disks (the cluster, or a map in tests).
 pub trait Disks: Send + Sync + 'static {
     /// The upload target `ns/name`, or why there is none (404 text).
     fn target(
@@ -338,13 +287,6 @@ pub trait Disks: Send + Sync + 'static {
         ns: &str,
         name: &str,
     ) -> impl std::future::Future<Output = Result<UploadTarget, String>> + Send;
-    /// Merges `status` into the disk's status.
-    fn report(
-        &self,
-        ns: &str,
-        name: &str,
-        status: serde_json::Value,
-    ) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// The cluster's OverlayDisks.
@@ -376,20 +318,282 @@ impl Disks for KubeDisks {
             Err(e) => Err(format!("looking up OverlayDisk {ns}/{name}: {e}")),
         }
     }
+}
 
-    async fn report(&self, ns: &str, name: &str, status: serde_json::Value) {
-        let api: Api<OverlayDisk> = Api::namespaced(self.0.clone(), ns);
-        if let Err(e) = api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": status })),
-            )
-            .await
-        {
-            tracing::warn!(disk = %format!("{ns}/{name}"), error = %e, "upload status");
+/// Why an agent call failed: its gRPC code and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyError {
+    /// gRPC code (UNAVAILABLE when the node could not be reached).
+    pub code: tonic::Code,
+    /// The agent's message.
+    pub message: String,
+}
+
+impl From<Error> for CopyError {
+    fn from(e: Error) -> Self {
+        CopyError {
+            code: e.code().unwrap_or(tonic::Code::Unavailable),
+            message: e.to_string(),
         }
     }
+}
+
+/// Where upload copies live: the node agents (PutUpload, GetUpload), or agents on
+/// loopback in tests.
+pub trait Copies: Send + Sync + 'static {
+    /// The nodes with a ready agent now.
+    fn nodes(&self) -> impl std::future::Future<Output = Vec<String>> + Send;
+    /// What `node` holds of `uid`'s upload.
+    fn get(
+        &self,
+        node: &str,
+        uid: &str,
+    ) -> impl std::future::Future<Output = Result<pb::UploadState, CopyError>> + Send;
+    /// Streams `chunks` to `node`; its answer once they are durable.
+    fn put(
+        &self,
+        node: &str,
+        chunks: tokio::sync::mpsc::Receiver<pb::UploadChunk>,
+    ) -> impl std::future::Future<Output = Result<pb::UploadState, CopyError>> + Send;
+}
+
+/// The cluster's node agents: the ready ones from the Node list (cached a few
+/// seconds: every chunk asks), reached with the operator's agent clients.
+pub struct AgentCopies {
+    client: kube::Client,
+    pool: crate::agents::AgentPool,
+    metrics: Arc<crate::metrics::Metrics>,
+    nodes: tokio::sync::Mutex<(Option<Instant>, BTreeMap<String, String>)>,
+}
+
+impl std::fmt::Debug for AgentCopies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentCopies")
+    }
+}
+
+/// How long the list of ready agent nodes is reused.
+const NODES_TTL: Duration = Duration::from_secs(5);
+
+impl AgentCopies {
+    /// Agents reached with `settings`, found through `client`.
+    pub fn new(
+        client: kube::Client,
+        settings: crate::agents::AgentSettings,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            pool: crate::agents::AgentPool::new(settings),
+            metrics,
+            nodes: tokio::sync::Mutex::new((None, BTreeMap::new())),
+        }
+    }
+
+    async fn ready(&self) -> BTreeMap<String, String> {
+        let mut cached = self.nodes.lock().await;
+        if cached.0.is_some_and(|at| at.elapsed() < NODES_TTL) {
+            return cached.1.clone();
+        }
+        let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let lp = kube::api::ListParams::default()
+            .labels(&format!("{}=ready", hvx_api::labels::NODE_LABEL_AGENT));
+        match api.list(&lp).await {
+            Ok(list) => {
+                cached.1 = list
+                    .items
+                    .iter()
+                    .filter_map(|n| {
+                        Some((n.metadata.name.clone()?, crate::stores::internal_ip(n)?))
+                    })
+                    .collect();
+                cached.0 = Some(Instant::now());
+            }
+            Err(e) => tracing::warn!(error = %e, "listing agent nodes for an upload"),
+        }
+        cached.1.clone()
+    }
+
+    async fn agent(&self, node: &str) -> Result<crate::agents::AgentClient, CopyError> {
+        let ip = self
+            .ready()
+            .await
+            .get(node)
+            .cloned()
+            .ok_or_else(|| CopyError {
+                code: tonic::Code::Unavailable,
+                message: format!("node {node} has no ready agent"),
+            })?;
+        Ok(self.pool.client(node, &ip, &self.metrics)?)
+    }
+}
+
+impl Copies for AgentCopies {
+    async fn nodes(&self) -> Vec<String> {
+        self.ready().await.into_keys().collect()
+    }
+
+    async fn get(&self, node: &str, uid: &str) -> Result<pb::UploadState, CopyError> {
+        let agent = self.agent(node).await?;
+        Ok(agent
+            .get_upload(pb::GetUploadRequest {
+                disk_uid: uid.to_string(),
+            })
+            .await?)
+    }
+
+    async fn put(
+        &self,
+        node: &str,
+        chunks: tokio::sync::mpsc::Receiver<pb::UploadChunk>,
+    ) -> Result<pb::UploadState, CopyError> {
+        let agent = self.agent(node).await?;
+        Ok(agent
+            .put_upload(tokio_stream::wrappers::ReceiverStream::new(chunks))
+            .await?)
+    }
+}
+
+/// Rendezvous rank of `node` for upload `uid` (pure): every operator computes the
+/// same order, and a node joining or leaving moves only the uploads it wins or held.
+fn rank(uid: &str, node: &str) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(uid.as_bytes())
+        .chain_update([0])
+        .chain_update(node.as_bytes())
+        .finalize()
+        .into()
+}
+
+/// The nodes that keep `uid`'s upload of `total` bytes (pure), from what every ready
+/// node answered (`states`; unreachable nodes left out): nodes that already hold
+/// part of it first (most bytes first), then by rendezvous rank among the nodes with
+/// room for all of it, up to `COPIES` (or as many nodes as there are). `None` when
+/// not enough nodes have room.
+pub fn choose_copies(
+    uid: &str,
+    states: &[(String, pb::UploadState)],
+    total: u64,
+) -> Option<Vec<String>> {
+    let want = COPIES.min(states.len()).max(1);
+    let mut holders: Vec<&(String, pb::UploadState)> = states
+        .iter()
+        .filter(|(_, s)| s.offset > 0 || s.complete)
+        .collect();
+    holders.sort_by(|(a, sa), (b, sb)| {
+        (sb.complete, sb.offset)
+            .cmp(&(sa.complete, sa.offset))
+            .then_with(|| rank(uid, a).cmp(&rank(uid, b)))
+    });
+    let mut chosen: Vec<String> = holders.iter().take(want).map(|(n, _)| n.clone()).collect();
+    let mut fresh: Vec<&(String, pb::UploadState)> = states
+        .iter()
+        .filter(|(n, s)| {
+            !chosen.contains(n) && s.offset == 0 && !s.complete && s.room_bytes >= total
+        })
+        .collect();
+    fresh.sort_by_key(|(n, _)| rank(uid, n));
+    for (n, _) in fresh {
+        if chosen.len() >= want {
+            break;
+        }
+        chosen.push(n.clone());
+    }
+    (chosen.len() >= want).then_some(chosen)
+}
+
+/// What the copies hold together (pure): the smallest offset (what every copy has),
+/// complete when every copy is, the nodes.
+pub fn progress_of(copies: &[(String, pb::UploadState)], total: u64) -> UploadProgress {
+    let complete = !copies.is_empty() && copies.iter().all(|(_, s)| s.complete);
+    UploadProgress {
+        bytes_done: copies.iter().map(|(_, s)| s.offset).min().unwrap_or(0),
+        bytes_total: total,
+        complete,
+        nodes: copies.iter().map(|(n, _)| n.clone()).collect(),
+        sha256: if complete {
+            copies
+                .first()
+                .map(|(_, s)| s.sha256.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        },
+    }
+}
+
+/// What the ready agents hold of `uid`'s upload, however this process learned of
+/// it (pure): `None` when no node holds any of it. The copies are the holders with
+/// the most bytes (complete ones first), at most `COPIES`.
+pub fn holders_progress(uid: &str, states: &[(String, pb::UploadState)]) -> Option<UploadProgress> {
+    let holders: Vec<(String, pb::UploadState)> = states
+        .iter()
+        .filter(|(_, s)| s.offset > 0 || s.complete)
+        .cloned()
+        .collect();
+    let total = holders.iter().map(|(_, s)| s.total).max()?;
+    let chosen = choose_copies(uid, &holders, total).unwrap_or_default();
+    let copies: Vec<(String, pb::UploadState)> = holders
+        .into_iter()
+        .filter(|(n, _)| chosen.contains(n))
+        .collect();
+    // Complete wherever one copy is complete: the node that runs a VM imports it
+    // from there (a second copy still short of the end changes nothing).
+    let complete: Vec<(String, pb::UploadState)> =
+        copies.iter().filter(|(_, s)| s.complete).cloned().collect();
+    Some(if complete.is_empty() {
+        progress_of(&copies, total)
+    } else {
+        progress_of(&complete, total)
+    })
+}
+
+/// What the nodes hold of `uid`'s upload, for the controllers: the endpoint's record
+/// when it says complete, else every ready agent's answer (an operator that restarted,
+/// or another replica served the upload), which is then recorded.
+pub async fn progress(ctx: &crate::Context, uid: &str) -> Option<UploadProgress> {
+    let book = ctx.config.upload.as_ref().map(|u| &u.book);
+    if let Some(p) = book.and_then(|b| b.get(uid)).filter(|p| p.complete) {
+        return Some(p);
+    }
+    let nodes = ctx.stores.agent_nodes();
+    let answers = futures::future::join_all(nodes.iter().map(|(node, ip)| async move {
+        let agent = ctx.agents.client(node, ip, &ctx.metrics).ok()?;
+        let state = agent
+            .get_upload(pb::GetUploadRequest {
+                disk_uid: uid.to_string(),
+            })
+            .await
+            .ok()?;
+        Some((node.clone(), state))
+    }))
+    .await;
+    let states: Vec<(String, pb::UploadState)> = answers.into_iter().flatten().collect();
+    let p = holders_progress(uid, &states)?;
+    if let Some(b) = book {
+        b.learn(uid, p.clone());
+    }
+    Some(p)
+}
+
+/// How often an upload in progress wakes its disk's reconcile (status writes).
+const WAKE_EVERY: Duration = Duration::from_secs(2);
+
+/// Asks every ready agent what it holds of `uid` (unreachable ones left out).
+pub async fn states<C: Copies>(copies: &C, uid: &str) -> Vec<(String, pb::UploadState)> {
+    let nodes = copies.nodes().await;
+    let answers = futures::future::join_all(nodes.iter().map(|n| copies.get(n, uid))).await;
+    nodes
+        .into_iter()
+        .zip(answers)
+        .filter_map(|(n, a)| match a {
+            Ok(s) => Some((n, s)),
+            Err(e) => {
+                tracing::debug!(node = %n, error = %e.message, "GetUpload");
+                None
+            }
+        })
+        .collect()
 }
 
 /// A parsed `Content-Range: bytes S-E/T`.
@@ -438,23 +642,15 @@ pub enum Route {
         /// OverlayDisk name.
         name: String,
     },
-    /// GET of a completed upload (agents).
-    Fetch {
-        /// Disk UID.
-        uid: String,
-    },
     /// Liveness.
     Health,
 }
 
-/// Maps a path to a route (names validated: they become file names and API calls).
+/// Maps a path to a route (names validated: they become API calls).
 pub fn route(path: &str) -> Option<Route> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match parts.as_slice() {
         ["", "healthz"] => Some(Route::Health),
-        ["", "v1alpha1", "uploads", uid] if uid_ok(uid) => Some(Route::Fetch {
-            uid: uid.to_string(),
-        }),
         [
             "",
             "v1alpha1",
@@ -491,167 +687,47 @@ fn with_offset(code: StatusCode, offset: u64, msg: &str) -> Response<Body> {
     r
 }
 
+/// The HTTP answer for a copy that failed (pure): the node's own refusals keep their
+/// meaning (507 full, 409 offset, 400 bad request), anything else is worth a retry.
+pub fn copy_failure(node: &str, e: &CopyError) -> (StatusCode, String) {
+    let code = match e.code {
+        tonic::Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+        tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, format!("node {node}: {}", e.message))
+}
+
 /// The upload server.
 #[derive(Debug)]
-pub struct Server<D, A> {
+pub struct Server<D, A, C> {
     settings: UploadSettings,
     disks: D,
     access: A,
-    /// One writer per disk at a time; last progress report per disk.
-    state: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Instant>>>>,
-    /// Declared totals of the uploads in progress, by UID: the space they will take.
-    totals: Mutex<HashMap<String, u64>>,
+    copies: C,
+    /// One writer per disk at a time; when it last woke the disk's reconcile.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
 }
 
-/// Bytes the upload store may still take for `uid`'s upload of `total` bytes (pure):
-/// `stored` lists every stored file (uid, bytes, complete); an upload in progress
-/// counts at its declared total when known (`totals`), so concurrent uploads cannot
-/// together overrun the store.
-pub fn store_room(
-    capacity: u64,
-    stored: &[(String, u64, bool)],
-    totals: &HashMap<String, u64>,
-    uid: &str,
-) -> u64 {
-    let committed: u64 = stored
-        .iter()
-        .filter(|(u, _, _)| u != uid)
-        .map(|(u, n, complete)| {
-            if *complete {
-                *n
-            } else {
-                totals.get(u).copied().unwrap_or(*n).max(*n)
-            }
-        })
-        .sum();
-    capacity.saturating_sub(committed)
-}
-
-impl<D: Disks, A: Access> Server<D, A> {
-    /// A server storing into `settings.dir` (created).
-    pub fn new(settings: UploadSettings, disks: D, access: A) -> Result<Self, Error> {
-        std::fs::create_dir_all(&settings.dir).map_err(|e| Error::Build {
-            object: settings.dir.display().to_string(),
-            reason: format!("creating the upload directory: {e}"),
-        })?;
-        Ok(Self {
+impl<D: Disks, A: Access, C: Copies> Server<D, A, C> {
+    /// A server keeping uploads on `copies`.
+    pub fn new(settings: UploadSettings, disks: D, access: A, copies: C) -> Self {
+        Self {
             settings,
             disks,
             access,
-            state: Mutex::default(),
-            totals: Mutex::default(),
-        })
-    }
-
-    fn part(&self, uid: &str) -> PathBuf {
-        self.settings.dir.join(format!("{uid}.part"))
-    }
-
-    fn complete(&self, uid: &str) -> PathBuf {
-        self.settings.dir.join(format!("{uid}.complete"))
-    }
-
-    fn size(p: &Path) -> Option<u64> {
-        std::fs::metadata(p).ok().map(|m| m.len())
-    }
-
-    /// Bytes stored for `uid` and whether the upload is complete.
-    pub fn offset(&self, uid: &str) -> (u64, bool) {
-        match Self::size(&self.complete(uid)) {
-            Some(n) => (n, true),
-            None => (Self::size(&self.part(uid)).unwrap_or(0), false),
+            copies,
+            locks: Mutex::default(),
         }
     }
 
-    /// Whether `uid` is completely uploaded.
-    pub fn is_complete(&self, uid: &str) -> bool {
-        self.complete(uid).is_file()
-    }
-
-    /// Removes everything stored for `uid` (OverlayDisk deleted).
-    pub fn forget(&self, uid: &str) {
-        if uid_ok(uid) {
-            let _ = std::fs::remove_file(self.part(uid));
-            let _ = std::fs::remove_file(self.complete(uid));
-            self.totals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(uid);
-        }
-    }
-
-    /// Every stored upload: (uid, bytes, complete).
-    fn stored(&self) -> Vec<(String, u64, bool)> {
-        let Ok(dir) = std::fs::read_dir(&self.settings.dir) else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let len = e.metadata().ok()?.len();
-                if let Some(uid) = name.strip_suffix(".complete") {
-                    Some((uid.to_string(), len, true))
-                } else {
-                    name.strip_suffix(".part")
-                        .map(|uid| (uid.to_string(), len, false))
-                }
-            })
-            .collect()
-    }
-
-    /// Refuses an upload of `total` bytes (`offset` stored) the store has no room
-    /// for: the configured capacity (the emptyDir's sizeLimit, past which the kubelet
-    /// evicts the operator) minus what other uploads hold or will hold, and the free
-    /// space of the filesystem.
-    fn check_room(&self, uid: &str, offset: u64, total: u64) -> Result<(), (StatusCode, String)> {
-        if total > self.settings.max_bytes {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "{total} bytes is over this server's limit of {} bytes (chart value upload.maxBytes)",
-                    self.settings.max_bytes
-                ),
-            ));
-        }
-        let room = {
-            let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-            store_room(self.settings.capacity_bytes, &self.stored(), &totals, uid)
-        };
-        if total > room {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "{total} bytes do not fit: the upload store holds {} bytes and room for {room} more \
-                     (chart value upload.sizeLimit; uploads leave it when their OverlayDisk is deleted)",
-                    self.settings.capacity_bytes
-                ),
-            ));
-        }
-        if let Ok(fs) = rustix::fs::statvfs(&self.settings.dir) {
-            let free = fs.f_bavail.saturating_mul(fs.f_frsize);
-            let needed = total - offset.min(total);
-            if needed > free {
-                return Err((
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    format!(
-                        "{needed} more bytes do not fit: the upload store's filesystem has {free} bytes free"
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn lock_of(&self, uid: &str) -> Arc<tokio::sync::Mutex<Instant>> {
-        self.state
+    fn lock_of(&self, uid: &str) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
+        self.locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(uid.to_string())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(
-                    Instant::now() - Duration::from_secs(60),
-                ))
-            })
+            .or_default()
             .clone()
     }
 
@@ -684,6 +760,45 @@ impl<D: Disks, A: Access> Server<D, A> {
         Ok(caller)
     }
 
+    /// The copies of `uid`'s upload of `total` bytes (`None`: not known yet, HEAD
+    /// before any PUT) with what each holds, or the answer why there are none.
+    async fn copies_of(
+        &self,
+        uid: &str,
+        total: Option<u64>,
+    ) -> Result<Vec<(String, pb::UploadState)>, (StatusCode, String)> {
+        let states = states(&self.copies, uid).await;
+        if states.is_empty() {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no node agent answers: uploads are kept on the nodes".into(),
+            ));
+        }
+        let total = match total {
+            Some(t) => t,
+            // HEAD: the holders decide; nothing held is offset 0.
+            None => match states.iter().map(|(_, s)| s.total).max() {
+                Some(t) if t > 0 => t,
+                _ => return Ok(Vec::new()),
+            },
+        };
+        let Some(chosen) = choose_copies(uid, &states, total) else {
+            return Err((
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "{total} bytes fit on fewer than {} nodes (each upload is kept on {} nodes; \
+                     uploads leave the nodes when their OverlayDisk is deleted)",
+                    COPIES.min(states.len()),
+                    COPIES.min(states.len())
+                ),
+            ));
+        };
+        Ok(states
+            .into_iter()
+            .filter(|(n, _)| chosen.contains(n))
+            .collect())
+    }
+
     /// Answers one request.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let Some(route) = route(req.uri().path()) else {
@@ -691,22 +806,6 @@ impl<D: Disks, A: Access> Server<D, A> {
         };
         match (route, req.method().clone()) {
             (Route::Health, Method::GET) => text(StatusCode::OK, "ok"),
-            (Route::Fetch { uid }, Method::GET) => {
-                let key = req
-                    .uri()
-                    .query()
-                    .unwrap_or_default()
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("key="))
-                    .unwrap_or_default();
-                if !same(key, &fetch_key(&self.settings, &uid)) {
-                    return text(
-                        StatusCode::FORBIDDEN,
-                        "a completed upload is fetched with the key the operator gives its agent",
-                    );
-                }
-                self.fetch(&uid).await
-            }
             (Route::Upload { ns, name }, m) if m == Method::HEAD || m == Method::PUT => {
                 let verb = if m == Method::PUT { "create" } else { "get" };
                 // Before the disk is looked up: a caller learns nothing about disks
@@ -721,7 +820,11 @@ impl<D: Disks, A: Access> Server<D, A> {
                     Err(msg) => return text(StatusCode::NOT_FOUND, msg),
                 };
                 if m == Method::HEAD {
-                    let (offset, _) = self.offset(&target.uid);
+                    let copies = match self.copies_of(&target.uid, None).await {
+                        Ok(c) => c,
+                        Err((code, reason)) => return text(code, reason),
+                    };
+                    let offset = copies.iter().map(|(_, s)| s.offset).min().unwrap_or(0);
                     if offset == 0 {
                         return text(StatusCode::NOT_FOUND, "nothing stored yet");
                     }
@@ -770,186 +873,203 @@ impl<D: Disks, A: Access> Server<D, A> {
                 format!("chunks are at most {MAX_CHUNK} bytes"),
             );
         }
-        let lock = self.lock_of(&target.uid);
-        let mut last_report = lock.lock().await;
-        let (offset, complete) = self.offset(&target.uid);
-        if complete {
-            return if offset == range.total {
-                with_offset(StatusCode::OK, offset, "already complete")
+        if range.total > self.settings.max_bytes {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{} bytes is over this server's limit of {} bytes (chart value upload.maxBytes)",
+                    range.total, self.settings.max_bytes
+                ),
+            );
+        }
+        let uid = target.uid.clone();
+        let lock = self.lock_of(&uid);
+        let mut last_wake = lock.lock().await;
+        let copies = match self.copies_of(&uid, Some(range.total)).await {
+            Ok(c) => c,
+            Err((code, reason)) => return text(code, reason),
+        };
+        let now = progress_of(&copies, range.total);
+        if now.complete {
+            let same = copies.iter().all(|(_, s)| s.total == range.total);
+            return if same {
+                with_offset(StatusCode::OK, now.bytes_done, "already complete")
             } else {
                 with_offset(
                     StatusCode::CONFLICT,
-                    offset,
+                    now.bytes_done,
                     "a different upload is complete",
                 )
             };
         }
-        if range.start != offset {
+        if let Some((node, s)) = copies
+            .iter()
+            .find(|(_, s)| s.total != 0 && s.total != range.total)
+        {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "this upload was started with a total of {} bytes (node {node}), not {}",
+                    s.total, range.total
+                ),
+            );
+        }
+        if range.start != now.bytes_done {
             return with_offset(
                 StatusCode::CONFLICT,
-                offset,
+                now.bytes_done,
                 "the server holds a different offset",
             );
         }
-        if let Err((code, reason)) = self.check_room(&target.uid, offset, range.total) {
-            return text(code, reason);
-        }
-        self.totals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(target.uid.clone(), range.total);
-        let part = self.part(&target.uid);
-        let written = match self.append(&part, offset, len, req.into_body()).await {
-            Ok(n) => n,
-            Err((code, msg)) => return with_offset(code, offset, &msg),
+        let answers = relay(&self.copies, &uid, &copies, range, len, req.into_body()).await;
+        let (states, failure) = match answers {
+            Ok(states) => (states, None),
+            Err(e) => (Vec::new(), Some(e)),
         };
-        let now = offset + written;
-        if now == range.total {
-            self.totals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&target.uid);
-            if let Err(e) = std::fs::rename(&part, self.complete(&target.uid)) {
+        if let Some((code, reason)) = failure {
+            // What the copies hold now decides where the user resumes.
+            let after = self
+                .copies_of(&uid, Some(range.total))
+                .await
+                .unwrap_or_default();
+            let offset = after
+                .iter()
+                .map(|(_, s)| s.offset)
+                .min()
+                .unwrap_or(range.start);
+            return with_offset(code, offset, &reason);
+        }
+        let done = progress_of(&states, range.total);
+        if done.complete {
+            let sums: std::collections::BTreeSet<&str> =
+                states.iter().map(|(_, s)| s.sha256.as_str()).collect();
+            if sums.len() > 1 {
                 return with_offset(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    now,
-                    &format!("finishing: {e}"),
+                    done.bytes_done,
+                    "the copies of this upload differ: delete the OverlayDisk and upload again",
                 );
             }
-            tracing::info!(disk = %format!("{ns}/{name}"), bytes = now, "upload complete");
-            self.disks
-                .report(
-                    ns,
-                    name,
-                    json!({"phase": "Pending", "bytesDone": now, "bytesTotal": range.total,
-                           "progress": format!("uploaded {now} bytes; imported on the node that runs a VM using it")}),
-                )
-                .await;
-        } else if last_report.elapsed() > Duration::from_secs(3) {
-            *last_report = Instant::now();
-            self.disks
-                .report(
-                    ns,
-                    name,
-                    json!({"phase": "WaitingForUpload", "bytesDone": now, "bytesTotal": range.total,
-                           "progress": format!("uploading: {}%", now * 100 / range.total.max(1))}),
-                )
-                .await;
+            tracing::info!(disk = %format!("{ns}/{name}"), bytes = done.bytes_done, nodes = ?done.nodes, "upload complete");
         }
-        with_offset(StatusCode::NO_CONTENT, now, "")
+        let offset = done.bytes_done;
+        // The reconcile writes the status: woken at the end and every few seconds.
+        if done.complete || last_wake.is_none_or(|at| at.elapsed() >= WAKE_EVERY) {
+            *last_wake = Some(Instant::now());
+            self.settings.book.record(ns, name, &uid, done);
+        } else {
+            self.settings.book.learn(&uid, done);
+        }
+        with_offset(StatusCode::NO_CONTENT, offset, "")
     }
+}
 
-    /// Appends exactly `len` body bytes at `offset`; on any failure the file is cut
-    /// back to `offset`, so a chunk is all or nothing.
-    async fn append(
-        &self,
-        part: &Path,
-        offset: u64,
-        len: u64,
-        body: Incoming,
-    ) -> Result<u64, (StatusCode, String)> {
-        let io = |e: std::io::Error| {
-            let code = if e.raw_os_error() == Some(28) {
-                StatusCode::INSUFFICIENT_STORAGE
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
+/// Streams the body (`len` bytes at `range.start`) to every copy, each from the
+/// offset it holds (a copy ahead of the others skips what it has), and waits for
+/// every answer: the bytes are acknowledged only once all copies hold them. A body
+/// that is not exactly `len` bytes cancels the calls, so the agents cut back.
+async fn relay<C: Copies>(
+    copies: &C,
+    uid: &str,
+    targets: &[(String, pb::UploadState)],
+    range: ContentRange,
+    len: u64,
+    mut body: Incoming,
+) -> Result<Vec<(String, pb::UploadState)>, (StatusCode, String)> {
+    let mut senders = Vec::new();
+    let mut calls = Vec::new();
+    for (node, state) in targets {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
+        senders.push((node.clone(), state.offset, Some(tx)));
+        calls.push(async move { (node.clone(), copies.put(node, rx).await) });
+    }
+    let mut calls: futures::stream::FuturesUnordered<_> = calls.into_iter().collect();
+    let feed = async {
+        let mut at = range.start;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| (StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
             };
-            (code, format!("storing the chunk: {e}"))
-        };
-        let f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(part)
-            .await
-            .map_err(io)?;
-        f.set_len(offset).await.map_err(io)?;
-        let mut f = tokio::io::BufWriter::new(f);
-        tokio::io::AsyncSeekExt::seek(&mut f, std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(io)?;
-        let mut body = body;
-        let mut n: u64 = 0;
-        let result: Result<(), (StatusCode, String)> = async {
-            while let Some(frame) = body.frame().await {
-                let frame = frame
-                    .map_err(|e| (StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
-                if let Ok(data) = frame.into_data() {
-                    n += data.len() as u64;
-                    if n > len {
-                        return Err((
-                            StatusCode::BAD_REQUEST,
-                            "the body is longer than Content-Range says".into(),
-                        ));
-                    }
-                    f.write_all(&data).await.map_err(io)?;
-                }
-            }
-            if n != len {
+            if at + data.len() as u64 > range.start + len {
                 return Err((
                     StatusCode::BAD_REQUEST,
-                    format!("the body has {n} bytes, Content-Range says {len}"),
+                    "the body is longer than Content-Range says".to_string(),
                 ));
             }
-            f.flush().await.map_err(io)?;
-            f.get_ref().sync_data().await.map_err(io)
+            for piece in data.chunks(MESSAGE_BYTES) {
+                let end = at + piece.len() as u64;
+                for (_, held, tx) in senders.iter_mut() {
+                    if end <= *held {
+                        continue;
+                    }
+                    let skip = usize::try_from(held.saturating_sub(at)).unwrap_or(0);
+                    let msg = pb::UploadChunk {
+                        disk_uid: uid.to_string(),
+                        offset: at.max(*held),
+                        total: range.total,
+                        data: piece[skip.min(piece.len())..].to_vec(),
+                    };
+                    if let Some(t) = tx
+                        && t.send(msg).await.is_err()
+                    {
+                        // The call ended early: its answer says why.
+                        *tx = None;
+                    }
+                }
+                at = end;
+            }
         }
-        .await;
-        if let Err(e) = result {
-            let _ = f.get_ref().set_len(offset).await;
-            return Err(e);
+        if at != range.start + len {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body has {} bytes, Content-Range says {len}",
+                    at - range.start
+                ),
+            ));
         }
-        Ok(n)
+        // Ends the streams: the agents sync and answer.
+        senders.clear();
+        Ok(())
+    };
+    use futures::StreamExt;
+    // The calls run while the body is fed; an answer before the end is a failure.
+    let mut early: Vec<(String, Result<pb::UploadState, CopyError>)> = Vec::new();
+    let fed = {
+        tokio::pin!(feed);
+        loop {
+            tokio::select! {
+                r = &mut feed => break r,
+                Some(answer) = calls.next() => early.push(answer),
+            }
+        }
+    };
+    if let Err(e) = fed {
+        // Dropping the calls cancels them: the agents cut back to where they were.
+        drop(calls);
+        return Err(e);
     }
-
-    async fn fetch(&self, uid: &str) -> Response<Body> {
-        let path = self.complete(uid);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(_) => return text(StatusCode::NOT_FOUND, "no completed upload with this UID"),
-        };
-        let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map_ok(Frame::data);
-        let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-        if let Ok(v) = len.to_string().parse() {
-            r.headers_mut().insert("content-length", v);
-        }
-        r
+    let mut answers = early;
+    while let Some(a) = calls.next().await {
+        answers.push(a);
     }
-}
-
-/// Removes what is stored for `uid` (the OverlayDisk was deleted).
-pub fn forget(settings: &UploadSettings, uid: &str) {
-    if uid_ok(uid) {
-        for ext in ["part", "complete"] {
-            let _ = std::fs::remove_file(settings.dir.join(format!("{uid}.{ext}")));
+    let mut out = Vec::new();
+    for (node, a) in answers {
+        match a {
+            Ok(s) => out.push((node, s)),
+            Err(e) => return Err(copy_failure(&node, &e)),
         }
     }
-}
-
-/// Whether the upload of `uid` is complete (this process stores uploads).
-pub fn complete(settings: &UploadSettings, uid: &str) -> bool {
-    uid_ok(uid) && settings.dir.join(format!("{uid}.complete")).is_file()
-}
-
-/// The key that fetches the completed upload `uid` (pure).
-pub fn fetch_key(settings: &UploadSettings, uid: &str) -> String {
-    hmac_hex(&settings.fetch_secret.0, uid.as_bytes())
-}
-
-/// The in-cluster URL agents import a completed upload from (with its key).
-pub fn fetch_url(settings: &UploadSettings, uid: &str) -> String {
-    format!(
-        "{}/v1alpha1/uploads/{uid}?key={}",
-        settings.internal_url.trim_end_matches('/'),
-        fetch_key(settings, uid)
-    )
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// Serves on `listener` until the task is dropped.
-pub async fn serve<D: Disks, A: Access>(
+pub async fn serve<D: Disks, A: Access, C: Copies>(
     listener: tokio::net::TcpListener,
-    server: Arc<Server<D, A>>,
+    server: Arc<Server<D, A, C>>,
 ) {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
@@ -1006,12 +1126,8 @@ mod tests {
                 name: "web-root".into()
             })
         );
-        assert_eq!(
-            route("/v1alpha1/uploads/0b1c-2d"),
-            Some(Route::Fetch {
-                uid: "0b1c-2d".into()
-            })
-        );
+        // Completed uploads are no longer served from here (they stay on the nodes).
+        assert_eq!(route("/v1alpha1/uploads/0b1c-2d"), None);
         for bad in [
             "/v1alpha1/namespaces/../overlaydisks/x/upload",
             "/v1alpha1/namespaces/Prod/overlaydisks/x/upload",
@@ -1022,18 +1138,6 @@ mod tests {
             assert_eq!(route(bad), None, "{bad}");
         }
         assert_eq!(route("/healthz"), Some(Route::Health));
-    }
-
-    #[test]
-    fn hmac_matches_rfc4231() {
-        // RFC 4231 test case 2.
-        assert_eq!(
-            hmac_hex(b"Jefe", b"what do ya want for nothing?"),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        assert!(same("abc", "abc"));
-        assert!(!same("abc", "abd"));
-        assert!(!same("abc", "ab"));
     }
 
     #[test]
@@ -1073,18 +1177,108 @@ mod tests {
         assert_eq!(r.spec.extra, None);
     }
 
+    fn state(offset: u64, total: u64, complete: bool, room: u64) -> pb::UploadState {
+        pb::UploadState {
+            offset,
+            total,
+            complete,
+            sha256: if complete { "ab".into() } else { String::new() },
+            room_bytes: room,
+        }
+    }
+
     #[test]
-    fn store_room_counts_uploads_in_progress_at_their_declared_size() {
-        let stored = vec![
-            ("done".to_string(), 30, true),
-            ("going".to_string(), 5, false),
-            ("me".to_string(), 7, false),
-            ("orphan".to_string(), 4, false),
+    fn copies_are_chosen_from_the_uid_holders_first_and_only_with_room() {
+        let nodes = |room: u64| -> Vec<(String, pb::UploadState)> {
+            ["n1", "n2", "n3"]
+                .iter()
+                .map(|n| (n.to_string(), state(0, 0, false, room)))
+                .collect()
+        };
+        // Deterministic: the same two every time, for the same UID.
+        let a = choose_copies("uid-a", &nodes(100), 50).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_ne!(a[0], a[1]);
+        assert_eq!(choose_copies("uid-a", &nodes(100), 50).unwrap(), a);
+        // Listed in another order: the same choice.
+        let mut reversed = nodes(100);
+        reversed.reverse();
+        assert_eq!(choose_copies("uid-a", &reversed, 50).unwrap(), a);
+        // Different UIDs spread over the nodes.
+        let firsts: std::collections::BTreeSet<String> = (0..20)
+            .map(|i| choose_copies(&format!("uid-{i}"), &nodes(100), 50).unwrap()[0].clone())
+            .collect();
+        assert!(firsts.len() > 1, "{firsts:?}");
+        // Holders win over rank, most bytes first.
+        let mut s = nodes(100);
+        s[2].1 = state(30, 50, false, 100);
+        s[1].1 = state(10, 50, false, 100);
+        assert_eq!(choose_copies("uid-a", &s, 50).unwrap(), ["n3", "n2"]);
+        // Nodes without room for the whole upload are not chosen; too few: none.
+        let mut s = nodes(10);
+        s[0].1.room_bytes = 100;
+        assert_eq!(choose_copies("uid-a", &s, 50), None);
+        s[1].1.room_bytes = 100;
+        assert_eq!(choose_copies("uid-a", &s, 50).unwrap().len(), 2);
+        // One node: one copy.
+        assert_eq!(
+            choose_copies("uid-a", &nodes(100)[..1], 50).unwrap(),
+            ["n1"]
+        );
+    }
+
+    #[test]
+    fn progress_is_what_every_copy_holds() {
+        let copies = vec![
+            ("n1".to_string(), state(40, 100, false, 0)),
+            ("n2".to_string(), state(30, 100, false, 0)),
         ];
-        let mut totals = HashMap::new();
-        totals.insert("going".to_string(), 40);
-        // 100 - 30 - 40 - 4: "me" does not count against itself.
-        assert_eq!(store_room(100, &stored, &totals, "me"), 26);
-        assert_eq!(store_room(50, &stored, &totals, "me"), 0);
+        let p = progress_of(&copies, 100);
+        assert_eq!((p.bytes_done, p.bytes_total, p.complete), (30, 100, false));
+        assert_eq!(p.nodes, ["n1", "n2"]);
+        let done = vec![
+            ("n1".to_string(), state(100, 100, true, 0)),
+            ("n2".to_string(), state(100, 100, true, 0)),
+        ];
+        let p = progress_of(&done, 100);
+        assert!(p.complete);
+        assert_eq!(p.sha256, "ab");
+        // A restarted operator: the holders among every node's answer.
+        let all = vec![
+            ("n1".to_string(), state(100, 100, true, 0)),
+            ("n2".to_string(), state(70, 100, false, 0)),
+            ("n3".to_string(), state(0, 0, false, 500)),
+        ];
+        let p = holders_progress("uid-a", &all).unwrap();
+        assert!(p.complete);
+        assert_eq!(p.nodes, ["n1"]);
+        assert_eq!(holders_progress("uid-a", &all[2..]), None);
+        let partial = holders_progress("uid-a", &all[1..]).unwrap();
+        assert_eq!((partial.bytes_done, partial.complete), (70, false));
+    }
+
+    #[test]
+    fn copy_failures_keep_their_meaning() {
+        let e = |code| CopyError {
+            code,
+            message: "m".into(),
+        };
+        assert_eq!(
+            copy_failure("n1", &e(tonic::Code::ResourceExhausted)).0,
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            copy_failure("n1", &e(tonic::Code::FailedPrecondition)).0,
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            copy_failure("n1", &e(tonic::Code::Unavailable)).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            copy_failure("n1", &e(tonic::Code::Internal))
+                .1
+                .contains("n1")
+        );
     }
 }

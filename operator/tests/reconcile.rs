@@ -794,3 +794,87 @@ async fn a_launcher_pod_refused_by_admission_shows_in_the_vms_reason_and_an_even
     // Looked at again soon: the namespace's level may change.
     assert_eq!(action, Action::requeue(hvx_operator::status::RESYNC_BUSY));
 }
+
+fn upload_disk() -> hvx_api::OverlayDisk {
+    serde_json::from_value(json!({
+        "apiVersion": "hvx.dev/v1alpha1", "kind": "OverlayDisk",
+        "metadata": {"name": "web-root", "namespace": "prod", "uid": "d-1",
+                     "resourceVersion": "3", "generation": 1,
+                     "finalizers": ["hvx.dev/cleanup"]},
+        "spec": {"source": {"upload": {}}},
+        "status": {"phase": "WaitingForUpload", "observedGeneration": 1},
+    }))
+    .expect("disk")
+}
+
+/// The upload endpoint only records progress (and wakes the disk); the disk's
+/// reconcile is the one that writes it into the status: while bytes arrive, then
+/// once the copies are complete.
+#[tokio::test]
+async fn the_disk_reconcile_writes_the_upload_progress_the_endpoint_recorded() {
+    use hvx_operator::context::{UploadBook, UploadProgress, UploadSettings};
+    let book = UploadBook::default();
+    let mut wakeups = book.take_wakeups().expect("wake-ups");
+    let mut progress = UploadProgress {
+        bytes_done: 8 << 20,
+        bytes_total: 32 << 20,
+        complete: false,
+        nodes: vec!["n1".into(), "n3".into()],
+        sha256: String::new(),
+    };
+    book.record("prod", "web-root", "d-1", progress.clone());
+    assert_eq!(
+        wakeups.try_recv().expect("woken"),
+        ("prod".to_string(), "web-root".to_string())
+    );
+    let config = OperatorConfig {
+        upload: Some(UploadSettings {
+            max_bytes: 1 << 40,
+            book: book.clone(),
+        }),
+        ..OperatorConfig::default()
+    };
+    let status_writes = |seen: &common::Requests| -> Vec<Value> {
+        seen.iter()
+            .filter(|(m, p, _)| {
+                m == Method::PATCH && p.ends_with("/namespaces/prod/overlaydisks/web-root/status")
+            })
+            .map(|(_, _, b)| b["status"].clone())
+            .collect()
+    };
+    let pass = |config: OperatorConfig| async move {
+        let (ctx, handle) = context_with_nodes(vec![], vec![], vec![], vec![], config);
+        let api = serve(
+            handle,
+            serde_json::to_value(upload_disk()).expect("json"),
+            vec![],
+        );
+        hvx_operator::disk::reconcile(Arc::new(upload_disk()), ctx.clone())
+            .await
+            .expect("pass");
+        drop(ctx);
+        api.await.expect("api")
+    };
+    let seen = pass(config.clone()).await;
+    let writes = status_writes(&seen);
+    assert_eq!(writes.len(), 1, "{seen:?}");
+    // The phase was already WaitingForUpload: only what changed is written.
+    assert_eq!(writes[0]["phase"], Value::Null, "{}", writes[0]);
+    assert_eq!(writes[0]["bytesDone"], json!(8u64 << 20));
+    assert_eq!(writes[0]["bytesTotal"], json!(32u64 << 20));
+    assert!(
+        writes[0]["progress"]
+            .as_str()
+            .is_some_and(|p| p.contains("25%") && p.contains("n1, n3")),
+        "{}",
+        writes[0]
+    );
+    // Complete on both nodes: Pending, all bytes.
+    progress.bytes_done = 32 << 20;
+    progress.complete = true;
+    book.record("prod", "web-root", "d-1", progress);
+    let writes = status_writes(&pass(config).await);
+    assert_eq!(writes.len(), 1);
+    assert_eq!(writes[0]["phase"], "Pending", "{}", writes[0]);
+    assert_eq!(writes[0]["bytesDone"], json!(32u64 << 20));
+}

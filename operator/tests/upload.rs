@@ -1,45 +1,36 @@
-//! The upload endpoint on loopback, driven by the real `kubectl hvx` upload client:
-//! a whole upload, a resumed one (nothing re-sent), offset conflicts, the size limit
-//! and the store's capacity, a declared size, unknown disks, authentication and
-//! authorization (another namespace's user is refused, also for offset reads), and
-//! agents fetching identical bytes only with their key. The OverlayDisk lookup and
-//! the token/access reviews are tables here; tests/upload_apiserver.rs asks a real
-//! API server.
+//! The upload endpoint on loopback, driven by the real `kubectl hvx` upload client,
+//! in front of three real node agents' upload stores (in this process, on temp
+//! dirs): every chunk lands on two of them, chosen from the disk's UID; a rerun
+//! resumes where the copies are (nothing re-sent), also against a new endpoint (an
+//! operator that restarted or moved: nothing was kept in it); a copy ahead of the
+//! other skips what it has; a one-node cluster keeps one copy; offset conflicts, the
+//! size limit, full nodes (507), a declared size, unknown disks, a short body
+//! (nothing stored anywhere), authentication and authorization (another namespace's
+//! user is refused, also for offset reads). The OverlayDisk lookup and the
+//! token/access reviews are tables here; e2e/tests/access.rs asks a real API server.
 
+use futures::StreamExt;
 use hvx_import::DiskLocation;
+use hvx_node_agent::agent::{Agent, AgentConfig, uploads};
 use hvx_operator::upload::{
-    Access, Caller, Denied, Disks, FetchSecret, Server, UploadSettings, UploadTarget, fetch_url,
-    forbidden_text, serve,
+    Access, Caller, Copies, CopyError, Denied, Disks, Server, UploadBook, UploadSettings,
+    UploadTarget, forbidden_text, serve,
 };
+use hvx_proto::v1 as pb;
 use kubectl_hvx::upload::{HttpEndpoint, Progress, Tuning, UploadEndpoint, upload};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-#[derive(Default)]
-struct MapDisks {
-    targets: HashMap<String, UploadTarget>,
-    reports: Mutex<Vec<(String, serde_json::Value)>>,
-}
+struct MapDisks(HashMap<String, UploadTarget>);
 
-/// The test's handle on the map (the server owns one, the test another).
-struct Shared(Arc<MapDisks>);
-
-impl Disks for Shared {
+impl Disks for MapDisks {
     async fn target(&self, ns: &str, name: &str) -> Result<UploadTarget, String> {
         self.0
-            .targets
             .get(&format!("{ns}/{name}"))
             .cloned()
             .ok_or_else(|| format!("OverlayDisk {ns}/{name} does not exist"))
-    }
-    async fn report(&self, ns: &str, name: &str, status: serde_json::Value) {
-        self.0
-            .reports
-            .lock()
-            .expect("lock")
-            .push((format!("{ns}/{name}"), status));
     }
 }
 
@@ -70,59 +61,107 @@ impl Access for TableAccess {
     }
 }
 
+/// The node agents, called in process as their gRPC service calls them.
+#[derive(Clone)]
+struct Nodes(Arc<BTreeMap<String, Arc<Agent>>>);
+
+fn copy_error(e: hvx_node_agent::agent::error::AgentError) -> CopyError {
+    CopyError {
+        code: e.code(),
+        message: e.to_string(),
+    }
+}
+
+impl Copies for Nodes {
+    async fn nodes(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+    async fn get(&self, node: &str, uid: &str) -> Result<pb::UploadState, CopyError> {
+        uploads::get(&self.0[node], uid).await.map_err(copy_error)
+    }
+    async fn put(
+        &self,
+        node: &str,
+        chunks: tokio::sync::mpsc::Receiver<pb::UploadChunk>,
+    ) -> Result<pb::UploadState, CopyError> {
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(Ok);
+        uploads::put(&self.0[node], stream)
+            .await
+            .map_err(copy_error)
+    }
+}
+
 struct Fixture {
     base: String,
     dir: tempfile::TempDir,
-    disks: Arc<MapDisks>,
-    settings: UploadSettings,
+    nodes: Nodes,
+    book: UploadBook,
 }
 
-async fn start(max_bytes: u64, capacity_bytes: u64) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut targets = HashMap::new();
-    targets.insert(
-        "prod/web-root".to_string(),
-        UploadTarget {
-            uid: "uid-web".into(),
-            size_bytes: None,
-        },
-    );
-    targets.insert(
-        "prod/db-root".to_string(),
-        UploadTarget {
-            uid: "uid-db".into(),
-            size_bytes: Some(12345),
-        },
-    );
-    targets.insert(
-        "prod/other".to_string(),
-        UploadTarget {
-            uid: "uid-other".into(),
-            size_bytes: None,
-        },
-    );
-    let disks = Arc::new(MapDisks {
-        targets,
-        ..Default::default()
-    });
+fn nodes(dir: &std::path::Path, count: usize, capacity: Option<u64>) -> Nodes {
+    let mut m = BTreeMap::new();
+    for i in 1..=count {
+        let name = format!("n{i}");
+        let agent = Agent::open(AgentConfig {
+            node_name: name.clone(),
+            node_ip: std::net::Ipv4Addr::LOCALHOST,
+            store_root: dir.join(&name).join("store"),
+            run_root: dir.join(&name).join("run"),
+            underlay_mtu: 1500,
+            egress_denied: Vec::new(),
+            egress_allowed: Vec::new(),
+            http_policy: Default::default(),
+            upload_capacity_bytes: capacity,
+        })
+        .expect("agent");
+        m.insert(name, Arc::new(agent));
+    }
+    Nodes(Arc::new(m))
+}
+
+fn targets() -> HashMap<String, UploadTarget> {
+    let mut t = HashMap::new();
+    for (key, uid, size) in [
+        ("prod/web-root", "uid-web", None),
+        ("prod/db-root", "uid-db", Some(12345)),
+        ("prod/other", "uid-other", None),
+    ] {
+        t.insert(
+            key.to_string(),
+            UploadTarget {
+                uid: uid.into(),
+                size_bytes: size,
+            },
+        );
+    }
+    t
+}
+
+/// An endpoint (a fresh one: an operator that just started) in front of `nodes`.
+async fn endpoint(nodes: Nodes, max_bytes: u64) -> (String, UploadBook) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let book = UploadBook::default();
     let settings = UploadSettings {
-        dir: dir.path().join("uploads"),
-        internal_url: format!("http://{addr}"),
         max_bytes,
-        capacity_bytes,
-        fetch_secret: FetchSecret(vec![7; 32]),
+        book: book.clone(),
     };
-    let server = Server::new(settings.clone(), Shared(disks.clone()), TableAccess).expect("server");
+    let server = Server::new(settings, MapDisks(targets()), TableAccess, nodes);
     tokio::spawn(serve(listener, Arc::new(server)));
+    (format!("http://{addr}/v1alpha1"), book)
+}
+
+async fn start(count: usize, max_bytes: u64, capacity: Option<u64>) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = nodes(dir.path(), count, capacity);
+    let (base, book) = endpoint(nodes.clone(), max_bytes).await;
     Fixture {
-        base: format!("http://{addr}/v1alpha1"),
+        base,
         dir,
-        disks,
-        settings,
+        nodes,
+        book,
     }
 }
 
@@ -149,36 +188,52 @@ fn tuning(chunk: usize) -> Tuning {
     }
 }
 
-async fn get(url: &str) -> (u16, Vec<u8>) {
-    let client = reqwest::Client::new();
-    let r = client.get(url).send().await.expect("get");
-    let code = r.status().as_u16();
-    (code, r.bytes().await.expect("body").to_vec())
+/// What each node holds of `uid`: (node, offset, complete).
+async fn held(nodes: &Nodes, uid: &str) -> Vec<(String, u64, bool)> {
+    let mut out = Vec::new();
+    for (n, a) in nodes.0.iter() {
+        let s = uploads::get(a, uid).await.expect("get");
+        if s.offset > 0 || s.complete {
+            out.push((n.clone(), s.offset, s.complete));
+        }
+    }
+    out
 }
 
 #[tokio::test]
-async fn whole_upload_resume_and_agent_fetch() {
-    let fx = start(1 << 30, 1 << 30).await;
+async fn chunks_land_on_two_nodes_and_a_new_endpoint_resumes() {
+    let fx = start(3, 1 << 30, None).await;
     let (loc, data) = disk_file(fx.dir.path(), 3 * 1024 * 1024 + 17);
+    let total = data.len() as u64;
     let ep = HttpEndpoint::new(&fx.base, "prod", Some("alice-token".into())).expect("endpoint");
     assert_eq!(ep.offset("web-root").await.expect("offset"), 0);
 
-    // First run: 2 chunks only (as if the user pressed Ctrl-C), then a rerun resumes.
+    // First run: one chunk only (as if the user pressed Ctrl-C).
     let first = ep
-        .put("web-root", 0, data.len() as u64, data[..1 << 20].to_vec())
+        .put("web-root", 0, total, data[..1 << 20].to_vec())
         .await
         .expect("chunk 1");
     assert_eq!(first, 1 << 20);
-    assert_eq!(ep.offset("web-root").await.expect("offset"), 1 << 20);
-    // A chunk at the wrong offset is refused and changes nothing.
-    assert!(
-        ep.put("web-root", 5, data.len() as u64, vec![0; 10])
-            .await
-            .is_err()
+    let copies = held(&fx.nodes, "uid-web").await;
+    assert_eq!(copies.len(), 2, "two copies: {copies:?}");
+    assert!(copies.iter().all(|(_, o, _)| *o == 1 << 20), "{copies:?}");
+    let progress = fx.book.get("uid-web").expect("recorded");
+    assert_eq!(
+        (progress.bytes_done, progress.bytes_total),
+        (1 << 20, total)
     );
+    assert!(!progress.complete);
+    // A chunk at the wrong offset is refused and changes nothing.
+    assert!(ep.put("web-root", 5, total, vec![0; 10]).await.is_err());
     assert_eq!(ep.offset("web-root").await.expect("offset"), 1 << 20);
+
+    // The operator pod is gone: a new endpoint (nothing in memory) resumes from
+    // the copies, on the same two nodes.
+    let (base2, book2) = endpoint(fx.nodes.clone(), 1 << 30).await;
+    let ep2 = HttpEndpoint::new(&base2, "prod", Some("alice-token".into())).expect("endpoint");
+    assert_eq!(ep2.offset("web-root").await.expect("offset"), 1 << 20);
     let sent = upload(
-        &ep,
+        &ep2,
         "web-root",
         &loc,
         tuning(1 << 20),
@@ -188,41 +243,98 @@ async fn whole_upload_resume_and_agent_fetch() {
     .expect("resumed upload");
     assert_eq!(
         sent,
-        data.len() as u64 - (1 << 20),
+        total - (1 << 20),
         "the rerun sent only what was missing"
     );
+    let after = held(&fx.nodes, "uid-web").await;
     assert_eq!(
-        ep.offset("web-root").await.expect("offset"),
-        data.len() as u64
+        after.iter().map(|(n, _, _)| n.clone()).collect::<Vec<_>>(),
+        copies.iter().map(|(n, _, _)| n.clone()).collect::<Vec<_>>(),
+        "the same nodes"
     );
-    // Completion moved the disk to Pending.
-    let reports = fx.disks.reports.lock().expect("lock").clone();
-    let last = reports.last().expect("a report");
-    assert_eq!(last.1["phase"], "Pending", "{reports:?}");
-    assert!(hvx_operator::upload::complete(&fx.settings, "uid-web"));
+    assert!(after.iter().all(|(_, o, c)| *o == total && *c), "{after:?}");
+    for (n, _, _) in &after {
+        let bytes = std::fs::read(uploads::complete_path(&fx.nodes.0[n], "uid-web")).expect("file");
+        assert_eq!(Sha256::digest(&bytes), Sha256::digest(&data), "{n}");
+    }
+    let done = book2.get("uid-web").expect("recorded");
+    assert!(done.complete);
+    assert_eq!(done.bytes_done, total);
+    assert_eq!(
+        done.sha256,
+        Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    assert_eq!(ep.offset("web-root").await.expect("offset"), total);
+    // A rerun of a complete upload sends nothing.
+    let sent = upload(
+        &ep,
+        "web-root",
+        &loc,
+        tuning(1 << 20),
+        &mut Progress::default(),
+    )
+    .await
+    .expect("complete");
+    assert_eq!(sent, 0);
+}
 
-    // Agents fetch identical bytes.
-    let (code, body) = get(&fetch_url(&fx.settings, "uid-web")).await;
-    assert_eq!(code, 200);
-    assert_eq!(Sha256::digest(&body), Sha256::digest(&data));
-    let (code, _) = get(&fetch_url(&fx.settings, "uid-db")).await;
-    assert_eq!(code, 404, "incomplete uploads are not served");
-    // Without the key, or with another upload's key, nothing is served.
-    let bare = fetch_url(&fx.settings, "uid-web");
-    let bare = bare.split('?').next().expect("path");
-    assert_eq!(get(bare).await.0, 403);
-    let other_key = fetch_url(&fx.settings, "uid-db");
-    let other_key = other_key.split('?').nth(1).expect("query");
-    assert_eq!(get(&format!("{bare}?{other_key}")).await.0, 403);
+#[tokio::test]
+async fn a_copy_ahead_skips_what_it_has_and_one_node_keeps_one_copy() {
+    let fx = start(2, 1 << 30, None).await;
+    let (loc, data) = disk_file(fx.dir.path(), (2 << 20) + 5);
+    let total = data.len() as u64;
+    let ep = HttpEndpoint::new(&fx.base, "prod", Some("alice-token".into())).expect("endpoint");
+    ep.put("web-root", 0, total, data[..1 << 20].to_vec())
+        .await
+        .expect("chunk 1");
+    // One node got the next chunk, the other did not (the operator died between).
+    let n1 = &fx.nodes.0["n1"];
+    uploads::put(
+        n1,
+        futures::stream::iter([Ok(pb::UploadChunk {
+            disk_uid: "uid-web".into(),
+            offset: 1 << 20,
+            total,
+            data: data[1 << 20..(1 << 20) + 1000].to_vec(),
+        })]),
+    )
+    .await
+    .expect("ahead");
+    // The user resumes where every copy is; n1 skips its extra bytes.
+    assert_eq!(ep.offset("web-root").await.expect("offset"), 1 << 20);
+    upload(
+        &ep,
+        "web-root",
+        &loc,
+        tuning(1 << 20),
+        &mut Progress::default(),
+    )
+    .await
+    .expect("resumed");
+    for (n, a) in fx.nodes.0.iter() {
+        let bytes = std::fs::read(uploads::complete_path(a, "uid-web")).expect("file");
+        assert_eq!(bytes, data, "{n}");
+    }
 
-    // Deleting the OverlayDisk forgets the bytes.
-    hvx_operator::upload::forget(&fx.settings, "uid-web");
-    assert!(!hvx_operator::upload::complete(&fx.settings, "uid-web"));
+    // A one-node cluster: one copy.
+    let one = start(1, 1 << 30, None).await;
+    let ep = HttpEndpoint::new(&one.base, "prod", Some("alice-token".into())).expect("endpoint");
+    let (loc, data) = disk_file(one.dir.path(), 100_000);
+    upload(&ep, "other", &loc, tuning(30_000), &mut Progress::default())
+        .await
+        .expect("one copy");
+    assert_eq!(
+        held(&one.nodes, "uid-other").await,
+        [("n1".to_string(), data.len() as u64, true)]
+    );
 }
 
 #[tokio::test]
 async fn only_authorized_callers_upload_or_read_offsets() {
-    let fx = start(1 << 30, 1 << 30).await;
+    let fx = start(3, 1 << 30, None).await;
     let put = |token: Option<&str>| {
         let ep = HttpEndpoint::new(&fx.base, "prod", token.map(str::to_string)).expect("endpoint");
         async move { ep.put("web-root", 0, 10, vec![1; 10]).await }
@@ -249,17 +361,18 @@ async fn only_authorized_callers_upload_or_read_offsets() {
         .await
         .expect_err("no such disk");
     assert!(err.to_string().contains("403"), "{err}");
-    assert!(fx.disks.reports.lock().expect("lock").is_empty());
+    assert!(fx.book.get("uid-web").is_none());
     // Nothing was stored by the refused calls; alice's upload starts at 0.
+    assert!(held(&fx.nodes, "uid-web").await.is_empty());
     let alice = HttpEndpoint::new(&fx.base, "prod", Some("alice-token".into())).expect("ep");
     assert_eq!(alice.offset("web-root").await.expect("offset"), 0);
     assert_eq!(put(Some("alice-token")).await.expect("alice"), 10);
 }
 
 #[tokio::test]
-async fn the_store_capacity_refuses_before_eviction() {
-    // Room for 3 MiB in all: a 2 MiB upload in progress reserves its whole size.
-    let fx = start(1 << 30, 3 << 20).await;
+async fn full_nodes_refuse_before_anything_is_written() {
+    // Each node takes 3 MiB of uploads: a 2 MiB upload in progress counts whole.
+    let fx = start(2, 1 << 30, Some(3 << 20)).await;
     let ep = HttpEndpoint::new(&fx.base, "prod", Some("alice-token".into())).expect("endpoint");
     ep.put("web-root", 0, 2 << 20, vec![1; 1024])
         .await
@@ -278,17 +391,15 @@ async fn the_store_capacity_refuses_before_eviction() {
         &mut Progress::default(),
     )
     .await
-    .expect_err("over the capacity");
+    .expect_err("no two nodes have room");
     let msg = err.to_string();
-    assert!(
-        msg.contains("413") && msg.contains("upload.sizeLimit"),
-        "{msg}"
-    );
+    assert!(msg.contains("507"), "{msg}");
+    assert!(held(&fx.nodes, "uid-other").await.is_empty());
 }
 
 #[tokio::test]
 async fn refusals_are_clear() {
-    let fx = start(4096, 1 << 30).await;
+    let fx = start(3, 4096, None).await;
     let ep = HttpEndpoint::new(&fx.base, "prod", Some("alice-token".into())).expect("endpoint");
     let err = ep
         .put("web-root", 0, 1 << 20, vec![1; 10])
@@ -306,7 +417,7 @@ async fn refusals_are_clear() {
         .await
         .expect_err("unknown disk");
     assert!(err.to_string().contains("404"), "{err}");
-    // A body shorter than its Content-Range stores nothing.
+    // A body shorter than its Content-Range stores nothing on any node.
     let client = reqwest::Client::new();
     let r = client
         .put(format!(
@@ -321,4 +432,9 @@ async fn refusals_are_clear() {
         .expect("put");
     assert_eq!(r.status().as_u16(), 400);
     assert_eq!(ep.offset("web-root").await.expect("offset"), 0);
+    assert!(
+        held(&fx.nodes, "uid-web").await.is_empty(),
+        "{:?}",
+        held(&fx.nodes, "uid-web").await
+    );
 }

@@ -14,6 +14,7 @@ pub mod names;
 pub mod ova;
 pub mod qemu_img;
 pub mod qmp;
+pub mod relay;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -33,6 +33,10 @@ pub enum ImportSource {
     },
     /// A member of an OVA (tar), read by name without extracting other members.
     OvaMember { ova: PathBuf, member: String },
+    /// A completed upload held in the store (`uploads/<uid>.complete`): staged as one
+    /// file, so a VMDK descriptor in it can name no other file (no extents, no other
+    /// upload), then validated like any source.
+    Uploaded { path: PathBuf },
     /// A member of an OVA served over HTTP(S): the archive is downloaded like an
     /// `Http` source (same egress policy, redirect checks, size limit, resume), then
     /// the member is staged from it as for `OvaMember` and the archive deleted.
@@ -196,6 +200,7 @@ impl DiskStore {
             ImportSource::OvaMember { ova, member } => {
                 self.stage_ova_member(ova, member, progress.clone()).await?
             }
+            ImportSource::Uploaded { path } => self.stage_uploaded(path, progress.clone()).await?,
             ImportSource::HttpOvaMember {
                 url,
                 member,
@@ -247,6 +252,30 @@ impl DiskStore {
         })
         .await;
         staged_or_cleanup(staging, entry, result)
+    }
+
+    /// Stages a completed upload as the single file `upload` (symlinks and anything
+    /// not a regular file refused).
+    pub async fn stage_uploaded(
+        &self,
+        path: &Path,
+        progress: Option<ProgressFn>,
+    ) -> Result<Staged> {
+        const ENTRY: &str = "upload";
+        let staging = self.new_staging_dir(ENTRY)?;
+        let (path, dst) = (path.to_path_buf(), staging.join(ENTRY));
+        let result = blocking(move || {
+            let mut src = open_regular(&path)?;
+            let len = src.metadata().map_err(io_err(&path))?.len();
+            let digest = copy_hashing(&mut src, len, &dst, &mut |d| {
+                if let Some(p) = &progress {
+                    p(ImportPhase::Fetching, d, len);
+                }
+            })?;
+            Ok((digest, len))
+        })
+        .await;
+        staged_or_cleanup(staging, ENTRY, result)
     }
 
     /// Stages an upload stream as the single file `entry`.

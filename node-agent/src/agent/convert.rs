@@ -306,8 +306,10 @@ pub fn import_source(src: &pb::DiskSource) -> Result<ImportSource, AgentError> {
         Some(Kind::BlankBytes(_)) => Err(AgentError::Invalid(
             "a blank disk has no import source".into(),
         )),
-        Some(Kind::UploadToken(_)) => Err(AgentError::Precondition(
-            "waiting for the upload to complete".into(),
+        // Uploads are imported from the node's own upload store (`disks::prepare`).
+        Some(Kind::Upload(_)) => Err(AgentError::Invalid(
+            "an upload is imported from the node's upload store, not through this translation"
+                .into(),
         )),
         None => Err(AgentError::Invalid("the disk has no source".into())),
     }

@@ -29,7 +29,7 @@ pub struct DiskRecord {
     pub source_bytes: u64,
 }
 
-fn check_uid(uid: &str) -> Result<(), AgentError> {
+pub(crate) fn check_uid(uid: &str) -> Result<(), AgentError> {
     let ok = !uid.is_empty()
         && uid.len() <= 64
         && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -42,7 +42,7 @@ fn check_uid(uid: &str) -> Result<(), AgentError> {
     }
 }
 
-fn record_path(agent: &Agent, uid: &str) -> PathBuf {
+pub(crate) fn record_path(agent: &Agent, uid: &str) -> PathBuf {
     agent
         .paths
         .agent_state()
@@ -82,14 +82,27 @@ pub fn prepare(
         return Ok(rx);
     }
     let source = req.source.clone().unwrap_or_default();
-    if matches!(source.kind, Some(pb::disk_source::Kind::UploadToken(_))) {
-        let (_tx, rx) = watch::channel(pb::DiskProgress {
-            phase: Phase::WaitingForUpload as i32,
-            message: "waiting for the upload to complete".into(),
-            ..Default::default()
-        });
-        return Ok(rx);
-    }
+    // An upload is imported from the completed copy this node's store holds (PutUpload);
+    // nodes without one get the base from a node that has it (ImportBase).
+    let uploaded = match &source.kind {
+        Some(pb::disk_source::Kind::Upload(uid)) if *uid != req.disk_uid => {
+            return Err(AgentError::Invalid(format!(
+                "an upload source names its own disk ({}), not {uid}",
+                req.disk_uid
+            )));
+        }
+        Some(pb::disk_source::Kind::Upload(_)) => {
+            let path = super::uploads::complete_path(agent, &req.disk_uid);
+            if !path.is_file() {
+                return Err(AgentError::Precondition(format!(
+                    "this node holds no completed upload of disk {}: it gets the base from a node that imported it",
+                    req.disk_uid
+                )));
+            }
+            Some(hvx_storage::ImportSource::Uploaded { path })
+        }
+        _ => None,
+    };
     // A blank disk has nothing to fetch: its base is the store's empty one and its
     // size is the declared capacity (see `hvx_storage::blank`).
     let blank = match source.kind {
@@ -101,9 +114,10 @@ pub fn prepare(
         Some(pb::disk_source::Kind::BlankBytes(n)) => Some(n),
         _ => None,
     };
-    let import = match blank {
-        Some(_) => None,
-        None => Some(import_source(&source)?),
+    let import = match (blank, uploaded) {
+        (Some(_), _) => None,
+        (None, Some(u)) => Some(u),
+        (None, None) => Some(import_source(&source)?),
     };
     let mut imports = agent.imports.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(rx) = imports.get(&req.disk_uid) {
@@ -272,6 +286,11 @@ pub async fn delete_overlay(
 /// Forgets an OverlayDisk and removes its base when nothing else uses it.
 pub async fn release(agent: &Agent, uid: &str) -> Result<bool, AgentError> {
     check_uid(uid)?;
+    // What the node holds of the disk's upload goes with it.
+    {
+        let _upload = agent.lock(&format!("upload/{uid}")).await;
+        super::uploads::remove(agent, uid)?;
+    }
     let _guard = agent.lock(&format!("disk/{uid}")).await;
     let Some(rec) = load_record(agent, uid) else {
         return Ok(false);

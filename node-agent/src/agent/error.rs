@@ -42,6 +42,9 @@ pub enum AgentError {
     /// A host tool (mount) failed.
     #[error("{0}")]
     Host(String),
+    /// The node has no room for it: RESOURCE_EXHAUSTED.
+    #[error("{0}")]
+    Full(String),
     /// Not decidable right now (a QEMU that does not answer, a rollback still
     /// settling): the caller asks again (ABORTED, which clients retry).
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl AgentError {
             AgentError::Precondition(_) => Code::FailedPrecondition,
             AgentError::Unimplemented(_) => Code::Unimplemented,
             AgentError::Retry(_) => Code::Aborted,
+            AgentError::Full(_) => Code::ResourceExhausted,
             AgentError::Refused(_) => Code::PermissionDenied,
             AgentError::Host(_) => Code::Internal,
             AgentError::Storage(e) => match e {

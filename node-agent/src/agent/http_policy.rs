@@ -20,7 +20,7 @@ pub struct PolicyInputs {
     pub node_addrs: Vec<IpAddr>,
     /// The API server's addresses (its Service and its endpoints).
     pub apiserver_addrs: Vec<IpAddr>,
-    /// `--http-trusted-origin`: the operator's upload Service.
+    /// `--http-trusted-origin`: origins fetched without the egress checks.
     pub trusted_origins: Vec<String>,
 }
 

@@ -10,6 +10,7 @@
 //! their own launcher pods and never depend on the agent process being up.
 
 pub mod authority_shim;
+pub mod bases;
 pub mod convert;
 pub mod csi;
 pub mod deviceplugin;
@@ -27,6 +28,7 @@ pub mod prereq;
 pub mod replica;
 pub mod server;
 pub mod taps;
+pub mod uploads;
 pub mod vms;
 
 use error::AgentError;
@@ -61,6 +63,9 @@ pub struct AgentConfig {
     pub egress_allowed: Vec<hvx_overlay::Ipv4Net>,
     /// Where `http` disk sources may be fetched from.
     pub http_policy: hvx_storage::egress::HttpPolicy,
+    /// Bytes all disk uploads held on this node may take together, each counted at its
+    /// declared total (`None`: only the store's free space limits them).
+    pub upload_capacity_bytes: Option<u64>,
 }
 
 impl AgentConfig {

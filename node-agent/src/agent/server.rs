@@ -2,7 +2,7 @@
 //! above, each call counted for /metrics.
 
 use super::error::AgentError;
-use super::{Agent, disks, migration, moves, network, replica, vms};
+use super::{Agent, bases, disks, migration, moves, network, replica, uploads, vms};
 use futures::Stream;
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::NodeAgent;
@@ -177,6 +177,45 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::OverlayInfo>, Status> {
         let r = moves::import(&self.agent, req.into_inner()).await;
         self.done("ImportOverlay", r)
+    }
+
+    async fn put_upload(
+        &self,
+        req: Request<tonic::Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadState>, Status> {
+        let r = uploads::put(&self.agent, req.into_inner()).await;
+        self.done("PutUpload", r)
+    }
+
+    async fn get_upload(
+        &self,
+        req: Request<pb::GetUploadRequest>,
+    ) -> Result<Response<pb::UploadState>, Status> {
+        let r = uploads::get(&self.agent, &req.into_inner().disk_uid).await;
+        self.done("GetUpload", r)
+    }
+
+    type ExportBaseStream = Stream_<pb::BaseChunk>;
+
+    async fn export_base(
+        &self,
+        req: Request<pb::ExportBaseRequest>,
+    ) -> Result<Response<Self::ExportBaseStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let r = bases::export(self.agent.clone(), req.into_inner(), tx)
+            .await
+            .map(|()| -> Self::ExportBaseStream {
+                Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+            });
+        self.done("ExportBase", r)
+    }
+
+    async fn import_base(
+        &self,
+        req: Request<tonic::Streaming<pb::BaseChunk>>,
+    ) -> Result<Response<pb::DiskProgress>, Status> {
+        let r = bases::import(&self.agent, req.into_inner()).await;
+        self.done("ImportBase", r)
     }
 
     async fn ensure_network(

@@ -97,11 +97,15 @@ struct Cli {
     /// (`agent.httpSources.denyCIDRs`).
     #[arg(long, value_delimiter = ',')]
     http_deny_cidr: Vec<ipnet::IpNet>,
-    /// Origins (`http://host:port`) fetched without the egress checks: the
-    /// operator's upload Service, which lives in the service CIDR. Its downloads are
-    /// authorized by a per-upload key only the operator hands out.
+    /// Origins (`http://host:port`) fetched without the egress checks (an in-cluster
+    /// image server the operator of the cluster trusts). Uploads no longer need one:
+    /// their bytes arrive through PutUpload.
     #[arg(long, value_delimiter = ',')]
     http_trusted_origin: Vec<String>,
+    /// Bytes all disk uploads held on this node may take together (each counted at
+    /// its declared total); 0: only the store's free space limits them.
+    #[arg(long, env = "HVX_UPLOAD_CAPACITY_BYTES", default_value_t = 0)]
+    upload_capacity_bytes: u64,
     /// The kubelet's root dir on this node (its `--root-dir`), mounted at the same
     /// path: the agent serves the `vm.hvx.dev` CSI driver that gives launcher pods
     /// their VM's directories, and the `devices.hvx.dev/kvm` device plugin, both
@@ -206,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
             .copied()
             .collect(),
         egress_allowed: cli.egress_allowed_cidr.clone(),
+        upload_capacity_bytes: (cli.upload_capacity_bytes > 0).then_some(cli.upload_capacity_bytes),
     };
     tracing::info!(?config, "starting");
     let agent = Arc::new(Agent::open(config).context("opening the node's disk store and switch")?);

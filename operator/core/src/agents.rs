@@ -273,6 +273,8 @@ impl Agent {
         prepare_migration_target(pb::PrepareMigrationTargetRequest) -> pb::MigrationEndpoint = "PrepareMigrationTarget";
         /// Cancels a migration in flight.
         cancel_migration(pb::CancelMigrationRequest) -> pb::CancelMigrationResponse = "CancelMigration";
+        /// What the node holds of a disk's upload, and its room for it.
+        get_upload(pb::GetUploadRequest) -> pb::UploadState = "GetUpload";
     }
 
     /// Imports an OverlayDisk's base; progress streams until Ready or Failed.
@@ -307,6 +309,49 @@ impl Agent {
             .map(tonic::Response::into_inner)
             .map_err(|s| status_error(&self.node, "ImportOverlay", &s));
         self.record("ImportOverlay", started, &r);
+        r
+    }
+
+    /// Stores one chunk of a disk upload (a client stream). No deadline: the answer
+    /// comes once the node synced the bytes (and hashed a completed upload).
+    pub async fn put_upload(
+        &self,
+        chunks: impl tonic::IntoStreamingRequest<Message = pb::UploadChunk>,
+    ) -> Result<pb::UploadState, Error> {
+        let started = Instant::now();
+        let mut c = self.inner.clone();
+        let r = c
+            .put_upload(chunks)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| status_error(&self.node, "PutUpload", &s));
+        self.record("PutUpload", started, &r);
+        r
+    }
+
+    /// Streams a base out by digest (to another node).
+    pub async fn export_base(
+        &self,
+        req: pb::ExportBaseRequest,
+    ) -> Result<tonic::Streaming<pb::BaseChunk>, Error> {
+        let mut c = self.inner.clone();
+        self.open("ExportBase", c.export_base(req)).await
+    }
+
+    /// Takes a base in (relayed from another node's ExportBase). No deadline: the
+    /// answer comes once the whole base arrived and was checked.
+    pub async fn import_base(
+        &self,
+        chunks: impl tonic::IntoStreamingRequest<Message = pb::BaseChunk>,
+    ) -> Result<pb::DiskProgress, Error> {
+        let started = Instant::now();
+        let mut c = self.inner.clone();
+        let r = c
+            .import_base(chunks)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| status_error(&self.node, "ImportBase", &s));
+        self.record("ImportBase", started, &r);
         r
     }
 

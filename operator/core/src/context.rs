@@ -7,8 +7,7 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Settings from flags and the Helm chart.
@@ -277,26 +276,99 @@ impl Context {
 /// Upload endpoint settings.
 #[derive(Clone, Debug)]
 pub struct UploadSettings {
-    /// Where partial and complete uploads are kept.
-    pub dir: PathBuf,
-    /// Base URL agents fetch completed uploads from (the Service, in-cluster).
-    pub internal_url: String,
     /// Largest disk accepted.
     pub max_bytes: u64,
-    /// Bytes all stored uploads together may take (the emptyDir's sizeLimit: past
-    /// it the kubelet evicts the operator and every upload is lost).
-    pub capacity_bytes: u64,
-    /// Key of the per-upload fetch keys agents are given.
-    pub fetch_secret: FetchSecret,
+    /// What the endpoint last stored of each upload, read by the disk reconcile.
+    pub book: UploadBook,
 }
 
-/// A secret that never appears in logs or Debug output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct FetchSecret(pub Vec<u8>);
+/// What the upload endpoint last stored of one upload (on the agents' stores).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UploadProgress {
+    /// Bytes every copy holds durably.
+    pub bytes_done: u64,
+    /// Declared total.
+    pub bytes_total: u64,
+    /// Every copy is complete.
+    pub complete: bool,
+    /// The nodes holding a copy.
+    pub nodes: Vec<String>,
+    /// Hex sha256 of the upload, once complete.
+    pub sha256: String,
+}
 
-impl std::fmt::Debug for FetchSecret {
+/// Upload progress by disk UID, in memory (like `Context::imports`): the endpoint
+/// records, the OverlayDisk reconcile (the one writer of the disk's status) reads. It
+/// is created before the controllers (the endpoint serves on every replica), so the
+/// wake-ups go through its own channel, which the controller takes at start.
+#[derive(Clone)]
+pub struct UploadBook {
+    progress: Arc<Mutex<HashMap<String, UploadProgress>>>,
+    wake_tx: tokio::sync::mpsc::UnboundedSender<DiskName>,
+    wake_rx: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<DiskName>>>>,
+}
+
+/// An OverlayDisk's (namespace, name).
+pub type DiskName = (String, String);
+
+impl Default for UploadBook {
+    fn default() -> Self {
+        let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            progress: Arc::default(),
+            wake_tx,
+            wake_rx: Arc::new(Mutex::new(Some(wake_rx))),
+        }
+    }
+}
+
+impl std::fmt::Debug for UploadBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FetchSecret(..)")
+        f.write_str("UploadBook")
+    }
+}
+
+impl UploadBook {
+    /// Records `uid`'s progress and wakes the reconcile of OverlayDisk `ns/name`.
+    pub fn record(&self, ns: &str, name: &str, uid: &str, p: UploadProgress) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_string(), p);
+        let _ = self.wake_tx.send((ns.to_string(), name.to_string()));
+    }
+
+    /// Records what the agents answered (a restarted operator), without a wake-up.
+    pub fn learn(&self, uid: &str, p: UploadProgress) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_string(), p);
+    }
+
+    /// The last recorded progress of `uid`.
+    pub fn get(&self, uid: &str) -> Option<UploadProgress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    /// Forgets `uid` (its OverlayDisk is gone).
+    pub fn forget(&self, uid: &str) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
+    /// The wake-ups (namespace, name), once: for the OverlayDisk controller.
+    pub fn take_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, String)>> {
+        self.wake_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 

@@ -441,7 +441,7 @@ pub fn prepare_disk_request(disk: &OverlayDisk) -> Result<pb::PrepareDiskRequest
             path: p.path.clone(),
         })
     } else if src.upload.is_some() {
-        Kind::UploadToken(disk.metadata.uid.clone().unwrap_or_default())
+        Kind::Upload(disk.metadata.uid.clone().unwrap_or_default())
     } else if let Some(o) = &src.ova {
         Kind::Ova(pb::OvaMember {
             url: o.url.clone().unwrap_or_default(),

@@ -42,9 +42,10 @@ struct Args {
     /// Where agents ask for their certificates (the `hvx-identity` Service targets it).
     #[arg(long, env = "HVX_IDENTITY_LISTEN", default_value = "0.0.0.0:9445")]
     identity_listen: std::net::SocketAddr,
-    /// Directory for disk uploads (`kubectl hvx import --upload`); unset disables them.
-    #[arg(long, env = "HVX_UPLOAD_DIR")]
-    upload_dir: Option<std::path::PathBuf>,
+    /// Serve disk uploads (`kubectl hvx import --upload`): the bytes go to the node
+    /// agents' stores as they arrive, nothing is kept in this pod.
+    #[arg(long, env = "HVX_UPLOADS", default_value_t = false)]
+    uploads: bool,
     /// Where to serve Prometheus `/metrics` and `/healthz` (empty: nowhere).
     #[arg(long, env = "HVX_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: String,
@@ -60,13 +61,6 @@ struct Args {
     /// Upload endpoint listen address (the `hvx-upload` Service targets it).
     #[arg(long, env = "HVX_UPLOAD_LISTEN", default_value = "0.0.0.0:8081")]
     upload_listen: std::net::SocketAddr,
-    /// URL agents fetch completed uploads from (the Service, in-cluster).
-    #[arg(
-        long,
-        env = "HVX_UPLOAD_INTERNAL_URL",
-        default_value = "http://hvx-upload.hvx-system.svc:8081"
-    )]
-    upload_internal_url: String,
     /// Largest disk accepted by upload, bytes.
     #[arg(long, env = "HVX_UPLOAD_MAX_BYTES", default_value_t = 2 << 40)]
     upload_max_bytes: u64,
@@ -74,11 +68,6 @@ struct Args {
     /// `hvx-seal-key` Secret; the node agents read the same key).
     #[arg(long, env = "HVX_SEAL_KEY_FILE")]
     seal_key_file: Option<std::path::PathBuf>,
-    /// Bytes all stored uploads together may take, a Kubernetes quantity (`50Gi`):
-    /// the upload volume's sizeLimit, so an upload is refused (413) before the
-    /// kubelet would evict the operator.
-    #[arg(long, env = "HVX_UPLOAD_CAPACITY", default_value = "50Gi")]
-    upload_capacity: String,
     #[command(flatten)]
     timings: hvx_operator::context::Timings,
     #[command(flatten)]
@@ -177,30 +166,26 @@ async fn main() -> anyhow::Result<()> {
         namespace: namespace.clone(),
         liveness: args.liveness.clone(),
     };
-    if let Some(dir) = &args.upload_dir {
-        let capacity_bytes = hvx_operator::hostplan::quantity_bytes(&args.upload_capacity)
-            .with_context(|| {
-                format!(
-                    "--upload-capacity {:?} is not a byte quantity (e.g. 50Gi)",
-                    args.upload_capacity
-                )
-            })?;
+    let metrics = std::sync::Arc::new(hvx_operator::metrics::Metrics::default());
+    if args.uploads {
         let settings = hvx_operator::upload::UploadSettings {
-            dir: dir.clone(),
-            internal_url: args.upload_internal_url.clone(),
             max_bytes: args.upload_max_bytes,
-            capacity_bytes,
-            fetch_secret: hvx_operator::upload::load_or_create_fetch_secret(dir)?,
+            book: hvx_operator::upload::UploadBook::default(),
         };
         let server = hvx_operator::upload::Server::new(
             settings.clone(),
             hvx_operator::upload::KubeDisks(client.clone()),
             hvx_operator::upload::KubeAccess::new(client.clone()),
-        )?;
+            hvx_operator::upload::AgentCopies::new(
+                client.clone(),
+                config.agents.clone(),
+                metrics.clone(),
+            ),
+        );
         let listener = tokio::net::TcpListener::bind(args.upload_listen)
             .await
             .with_context(|| format!("binding the upload endpoint {}", args.upload_listen))?;
-        tracing::info!(listen = %args.upload_listen, dir = %dir.display(), "serving disk uploads");
+        tracing::info!(listen = %args.upload_listen, "serving disk uploads (kept on the node agents)");
         // Serves on every replica, leader or not: it is a data path.
         tokio::spawn(hvx_operator::upload::serve(
             listener,
@@ -211,7 +196,6 @@ async fn main() -> anyhow::Result<()> {
     if config.agents.tls.is_none() {
         tracing::warn!("--ca-dir not set: node agents are called without TLS");
     }
-    let metrics = std::sync::Arc::new(hvx_operator::metrics::Metrics::default());
     if !args.metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&args.metrics_listen)
             .await

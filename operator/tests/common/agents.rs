@@ -7,8 +7,8 @@
 //! export of a run stalls after one chunk (the relaying operator dies meanwhile);
 //! ImportOverlay installs only a complete stream whose trailer matches, as the real
 //! agent; PrepareMigrationTarget answers an endpoint on n2's address; CancelMigration
-//! says the migration never started there; the rest answer Ok where a cleanup or a
-//! start calls them.
+//! says the migration never started there; ExportBase has no base (the operator falls
+//! back to PrepareDisk); the rest answer Ok where a cleanup or a start calls them.
 
 use hvx_proto::v1 as pb;
 use hvx_proto::v1::node_agent_server::{NodeAgent, NodeAgentServer};
@@ -371,6 +371,40 @@ impl NodeAgent for FakeAgent {
         &self,
         _: Request<pb::StopReplicationRequest>,
     ) -> Result<Response<pb::StopReplicationResponse>, Status> {
+        unused()
+    }
+
+    async fn put_upload(
+        &self,
+        _: Request<tonic::Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadState>, Status> {
+        unused()
+    }
+
+    async fn get_upload(
+        &self,
+        _: Request<pb::GetUploadRequest>,
+    ) -> Result<Response<pb::UploadState>, Status> {
+        unused()
+    }
+
+    // No fake node holds a base another asks for: the operator falls back to the
+    // source (PrepareDisk), as with a base released meanwhile.
+    type ExportBaseStream = Boxed<pb::BaseChunk>;
+    async fn export_base(
+        &self,
+        req: Request<pb::ExportBaseRequest>,
+    ) -> Result<Response<Self::ExportBaseStream>, Status> {
+        Err(Status::failed_precondition(format!(
+            "base {} is not on this node",
+            req.into_inner().digest
+        )))
+    }
+
+    async fn import_base(
+        &self,
+        _: Request<tonic::Streaming<pb::BaseChunk>>,
+    ) -> Result<Response<pb::DiskProgress>, Status> {
         unused()
     }
 }

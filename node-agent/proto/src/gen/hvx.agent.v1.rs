@@ -62,9 +62,10 @@ pub mod disk_source {
         /// Path relative to a PVC mounted by the agent.
         #[prost(message, tag = "2")]
         Pvc(super::PvcPath),
-        /// Bytes will arrive on the agent's upload endpoint under this token.
+        /// The completed upload this node's store holds (uploads/<uid>.complete, written by
+        /// PutUpload): the disk UID, equal to PrepareDiskRequest.disk_uid.
         #[prost(string, tag = "3")]
-        UploadToken(::prost::alloc::string::String),
+        Upload(::prost::alloc::string::String),
         #[prost(message, tag = "4")]
         Ova(super::OvaMember),
         /// Clone the base of another OverlayDisk (by its UID).
@@ -299,6 +300,107 @@ pub struct OverlayTrailer {
     /// Hex sha256 of each file, in OverlayHeader.files order.
     #[prost(string, repeated, tag = "1")]
     pub sha256: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UploadChunk {
+    /// Set on the first message (later ones may repeat it).
+    #[prost(string, tag = "1")]
+    pub disk_uid: ::prost::alloc::string::String,
+    /// Offset of `data` in the upload.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    /// The upload's whole size (first message).
+    #[prost(uint64, tag = "3")]
+    pub total: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetUploadRequest {
+    #[prost(string, tag = "1")]
+    pub disk_uid: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UploadState {
+    /// Bytes held (durable).
+    #[prost(uint64, tag = "1")]
+    pub offset: u64,
+    /// Declared total, 0 when nothing is held.
+    #[prost(uint64, tag = "2")]
+    pub total: u64,
+    #[prost(bool, tag = "3")]
+    pub complete: bool,
+    /// Hex sha256 of the whole upload, once complete.
+    #[prost(string, tag = "4")]
+    pub sha256: ::prost::alloc::string::String,
+    /// Bytes this disk's upload may still add on this node: free space less what the
+    /// other uploads in progress will still write, within the node's upload capacity
+    /// (which counts the others at their declared totals). Compare with total - offset.
+    #[prost(uint64, tag = "5")]
+    pub room_bytes: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExportBaseRequest {
+    /// "sha256:<hex>" or "<hex>".
+    #[prost(string, tag = "1")]
+    pub digest: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BaseChunk {
+    #[prost(oneof = "base_chunk::Part", tags = "1, 2, 3")]
+    pub part: ::core::option::Option<base_chunk::Part>,
+}
+/// Nested message and enum types in `BaseChunk`.
+pub mod base_chunk {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Part {
+        #[prost(message, tag = "1")]
+        Header(super::BaseHeader),
+        #[prost(message, tag = "2")]
+        Data(super::BaseData),
+        /// Hex sha256 of the base file as sent.
+        #[prost(string, tag = "3")]
+        Sha256(::prost::alloc::string::String),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BaseHeader {
+    /// "sha256:<hex>" of the content (the source bytes it was imported from).
+    #[prost(string, tag = "1")]
+    pub digest: ::prost::alloc::string::String,
+    /// Bytes of the base file (qcow2).
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    #[prost(uint64, tag = "3")]
+    pub virtual_bytes: u64,
+    #[prost(string, tag = "4")]
+    pub source_format: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub source_subformat: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "6")]
+    pub source_bytes: u64,
+    /// Set by the operator: the OverlayDisk recorded as imported with this base.
+    #[prost(string, tag = "7")]
+    pub disk_uid: ::prost::alloc::string::String,
+    /// Detected format as PrepareDisk reports it ("vmdk/streamoptimized").
+    #[prost(string, tag = "8")]
+    pub detected_format: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BaseData {
+    /// Offset in the base file: chunks come in order, without gaps.
+    #[prost(uint64, tag = "1")]
+    pub offset: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub bytes: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1196,7 +1298,8 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "DeleteOverlay"));
             self.inner.unary(req, path, codec).await
         }
-        /// Releases a base the node no longer needs (garbage collection also does this).
+        /// Releases a base the node no longer needs (garbage collection also does this),
+        /// and removes what the node holds of the disk's upload.
         pub async fn release_disk(
             &mut self,
             request: impl tonic::IntoRequest<super::ReleaseDiskRequest>,
@@ -1276,6 +1379,113 @@ pub mod node_agent_client {
             let mut req = request.into_streaming_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "ImportOverlay"));
+            self.inner.client_streaming(req, path, codec).await
+        }
+        /// Stores the bytes of a disk upload (`kubectl hvx import --upload`, relayed by the
+        /// operator's upload endpoint) in this node's store as uploads/<disk uid>.part. The
+        /// first message names the disk, the offset and the upload's declared total; every
+        /// message carries the bytes at its offset, in order without gaps. The offset must
+        /// equal what the node holds (else FAILED_PRECONDITION naming the expected offset),
+        /// the total is fixed by the first write and never exceeded (INVALID_ARGUMENT),
+        /// RESOURCE_EXHAUSTED before anything is written when the rest does not fit. A
+        /// stream that breaks is cut back to its start offset (all or nothing); the answer
+        /// comes once the bytes are fsynced. The last byte hashes the file and renames it
+        /// to uploads/<disk uid>.complete (atomic). A completed upload answers at once.
+        pub async fn put_upload(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::UploadChunk>,
+        ) -> std::result::Result<tonic::Response<super::UploadState>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/PutUpload",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "PutUpload"));
+            self.inner.client_streaming(req, path, codec).await
+        }
+        /// What this node holds of a disk's upload (offset 0, total 0: nothing) and the
+        /// room it has for uploads. Always legal; cheap.
+        pub async fn get_upload(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetUploadRequest>,
+        ) -> std::result::Result<tonic::Response<super::UploadState>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/GetUpload",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "GetUpload"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Streams a base of this node's store by digest (to another node: bases travel
+        /// between nodes by content, never again from the original source). Header, data,
+        /// trailer with the file's sha256. FAILED_PRECONDITION when the base is not here.
+        pub async fn export_base(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExportBaseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::BaseChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/ExportBase",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "ExportBase"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Takes an ExportBase stream (relayed by the operator): checks the header names the
+        /// digest asked for, the size, the file's sha256 and the qcow2 itself (qemu-img
+        /// info: the recorded virtual size, no backing file), then installs the base
+        /// atomically and records the OverlayDisk named in the header as imported. Idempotent:
+        /// a base already here answers at once. RESOURCE_EXHAUSTED when it does not fit.
+        pub async fn import_base(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::BaseChunk>,
+        ) -> std::result::Result<tonic::Response<super::DiskProgress>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hvx.agent.v1.NodeAgent/ImportBase",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hvx.agent.v1.NodeAgent", "ImportBase"));
             self.inner.client_streaming(req, path, codec).await
         }
         /// Makes the node carry a VirtualNetwork: bridge, VXLAN device (VNI), DHCP/DNS,
@@ -1639,7 +1849,8 @@ pub mod node_agent_server {
             tonic::Response<super::DeleteOverlayResponse>,
             tonic::Status,
         >;
-        /// Releases a base the node no longer needs (garbage collection also does this).
+        /// Releases a base the node no longer needs (garbage collection also does this),
+        /// and removes what the node holds of the disk's upload.
         async fn release_disk(
             &self,
             request: tonic::Request<super::ReleaseDiskRequest>,
@@ -1676,6 +1887,48 @@ pub mod node_agent_server {
             &self,
             request: tonic::Request<tonic::Streaming<super::OverlayChunk>>,
         ) -> std::result::Result<tonic::Response<super::OverlayInfo>, tonic::Status>;
+        /// Stores the bytes of a disk upload (`kubectl hvx import --upload`, relayed by the
+        /// operator's upload endpoint) in this node's store as uploads/<disk uid>.part. The
+        /// first message names the disk, the offset and the upload's declared total; every
+        /// message carries the bytes at its offset, in order without gaps. The offset must
+        /// equal what the node holds (else FAILED_PRECONDITION naming the expected offset),
+        /// the total is fixed by the first write and never exceeded (INVALID_ARGUMENT),
+        /// RESOURCE_EXHAUSTED before anything is written when the rest does not fit. A
+        /// stream that breaks is cut back to its start offset (all or nothing); the answer
+        /// comes once the bytes are fsynced. The last byte hashes the file and renames it
+        /// to uploads/<disk uid>.complete (atomic). A completed upload answers at once.
+        async fn put_upload(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::UploadChunk>>,
+        ) -> std::result::Result<tonic::Response<super::UploadState>, tonic::Status>;
+        /// What this node holds of a disk's upload (offset 0, total 0: nothing) and the
+        /// room it has for uploads. Always legal; cheap.
+        async fn get_upload(
+            &self,
+            request: tonic::Request<super::GetUploadRequest>,
+        ) -> std::result::Result<tonic::Response<super::UploadState>, tonic::Status>;
+        /// Server streaming response type for the ExportBase method.
+        type ExportBaseStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::BaseChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams a base of this node's store by digest (to another node: bases travel
+        /// between nodes by content, never again from the original source). Header, data,
+        /// trailer with the file's sha256. FAILED_PRECONDITION when the base is not here.
+        async fn export_base(
+            &self,
+            request: tonic::Request<super::ExportBaseRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ExportBaseStream>, tonic::Status>;
+        /// Takes an ExportBase stream (relayed by the operator): checks the header names the
+        /// digest asked for, the size, the file's sha256 and the qcow2 itself (qemu-img
+        /// info: the recorded virtual size, no backing file), then installs the base
+        /// atomically and records the OverlayDisk named in the header as imported. Idempotent:
+        /// a base already here answers at once. RESOURCE_EXHAUSTED when it does not fit.
+        async fn import_base(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::BaseChunk>>,
+        ) -> std::result::Result<tonic::Response<super::DiskProgress>, tonic::Status>;
         /// Makes the node carry a VirtualNetwork: bridge, VXLAN device (VNI), DHCP/DNS,
         /// firewall and NAT as declared, and the full set of remote VTEPs and remote VM MACs.
         /// The request is the complete desired state: anything of this network not in it is
@@ -2174,6 +2427,187 @@ pub mod node_agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ImportOverlaySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/PutUpload" => {
+                    #[allow(non_camel_case_types)]
+                    struct PutUploadSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ClientStreamingService<super::UploadChunk>
+                    for PutUploadSvc<T> {
+                        type Response = super::UploadState;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::UploadChunk>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::put_upload(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PutUploadSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/GetUpload" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetUploadSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::GetUploadRequest>
+                    for GetUploadSvc<T> {
+                        type Response = super::UploadState;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetUploadRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::get_upload(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetUploadSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/ExportBase" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExportBaseSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ServerStreamingService<super::ExportBaseRequest>
+                    for ExportBaseSvc<T> {
+                        type Response = super::BaseChunk;
+                        type ResponseStream = T::ExportBaseStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExportBaseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::export_base(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExportBaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hvx.agent.v1.NodeAgent/ImportBase" => {
+                    #[allow(non_camel_case_types)]
+                    struct ImportBaseSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ClientStreamingService<super::BaseChunk>
+                    for ImportBaseSvc<T> {
+                        type Response = super::DiskProgress;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::BaseChunk>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::import_base(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ImportBaseSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
