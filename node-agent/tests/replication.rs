@@ -162,6 +162,7 @@ impl Node {
             egress_denied: Vec::new(),
             egress_allowed: Vec::new(),
             http_policy: Default::default(),
+            upload_capacity_bytes: None,
         };
         self.agent = Some(Arc::new(Agent::open(config).expect("open agent")));
     }
