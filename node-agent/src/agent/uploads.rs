@@ -309,7 +309,18 @@ where
     .await;
     // All or nothing: what this node holds stays a prefix of whole streams (an error
     // drops the guard, which cuts back).
-    let at = written?;
+    let at = match written {
+        Ok(at) => at,
+        Err(e) => {
+            // tokio's File writes on a blocking thread: a write still in flight would
+            // land after the cut and extend the file again (append mode), so wait for
+            // it first. Its own error does not matter: the cut follows either way.
+            let _ = file.flush().await;
+            drop(file);
+            drop(guard);
+            return Err(e);
+        }
+    };
     guard.disarm();
     drop(file);
     if at == total {
