@@ -51,6 +51,9 @@ test-integration: deps guest-image ## privileged: real QEMU (TCG), netns, qcow2 
 	env -u KUBECONFIG cargo test --workspace --exclude hvx-e2e --exclude kubectl-hvx -- --ignored --test-threads=1
 
 test-cluster: cluster-up ## real kube-apiserver + kubelets from the local harness
+	# These tests run their own operator in-process: an installed one (a cluster kept
+	# from an earlier e2e or demo) would act on their objects too.
+	KUBECONFIG=$(KUBECONFIG_HVX) hack/helm-uninstall.sh
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p hvx-e2e --test crds --test operator --test access --test lostnode -- --test-threads=1
 	KUBECONFIG=$(KUBECONFIG_HVX) cargo test -p kubectl-hvx --test cluster -- --ignored --test-threads=1
 
