@@ -209,17 +209,12 @@ async fn agents_get_node_certificates_serve_only_the_operator_and_rotate_live() 
     assert!(first.server_auth && !first.client_auth);
 
     // The agent's real gRPC service behind the identity checks.
-    let agent = Agent::open(AgentConfig {
-        node_name: NODE.into(),
-        node_ip: std::net::Ipv4Addr::LOCALHOST,
-        store_root: tmp.path().join("store"),
-        run_root: tmp.path().join("run"),
-        underlay_mtu: 1500,
-        egress_denied: Vec::new(),
-        egress_allowed: Vec::new(),
-        http_policy: Default::default(),
-        upload_capacity_bytes: None,
-    })
+    let agent = Agent::open(AgentConfig::new(
+        NODE,
+        std::net::Ipv4Addr::LOCALHOST,
+        tmp.path().join("store"),
+        tmp.path().join("run"),
+    ))
     .expect("agent");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

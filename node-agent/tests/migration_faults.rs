@@ -91,17 +91,12 @@ impl Node {
     /// A new agent on the same directories.
     fn restart(&mut self) {
         self.kill();
-        let config = AgentConfig {
-            node_name: self.name.into(),
-            node_ip: "127.0.0.1".parse().expect("ip"),
-            store_root: self.root.join("lib"),
-            run_root: self.root.join("run"),
-            underlay_mtu: 1500,
-            egress_denied: Vec::new(),
-            egress_allowed: Vec::new(),
-            http_policy: Default::default(),
-            upload_capacity_bytes: None,
-        };
+        let config = AgentConfig::new(
+            self.name,
+            "127.0.0.1".parse().expect("ip"),
+            self.root.join("lib"),
+            self.root.join("run"),
+        );
         self.agent = Some(Arc::new(Agent::open(config).expect("open agent")));
     }
 

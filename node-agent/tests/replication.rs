@@ -153,17 +153,12 @@ impl Node {
 
     fn restart(&mut self) {
         self.kill();
-        let config = AgentConfig {
-            node_name: self.name.into(),
-            node_ip: self.node_ip.parse().expect("ip"),
-            store_root: self.root.join("lib"),
-            run_root: self.root.join("run"),
-            underlay_mtu: 1500,
-            egress_denied: Vec::new(),
-            egress_allowed: Vec::new(),
-            http_policy: Default::default(),
-            upload_capacity_bytes: None,
-        };
+        let config = AgentConfig::new(
+            self.name,
+            self.node_ip.parse().expect("ip"),
+            self.root.join("lib"),
+            self.root.join("run"),
+        );
         self.agent = Some(Arc::new(Agent::open(config).expect("open agent")));
     }
 

@@ -478,17 +478,12 @@ async fn a_vm_migrates_into_a_target_in_its_own_network_namespace() {
 
     // The source agent and its VM (QEMU in the node's namespace, on a passed fd).
     let agent = std::sync::Arc::new(
-        hvx_node_agent::agent::Agent::open(hvx_node_agent::agent::AgentConfig {
-            node_name: "node-a".into(),
-            node_ip: "127.0.0.1".parse().expect("ip"),
-            store_root: tmp.path().join("node-a/lib"),
-            run_root: tmp.path().join("node-a/run"),
-            underlay_mtu: 1500,
-            egress_denied: Vec::new(),
-            egress_allowed: Vec::new(),
-            http_policy: Default::default(),
-            upload_capacity_bytes: None,
-        })
+        hvx_node_agent::agent::Agent::open(hvx_node_agent::agent::AgentConfig::new(
+            "node-a",
+            std::net::Ipv4Addr::LOCALHOST,
+            tmp.path().join("node-a/lib"),
+            tmp.path().join("node-a/run"),
+        ))
         .expect("agent"),
     );
     let src_run = node_paths("node-a").vm_run_dir(VM_UID);

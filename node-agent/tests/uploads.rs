@@ -16,15 +16,13 @@ const UID: &str = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
 fn agent(dir: &std::path::Path, capacity: Option<u64>) -> Arc<Agent> {
     Arc::new(
         Agent::open(AgentConfig {
-            node_name: "n1".into(),
-            node_ip: std::net::Ipv4Addr::LOCALHOST,
-            store_root: dir.join("store"),
-            run_root: dir.join("run"),
-            underlay_mtu: 1500,
-            egress_denied: Vec::new(),
-            egress_allowed: Vec::new(),
-            http_policy: Default::default(),
             upload_capacity_bytes: capacity,
+            ..AgentConfig::new(
+                "n1",
+                std::net::Ipv4Addr::LOCALHOST,
+                dir.join("store"),
+                dir.join("run"),
+            )
         })
         .expect("agent"),
     )

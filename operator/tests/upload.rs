@@ -103,15 +103,13 @@ fn nodes(dir: &std::path::Path, count: usize, capacity: Option<u64>) -> Nodes {
     for i in 1..=count {
         let name = format!("n{i}");
         let agent = Agent::open(AgentConfig {
-            node_name: name.clone(),
-            node_ip: std::net::Ipv4Addr::LOCALHOST,
-            store_root: dir.join(&name).join("store"),
-            run_root: dir.join(&name).join("run"),
-            underlay_mtu: 1500,
-            egress_denied: Vec::new(),
-            egress_allowed: Vec::new(),
-            http_policy: Default::default(),
             upload_capacity_bytes: capacity,
+            ..AgentConfig::new(
+                &name,
+                std::net::Ipv4Addr::LOCALHOST,
+                dir.join(&name).join("store"),
+                dir.join(&name).join("run"),
+            )
         })
         .expect("agent");
         m.insert(name, Arc::new(agent));

@@ -69,6 +69,23 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// A node's settings with everything but its identity and roots at the defaults
+    /// of a node without policies: underlay MTU 1500, no egress exceptions, the default
+    /// `http` source policy, uploads limited only by free space.
+    pub fn new(node_name: &str, node_ip: Ipv4Addr, store_root: PathBuf, run_root: PathBuf) -> Self {
+        Self {
+            node_name: node_name.into(),
+            node_ip,
+            store_root,
+            run_root,
+            underlay_mtu: 1500,
+            egress_denied: Vec::new(),
+            egress_allowed: Vec::new(),
+            http_policy: Default::default(),
+            upload_capacity_bytes: None,
+        }
+    }
+
     /// Adds this node's egress policy to a network spec built from a request.
     pub fn with_egress_policy(
         &self,
